@@ -1,0 +1,600 @@
+/* The library core: configuration, the block pool's bookkeeping, sequences,
+ * argument validation and error messages. Everything here runs on the host
+ * and is shared by both backends; the backends only move bytes. */
+#include "internal.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+const char *oscar_version(void) { return "0.1.0"; }
+
+const char *oscar_status_name(oscar_status s) {
+    switch (s) {
+    case OSCAR_OK: return "OSCAR_OK";
+    case OSCAR_E_INVALID_ARGUMENT: return "OSCAR_E_INVALID_ARGUMENT";
+    case OSCAR_E_OUT_OF_MEMORY: return "OSCAR_E_OUT_OF_MEMORY";
+    case OSCAR_E_POOL_EXHAUSTED: return "OSCAR_E_POOL_EXHAUSTED";
+    case OSCAR_E_NONFINITE: return "OSCAR_E_NONFINITE";
+    case OSCAR_E_UNSUPPORTED: return "OSCAR_E_UNSUPPORTED";
+    case OSCAR_E_NOT_FOUND: return "OSCAR_E_NOT_FOUND";
+    case OSCAR_E_BACKEND: return "OSCAR_E_BACKEND";
+    case OSCAR_E_FORMAT: return "OSCAR_E_FORMAT";
+    }
+    return "OSCAR_E_UNKNOWN";
+}
+
+static const char *const method_names[] = {"none", "kivi", "quarot", "scale-only", "oscar"};
+
+const char *oscar_method_name(oscar_method m) {
+    if ((int)m < 0 || (int)m > 4) return NULL;
+    return method_names[m];
+}
+
+oscar_status oscar_method_parse(const char *name, oscar_method *out) {
+    if (!name || !out) return OSCAR_E_INVALID_ARGUMENT;
+    for (int i = 0; i < 5; i++)
+        if (strcmp(name, method_names[i]) == 0) {
+            *out = (oscar_method)i;
+            return OSCAR_OK;
+        }
+    return OSCAR_E_INVALID_ARGUMENT;
+}
+
+int oscar_backend_available(oscar_backend b) {
+    if (b == OSCAR_BACKEND_CPU) return 1;
+    if (b == OSCAR_BACKEND_CUDA) return oscar_cuda_backend_ops() != NULL && oscar_cuda_device_available();
+    return 0;
+}
+
+oscar_config oscar_config_default(void) {
+    oscar_config c;
+    memset(&c, 0, sizeof c);
+    c.method = OSCAR_METHOD_OSCAR;
+    c.bits = 2;
+    c.head_dim = 128;
+    c.num_kv_heads = 8;
+    c.num_q_heads = 32;
+    c.num_layers = 1;
+    c.k_group = 32;
+    c.v_group = 32;
+    c.residual = 128;
+    c.window_dtype = OSCAR_DTYPE_F16;
+    c.rotate_values = 1;
+    c.block_count = 1024;
+    c.max_seqs = 64;
+    c.backend = OSCAR_BACKEND_CPU;
+    c.device = 0;
+    c.num_threads = 0;
+    c.check_finite = 1;
+    return c;
+}
+
+oscar_status oscar_set_error(oscar_cache *c, oscar_status status, const char *fmt, ...) {
+    if (c) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(c->err, sizeof c->err, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+static oscar_status errbuf_set(char *buf, size_t n, oscar_status s, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
+static oscar_status errbuf_set(char *buf, size_t n, oscar_status s, const char *fmt, ...) {
+    if (buf && n > 0) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(buf, n, fmt, ap);
+        va_end(ap);
+    }
+    return s;
+}
+
+void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
+    memset(lay, 0, sizeof *lay);
+    lay->d = cfg->head_dim;
+    lay->hkv = cfg->num_kv_heads;
+    lay->hq = cfg->num_q_heads;
+    lay->layers = cfg->num_layers;
+    lay->quantised = cfg->method != OSCAR_METHOD_NONE;
+    lay->bits = lay->quantised ? cfg->bits : 16;
+    lay->levels = lay->quantised ? (1 << cfg->bits) - 1 : 0;
+    lay->k_group = cfg->k_group;
+    lay->v_group = cfg->v_group;
+    lay->residual = cfg->residual;
+    lay->rotate = cfg->method == OSCAR_METHOD_QUAROT || cfg->method == OSCAR_METHOD_OSCAR;
+    lay->rotate_v = lay->rotate && cfg->rotate_values;
+    lay->scale_keys = cfg->method == OSCAR_METHOD_SCALE_ONLY || cfg->method == OSCAR_METHOD_OSCAR;
+    lay->window_esize = oscar_dtype_size(cfg->window_dtype);
+    lay->window_dtype = (int)cfg->window_dtype;
+    size_t R = (size_t)cfg->residual, d = (size_t)cfg->head_dim;
+    if (lay->quantised) {
+        lay->codes_bytes = R * d * (size_t)cfg->bits / 8;
+        lay->kparams_bytes = (R / (size_t)cfg->k_group) * d * 4;
+        lay->vparams_bytes = R * (d / (size_t)cfg->v_group) * 4;
+        lay->head_bytes = 2 * lay->codes_bytes + lay->kparams_bytes + lay->vparams_bytes;
+        lay->norms_bytes = lay->scale_keys ? R * 4 : 0;
+    } else {
+        lay->head_bytes = 2 * R * d * (size_t)lay->window_esize;
+    }
+    lay->layer_block_bytes = (size_t)lay->hkv * lay->head_bytes + lay->norms_bytes;
+    lay->window_layer_bytes = 2 * R * (size_t)lay->hkv * d * (size_t)lay->window_esize;
+}
+
+oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
+    const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
+    if (!c) return errbuf_set(eb, en, E, "config is NULL");
+    if ((int)c->method < 0 || (int)c->method > 4)
+        return errbuf_set(eb, en, E, "method %d is not one of none, kivi, quarot, scale-only, oscar", (int)c->method);
+    if (c->method != OSCAR_METHOD_NONE && c->bits != 2 && c->bits != 4)
+        return errbuf_set(eb, en, E, "bits must be 2 or 4, got %d", c->bits);
+    if (c->head_dim != 64 && c->head_dim != 128 && c->head_dim != 256)
+        return errbuf_set(eb, en, E, "head_dim must be 64, 128 or 256, got %d", c->head_dim);
+    if (c->num_kv_heads < 1 || c->num_kv_heads > 1024)
+        return errbuf_set(eb, en, E, "num_kv_heads must be in 1..1024, got %d", c->num_kv_heads);
+    if (c->num_q_heads < 1 || c->num_q_heads > 8192 || c->num_q_heads % c->num_kv_heads != 0)
+        return errbuf_set(eb, en, E, "num_q_heads (%d) must be a positive multiple of num_kv_heads (%d)",
+                          c->num_q_heads, c->num_kv_heads);
+    if (c->num_layers < 1 || c->num_layers > 4096)
+        return errbuf_set(eb, en, E, "num_layers must be in 1..4096, got %d", c->num_layers);
+    if (c->residual < 16 || c->residual > 4096 || c->residual % 16 != 0)
+        return errbuf_set(eb, en, E, "residual (R) must be a multiple of 16 in 16..4096, got %d", c->residual);
+    if (c->k_group < 16 || c->k_group % 16 != 0 || c->residual % c->k_group != 0)
+        return errbuf_set(eb, en, E, "k_group must be a multiple of 16 that divides residual %d, got %d",
+                          c->residual, c->k_group);
+    if (c->v_group < 16 || c->v_group % 16 != 0 || c->head_dim % c->v_group != 0)
+        return errbuf_set(eb, en, E, "v_group must be a multiple of 16 that divides head_dim %d, got %d",
+                          c->head_dim, c->v_group);
+    if ((int)c->window_dtype < 0 || (int)c->window_dtype > 2)
+        return errbuf_set(eb, en, E, "window_dtype %d is not F32, F16 or BF16", (int)c->window_dtype);
+    if (c->rotate_values != 0 && c->rotate_values != 1)
+        return errbuf_set(eb, en, E, "rotate_values must be 0 or 1, got %d", c->rotate_values);
+    if (c->check_finite != 0 && c->check_finite != 1)
+        return errbuf_set(eb, en, E, "check_finite must be 0 or 1, got %d", c->check_finite);
+    if (c->block_count < 1)
+        return errbuf_set(eb, en, E, "block_count must be >= 1, got %d", c->block_count);
+    if (c->max_seqs < 1 || c->max_seqs > (1 << 20))
+        return errbuf_set(eb, en, E, "max_seqs must be in 1..1048576, got %d", c->max_seqs);
+    if ((int)c->backend != OSCAR_BACKEND_CPU && (int)c->backend != OSCAR_BACKEND_CUDA)
+        return errbuf_set(eb, en, E, "backend %d is not CPU or CUDA", (int)c->backend);
+    if (c->num_threads < 0 || c->num_threads > 4096)
+        return errbuf_set(eb, en, E, "num_threads must be in 0..4096, got %d", c->num_threads);
+    if (c->device < 0) return errbuf_set(eb, en, E, "device must be >= 0, got %d", c->device);
+    oscar_layout lay;
+    oscar_layout_init(&lay, c);
+    /* Keep every byte offset of the pool and the windows inside int64. */
+    double pool = (double)lay.layer_block_bytes * c->num_layers * c->block_count;
+    double win = (double)lay.window_layer_bytes * c->num_layers * c->max_seqs;
+    if (pool > 0x1p60 || win > 0x1p60)
+        return errbuf_set(eb, en, E, "pool of %d blocks x %d layers (%.3g bytes) is too large",
+                          c->block_count, c->num_layers, pool + win);
+    return OSCAR_OK;
+}
+
+oscar_status oscar_config_packed_bits(const oscar_config *c, double *bits) {
+    if (oscar_config_validate(c, NULL, 0) != OSCAR_OK || !bits) return OSCAR_E_INVALID_ARGUMENT;
+    oscar_layout lay;
+    oscar_layout_init(&lay, c);
+    double elements = 2.0 * c->residual * c->head_dim * c->num_kv_heads;
+    *bits = 8.0 * (double)lay.layer_block_bytes / elements;
+    return OSCAR_OK;
+}
+
+oscar_status oscar_cache_create(const oscar_config *cfg, oscar_cache **out, char *eb, size_t en) {
+    if (!out) return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "out is NULL");
+    *out = NULL;
+    oscar_status st = oscar_config_validate(cfg, eb, en);
+    if (st != OSCAR_OK) return st;
+    const oscar_backend_ops *ops = &oscar_cpu_backend_ops;
+    if (cfg->backend == OSCAR_BACKEND_CUDA) {
+        ops = oscar_cuda_backend_ops();
+        if (!ops)
+            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
+                              "the CUDA backend was not built into this library (nvcc missing or OSCAR_CUDA=OFF)");
+        if (!oscar_cuda_device_available())
+            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED, "the CUDA backend is built but no CUDA device is usable");
+    }
+    oscar_cache *c = (oscar_cache *)calloc(1, sizeof *c);
+    if (!c) return errbuf_set(eb, en, OSCAR_E_OUT_OF_MEMORY, "out of host memory for the cache handle");
+    c->cfg = *cfg;
+    oscar_layout_init(&c->lay, cfg);
+    c->ops = ops;
+    c->seqs = (oscar_seq *)calloc((size_t)cfg->max_seqs, sizeof(oscar_seq));
+    c->block_refs = (int32_t *)calloc((size_t)cfg->block_count, sizeof(int32_t));
+    c->free_list = (int32_t *)malloc((size_t)cfg->block_count * sizeof(int32_t));
+    if (!c->seqs || !c->block_refs || !c->free_list) {
+        oscar_cache_destroy(c);
+        return errbuf_set(eb, en, OSCAR_E_OUT_OF_MEMORY, "out of host memory for %d sequence slots / %d blocks",
+                          cfg->max_seqs, cfg->block_count);
+    }
+    for (int i = 0; i < cfg->max_seqs; i++) c->seqs[i].id = -1;
+    /* Pop order hands out block 0 first, which keeps small caches easy to read. */
+    for (int i = 0; i < cfg->block_count; i++) c->free_list[i] = cfg->block_count - 1 - i;
+    c->n_free = cfg->block_count;
+    st = ops->init(c);
+    if (st != OSCAR_OK) {
+        errbuf_set(eb, en, st, "%s backend: %s", ops->name, c->err);
+        c->ops = NULL; /* init cleaned up after itself */
+        oscar_cache_destroy(c);
+        return st;
+    }
+    c->err[0] = 0;
+    *out = c;
+    return OSCAR_OK;
+}
+
+void oscar_cache_destroy(oscar_cache *c) {
+    if (!c) return;
+    if (c->ops && c->backend_state) c->ops->destroy(c);
+    if (c->seqs) {
+        for (int i = 0; i < c->cfg.max_seqs; i++) {
+            free(c->seqs[i].table);
+            free(c->seqs[i].tokens);
+        }
+    }
+    free(c->seqs);
+    free(c->block_refs);
+    free(c->free_list);
+    free(c);
+}
+
+oscar_status oscar_cache_config(const oscar_cache *c, oscar_config *out) {
+    if (!c || !out) return OSCAR_E_INVALID_ARGUMENT;
+    *out = c->cfg;
+    return OSCAR_OK;
+}
+
+const char *oscar_last_error(const oscar_cache *c) { return c ? c->err : "cache handle is NULL"; }
+
+/* ---- sequences ---------------------------------------------------------- */
+
+int oscar_find_seq_slot(const oscar_cache *c, int32_t id) {
+    if (id < 0) return -1;
+    for (int i = 0; i < c->cfg.max_seqs; i++)
+        if (c->seqs[i].id == id) return i;
+    return -1;
+}
+
+int oscar_free_seq_slot(const oscar_cache *c) {
+    for (int i = 0; i < c->cfg.max_seqs; i++)
+        if (c->seqs[i].id < 0) return i;
+    return -1;
+}
+
+static oscar_status lookup(oscar_cache *c, int32_t id, int *slot) {
+    *slot = oscar_find_seq_slot(c, id);
+    if (*slot < 0) return oscar_set_error(c, OSCAR_E_NOT_FOUND, "sequence %d does not exist", (int)id);
+    return OSCAR_OK;
+}
+
+int32_t oscar_new_seq_id(oscar_cache *c) {
+    /* Ids are never reused while the handle lives, until int32 wraps. */
+    for (;;) {
+        int32_t id = c->next_seq_id;
+        c->next_seq_id = id == INT32_MAX ? 0 : id + 1;
+        if (oscar_find_seq_slot(c, id) < 0) return id;
+    }
+}
+
+oscar_status oscar_seq_add(oscar_cache *c, int32_t *seq_id) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!seq_id) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_add: seq_id is NULL");
+    int s = oscar_free_seq_slot(c);
+    if (s < 0)
+        return oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_add: all %d sequence slots are in use",
+                               c->cfg.max_seqs);
+    int64_t *tokens = (int64_t *)calloc((size_t)c->cfg.num_layers, sizeof(int64_t));
+    if (!tokens) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_add: out of host memory");
+    oscar_seq *q = &c->seqs[s];
+    free(q->table);
+    q->table = NULL;
+    q->table_cap = 0;
+    q->n_blocks = 0;
+    free(q->tokens);
+    q->tokens = tokens;
+    q->id = oscar_new_seq_id(c);
+    *seq_id = q->id;
+    return OSCAR_OK;
+}
+
+static void release_blocks(oscar_cache *c, oscar_seq *q) {
+    for (int32_t i = 0; i < q->n_blocks; i++) {
+        int32_t b = q->table[i];
+        if (--c->block_refs[b] == 0) c->free_list[c->n_free++] = b;
+    }
+    q->n_blocks = 0;
+}
+
+oscar_status oscar_seq_free(oscar_cache *c, int32_t seq_id) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    int s;
+    oscar_status st = lookup(c, seq_id, &s);
+    if (st) return st;
+    oscar_seq *q = &c->seqs[s];
+    release_blocks(c, q);
+    q->id = -1;
+    return OSCAR_OK;
+}
+
+static oscar_status ensure_table(oscar_cache *c, oscar_seq *q, int64_t need) {
+    if (need <= q->table_cap) return OSCAR_OK;
+    if (need > c->cfg.block_count)
+        return oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "a sequence would need %lld blocks, the pool has %d",
+                               (long long)need, c->cfg.block_count);
+    int64_t cap = q->table_cap ? q->table_cap : 16;
+    while (cap < need) cap *= 2;
+    if (cap > c->cfg.block_count) cap = c->cfg.block_count;
+    int32_t *t = (int32_t *)realloc(q->table, (size_t)cap * sizeof(int32_t));
+    if (!t) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "out of host memory for a block table");
+    q->table = t;
+    q->table_cap = (int32_t)cap;
+    return OSCAR_OK;
+}
+
+oscar_status oscar_seq_fork(oscar_cache *c, int32_t src, int32_t *new_id) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!new_id) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_fork: new_seq_id is NULL");
+    int s;
+    oscar_status st = lookup(c, src, &s);
+    if (st) return st;
+    oscar_seq *a = &c->seqs[s];
+    for (int l = 1; l < c->cfg.num_layers; l++)
+        if (a->tokens[l] != a->tokens[0])
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                   "seq_fork: sequence %d has %lld tokens in layer 0 but %lld in layer %d; "
+                                   "fork when every layer has the same length",
+                                   (int)src, (long long)a->tokens[0], (long long)a->tokens[l], l);
+    int d = oscar_free_seq_slot(c);
+    if (d < 0)
+        return oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_fork: all %d sequence slots are in use",
+                               c->cfg.max_seqs);
+    oscar_seq *b = &c->seqs[d];
+    int64_t *tokens = (int64_t *)malloc((size_t)c->cfg.num_layers * sizeof(int64_t));
+    int32_t *wt = (int32_t *)malloc((size_t)c->cfg.num_layers * sizeof(int32_t));
+    int32_t *table = a->n_blocks ? (int32_t *)malloc((size_t)a->n_blocks * sizeof(int32_t)) : NULL;
+    if (!tokens || !wt || (a->n_blocks && !table)) {
+        free(tokens), free(wt), free(table);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_fork: out of host memory");
+    }
+    for (int l = 0; l < c->cfg.num_layers; l++) {
+        tokens[l] = a->tokens[l];
+        wt[l] = (int32_t)(a->tokens[l] % c->cfg.residual);
+    }
+    if (a->n_blocks) memcpy(table, a->table, (size_t)a->n_blocks * sizeof(int32_t));
+    st = c->ops->fork(c, s, d, wt, table, a->n_blocks);
+    free(wt);
+    if (st != OSCAR_OK) {
+        free(tokens), free(table);
+        return st;
+    }
+    for (int32_t i = 0; i < a->n_blocks; i++) c->block_refs[table[i]]++;
+    free(b->table);
+    free(b->tokens);
+    b->table = table;
+    b->table_cap = a->n_blocks;
+    b->n_blocks = a->n_blocks;
+    b->tokens = tokens;
+    b->id = oscar_new_seq_id(c);
+    *new_id = b->id;
+    return OSCAR_OK;
+}
+
+oscar_status oscar_seq_info_get(const oscar_cache *cc, int32_t id, int layer, oscar_seq_info *out) {
+    oscar_cache *c = (oscar_cache *)cc;
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!out) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_info: out is NULL");
+    if (layer < 0 || layer >= c->cfg.num_layers)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_info: layer %d out of range 0..%d", layer,
+                               c->cfg.num_layers - 1);
+    int s;
+    oscar_status st = lookup(c, id, &s);
+    if (st) return st;
+    const oscar_seq *q = &c->seqs[s];
+    int64_t R = c->cfg.residual;
+    out->tokens = q->tokens[layer];
+    out->packed_tokens = q->tokens[layer] / R * R;
+    out->window_tokens = (int32_t)(q->tokens[layer] % R);
+    out->blocks = q->n_blocks;
+    return OSCAR_OK;
+}
+
+oscar_status oscar_seq_block_table(const oscar_cache *cc, int32_t id, int32_t *table, int32_t cap,
+                                   int32_t *count) {
+    oscar_cache *c = (oscar_cache *)cc;
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!count || cap < 0 || (cap > 0 && !table))
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_block_table: bad table/capacity/count");
+    int s;
+    oscar_status st = lookup(c, id, &s);
+    if (st) return st;
+    const oscar_seq *q = &c->seqs[s];
+    int32_t n = q->n_blocks < cap ? q->n_blocks : cap;
+    if (n) memcpy(table, q->table, (size_t)n * sizeof(int32_t));
+    *count = q->n_blocks;
+    return OSCAR_OK;
+}
+
+/* ---- append -------------------------------------------------------------- */
+
+oscar_status oscar_append(oscar_cache *c, int layer, int n_seqs, const int32_t *ids, const int32_t *n_tokens,
+                          const void *k, const void *v, oscar_dtype dtype, void *stream) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
+    if (layer < 0 || layer >= c->cfg.num_layers)
+        return oscar_set_error(c, E, "append: layer %d out of range 0..%d", layer, c->cfg.num_layers - 1);
+    if (n_seqs < 0) return oscar_set_error(c, E, "append: n_seqs is negative (%d)", n_seqs);
+    if (n_seqs == 0) return OSCAR_OK;
+    if (!ids || !n_tokens) return oscar_set_error(c, E, "append: seq_ids or n_tokens is NULL");
+    if ((int)dtype < 0 || (int)dtype > 2) return oscar_set_error(c, E, "append: dtype %d is not valid", (int)dtype);
+    if (n_seqs > c->cfg.max_seqs)
+        return oscar_set_error(c, E, "append: n_seqs %d exceeds max_seqs %d", n_seqs, c->cfg.max_seqs);
+    int *slots = (int *)malloc((size_t)n_seqs * sizeof(int));
+    oscar_append_job *jobs = (oscar_append_job *)calloc((size_t)n_seqs, sizeof *jobs);
+    int32_t *fresh = NULL;
+    oscar_status st = OSCAR_OK;
+    if (!slots || !jobs) {
+        st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "append: out of host memory");
+        goto done;
+    }
+    const int64_t R = c->cfg.residual;
+    int64_t rows = 0, new_blocks = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        if (n_tokens[i] < 0) {
+            st = oscar_set_error(c, E, "append: n_tokens[%d] is negative (%d)", i, (int)n_tokens[i]);
+            goto done;
+        }
+        if ((st = lookup(c, ids[i], &slots[i])) != OSCAR_OK) goto done;
+        for (int j = 0; j < i; j++)
+            if (slots[j] == slots[i]) {
+                st = oscar_set_error(c, E, "append: sequence %d appears twice", (int)ids[i]);
+                goto done;
+            }
+        const oscar_seq *q = &c->seqs[slots[i]];
+        int64_t have = q->tokens[layer];
+        if (have + n_tokens[i] > (int64_t)c->cfg.block_count * R + R) {
+            st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED,
+                                 "append: sequence %d would hold %lld tokens, more than the pool of %d blocks x %d",
+                                 (int)ids[i], (long long)(have + n_tokens[i]), c->cfg.block_count, (int)R);
+            goto done;
+        }
+        oscar_append_job *j = &jobs[i];
+        j->input_row = rows;
+        j->n_new = n_tokens[i];
+        j->seq_slot = slots[i];
+        j->window_before = (int32_t)(have % R);
+        j->n_flush = (int32_t)((j->window_before + n_tokens[i]) / R);
+        j->window_after = (int32_t)((j->window_before + n_tokens[i]) % R);
+        j->first_flush_index = (int32_t)(have / R);
+        int64_t end = (int64_t)j->first_flush_index + j->n_flush;
+        if (end > q->n_blocks) new_blocks += end - q->n_blocks;
+        rows += n_tokens[i];
+    }
+    if (rows > 0 && (!k || !v)) {
+        st = oscar_set_error(c, E, "append: k or v is NULL");
+        goto done;
+    }
+    if (new_blocks > c->n_free) {
+        st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED,
+                             "append: needs %lld new blocks but only %d of %d are free; nothing was appended",
+                             (long long)new_blocks, c->n_free, c->cfg.block_count);
+        goto done;
+    }
+    /* Tables grow before anything is written, so an allocation failure
+     * cannot leave a half-done append. */
+    for (int i = 0; i < n_seqs; i++)
+        if ((st = ensure_table(c, &c->seqs[slots[i]], (int64_t)jobs[i].first_flush_index + jobs[i].n_flush)))
+            goto done;
+    /* Destination block ids: blocks another layer already allocated, then
+     * fresh ones taken tentatively from the free list. */
+    int64_t total_flush = 0;
+    for (int i = 0; i < n_seqs; i++) total_flush += jobs[i].n_flush;
+    fresh = (int32_t *)malloc((size_t)(total_flush ? total_flush : 1) * sizeof(int32_t));
+    if (!fresh) {
+        st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "append: out of host memory");
+        goto done;
+    }
+    int n_taken = 0;
+    int64_t off = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const oscar_seq *q = &c->seqs[slots[i]];
+        jobs[i].flush_blocks = fresh + off;
+        for (int32_t f = 0; f < jobs[i].n_flush; f++) {
+            int32_t idx = jobs[i].first_flush_index + f;
+            fresh[off + f] = idx < q->n_blocks ? q->table[idx] : c->free_list[c->n_free - 1 - n_taken++];
+        }
+        off += jobs[i].n_flush;
+    }
+    st = c->ops->append(c, layer, jobs, n_seqs, rows, k, v, dtype, stream);
+    if (st != OSCAR_OK) goto done; /* blocks were only looked at, not taken */
+    c->n_free -= n_taken;
+    for (int i = 0; i < n_seqs; i++) {
+        oscar_seq *q = &c->seqs[slots[i]];
+        for (int32_t f = 0; f < jobs[i].n_flush; f++) {
+            int32_t idx = jobs[i].first_flush_index + f;
+            if (idx >= q->n_blocks) {
+                q->table[idx] = jobs[i].flush_blocks[f];
+                c->block_refs[jobs[i].flush_blocks[f]] = 1;
+                q->n_blocks = idx + 1;
+            }
+        }
+        q->tokens[layer] += n_tokens[i];
+    }
+done:
+    free(fresh);
+    free(slots);
+    free(jobs);
+    return st;
+}
+
+/* ---- attention ----------------------------------------------------------- */
+
+oscar_status oscar_attention(oscar_cache *c, int layer, int n_seqs, const int32_t *ids, int q_len, const void *q,
+                             oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float softmax_scale,
+                             void *stream) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
+    if (layer < 0 || layer >= c->cfg.num_layers)
+        return oscar_set_error(c, E, "attention: layer %d out of range 0..%d", layer, c->cfg.num_layers - 1);
+    if (n_seqs < 1) return oscar_set_error(c, E, "attention: n_seqs must be >= 1, got %d", n_seqs);
+    if (!ids || !q || !out) return oscar_set_error(c, E, "attention: seq_ids, q or out is NULL");
+    if (q_len < 1 || q_len > 4096) return oscar_set_error(c, E, "attention: q_len must be in 1..4096, got %d", q_len);
+    if ((int)q_dtype < 0 || (int)q_dtype > 2 || (int)out_dtype < 0 || (int)out_dtype > 2)
+        return oscar_set_error(c, E, "attention: q_dtype/out_dtype not valid");
+    if (!(softmax_scale == softmax_scale) || isinf(softmax_scale))
+        return oscar_set_error(c, E, "attention: softmax_scale is not finite");
+    if (softmax_scale <= 0.0f) softmax_scale = (float)(1.0 / sqrt((double)c->cfg.head_dim));
+    oscar_attn_job *jobs = (oscar_attn_job *)malloc((size_t)n_seqs * sizeof *jobs);
+    if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory");
+    oscar_status st = OSCAR_OK;
+    const int64_t R = c->cfg.residual;
+    for (int i = 0; i < n_seqs; i++) {
+        int s;
+        if ((st = lookup(c, ids[i], &s)) != OSCAR_OK) goto done;
+        const oscar_seq *sq = &c->seqs[s];
+        int64_t T = sq->tokens[layer];
+        if (T < q_len) {
+            st = oscar_set_error(c, E, "attention: sequence %d holds %lld tokens in layer %d, fewer than q_len %d",
+                                 (int)ids[i], (long long)T, layer, q_len);
+            goto done;
+        }
+        jobs[i].seq_slot = s;
+        jobs[i].n_blocks = (int32_t)(T / R);
+        jobs[i].block_table = sq->table;
+        jobs[i].window_tokens = (int32_t)(T % R);
+        jobs[i].tokens = T;
+    }
+    st = c->ops->attention(c, layer, jobs, n_seqs, q_len, q, q_dtype, out, out_dtype, softmax_scale, stream);
+done:
+    free(jobs);
+    return st;
+}
+
+/* ---- memory ---------------------------------------------------------------- */
+
+oscar_status oscar_memory(const oscar_cache *cc, oscar_memory_stats *m) {
+    oscar_cache *c = (oscar_cache *)cc;
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!m) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "memory: out is NULL");
+    memset(m, 0, sizeof *m);
+    const oscar_layout *L = &c->lay;
+    m->block_bytes = (int64_t)L->layer_block_bytes * L->layers;
+    m->blocks_total = c->cfg.block_count;
+    m->blocks_free = c->n_free;
+    m->blocks_used = c->cfg.block_count - c->n_free;
+    m->pool_bytes = m->block_bytes * m->blocks_total;
+    m->window_bytes = (int64_t)L->window_layer_bytes * L->layers * c->cfg.max_seqs;
+    m->seqs_max = c->cfg.max_seqs;
+    for (int i = 0; i < c->cfg.max_seqs; i++) m->seqs_live += c->seqs[i].id >= 0;
+    m->bytes_in_use = m->blocks_used * m->block_bytes + (int64_t)m->seqs_live * L->window_layer_bytes * L->layers;
+    m->packed_bytes_per_token = (double)m->block_bytes / c->cfg.residual;
+    m->window_bytes_per_token = (double)L->window_layer_bytes * L->layers / c->cfg.residual;
+    m->fp16_bytes_per_token = 2.0 * 2.0 * L->hkv * L->d * L->layers;
+    return OSCAR_OK;
+}

@@ -1,0 +1,23 @@
+/* Reference packer/unpacker of docs/FORMAT.md (src/core/format.c). */
+#ifndef OSCAR_FORMAT_H
+#define OSCAR_FORMAT_H
+#include "internal.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Packs one layer block from R tokens of window values converted to fp32:
+ * xk, xv are [R][Hkv][d] (rotated when the method rotates, not yet scaled).
+ * scratch holds R*Hkv*d floats. Writes layer_block_bytes bytes to dst. */
+void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, uint8_t *dst, float *scratch);
+
+/* Dequantises head h of a layer block: k_out, v_out [R][d] in the stored
+ * (rotated, norm-divided) space; norms_out [R] (1 when the method has none). */
+void oscar_unpack_head(const oscar_layout *L, const uint8_t *block, int h, float *k_out, float *v_out,
+                       float *norms_out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

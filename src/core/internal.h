@@ -1,0 +1,177 @@
+/*
+ * Internal interface between the library core (src/core: validation,
+ * sequences, block allocation, error messages) and the backends (src/cpu,
+ * src/cuda). Not installed; not part of the API.
+ *
+ * The core owns all bookkeeping on the host: which blocks a sequence has,
+ * how many tokens each layer holds, which window slot it uses. A backend owns
+ * the bytes: the block pool and the window slots, in the layout of
+ * docs/FORMAT.md, and the kernels that read and write them. The core calls a
+ * backend only after it has validated everything, so a backend call that
+ * fails part-way is a bug or a device error, never bad input.
+ */
+#ifndef OSCAR_INTERNAL_H
+#define OSCAR_INTERNAL_H
+
+#include "oscar.h"
+#include <stdarg.h>
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Derived, immutable geometry of a cache (docs/FORMAT.md). */
+typedef struct oscar_layout {
+    int d, hkv, hq, layers, bits, levels, k_group, v_group, residual;
+    int quantised;         /* method != none                          */
+    int rotate;            /* method rotates Q/K (and V if rotate_v)  */
+    int rotate_v;          /* V rotated online by the library         */
+    int scale_keys;        /* method stores token norms               */
+    int window_esize;      /* bytes per window element                */
+    int window_dtype;      /* oscar_dtype of the window               */
+    size_t codes_bytes;    /* K codes (= V codes) bytes per head      */
+    size_t kparams_bytes;  /* per head                                */
+    size_t vparams_bytes;  /* per head                                */
+    size_t head_bytes;     /* one head sub-block                      */
+    size_t norms_bytes;    /* R*4 or 0                                */
+    size_t layer_block_bytes;
+    size_t window_layer_bytes; /* K+V of one slot, one layer          */
+} oscar_layout;
+
+void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg);
+
+/* Position of pair element (lane, q, e) inside a 16-token code tile: which
+ * 32-bit word of the lane chunk and which bit. Shared by CPU code and tests. */
+static inline void oscar_code_position(int bits, int lane, int q, int e, int *word, int *bit) {
+    int pairs_per_word = 16 / bits;
+    *word = q / pairs_per_word;
+    *bit = 16 * e + bits * (q % pairs_per_word);
+}
+
+/*
+ * One sequence in an append call. The logical token stream of the sequence
+ * in this layer is window[0 : window_before] ++ new tokens. Blocks
+ * flush_blocks[0 .. n_flush-1] receive stream tokens [i*R, (i+1)*R); the
+ * remaining window_after tokens become the window.
+ */
+typedef struct oscar_append_job {
+    int64_t input_row;          /* first token row of this sequence in k/v */
+    int32_t n_new;
+    int32_t seq_slot;           /* 0..max_seqs-1, also the window slot     */
+    int32_t window_before;
+    int32_t window_after;
+    int32_t n_flush;
+    int32_t first_flush_index;  /* block-table index of flush_blocks[0]    */
+    const int32_t *flush_blocks;/* host array of n_flush block ids         */
+} oscar_append_job;
+
+/* One sequence in an attention call. */
+typedef struct oscar_attn_job {
+    int32_t seq_slot;
+    int32_t n_blocks;           /* packed blocks of this layer             */
+    const int32_t *block_table; /* host array, >= n_blocks entries         */
+    int32_t window_tokens;
+    int64_t tokens;             /* n_blocks*R + window_tokens              */
+} oscar_attn_job;
+
+typedef struct oscar_backend_ops {
+    const char *name;
+    /* Allocates pool + windows into cache->backend_state. */
+    oscar_status (*init)(oscar_cache *c);
+    void (*destroy)(oscar_cache *c);
+    /* Returns OSCAR_E_NONFINITE without writing anything if check is set
+     * and any K/V value is NaN/Inf. */
+    oscar_status (*append)(oscar_cache *c, int layer, const oscar_append_job *jobs, int n_jobs,
+                           int64_t total_rows, const void *k, const void *v, oscar_dtype dtype,
+                           void *stream);
+    oscar_status (*attention)(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs,
+                              int q_len, const void *q, oscar_dtype q_dtype, void *out,
+                              oscar_dtype out_dtype, float softmax_scale, void *stream);
+    /* Copies window slot src to dst (all layers, first n tokens of each
+     * layer given by tokens[layer]); the fork hook. Also lets a backend
+     * mirror the block table (table has n_blocks entries). */
+    oscar_status (*fork)(oscar_cache *c, int32_t src_slot, int32_t dst_slot,
+                         const int32_t *window_tokens_per_layer, const int32_t *table,
+                         int32_t n_blocks);
+    /* Host <-> backend copies of raw bytes (synchronous). */
+    oscar_status (*read_block)(oscar_cache *c, int layer, int32_t block, void *host);
+    oscar_status (*write_block)(oscar_cache *c, int layer, int32_t block, const void *host);
+    oscar_status (*read_window)(oscar_cache *c, int layer, int32_t slot, int32_t n_tokens,
+                                void *k_host, void *v_host);
+    oscar_status (*write_window)(oscar_cache *c, int layer, int32_t slot, int32_t n_tokens,
+                                 const void *k_host, const void *v_host);
+    /* Called after import wrote a new sequence's table (may be NULL). */
+    oscar_status (*set_table)(oscar_cache *c, int32_t slot, const int32_t *table, int32_t n_blocks);
+} oscar_backend_ops;
+
+extern const oscar_backend_ops oscar_cpu_backend_ops;
+/* NULL when the CUDA backend was not compiled (src/core/backend_stubs.c
+ * provides the fallback; src/cuda provides the real one). */
+const oscar_backend_ops *oscar_cuda_backend_ops(void);
+/* 1 if the CUDA backend is compiled and a device is usable, else 0. */
+int oscar_cuda_device_available(void);
+
+typedef struct oscar_seq {
+    int32_t id;                 /* -1 when the slot is free                */
+    int32_t n_blocks;           /* entries in table                        */
+    int32_t *table;             /* capacity table_cap                      */
+    int32_t table_cap;
+    int64_t *tokens;            /* per layer                               */
+} oscar_seq;
+
+struct oscar_cache {
+    oscar_config cfg;
+    oscar_layout lay;
+    const oscar_backend_ops *ops;
+    void *backend_state;
+    oscar_seq *seqs;            /* max_seqs slots                          */
+    int32_t next_seq_id;
+    int32_t *block_refs;        /* per block reference count               */
+    int32_t *free_list;         /* stack of free block ids                 */
+    int32_t n_free;
+    char err[512];
+};
+
+/* Slot of a live sequence id, or -1. */
+int oscar_find_seq_slot(const oscar_cache *c, int32_t id);
+/* A free slot, or -1. */
+int oscar_free_seq_slot(const oscar_cache *c);
+/* A fresh id not used by any live sequence. */
+int32_t oscar_new_seq_id(oscar_cache *c);
+
+/* Records a formatted message on the handle and returns status. */
+oscar_status oscar_set_error(oscar_cache *c, oscar_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
+/* ---- shared numerics (src/core/numerics.c) ---- */
+
+/* In-place normalised FWHT of n floats (n power of two). */
+void oscar_fwht(float *x, int n);
+/* Converts n elements of dtype at src to fp32. */
+void oscar_to_f32(const void *src, oscar_dtype dtype, float *dst, int64_t n);
+/* Converts n fp32 values to dtype at dst. */
+void oscar_from_f32(const float *src, void *dst, oscar_dtype dtype, int64_t n);
+int oscar_dtype_size(oscar_dtype dtype);
+/* Quantisation parameters of a group (docs/FORMAT.md, steps 6-7). */
+void oscar_group_params(const float *x, int n, int stride, int levels, uint16_t *scale16,
+                        uint16_t *lo16);
+static inline int oscar_quant_code(float x, float sc, float l0, int levels);
+
+#ifdef __cplusplus
+}
+#endif
+
+#include <math.h>
+static inline int oscar_quant_code(float x, float sc, float l0, int levels) {
+    if (!(sc > 0.0f)) return 0;
+    float r = rintf((x - l0) / sc);
+    if (!(r >= 0.0f)) return 0; /* also catches NaN */
+    if (r > (float)levels) return levels;
+    return (int)r;
+}
+
+#endif /* OSCAR_INTERNAL_H */

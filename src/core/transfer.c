@@ -1,0 +1,286 @@
+/* Reading a sequence back as floats, and the export/import stream of
+ * docs/FORMAT.md that moves a sequence between caches and backends. */
+#include "format.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static const char MAGIC[8] = {'O', 'S', 'C', 'A', 'R', 'S', 'E', 'Q'};
+enum { HEADER_BYTES = 56 };
+
+static uint64_t fnv1a(const uint8_t *p, size_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 1099511628211ull;
+    }
+    return h;
+}
+
+static void put32(uint8_t *p, uint32_t x) {
+    for (int i = 0; i < 4; i++) p[i] = (uint8_t)(x >> (8 * i));
+}
+static void put64(uint8_t *p, uint64_t x) {
+    for (int i = 0; i < 8; i++) p[i] = (uint8_t)(x >> (8 * i));
+}
+static uint32_t get32(const uint8_t *p) {
+    uint32_t x = 0;
+    for (int i = 0; i < 4; i++) x |= (uint32_t)p[i] << (8 * i);
+    return x;
+}
+static uint64_t get64(const uint8_t *p) {
+    uint64_t x = 0;
+    for (int i = 0; i < 8; i++) x |= (uint64_t)p[i] << (8 * i);
+    return x;
+}
+
+static oscar_status find_seq(oscar_cache *c, int32_t id, int *slot) {
+    *slot = oscar_find_seq_slot(c, id);
+    if (*slot < 0) return oscar_set_error(c, OSCAR_E_NOT_FOUND, "sequence %d does not exist", (int)id);
+    return OSCAR_OK;
+}
+
+oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start, int64_t count, float *k_out,
+                            float *v_out) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (layer < 0 || layer >= c->cfg.num_layers)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_read: layer %d out of range", layer);
+    int s;
+    oscar_status st = find_seq(c, id, &s);
+    if (st) return st;
+    const oscar_seq *q = &c->seqs[s];
+    const oscar_layout *L = &c->lay;
+    int64_t T = q->tokens[layer];
+    if (start < 0 || count < 0 || start > T || count > T - start)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                               "seq_read: range [%lld, %lld + %lld) is outside the %lld tokens of sequence %d",
+                               (long long)start, (long long)start, (long long)count, (long long)T, (int)id);
+    if (count == 0) return OSCAR_OK;
+    const int R = L->residual, d = L->d, H = L->hkv;
+    const size_t row = (size_t)H * d;
+    uint8_t *blk = (uint8_t *)malloc(L->layer_block_bytes);
+    float *kb = (float *)malloc(sizeof(float) * (size_t)R * d * 2 + sizeof(float) * R);
+    uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
+    float *tmp = (float *)malloc(sizeof(float) * (size_t)d);
+    if (!blk || !kb || !wk || !tmp) {
+        st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_read: out of host memory");
+        goto done;
+    }
+    float *vb = kb + (size_t)R * d, *nb = vb + (size_t)R * d;
+    int64_t packed = T / R * R, end = start + count;
+    for (int64_t b0 = start / R * R; b0 < end && b0 < packed; b0 += R) {
+        if ((st = c->ops->read_block(c, layer, q->table[b0 / R], blk)) != OSCAR_OK) goto done;
+        int64_t t0 = b0 > start ? b0 : start, t1 = b0 + R < end ? b0 + R : end;
+        for (int h = 0; h < H; h++) {
+            oscar_unpack_head(L, blk, h, kb, vb, nb);
+            for (int64_t t = t0; t < t1; t++) {
+                int r = (int)(t - b0);
+                size_t o = (size_t)(t - start) * row + (size_t)h * d;
+                if (k_out) {
+                    for (int i = 0; i < d; i++) tmp[i] = kb[(size_t)r * d + i] * nb[r];
+                    if (L->rotate) oscar_fwht(tmp, d);
+                    memcpy(k_out + o, tmp, sizeof(float) * d);
+                }
+                if (v_out) {
+                    memcpy(tmp, vb + (size_t)r * d, sizeof(float) * d);
+                    if (L->rotate_v) oscar_fwht(tmp, d);
+                    memcpy(v_out + o, tmp, sizeof(float) * d);
+                }
+            }
+        }
+    }
+    if (end > packed) {
+        int32_t wn = (int32_t)(T - packed);
+        size_t half = (size_t)R * row * L->window_esize;
+        if ((st = c->ops->read_window(c, layer, s, wn, wk, wk + half)) != OSCAR_OK) goto done;
+        for (int64_t t = start > packed ? start : packed; t < end; t++) {
+            int r = (int)(t - packed);
+            for (int h = 0; h < H; h++) {
+                size_t o = (size_t)(t - start) * row + (size_t)h * d;
+                size_t wo = ((size_t)r * row + (size_t)h * d) * L->window_esize;
+                if (k_out) {
+                    oscar_to_f32(wk + wo, (oscar_dtype)L->window_dtype, tmp, d);
+                    if (L->rotate) oscar_fwht(tmp, d);
+                    memcpy(k_out + o, tmp, sizeof(float) * d);
+                }
+                if (v_out) {
+                    oscar_to_f32(wk + half + wo, (oscar_dtype)L->window_dtype, tmp, d);
+                    if (L->rotate_v) oscar_fwht(tmp, d);
+                    memcpy(v_out + o, tmp, sizeof(float) * d);
+                }
+            }
+        }
+    }
+done:
+    free(blk), free(kb), free(wk), free(tmp);
+    return st;
+}
+
+static void stream_sizes(const oscar_cache *c, const int64_t *tokens, int32_t *n_blocks, size_t *total) {
+    const oscar_layout *L = &c->lay;
+    int64_t nb = 0, wrows = 0;
+    for (int l = 0; l < L->layers; l++) {
+        if (tokens[l] / L->residual > nb) nb = tokens[l] / L->residual;
+        wrows += tokens[l] % L->residual;
+    }
+    *n_blocks = (int32_t)nb;
+    *total = HEADER_BYTES + 8 * (size_t)L->layers + (size_t)nb * L->layers * L->layer_block_bytes +
+             2 * (size_t)wrows * L->hkv * L->d * L->window_esize + 8;
+}
+
+oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t buffer_size, size_t *size) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!size) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_export: size is NULL");
+    int s;
+    oscar_status st = find_seq(c, id, &s);
+    if (st) return st;
+    const oscar_seq *q = &c->seqs[s];
+    const oscar_layout *L = &c->lay;
+    int32_t nb;
+    size_t total;
+    stream_sizes(c, q->tokens, &nb, &total);
+    if (!buffer) {
+        *size = total;
+        return OSCAR_OK;
+    }
+    if (buffer_size < total)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_export: buffer holds %zu bytes, the stream needs %zu",
+                               buffer_size, total);
+    uint8_t *p = (uint8_t *)buffer;
+    memcpy(p, MAGIC, 8);
+    const oscar_config *f = &c->cfg;
+    uint32_t fields[11] = {OSCAR_FORMAT_VERSION, (uint32_t)f->method, (uint32_t)L->bits, (uint32_t)f->head_dim,
+                           (uint32_t)f->num_kv_heads, (uint32_t)f->num_layers, (uint32_t)f->k_group,
+                           (uint32_t)f->v_group, (uint32_t)f->residual, (uint32_t)f->window_dtype,
+                           (uint32_t)f->rotate_values};
+    for (int i = 0; i < 11; i++) put32(p + 8 + 4 * i, fields[i]);
+    put32(p + 52, (uint32_t)nb);
+    size_t off = HEADER_BYTES;
+    for (int l = 0; l < L->layers; l++, off += 8) put64(p + off, (uint64_t)q->tokens[l]);
+    for (int32_t i = 0; i < nb; i++)
+        for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes) {
+            if (q->tokens[l] / L->residual > i) {
+                if ((st = c->ops->read_block(c, l, q->table[i], p + off)) != OSCAR_OK) return st;
+            } else {
+                memset(p + off, 0, L->layer_block_bytes);
+            }
+        }
+    size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
+    uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
+    if (!wk) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
+    for (int l = 0; l < L->layers; l++) {
+        int32_t wn = (int32_t)(q->tokens[l] % L->residual);
+        if (wn == 0) continue;
+        if ((st = c->ops->read_window(c, l, s, wn, wk, wk + (size_t)L->residual * rowb)) != OSCAR_OK) {
+            free(wk);
+            return st;
+        }
+        memcpy(p + off, wk, (size_t)wn * rowb);
+        off += (size_t)wn * rowb;
+        memcpy(p + off, wk + (size_t)L->residual * rowb, (size_t)wn * rowb);
+        off += (size_t)wn * rowb;
+    }
+    free(wk);
+    put64(p + off, fnv1a(p, off));
+    *size = total;
+    return OSCAR_OK;
+}
+
+oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, int32_t *seq_id) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!buffer || !seq_id) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_import: buffer or seq_id is NULL");
+    const oscar_status F = OSCAR_E_FORMAT;
+    const uint8_t *p = (const uint8_t *)buffer;
+    const oscar_layout *L = &c->lay;
+    if (size < HEADER_BYTES + 8) return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a stream", size);
+    if (memcmp(p, MAGIC, 8) != 0) return oscar_set_error(c, F, "seq_import: bad magic (not an oscar sequence stream)");
+    if (get32(p + 8) != OSCAR_FORMAT_VERSION)
+        return oscar_set_error(c, F, "seq_import: stream format version %u, this library reads %d", get32(p + 8),
+                               OSCAR_FORMAT_VERSION);
+    const oscar_config *f = &c->cfg;
+    static const char *const names[10] = {"method", "bits", "head_dim", "num_kv_heads", "num_layers",
+                                          "k_group", "v_group", "residual", "window_dtype", "rotate_values"};
+    uint32_t want[10] = {(uint32_t)f->method, (uint32_t)L->bits, (uint32_t)f->head_dim, (uint32_t)f->num_kv_heads,
+                         (uint32_t)f->num_layers, (uint32_t)f->k_group, (uint32_t)f->v_group,
+                         (uint32_t)f->residual, (uint32_t)f->window_dtype, (uint32_t)f->rotate_values};
+    for (int i = 0; i < 10; i++)
+        if (get32(p + 12 + 4 * i) != want[i])
+            return oscar_set_error(c, F, "seq_import: stream has %s = %u, this cache has %u", names[i],
+                                   get32(p + 12 + 4 * i), want[i]);
+    if (size < HEADER_BYTES + 8 * (size_t)L->layers + 8)
+        return oscar_set_error(c, F, "seq_import: stream truncated in the token counts");
+    int64_t *tokens = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
+    if (!tokens) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
+    oscar_status st = OSCAR_OK;
+    int32_t *table = NULL;
+    int slot = -1;
+    for (int l = 0; l < L->layers; l++) {
+        uint64_t t = get64(p + HEADER_BYTES + 8 * (size_t)l);
+        if (t > (uint64_t)f->block_count * (uint64_t)f->residual + (uint64_t)f->residual) {
+            st = oscar_set_error(c, F, "seq_import: layer %d claims %llu tokens, more than this pool can hold", l,
+                                 (unsigned long long)t);
+            goto fail;
+        }
+        tokens[l] = (int64_t)t;
+    }
+    int32_t nb;
+    size_t total;
+    stream_sizes(c, tokens, &nb, &total);
+    if ((uint32_t)nb != get32(p + 52)) {
+        st = oscar_set_error(c, F, "seq_import: n_blocks is %u but the token counts need %d", get32(p + 52), (int)nb);
+        goto fail;
+    }
+    if (size != total) {
+        st = oscar_set_error(c, F, "seq_import: stream is %zu bytes, its header describes %zu", size, total);
+        goto fail;
+    }
+    if (get64(p + total - 8) != fnv1a(p, total - 8)) {
+        st = oscar_set_error(c, F, "seq_import: checksum mismatch (stream corrupted)");
+        goto fail;
+    }
+    if (nb > c->n_free) {
+        st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_import: needs %d blocks, %d are free", (int)nb, c->n_free);
+        goto fail;
+    }
+    slot = oscar_free_seq_slot(c);
+    if (slot < 0) {
+        st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_import: all %d sequence slots are in use", c->cfg.max_seqs);
+        goto fail;
+    }
+    table = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb ? nb : 1));
+    if (!table) {
+        st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
+        goto fail;
+    }
+    for (int32_t i = 0; i < nb; i++) table[i] = c->free_list[c->n_free - 1 - i];
+    size_t off = HEADER_BYTES + 8 * (size_t)L->layers;
+    for (int32_t i = 0; i < nb; i++)
+        for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes)
+            if (tokens[l] / L->residual > i && (st = c->ops->write_block(c, l, table[i], p + off)) != OSCAR_OK)
+                goto fail;
+    size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
+    for (int l = 0; l < L->layers; l++) {
+        int32_t wn = (int32_t)(tokens[l] % L->residual);
+        if (wn == 0) continue;
+        if ((st = c->ops->write_window(c, l, slot, wn, p + off, p + off + (size_t)wn * rowb)) != OSCAR_OK) goto fail;
+        off += 2 * (size_t)wn * rowb;
+    }
+    if (c->ops->set_table && (st = c->ops->set_table(c, slot, table, nb)) != OSCAR_OK) goto fail;
+    /* Everything is written; only now does the pool change. */
+    c->n_free -= nb;
+    for (int32_t i = 0; i < nb; i++) c->block_refs[table[i]] = 1;
+    oscar_seq *q = &c->seqs[slot];
+    free(q->table);
+    free(q->tokens);
+    q->table = table;
+    q->table_cap = nb;
+    q->n_blocks = nb;
+    q->tokens = tokens;
+    q->id = oscar_new_seq_id(c);
+    *seq_id = q->id;
+    return OSCAR_OK;
+fail:
+    free(tokens);
+    free(table);
+    return st;
+}

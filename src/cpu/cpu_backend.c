@@ -1,0 +1,642 @@
+/* CPU backend: the pool in host memory, append/pack through the reference
+ * packer, and a multi-threaded decode attention that reads the packed codes
+ * in place (no dequantised copy of the cache is ever made).
+ *
+ * Attention works on items of (sequence, KV head, run of blocks). Each item
+ * computes a partial softmax (max, sum, unnormalised output) over its tokens
+ * for all g*q_len query rows of the KV head, so every K/V byte is read once
+ * per GQA group; partials are merged with the usual log-sum-exp rule. */
+#include "format.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct cpu_state {
+    uint8_t *pool;    /* [layer][block] layer blocks                     */
+    uint8_t *windows; /* [layer][slot] K [R][Hkv][d] then V [R][Hkv][d]  */
+} cpu_state;
+
+static cpu_state *ST(oscar_cache *c) { return (cpu_state *)c->backend_state; }
+
+static uint8_t *layer_block(oscar_cache *c, int layer, int32_t b) {
+    return ST(c)->pool + ((size_t)layer * c->cfg.block_count + (size_t)b) * c->lay.layer_block_bytes;
+}
+
+static uint8_t *window_k(oscar_cache *c, int layer, int32_t slot) {
+    return ST(c)->windows + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_layer_bytes;
+}
+
+static uint8_t *window_v(oscar_cache *c, int layer, int32_t slot) {
+    return window_k(c, layer, slot) + c->lay.window_layer_bytes / 2;
+}
+
+static int thread_count(const oscar_cache *c) {
+    return c->cfg.num_threads > 0 ? c->cfg.num_threads : omp_get_max_threads();
+}
+
+static void *alloc64(size_t n) {
+    n = (n + 63) & ~(size_t)63;
+    return aligned_alloc(64, n ? n : 64);
+}
+
+static oscar_status cpu_init(oscar_cache *c) {
+    cpu_state *s = (cpu_state *)calloc(1, sizeof *s);
+    if (!s) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "out of host memory");
+    size_t pool = c->lay.layer_block_bytes * (size_t)c->cfg.num_layers * (size_t)c->cfg.block_count;
+    size_t win = c->lay.window_layer_bytes * (size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs;
+    s->pool = (uint8_t *)alloc64(pool);
+    s->windows = (uint8_t *)alloc64(win);
+    if (!s->pool || !s->windows) {
+        free(s->pool), free(s->windows), free(s);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "cannot allocate %.1f MiB of host memory for the pool",
+                               (double)(pool + win) / 1048576.0);
+    }
+    c->backend_state = s;
+    return OSCAR_OK;
+}
+
+static void cpu_destroy(oscar_cache *c) {
+    cpu_state *s = ST(c);
+    free(s->pool);
+    free(s->windows);
+    free(s);
+    c->backend_state = NULL;
+}
+
+/* ---- append ------------------------------------------------------------ */
+
+static int all_finite(const void *p, oscar_dtype dt, int64_t n) {
+    /* Exponent all ones means Inf or NaN in every one of the three formats. */
+    if (dt == OSCAR_DTYPE_F32) {
+        const uint32_t *x = (const uint32_t *)p;
+        uint32_t bad = 0;
+        for (int64_t i = 0; i < n; i++) bad |= ((x[i] & 0x7f800000u) == 0x7f800000u);
+        return !bad;
+    }
+    const uint16_t *x = (const uint16_t *)p;
+    const uint16_t m = dt == OSCAR_DTYPE_F16 ? 0x7c00u : 0x7f80u;
+    uint32_t bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= ((x[i] & m) == m);
+    return !bad;
+}
+
+static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job *jobs, int n_jobs, int64_t rows,
+                               const void *k, const void *v, oscar_dtype dtype, void *stream) {
+    const oscar_layout *L = &c->lay;
+    const int d = L->d, R = L->residual;
+    const size_t row = (size_t)L->hkv * d, es = (size_t)L->window_esize, in_es = (size_t)oscar_dtype_size(dtype);
+    if (c->cfg.check_finite && rows > 0) {
+        if (!all_finite(k, dtype, rows * (int64_t)row))
+            return oscar_set_error(c, OSCAR_E_NONFINITE, "append: K contains NaN or Inf; nothing was appended");
+        if (!all_finite(v, dtype, rows * (int64_t)row))
+            return oscar_set_error(c, OSCAR_E_NONFINITE, "append: V contains NaN or Inf; nothing was appended");
+    }
+    const int nt = thread_count(c);
+    int64_t n_pairs = 0;
+    for (int i = 0; i < n_jobs; i++) n_pairs += jobs[i].n_flush;
+    /* Every buffer is taken before the first byte of the cache is written,
+     * so running out of memory leaves the cache as it was. */
+    uint8_t *staged = (uint8_t *)malloc(2 * (size_t)(rows ? rows : 1) * row * es);
+    float *rowbuf = (float *)malloc(sizeof(float) * row * 2 * (size_t)nt);
+    float *packbuf = n_pairs ? (float *)malloc(sizeof(float) * (size_t)R * row * 3 * (size_t)nt) : NULL;
+    int64_t *pair_job = n_pairs ? (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)n_pairs) : NULL;
+    if (!staged || !rowbuf || (n_pairs && (!packbuf || !pair_job))) {
+        free(staged), free(rowbuf), free(packbuf), free(pair_job);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "append: out of host memory");
+    }
+    uint8_t *staged_v = staged + (size_t)rows * row * es;
+
+    /* 1. Rotate every new token and round it to the window dtype: these are
+     *    the values the window holds and that blocks are quantised from. */
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float *xk = rowbuf + (size_t)omp_get_thread_num() * row * 2, *xv = xk + row;
+        oscar_to_f32((const uint8_t *)k + (size_t)r * row * in_es, dtype, xk, (int64_t)row);
+        oscar_to_f32((const uint8_t *)v + (size_t)r * row * in_es, dtype, xv, (int64_t)row);
+        for (int h = 0; h < L->hkv; h++) {
+            if (L->rotate) oscar_fwht(xk + (size_t)h * d, d);
+            if (L->rotate_v) oscar_fwht(xv + (size_t)h * d, d);
+        }
+        oscar_from_f32(xk, staged + (size_t)r * row * es, (oscar_dtype)L->window_dtype, (int64_t)row);
+        oscar_from_f32(xv, staged_v + (size_t)r * row * es, (oscar_dtype)L->window_dtype, (int64_t)row);
+    }
+
+    /* 2. Quantise every block that fills up. */
+    int64_t pi = 0;
+    for (int i = 0; i < n_jobs; i++)
+        for (int f = 0; f < jobs[i].n_flush; f++, pi++) {
+            pair_job[2 * pi] = i;
+            pair_job[2 * pi + 1] = f;
+        }
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t p = 0; p < n_pairs; p++) {
+        const oscar_append_job *j = &jobs[pair_job[2 * p]];
+        int f = (int)pair_job[2 * p + 1];
+        float *xk = packbuf + (size_t)omp_get_thread_num() * R * row * 3, *xv = xk + (size_t)R * row,
+              *scratch = xv + (size_t)R * row;
+        const uint8_t *wk = window_k(c, layer, j->seq_slot), *wv = window_v(c, layer, j->seq_slot);
+        for (int t = 0; t < R; t++) {
+            int64_t sidx = (int64_t)f * R + t; /* index in window ++ new tokens */
+            const uint8_t *srck, *srcv;
+            if (sidx < j->window_before) {
+                srck = wk + (size_t)sidx * row * es;
+                srcv = wv + (size_t)sidx * row * es;
+            } else {
+                int64_t r = j->input_row + sidx - j->window_before;
+                srck = staged + (size_t)r * row * es;
+                srcv = staged_v + (size_t)r * row * es;
+            }
+            oscar_to_f32(srck, (oscar_dtype)L->window_dtype, xk + (size_t)t * row, (int64_t)row);
+            oscar_to_f32(srcv, (oscar_dtype)L->window_dtype, xv + (size_t)t * row, (int64_t)row);
+        }
+        oscar_pack_block(L, xk, xv, layer_block(c, layer, j->flush_blocks[f]), scratch);
+    }
+
+    /* 3. The tokens left over become the window. */
+    for (int i = 0; i < n_jobs; i++) {
+        const oscar_append_job *j = &jobs[i];
+        int32_t keep = j->n_flush ? j->window_after : j->n_new;
+        int32_t dst = j->n_flush ? 0 : j->window_before;
+        int64_t src = j->input_row + j->n_new - keep;
+        memcpy(window_k(c, layer, j->seq_slot) + (size_t)dst * row * es, staged + (size_t)src * row * es,
+               (size_t)keep * row * es);
+        memcpy(window_v(c, layer, j->seq_slot) + (size_t)dst * row * es, staged_v + (size_t)src * row * es,
+               (size_t)keep * row * es);
+    }
+    free(staged), free(rowbuf), free(packbuf), free(pair_job);
+    return OSCAR_OK;
+}
+
+/* ---- attention ----------------------------------------------------------- */
+
+/* Index tables that turn the tile layout into channel/token numbers. */
+typedef struct tile_maps {
+    int P, W;          /* pairs per word, words per lane chunk            */
+    int *kchan;        /* [4 t][W][2 e][P] key channel of each code        */
+    int *vtok;         /* [4 t][W][2 e][P] value token (0..15) in the tile */
+    int *vcg;          /* [W][P] value channel group                       */
+    int *vchan;        /* [32 lane][W][P] value channel                    */
+} tile_maps;
+
+static void build_maps(const oscar_layout *L, tile_maps *m, int *storage) {
+    const int P = 16 / L->bits, W = L->d * L->bits / 64;
+    m->P = P;
+    m->W = W;
+    m->kchan = storage;
+    m->vtok = m->kchan + 4 * W * 2 * P;
+    m->vcg = m->vtok + 4 * W * 2 * P;
+    m->vchan = m->vcg + W * P;
+    for (int t = 0; t < 4; t++)
+        for (int w = 0; w < W; w++)
+            for (int e = 0; e < 2; e++)
+                for (int p = 0; p < P; p++) {
+                    int q = w * P + p, s = q / 4, j = q % 4, i = ((t * W + w) * 2 + e) * P + p;
+                    m->kchan[i] = 16 * s + 2 * t + 8 * (j >> 1) + e;
+                    m->vtok[i] = 2 * t + 8 * (j >> 1) + e;
+                }
+    for (int w = 0; w < W; w++)
+        for (int p = 0; p < P; p++) m->vcg[w * P + p] = 16 * ((w * P + p) / 4) / L->v_group;
+    for (int l = 0; l < 32; l++)
+        for (int w = 0; w < W; w++)
+            for (int p = 0; p < P; p++) {
+                int q = w * P + p, s = q / 4, j = q % 4;
+                m->vchan[(l * W + w) * P + p] = 16 * s + (l >> 2) + 8 * (j & 1);
+            }
+}
+static size_t maps_ints(const oscar_layout *L) {
+    const int P = 16 / L->bits, W = L->d * L->bits / 64;
+    return (size_t)(4 * W * 2 * P) * 2 + (size_t)(W * P) + (size_t)(32 * W * P);
+}
+
+/* Per-thread scratch of the attention kernel. */
+typedef struct attn_scratch {
+    float *logits; /* [rows][max item tokens] */
+    float *qt;     /* [rows][d] q * key scale  */
+    float *perm;   /* [rows][4][W][2][P] permuted per-lane operands */
+    float *oacc;   /* [rows][32][W][2][P] value accumulators in tile order */
+    float *vbias;  /* [rows][d/Gv] */
+    float *row;    /* [d] one converted row */
+} attn_scratch;
+
+/* Logits of the R tokens of one quantised block for one KV head. P is a
+ * compile-time constant at each call so the p loops vectorise. */
+static inline __attribute__((always_inline)) void block_logits_q(const oscar_layout *L, const tile_maps *M,
+                                                                 const uint8_t *blk, int h, const float *qr,
+                                                                 int rows, float *out, int64_t ld, float sm,
+                                                                 attn_scratch *S, const int P) {
+    const int d = L->d, R = L->residual, W = M->W, Q = L->levels, bits = 16 / P;
+    const uint8_t *base = blk + (size_t)h * L->head_bytes;
+    const uint16_t *kp = (const uint16_t *)(base + 2 * L->codes_bytes);
+    const float *norms = (const float *)(blk + (size_t)L->hkv * L->head_bytes);
+    const size_t chunk = (size_t)d * bits / 16, tile_bytes = 2 * (size_t)d * bits;
+    const int per_row = 4 * W * 2 * P;
+    float bias[64];
+    for (int g0 = 0; g0 < R; g0 += L->k_group) {
+        const uint16_t *gp = kp + (size_t)(g0 / L->k_group) * d * 2;
+        for (int r = 0; r < rows; r++) {
+            float b = 0.0f;
+            float *qt = S->qt + (size_t)r * d;
+            for (int cch = 0; cch < d; cch++) {
+                float sc = oscar_f16_to_f32(gp[2 * cch]), lo = oscar_f16_to_f32(gp[2 * cch + 1]);
+                qt[cch] = qr[(size_t)r * d + cch] * sc;
+                b += qr[(size_t)r * d + cch] * lo;
+            }
+            bias[r] = b;
+            float *pp = S->perm + (size_t)r * per_row;
+            for (int i = 0; i < per_row; i++) pp[i] = qt[M->kchan[i]];
+        }
+        for (int T = g0 / 16; T < (g0 + L->k_group) / 16; T++) {
+            const uint8_t *tile = base + (size_t)T * tile_bytes;
+            /* Four lanes (t = 0..3) hold disjoint channels of the same two
+             * token rows; their partial dots add up. */
+            float dot[64][16];
+            for (int r = 0; r < rows; r++)
+                for (int i = 0; i < 16; i++) dot[r][i] = 0.0f;
+            for (int lane = 0; lane < 32; lane++) {
+                const uint32_t *words = (const uint32_t *)(tile + (size_t)lane * chunk);
+                const int t = lane & 3, g = lane >> 2;
+                float acc[64][8];
+                for (int r = 0; r < rows; r++)
+                    for (int p = 0; p < P; p++) acc[r][p] = 0.0f;
+                for (int w = 0; w < W; w++) {
+                    uint32_t x = words[w];
+                    float c0[8], c1[8];
+                    for (int p = 0; p < P; p++) {
+                        c0[p] = (float)((x >> (bits * p)) & (uint32_t)Q);
+                        c1[p] = (float)((x >> (16 + bits * p)) & (uint32_t)Q);
+                    }
+                    for (int r = 0; r < rows; r++) {
+                        const float *op = S->perm + (size_t)r * per_row + ((size_t)(t * W + w) * 2) * P;
+                        for (int p = 0; p < P; p++) acc[r][p] += c0[p] * op[p] + c1[p] * op[P + p];
+                    }
+                }
+                for (int r = 0; r < rows; r++)
+                    for (int p = 0; p < P; p += 2) {
+                        dot[r][g] += acc[r][p];
+                        dot[r][g + 8] += acc[r][p + 1];
+                    }
+            }
+            for (int i = 0; i < 16; i++) {
+                int tok = T * 16 + i;
+                float s = L->scale_keys ? norms[tok] : 1.0f;
+                for (int r = 0; r < rows; r++) out[(size_t)r * ld + tok] = s * (bias[r] + dot[r][i]) * sm;
+            }
+        }
+    }
+}
+
+/* Adds sum_t p[r][t] * v_t of one quantised block to the tile-ordered
+ * accumulators S->oacc and the per-group bias S->vbias. */
+static inline __attribute__((always_inline)) void block_values_q(const oscar_layout *L, const tile_maps *M,
+                                                                 const uint8_t *blk, int h, const float *prob,
+                                                                 int64_t ld, int rows, attn_scratch *S,
+                                                                 const int P) {
+    const int d = L->d, R = L->residual, W = M->W, Q = L->levels, bits = 16 / P, ng = d / L->v_group;
+    const uint8_t *base = blk + (size_t)h * L->head_bytes;
+    const uint8_t *vc = base + L->codes_bytes;
+    const uint16_t *vp = (const uint16_t *)(base + 2 * L->codes_bytes + L->kparams_bytes);
+    const size_t chunk = (size_t)d * bits / 16, tile_bytes = 2 * (size_t)d * bits;
+    const int per_row = 4 * W * 2 * P, acc_row = 32 * W * 2 * P;
+    float pt[16][16]; /* [token in tile][group]: p * scale, for one row */
+    for (int T = 0; T < R / 16; T++) {
+        for (int r = 0; r < rows; r++) {
+            const float *pr = prob + (size_t)r * ld + T * 16;
+            for (int tok = 0; tok < 16; tok++)
+                for (int gi = 0; gi < ng; gi++) {
+                    const uint16_t *pv = vp + ((size_t)(T * 16 + tok) * ng + gi) * 2;
+                    pt[tok][gi] = pr[tok] * oscar_f16_to_f32(pv[0]);
+                    S->vbias[(size_t)r * ng + gi] += pr[tok] * oscar_f16_to_f32(pv[1]);
+                }
+            float *pp = S->perm + (size_t)r * per_row;
+            for (int t = 0; t < 4; t++)
+                for (int w = 0; w < W; w++)
+                    for (int e = 0; e < 2; e++)
+                        for (int p = 0; p < P; p++) {
+                            int i = ((t * W + w) * 2 + e) * P + p;
+                            pp[i] = pt[M->vtok[i]][M->vcg[w * P + p]];
+                        }
+        }
+        const uint8_t *tile = vc + (size_t)T * tile_bytes;
+        for (int lane = 0; lane < 32; lane++) {
+            const uint32_t *words = (const uint32_t *)(tile + (size_t)lane * chunk);
+            const int t = lane & 3;
+            for (int w = 0; w < W; w++) {
+                uint32_t x = words[w];
+                float c0[8], c1[8];
+                for (int p = 0; p < P; p++) {
+                    c0[p] = (float)((x >> (bits * p)) & (uint32_t)Q);
+                    c1[p] = (float)((x >> (16 + bits * p)) & (uint32_t)Q);
+                }
+                for (int r = 0; r < rows; r++) {
+                    const float *op = S->perm + (size_t)r * per_row + ((size_t)(t * W + w) * 2) * P;
+                    float *acc = S->oacc + (size_t)r * acc_row + ((size_t)(lane * W + w) * 2) * P;
+                    for (int p = 0; p < P; p++) {
+                        acc[p] += c0[p] * op[p];
+                        acc[P + p] += c1[p] * op[P + p];
+                    }
+                }
+            }
+        }
+    }
+}
+
+typedef struct attn_item {
+    int job, head;
+    int32_t u0, u1; /* units: blocks 0..n_blocks-1, then the window as unit n_blocks */
+} attn_item;
+
+enum { MAX_ROWS = 64 }; /* query rows handled together; larger GQA x q_len loops */
+
+typedef struct attn_ctx {
+    oscar_cache *c;
+    const oscar_layout *L;
+    const tile_maps *M;
+    int layer, q_len, g, P, W, ng;
+    float sm;
+    size_t per_row, acc_row, max_tok;
+} attn_ctx;
+
+/* Partial softmax of rows [r0, r0+nr) of one item. Writes, per row, the max
+ * logit, the sum of exp and the unnormalised output (rotated space) to pres. */
+static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_item *itm, const float *qr_job,
+                        int r0, int nr, attn_scratch *S, float *qlocal, float *pres) {
+    const oscar_layout *L = X->L;
+    oscar_cache *c = X->c;
+    const int d = L->d, R = L->residual, h = itm->head, q_len = X->q_len, P = X->P, W = X->W, ng = X->ng;
+    const size_t es = (size_t)L->window_esize, kvrow = (size_t)L->hkv * d;
+    const int64_t ld = (int64_t)X->max_tok;
+    for (int r = 0; r < nr; r++) {
+        int jj = (r0 + r) / q_len, qi = (r0 + r) % q_len;
+        memcpy(qlocal + (size_t)r * d, qr_job + ((size_t)qi * L->hq + (size_t)h * X->g + jj) * d, sizeof(float) * d);
+    }
+    const int64_t t_first = (int64_t)itm->u0 * R;
+    const int64_t ntok =
+        (itm->u1 > J->n_blocks ? (int64_t)(itm->u1 - 1) * R + J->window_tokens : (int64_t)itm->u1 * R) - t_first;
+    /* Pass 1: logits. */
+    for (int32_t u = itm->u0; u < itm->u1; u++) {
+        float *lo = S->logits + (size_t)(u - itm->u0) * R;
+        const uint8_t *kb;
+        size_t stride;
+        int n;
+        if (u < J->n_blocks) {
+            const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
+            if (L->quantised) {
+                if (P == 8) block_logits_q(L, X->M, blk, h, qlocal, nr, lo, ld, X->sm, S, 8);
+                else block_logits_q(L, X->M, blk, h, qlocal, nr, lo, ld, X->sm, S, 4);
+                continue;
+            }
+            kb = blk + (size_t)h * L->head_bytes;
+            stride = (size_t)d * es;
+            n = R;
+        } else {
+            kb = window_k(c, X->layer, J->seq_slot) + (size_t)h * d * es;
+            stride = kvrow * es;
+            n = J->window_tokens;
+        }
+        for (int t = 0; t < n; t++) {
+            oscar_to_f32(kb + (size_t)t * stride, (oscar_dtype)L->window_dtype, S->row, d);
+            for (int r = 0; r < nr; r++) {
+                const float *qv = qlocal + (size_t)r * d;
+                float s = 0.0f;
+                for (int i = 0; i < d; i++) s += qv[i] * S->row[i];
+                lo[(size_t)r * ld + t] = s * X->sm;
+            }
+        }
+    }
+    /* Pass 2: causal mask among the new tokens, then exp. */
+    for (int r = 0; r < nr; r++) {
+        int qi = (r0 + r) % q_len;
+        int64_t limit = J->tokens - q_len + 1 + qi - t_first; /* tokens this query sees here */
+        if (limit > ntok) limit = ntok;
+        float *lr = S->logits + (size_t)r * ld;
+        float m = -INFINITY;
+        for (int64_t t = 0; t < limit; t++) m = lr[t] > m ? lr[t] : m;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < ntok; t++) {
+            float p = (t < limit && m > -INFINITY) ? expf(lr[t] - m) : 0.0f;
+            lr[t] = p;
+            sum += p;
+        }
+        pres[(size_t)r * (d + 2)] = m;
+        pres[(size_t)r * (d + 2) + 1] = sum;
+    }
+    /* Pass 3: values. Quantised blocks accumulate in tile order. */
+    float *acc = S->qt; /* [nr][d] */
+    memset(acc, 0, sizeof(float) * (size_t)nr * d);
+    int any_q = 0;
+    for (int32_t u = itm->u0; u < itm->u1; u++) {
+        const float *pr = S->logits + (size_t)(u - itm->u0) * R;
+        const uint8_t *vb;
+        size_t stride;
+        int n;
+        if (u < J->n_blocks) {
+            const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
+            if (L->quantised) {
+                if (!any_q) {
+                    memset(S->oacc, 0, sizeof(float) * (size_t)nr * X->acc_row);
+                    memset(S->vbias, 0, sizeof(float) * (size_t)nr * ng);
+                    any_q = 1;
+                }
+                if (P == 8) block_values_q(L, X->M, blk, h, pr, ld, nr, S, 8);
+                else block_values_q(L, X->M, blk, h, pr, ld, nr, S, 4);
+                continue;
+            }
+            vb = blk + (size_t)h * L->head_bytes + (size_t)R * d * es;
+            stride = (size_t)d * es;
+            n = R;
+        } else {
+            vb = window_v(c, X->layer, J->seq_slot) + (size_t)h * d * es;
+            stride = kvrow * es;
+            n = J->window_tokens;
+        }
+        for (int t = 0; t < n; t++) {
+            oscar_to_f32(vb + (size_t)t * stride, (oscar_dtype)L->window_dtype, S->row, d);
+            for (int r = 0; r < nr; r++) {
+                float p = pr[(size_t)r * ld + t];
+                if (p == 0.0f) continue;
+                float *a = acc + (size_t)r * d;
+                for (int i = 0; i < d; i++) a[i] += p * S->row[i];
+            }
+        }
+    }
+    if (any_q) {
+        for (int r = 0; r < nr; r++) {
+            float *a = acc + (size_t)r * d;
+            const float *oa = S->oacc + (size_t)r * X->acc_row;
+            for (int lane = 0; lane < 32; lane++)
+                for (int w = 0; w < W; w++) {
+                    const float *o2 = oa + ((size_t)(lane * W + w) * 2) * P;
+                    const int *ch = X->M->vchan + (lane * W + w) * P;
+                    for (int p = 0; p < P; p++) a[ch[p]] += o2[p] + o2[P + p];
+                }
+            for (int i = 0; i < d; i++) a[i] += S->vbias[(size_t)r * ng + i / L->v_group];
+        }
+    }
+    for (int r = 0; r < nr; r++) memcpy(pres + (size_t)r * (d + 2) + 2, acc + (size_t)r * d, sizeof(float) * d);
+}
+
+static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs, int q_len,
+                                  const void *q, oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float sm,
+                                  void *stream) {
+    const oscar_layout *L = &c->lay;
+    const int d = L->d, R = L->residual, hq = L->hq, g = hq / L->hkv, rows = g * q_len;
+    const int nt = thread_count(c);
+    /* Work items: about four per thread, at most 64 blocks each. */
+    int64_t units_total = 0;
+    for (int i = 0; i < n_jobs; i++) units_total += (int64_t)L->hkv * (jobs[i].n_blocks + (jobs[i].window_tokens > 0));
+    int64_t chunk = units_total / (4 * (int64_t)nt);
+    if (chunk < 1) chunk = 1;
+    if (chunk > 64) chunk = 64;
+    int64_t n_items = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        int64_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
+        n_items += (int64_t)L->hkv * ((u + chunk - 1) / chunk);
+    }
+    attn_ctx X;
+    memset(&X, 0, sizeof X);
+    X.c = c;
+    X.L = L;
+    X.layer = layer;
+    X.q_len = q_len;
+    X.g = g;
+    X.sm = sm;
+    X.P = L->quantised ? 16 / L->bits : 1;
+    X.W = L->quantised ? d * L->bits / 64 : 1;
+    X.ng = L->quantised ? d / L->v_group : 1;
+    X.per_row = (size_t)4 * X.W * 2 * X.P;
+    X.acc_row = (size_t)32 * X.W * 2 * X.P;
+    X.max_tok = (size_t)chunk * R;
+    const int nr_max = rows < MAX_ROWS ? rows : MAX_ROWS;
+    const size_t scratch_floats = (size_t)nr_max * (X.max_tok + 2 * (size_t)d + X.per_row + X.acc_row + X.ng) + d + 16;
+    attn_item *items = (attn_item *)malloc(sizeof(attn_item) * (size_t)(n_items ? n_items : 1));
+    float *qr = (float *)malloc(sizeof(float) * (size_t)n_jobs * q_len * hq * d);
+    float *part = (float *)malloc(sizeof(float) * (size_t)(n_items ? n_items : 1) * rows * (d + 2));
+    float *scratch = (float *)alloc64(sizeof(float) * scratch_floats * (size_t)nt);
+    int *map_store = (int *)malloc(sizeof(int) * (L->quantised ? maps_ints(L) : 1));
+    float *orow = (float *)malloc(sizeof(float) * (size_t)d);
+    if (!items || !qr || !part || !scratch || !map_store || !orow) {
+        free(items), free(qr), free(part), free(scratch), free(map_store), free(orow);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory for scratch");
+    }
+    tile_maps M;
+    memset(&M, 0, sizeof M);
+    if (L->quantised) build_maps(L, &M, map_store);
+    X.M = &M;
+    int64_t it = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        int32_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
+        for (int h = 0; h < L->hkv; h++)
+            for (int32_t u0 = 0; u0 < u; u0 += (int32_t)chunk) {
+                items[it].job = i;
+                items[it].head = h;
+                items[it].u0 = u0;
+                items[it].u1 = u0 + (int32_t)chunk < u ? u0 + (int32_t)chunk : u;
+                it++;
+            }
+    }
+    /* Rotated queries, fp32: [job][q_len][hq][d]. */
+    const size_t qn = (size_t)n_jobs * q_len * hq;
+    oscar_to_f32(q, q_dtype, qr, (int64_t)(qn * d));
+    if (L->rotate)
+        for (size_t i = 0; i < qn; i++) oscar_fwht(qr + i * d, d);
+
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t ii = 0; ii < n_items; ii++) {
+        const attn_item *itm = &items[ii];
+        float *sb = scratch + scratch_floats * (size_t)omp_get_thread_num();
+        attn_scratch S;
+        S.logits = sb;
+        S.qt = S.logits + (size_t)nr_max * X.max_tok;
+        S.perm = S.qt + (size_t)nr_max * d;
+        S.oacc = S.perm + (size_t)nr_max * X.per_row;
+        S.vbias = S.oacc + (size_t)nr_max * X.acc_row;
+        float *qlocal = S.vbias + (size_t)nr_max * X.ng;
+        S.row = qlocal + (size_t)nr_max * d;
+        const float *qr_job = qr + (size_t)itm->job * q_len * hq * d;
+        float *pres = part + (size_t)ii * rows * (d + 2);
+        for (int r0 = 0; r0 < rows; r0 += MAX_ROWS) {
+            int nr = rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS;
+            attend_rows(&X, &jobs[itm->job], itm, qr_job, r0, nr, &S, qlocal, pres + (size_t)r0 * (d + 2));
+        }
+    }
+
+    /* Merge the partials of each (job, head) with the log-sum-exp rule, undo
+     * the value rotation and write [job][q_len][hq][d] in out_dtype. */
+    const size_t out_es = (size_t)oscar_dtype_size(out_dtype);
+    it = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        int64_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
+        int64_t per_head = (u + chunk - 1) / chunk;
+        for (int h = 0; h < L->hkv; h++, it += per_head) {
+            for (int r = 0; r < rows; r++) {
+                float m = -INFINITY;
+                for (int64_t k = 0; k < per_head; k++) {
+                    float mk = part[((size_t)(it + k) * rows + r) * (d + 2)];
+                    m = mk > m ? mk : m;
+                }
+                float sum = 0.0f;
+                for (int x = 0; x < d; x++) orow[x] = 0.0f;
+                for (int64_t k = 0; k < per_head; k++) {
+                    const float *pk = part + ((size_t)(it + k) * rows + r) * (d + 2);
+                    if (!(pk[0] > -INFINITY)) continue;
+                    float wgt = expf(pk[0] - m);
+                    sum += wgt * pk[1];
+                    for (int x = 0; x < d; x++) orow[x] += wgt * pk[2 + x];
+                }
+                float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+                for (int x = 0; x < d; x++) orow[x] *= inv;
+                if (L->rotate_v) oscar_fwht(orow, d);
+                int jj = r / q_len, qi = r % q_len;
+                size_t o = (((size_t)i * q_len + qi) * hq + (size_t)h * g + jj) * d;
+                oscar_from_f32(orow, (uint8_t *)out + o * out_es, out_dtype, d);
+            }
+        }
+    }
+    free(items), free(qr), free(part), free(scratch), free(map_store), free(orow);
+    return OSCAR_OK;
+}
+
+/* ---- fork and raw copies ------------------------------------------------- */
+
+static oscar_status cpu_fork(oscar_cache *c, int32_t src, int32_t dst, const int32_t *wt, const int32_t *table,
+                             int32_t n_blocks) {
+    const size_t half = c->lay.window_layer_bytes / 2;
+    const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
+    for (int l = 0; l < c->cfg.num_layers; l++) {
+        memcpy(window_k(c, l, dst), window_k(c, l, src), (size_t)wt[l] * rowb);
+        memcpy(window_k(c, l, dst) + half, window_k(c, l, src) + half, (size_t)wt[l] * rowb);
+    }
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_read_block(oscar_cache *c, int layer, int32_t b, void *host) {
+    memcpy(host, layer_block(c, layer, b), c->lay.layer_block_bytes);
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_write_block(oscar_cache *c, int layer, int32_t b, const void *host) {
+    memcpy(layer_block(c, layer, b), host, c->lay.layer_block_bytes);
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v) {
+    const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
+    memcpy(k, window_k(c, layer, slot), (size_t)n * rowb);
+    memcpy(v, window_v(c, layer, slot), (size_t)n * rowb);
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_write_window(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k,
+                                     const void *v) {
+    const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
+    memcpy(window_k(c, layer, slot), k, (size_t)n * rowb);
+    memcpy(window_v(c, layer, slot), v, (size_t)n * rowb);
+    return OSCAR_OK;
+}
+
+const oscar_backend_ops oscar_cpu_backend_ops = {
+    "cpu", cpu_init, cpu_destroy, cpu_append, cpu_attention, cpu_fork,
+    cpu_read_block, cpu_write_block, cpu_read_window, cpu_write_window, NULL,
+};
