@@ -94,7 +94,19 @@ void oscar_from_f32(const float *src, void *dst, oscar_dtype dtype, int64_t n) {
         for (int64_t i = 0; i < n; i++) d[i] = oscar_f32_to_bf16(src[i]);
     } else {
         uint16_t *d = (uint16_t *)dst;
-        for (int64_t i = 0; i < n; i++) d[i] = oscar_f32_to_f16(src[i]);
+        int64_t i = 0;
+#if defined(__F16C__)
+        /* Clamping first gives the saturating conversion of FORMAT.md; the
+         * hardware rounds to nearest even like oscar_f32_to_f16. NaN passes
+         * through min/max as their second operand and stays NaN. */
+        const __m256 hi = _mm256_set1_ps(65504.0f), lo = _mm256_set1_ps(-65504.0f);
+        for (; i + 8 <= n; i += 8) {
+            __m256 x = _mm256_loadu_ps(src + i);
+            x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+            _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+        }
+#endif
+        for (; i < n; i++) d[i] = oscar_f32_to_f16(src[i]);
     }
 }
 

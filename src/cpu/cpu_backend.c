@@ -171,175 +171,179 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
 
 /* ---- attention ----------------------------------------------------------- */
 
-/* Index tables that turn the tile layout into channel/token numbers. */
-typedef struct tile_maps {
-    int P, W;          /* pairs per word, words per lane chunk            */
-    int *kchan;        /* [4 t][W][2 e][P] key channel of each code        */
-    int *vtok;         /* [4 t][W][2 e][P] value token (0..15) in the tile */
-    int *vcg;          /* [W][P] value channel group                       */
-    int *vchan;        /* [32 lane][W][P] value channel                    */
-} tile_maps;
+/* Dot product with 16 independent partial sums, so the compiler can keep
+ * them in one vector register without reassociating a serial sum. */
+static inline float dot16(const float *a, const float *b, int n) {
+    float part[16] = {0};
+    for (int i = 0; i < n; i += 16)
+        for (int k = 0; k < 16; k++) part[k] += a[i + k] * b[i + k];
+    float s = 0.0f;
+    for (int k = 0; k < 16; k++) s += part[k];
+    return s;
+}
 
-static void build_maps(const oscar_layout *L, tile_maps *m, int *storage) {
-    const int P = 16 / L->bits, W = L->d * L->bits / 64;
-    m->P = P;
-    m->W = W;
-    m->kchan = storage;
-    m->vtok = m->kchan + 4 * W * 2 * P;
-    m->vcg = m->vtok + 4 * W * 2 * P;
-    m->vchan = m->vcg + W * P;
-    for (int t = 0; t < 4; t++)
-        for (int w = 0; w < W; w++)
-            for (int e = 0; e < 2; e++)
-                for (int p = 0; p < P; p++) {
-                    int q = w * P + p, s = q / 4, j = q % 4, i = ((t * W + w) * 2 + e) * P + p;
-                    m->kchan[i] = 16 * s + 2 * t + 8 * (j >> 1) + e;
-                    m->vtok[i] = 2 * t + 8 * (j >> 1) + e;
-                }
-    for (int w = 0; w < W; w++)
-        for (int p = 0; p < P; p++) m->vcg[w * P + p] = 16 * ((w * P + p) / 4) / L->v_group;
-    for (int l = 0; l < 32; l++)
-        for (int w = 0; w < W; w++)
-            for (int p = 0; p < P; p++) {
-                int q = w * P + p, s = q / 4, j = q % 4;
-                m->vchan[(l * W + w) * P + p] = 16 * s + (l >> 2) + 8 * (j & 1);
-            }
-}
-static size_t maps_ints(const oscar_layout *L) {
-    const int P = 16 / L->bits, W = L->d * L->bits / 64;
-    return (size_t)(4 * W * 2 * P) * 2 + (size_t)(W * P) + (size_t)(32 * W * P);
-}
+enum { MAX_ROWS = 8 }; /* query rows handled together; more rows loop */
 
 /* Per-thread scratch of the attention kernel. */
 typedef struct attn_scratch {
-    float *logits; /* [rows][max item tokens] */
-    float *qt;     /* [rows][d] q * key scale  */
-    float *perm;   /* [rows][4][W][2][P] permuted per-lane operands */
-    float *oacc;   /* [rows][32][W][2][P] value accumulators in tile order */
-    float *vbias;  /* [rows][d/Gv] */
-    float *row;    /* [d] one converted row */
+    float *logits; /* [rows][max item tokens]                 */
+    float *qt;     /* [rows][d] query times key scale          */
+    float *acc;    /* [rows][d] unnormalised output, rotated   */
+    float *vbias;  /* [rows][d/Gv] sum of p * value lo         */
+    float *qlocal; /* [rows][d] this item's rotated queries    */
+    float *row;    /* [d] one converted row                    */
 } attn_scratch;
 
-/* Logits of the R tokens of one quantised block for one KV head. P is a
- * compile-time constant at each call so the p loops vectorise. */
-static inline __attribute__((always_inline)) void block_logits_q(const oscar_layout *L, const tile_maps *M,
-                                                                 const uint8_t *blk, int h, const float *qr,
-                                                                 int rows, float *out, int64_t ld, float sm,
-                                                                 attn_scratch *S, const int P) {
-    const int d = L->d, R = L->residual, W = M->W, Q = L->levels, bits = 16 / P;
+/*
+ * The code tiles are laid out for a GPU warp (docs/FORMAT.md). On the CPU
+ * the eight lanes g = 0..7 that share t = lane % 4 are processed together
+ * as one 8-wide vector: for keys they hold the same channels of tokens g
+ * (or g + 8), for values eight consecutive channels of one token. So every
+ * decoded code vector meets one broadcast scalar and accumulates straight
+ * into token logits or output channels, with no reshuffling.
+ */
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) v8u gather_words(const uint32_t *tile, int t, int w, int W) {
+    v8u x;
+    for (int g = 0; g < 8; g++) x[g] = tile[(4 * g + t) * W + w];
+    return x;
+}
+
+static inline __attribute__((always_inline)) v8f decode(v8u x, int shift, uint32_t mask) {
+    return __builtin_convertvector((x >> shift) & mask, v8f);
+}
+
+/* Logits of the R tokens of one quantised block for one KV head. P (pairs
+ * per word) and NR (query rows) are compile-time constants at each call
+ * site, so the accumulators live in registers. */
+static inline __attribute__((always_inline)) void block_logits_q(const oscar_layout *L, const uint8_t *blk, int h,
+                                                                 float *out, int64_t ld, float sm, attn_scratch *S,
+                                                                 const int P, const int NR) {
+    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64;
+    const uint32_t Q = (uint32_t)L->levels;
     const uint8_t *base = blk + (size_t)h * L->head_bytes;
     const uint16_t *kp = (const uint16_t *)(base + 2 * L->codes_bytes);
     const float *norms = (const float *)(blk + (size_t)L->hkv * L->head_bytes);
-    const size_t chunk = (size_t)d * bits / 16, tile_bytes = 2 * (size_t)d * bits;
-    const int per_row = 4 * W * 2 * P;
-    float bias[64];
+    const size_t tile_bytes = 2 * (size_t)d * bits;
+    float bias[MAX_ROWS], gscale[256], glo[256];
     for (int g0 = 0; g0 < R; g0 += L->k_group) {
         const uint16_t *gp = kp + (size_t)(g0 / L->k_group) * d * 2;
-        for (int r = 0; r < rows; r++) {
-            float b = 0.0f;
+        for (int c = 0; c < d; c++) {
+            gscale[c] = oscar_f16_to_f32(gp[2 * c]);
+            glo[c] = oscar_f16_to_f32(gp[2 * c + 1]);
+        }
+        for (int r = 0; r < NR; r++) {
+            const float *qv = S->qlocal + (size_t)r * d;
             float *qt = S->qt + (size_t)r * d;
-            for (int cch = 0; cch < d; cch++) {
-                float sc = oscar_f16_to_f32(gp[2 * cch]), lo = oscar_f16_to_f32(gp[2 * cch + 1]);
-                qt[cch] = qr[(size_t)r * d + cch] * sc;
-                b += qr[(size_t)r * d + cch] * lo;
-            }
-            bias[r] = b;
-            float *pp = S->perm + (size_t)r * per_row;
-            for (int i = 0; i < per_row; i++) pp[i] = qt[M->kchan[i]];
+            for (int c = 0; c < d; c++) qt[c] = qv[c] * gscale[c];
+            bias[r] = dot16(qv, glo, d);
         }
         for (int T = g0 / 16; T < (g0 + L->k_group) / 16; T++) {
-            const uint8_t *tile = base + (size_t)T * tile_bytes;
-            /* Four lanes (t = 0..3) hold disjoint channels of the same two
-             * token rows; their partial dots add up. */
-            float dot[64][16];
-            for (int r = 0; r < rows; r++)
-                for (int i = 0; i < 16; i++) dot[r][i] = 0.0f;
-            for (int lane = 0; lane < 32; lane++) {
-                const uint32_t *words = (const uint32_t *)(tile + (size_t)lane * chunk);
-                const int t = lane & 3, g = lane >> 2;
-                float acc[64][8];
-                for (int r = 0; r < rows; r++)
-                    for (int p = 0; p < P; p++) acc[r][p] = 0.0f;
+            const uint32_t *tile = (const uint32_t *)(base + (size_t)T * tile_bytes);
+            v8f acc[MAX_ROWS][2]; /* tokens 0..7 and 8..15 of the tile */
+            for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = (v8f){0};
+            for (int t = 0; t < 4; t++)
                 for (int w = 0; w < W; w++) {
-                    uint32_t x = words[w];
-                    float c0[8], c1[8];
-                    for (int p = 0; p < P; p++) {
-                        c0[p] = (float)((x >> (bits * p)) & (uint32_t)Q);
-                        c1[p] = (float)((x >> (16 + bits * p)) & (uint32_t)Q);
-                    }
-                    for (int r = 0; r < rows; r++) {
-                        const float *op = S->perm + (size_t)r * per_row + ((size_t)(t * W + w) * 2) * P;
-                        for (int p = 0; p < P; p++) acc[r][p] += c0[p] * op[p] + c1[p] * op[P + p];
-                    }
+                    const v8u x = gather_words(tile, t, w, W);
+                    for (int p = 0; p < P; p++)
+                        for (int e = 0; e < 2; e++) {
+                            const int q = w * P + p, j = q & 3;
+                            const int ch = 16 * (q >> 2) + 2 * t + 8 * (j >> 1) + e;
+                            const v8f cv = decode(x, 16 * e + bits * p, Q);
+                            for (int r = 0; r < NR; r++) acc[r][j & 1] += S->qt[(size_t)r * d + ch] * cv;
+                        }
                 }
-                for (int r = 0; r < rows; r++)
-                    for (int p = 0; p < P; p += 2) {
-                        dot[r][g] += acc[r][p];
-                        dot[r][g + 8] += acc[r][p + 1];
-                    }
-            }
-            for (int i = 0; i < 16; i++) {
-                int tok = T * 16 + i;
-                float s = L->scale_keys ? norms[tok] : 1.0f;
-                for (int r = 0; r < rows; r++) out[(size_t)r * ld + tok] = s * (bias[r] + dot[r][i]) * sm;
-            }
+            for (int r = 0; r < NR; r++)
+                for (int i = 0; i < 16; i++) {
+                    const int tok = T * 16 + i;
+                    const float s = (L->scale_keys ? norms[tok] : 1.0f) * sm;
+                    out[(size_t)r * ld + tok] = s * (bias[r] + acc[r][i >> 3][i & 7]);
+                }
         }
     }
 }
 
-/* Adds sum_t p[r][t] * v_t of one quantised block to the tile-ordered
- * accumulators S->oacc and the per-group bias S->vbias. */
-static inline __attribute__((always_inline)) void block_values_q(const oscar_layout *L, const tile_maps *M,
-                                                                 const uint8_t *blk, int h, const float *prob,
-                                                                 int64_t ld, int rows, attn_scratch *S,
-                                                                 const int P) {
-    const int d = L->d, R = L->residual, W = M->W, Q = L->levels, bits = 16 / P, ng = d / L->v_group;
+/* Adds sum_t p[r][t] * value_t of one quantised block to S->acc (codes times
+ * scale) and S->vbias (the lo part, added once per item). For a fixed word
+ * index w every lane's codes land in the same P/2 channel octets, so those
+ * accumulators stay in registers across the four t lanes. */
+static inline __attribute__((always_inline)) void block_values_q(const oscar_layout *L, const uint8_t *blk, int h,
+                                                                 const float *prob, int64_t ld, attn_scratch *S,
+                                                                 const int P, const int NR) {
+    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64, ng = d / L->v_group;
+    const uint32_t Q = (uint32_t)L->levels;
     const uint8_t *base = blk + (size_t)h * L->head_bytes;
     const uint8_t *vc = base + L->codes_bytes;
     const uint16_t *vp = (const uint16_t *)(base + 2 * L->codes_bytes + L->kparams_bytes);
-    const size_t chunk = (size_t)d * bits / 16, tile_bytes = 2 * (size_t)d * bits;
-    const int per_row = 4 * W * 2 * P, acc_row = 32 * W * 2 * P;
-    float pt[16][16]; /* [token in tile][group]: p * scale, for one row */
+    const size_t tile_bytes = 2 * (size_t)d * bits;
+    float ps[MAX_ROWS][16][16]; /* [row][token in tile][group] p * scale */
     for (int T = 0; T < R / 16; T++) {
-        for (int r = 0; r < rows; r++) {
-            const float *pr = prob + (size_t)r * ld + T * 16;
-            for (int tok = 0; tok < 16; tok++)
-                for (int gi = 0; gi < ng; gi++) {
-                    const uint16_t *pv = vp + ((size_t)(T * 16 + tok) * ng + gi) * 2;
-                    pt[tok][gi] = pr[tok] * oscar_f16_to_f32(pv[0]);
-                    S->vbias[(size_t)r * ng + gi] += pr[tok] * oscar_f16_to_f32(pv[1]);
-                }
-            float *pp = S->perm + (size_t)r * per_row;
-            for (int t = 0; t < 4; t++)
-                for (int w = 0; w < W; w++)
-                    for (int e = 0; e < 2; e++)
-                        for (int p = 0; p < P; p++) {
-                            int i = ((t * W + w) * 2 + e) * P + p;
-                            pp[i] = pt[M->vtok[i]][M->vcg[w * P + p]];
-                        }
-        }
-        const uint8_t *tile = vc + (size_t)T * tile_bytes;
-        for (int lane = 0; lane < 32; lane++) {
-            const uint32_t *words = (const uint32_t *)(tile + (size_t)lane * chunk);
-            const int t = lane & 3;
-            for (int w = 0; w < W; w++) {
-                uint32_t x = words[w];
-                float c0[8], c1[8];
-                for (int p = 0; p < P; p++) {
-                    c0[p] = (float)((x >> (bits * p)) & (uint32_t)Q);
-                    c1[p] = (float)((x >> (16 + bits * p)) & (uint32_t)Q);
-                }
-                for (int r = 0; r < rows; r++) {
-                    const float *op = S->perm + (size_t)r * per_row + ((size_t)(t * W + w) * 2) * P;
-                    float *acc = S->oacc + (size_t)r * acc_row + ((size_t)(lane * W + w) * 2) * P;
-                    for (int p = 0; p < P; p++) {
-                        acc[p] += c0[p] * op[p];
-                        acc[P + p] += c1[p] * op[P + p];
-                    }
+        for (int tok = 0; tok < 16; tok++)
+            for (int gi = 0; gi < ng; gi++) {
+                const uint16_t *pv = vp + ((size_t)(T * 16 + tok) * ng + gi) * 2;
+                const float sc = oscar_f16_to_f32(pv[0]), lo = oscar_f16_to_f32(pv[1]);
+                for (int r = 0; r < NR; r++) {
+                    const float pr = prob[(size_t)r * ld + T * 16 + tok];
+                    ps[r][tok][gi] = pr * sc;
+                    S->vbias[(size_t)r * ng + gi] += pr * lo;
                 }
             }
+        const uint32_t *tile = (const uint32_t *)(vc + (size_t)T * tile_bytes);
+        for (int w = 0; w < W; w++) {
+            /* Octet o of this word: channels 16*(w*P/4 + o/2) + 8*(o&1) + 0..7. */
+            v8f acc[MAX_ROWS][4];
+            const int c_first = 16 * (w * P / 4);
+            for (int r = 0; r < NR; r++)
+                for (int o = 0; o < P / 2; o++)
+                    memcpy(&acc[r][o], S->acc + (size_t)r * d + c_first + 8 * o, sizeof(v8f));
+            for (int t = 0; t < 4; t++) {
+                const v8u x = gather_words(tile, t, w, W);
+                for (int p = 0; p < P; p++)
+                    for (int e = 0; e < 2; e++) {
+                        const int q = w * P + p, j = q & 3;
+                        const int tok = 2 * t + 8 * (j >> 1) + e, o = ((q >> 2) - w * P / 4) * 2 + (j & 1);
+                        const int gi = 16 * (q >> 2) / L->v_group;
+                        const v8f cv = decode(x, 16 * e + bits * p, Q);
+                        for (int r = 0; r < NR; r++) acc[r][o] += ps[r][tok][gi] * cv;
+                    }
+            }
+            for (int r = 0; r < NR; r++)
+                for (int o = 0; o < P / 2; o++)
+                    memcpy(S->acc + (size_t)r * d + c_first + 8 * o, &acc[r][o], sizeof(v8f));
         }
     }
+}
+
+/* Copies of the kernels specialised for each row count (1..MAX_ROWS). */
+#define ROW_CASE(n, CALL8, CALL4)                                                                                     \
+    case n:                                                                                                           \
+        if (P == 8) CALL8(n);                                                                                         \
+        else CALL4(n);                                                                                                \
+        break;
+#define ROW_SWITCH(CALL8, CALL4)                                                                                      \
+    switch (nr) {                                                                                                     \
+        ROW_CASE(1, CALL8, CALL4) ROW_CASE(2, CALL8, CALL4) ROW_CASE(3, CALL8, CALL4) ROW_CASE(4, CALL8, CALL4)       \
+        ROW_CASE(5, CALL8, CALL4) ROW_CASE(6, CALL8, CALL4) ROW_CASE(7, CALL8, CALL4) ROW_CASE(8, CALL8, CALL4)       \
+    }
+
+static void logits_q(const oscar_layout *L, const uint8_t *blk, int h, int nr, float *out, int64_t ld, float sm,
+                     attn_scratch *S, int P) {
+#define L8(n) block_logits_q(L, blk, h, out, ld, sm, S, 8, n)
+#define L4(n) block_logits_q(L, blk, h, out, ld, sm, S, 4, n)
+    ROW_SWITCH(L8, L4)
+#undef L8
+#undef L4
+}
+
+static void values_q(const oscar_layout *L, const uint8_t *blk, int h, const float *prob, int64_t ld, int nr,
+                     attn_scratch *S, int P) {
+#define V8(n) block_values_q(L, blk, h, prob, ld, S, 8, n)
+#define V4(n) block_values_q(L, blk, h, prob, ld, S, 4, n)
+    ROW_SWITCH(V8, V4)
+#undef V8
+#undef V4
 }
 
 typedef struct attn_item {
@@ -347,29 +351,27 @@ typedef struct attn_item {
     int32_t u0, u1; /* units: blocks 0..n_blocks-1, then the window as unit n_blocks */
 } attn_item;
 
-enum { MAX_ROWS = 64 }; /* query rows handled together; larger GQA x q_len loops */
-
 typedef struct attn_ctx {
     oscar_cache *c;
     const oscar_layout *L;
-    const tile_maps *M;
-    int layer, q_len, g, P, W, ng;
+    int layer, q_len, g, P, ng;
     float sm;
-    size_t per_row, acc_row, max_tok;
+    size_t max_tok;
 } attn_ctx;
 
 /* Partial softmax of rows [r0, r0+nr) of one item. Writes, per row, the max
  * logit, the sum of exp and the unnormalised output (rotated space) to pres. */
 static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_item *itm, const float *qr_job,
-                        int r0, int nr, attn_scratch *S, float *qlocal, float *pres) {
+                        int r0, int nr, attn_scratch *S, float *pres) {
     const oscar_layout *L = X->L;
     oscar_cache *c = X->c;
-    const int d = L->d, R = L->residual, h = itm->head, q_len = X->q_len, P = X->P, W = X->W, ng = X->ng;
+    const int d = L->d, R = L->residual, h = itm->head, q_len = X->q_len, P = X->P, ng = X->ng;
     const size_t es = (size_t)L->window_esize, kvrow = (size_t)L->hkv * d;
     const int64_t ld = (int64_t)X->max_tok;
     for (int r = 0; r < nr; r++) {
         int jj = (r0 + r) / q_len, qi = (r0 + r) % q_len;
-        memcpy(qlocal + (size_t)r * d, qr_job + ((size_t)qi * L->hq + (size_t)h * X->g + jj) * d, sizeof(float) * d);
+        memcpy(S->qlocal + (size_t)r * d, qr_job + ((size_t)qi * L->hq + (size_t)h * X->g + jj) * d,
+               sizeof(float) * d);
     }
     const int64_t t_first = (int64_t)itm->u0 * R;
     const int64_t ntok =
@@ -383,8 +385,7 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
         if (u < J->n_blocks) {
             const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
             if (L->quantised) {
-                if (P == 8) block_logits_q(L, X->M, blk, h, qlocal, nr, lo, ld, X->sm, S, 8);
-                else block_logits_q(L, X->M, blk, h, qlocal, nr, lo, ld, X->sm, S, 4);
+                logits_q(L, blk, h, nr, lo, ld, X->sm, S, P);
                 continue;
             }
             kb = blk + (size_t)h * L->head_bytes;
@@ -397,12 +398,7 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
         }
         for (int t = 0; t < n; t++) {
             oscar_to_f32(kb + (size_t)t * stride, (oscar_dtype)L->window_dtype, S->row, d);
-            for (int r = 0; r < nr; r++) {
-                const float *qv = qlocal + (size_t)r * d;
-                float s = 0.0f;
-                for (int i = 0; i < d; i++) s += qv[i] * S->row[i];
-                lo[(size_t)r * ld + t] = s * X->sm;
-            }
+            for (int r = 0; r < nr; r++) lo[(size_t)r * ld + t] = dot16(S->qlocal + (size_t)r * d, S->row, d) * X->sm;
         }
     }
     /* Pass 2: causal mask among the new tokens, then exp. */
@@ -422,10 +418,9 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
         pres[(size_t)r * (d + 2)] = m;
         pres[(size_t)r * (d + 2) + 1] = sum;
     }
-    /* Pass 3: values. Quantised blocks accumulate in tile order. */
-    float *acc = S->qt; /* [nr][d] */
-    memset(acc, 0, sizeof(float) * (size_t)nr * d);
-    int any_q = 0;
+    /* Pass 3: values. */
+    memset(S->acc, 0, sizeof(float) * (size_t)nr * d);
+    memset(S->vbias, 0, sizeof(float) * (size_t)nr * ng);
     for (int32_t u = itm->u0; u < itm->u1; u++) {
         const float *pr = S->logits + (size_t)(u - itm->u0) * R;
         const uint8_t *vb;
@@ -434,13 +429,7 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
         if (u < J->n_blocks) {
             const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
             if (L->quantised) {
-                if (!any_q) {
-                    memset(S->oacc, 0, sizeof(float) * (size_t)nr * X->acc_row);
-                    memset(S->vbias, 0, sizeof(float) * (size_t)nr * ng);
-                    any_q = 1;
-                }
-                if (P == 8) block_values_q(L, X->M, blk, h, pr, ld, nr, S, 8);
-                else block_values_q(L, X->M, blk, h, pr, ld, nr, S, 4);
+                values_q(L, blk, h, pr, ld, nr, S, P);
                 continue;
             }
             vb = blk + (size_t)h * L->head_bytes + (size_t)R * d * es;
@@ -456,25 +445,16 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
             for (int r = 0; r < nr; r++) {
                 float p = pr[(size_t)r * ld + t];
                 if (p == 0.0f) continue;
-                float *a = acc + (size_t)r * d;
+                float *a = S->acc + (size_t)r * d;
                 for (int i = 0; i < d; i++) a[i] += p * S->row[i];
             }
         }
     }
-    if (any_q) {
-        for (int r = 0; r < nr; r++) {
-            float *a = acc + (size_t)r * d;
-            const float *oa = S->oacc + (size_t)r * X->acc_row;
-            for (int lane = 0; lane < 32; lane++)
-                for (int w = 0; w < W; w++) {
-                    const float *o2 = oa + ((size_t)(lane * W + w) * 2) * P;
-                    const int *ch = X->M->vchan + (lane * W + w) * P;
-                    for (int p = 0; p < P; p++) a[ch[p]] += o2[p] + o2[P + p];
-                }
-            for (int i = 0; i < d; i++) a[i] += S->vbias[(size_t)r * ng + i / L->v_group];
-        }
+    for (int r = 0; r < nr; r++) {
+        float *o = pres + (size_t)r * (d + 2) + 2;
+        const float *a = S->acc + (size_t)r * d;
+        for (int i = 0; i < d; i++) o[i] = a[i] + (L->quantised ? S->vbias[(size_t)r * ng + i / L->v_group] : 0.0f);
     }
-    for (int r = 0; r < nr; r++) memcpy(pres + (size_t)r * (d + 2) + 2, acc + (size_t)r * d, sizeof(float) * d);
 }
 
 static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs, int q_len,
@@ -503,27 +483,19 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     X.g = g;
     X.sm = sm;
     X.P = L->quantised ? 16 / L->bits : 1;
-    X.W = L->quantised ? d * L->bits / 64 : 1;
     X.ng = L->quantised ? d / L->v_group : 1;
-    X.per_row = (size_t)4 * X.W * 2 * X.P;
-    X.acc_row = (size_t)32 * X.W * 2 * X.P;
     X.max_tok = (size_t)chunk * R;
     const int nr_max = rows < MAX_ROWS ? rows : MAX_ROWS;
-    const size_t scratch_floats = (size_t)nr_max * (X.max_tok + 2 * (size_t)d + X.per_row + X.acc_row + X.ng) + d + 16;
+    const size_t scratch_floats = (size_t)nr_max * (X.max_tok + 3 * (size_t)d + X.ng) + d + 16;
     attn_item *items = (attn_item *)malloc(sizeof(attn_item) * (size_t)(n_items ? n_items : 1));
     float *qr = (float *)malloc(sizeof(float) * (size_t)n_jobs * q_len * hq * d);
     float *part = (float *)malloc(sizeof(float) * (size_t)(n_items ? n_items : 1) * rows * (d + 2));
     float *scratch = (float *)alloc64(sizeof(float) * scratch_floats * (size_t)nt);
-    int *map_store = (int *)malloc(sizeof(int) * (L->quantised ? maps_ints(L) : 1));
     float *orow = (float *)malloc(sizeof(float) * (size_t)d);
-    if (!items || !qr || !part || !scratch || !map_store || !orow) {
-        free(items), free(qr), free(part), free(scratch), free(map_store), free(orow);
+    if (!items || !qr || !part || !scratch || !orow) {
+        free(items), free(qr), free(part), free(scratch), free(orow);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory for scratch");
     }
-    tile_maps M;
-    memset(&M, 0, sizeof M);
-    if (L->quantised) build_maps(L, &M, map_store);
-    X.M = &M;
     int64_t it = 0;
     for (int i = 0; i < n_jobs; i++) {
         int32_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
@@ -549,16 +521,15 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
         attn_scratch S;
         S.logits = sb;
         S.qt = S.logits + (size_t)nr_max * X.max_tok;
-        S.perm = S.qt + (size_t)nr_max * d;
-        S.oacc = S.perm + (size_t)nr_max * X.per_row;
-        S.vbias = S.oacc + (size_t)nr_max * X.acc_row;
-        float *qlocal = S.vbias + (size_t)nr_max * X.ng;
-        S.row = qlocal + (size_t)nr_max * d;
+        S.acc = S.qt + (size_t)nr_max * d;
+        S.qlocal = S.acc + (size_t)nr_max * d;
+        S.vbias = S.qlocal + (size_t)nr_max * d;
+        S.row = S.vbias + (size_t)nr_max * X.ng;
         const float *qr_job = qr + (size_t)itm->job * q_len * hq * d;
         float *pres = part + (size_t)ii * rows * (d + 2);
         for (int r0 = 0; r0 < rows; r0 += MAX_ROWS) {
             int nr = rows - r0 < MAX_ROWS ? rows - r0 : MAX_ROWS;
-            attend_rows(&X, &jobs[itm->job], itm, qr_job, r0, nr, &S, qlocal, pres + (size_t)r0 * (d + 2));
+            attend_rows(&X, &jobs[itm->job], itm, qr_job, r0, nr, &S, pres + (size_t)r0 * (d + 2));
         }
     }
 
@@ -594,7 +565,7 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
             }
         }
     }
-    free(items), free(qr), free(part), free(scratch), free(map_store), free(orow);
+    free(items), free(qr), free(part), free(scratch), free(orow);
     return OSCAR_OK;
 }
 
