@@ -245,8 +245,10 @@ void oscar_cache_destroy(oscar_cache *c) {
     free(c);
 }
 
-oscar_status oscar_cache_config(const oscar_cache *c, oscar_config *out) {
-    if (!c || !out) return OSCAR_E_INVALID_ARGUMENT;
+oscar_status oscar_cache_config(const oscar_cache *cc, oscar_config *out) {
+    oscar_cache *c = (oscar_cache *)cc; /* the error message is the only thing written */
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!out) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "cache_config: out is NULL");
     *out = c->cfg;
     return OSCAR_OK;
 }

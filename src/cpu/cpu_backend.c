@@ -192,6 +192,7 @@ typedef struct attn_scratch {
     float *vbias;  /* [rows][d/Gv] sum of p * value lo         */
     float *qlocal; /* [rows][d] this item's rotated queries    */
     float *row;    /* [d] one converted row                    */
+    double *dacc;  /* [rows][d] float64 output total of the item */
 } attn_scratch;
 
 /*
@@ -211,8 +212,12 @@ static inline __attribute__((always_inline)) v8u gather_words(const uint32_t *ti
     return x;
 }
 
+/* Codes are used centred, code - Q/2, and the group's midpoint lo + sc*Q/2
+ * takes the place of lo. Both parts then stay near the size of the values
+ * themselves, so the sums over channels and tokens do not cancel two large
+ * terms of opposite sign (which cost fp32 digits at long contexts). */
 static inline __attribute__((always_inline)) v8f decode(v8u x, int shift, uint32_t mask) {
-    return __builtin_convertvector((x >> shift) & mask, v8f);
+    return __builtin_convertvector((x >> shift) & mask, v8f) - (float)mask * 0.5f;
 }
 
 /* Logits of the R tokens of one quantised block for one KV head. P (pairs
@@ -227,12 +232,12 @@ static inline __attribute__((always_inline)) void block_logits_q(const oscar_lay
     const uint16_t *kp = (const uint16_t *)(base + 2 * L->codes_bytes);
     const float *norms = (const float *)(blk + (size_t)L->hkv * L->head_bytes);
     const size_t tile_bytes = 2 * (size_t)d * bits;
-    float bias[MAX_ROWS], gscale[256], glo[256];
+    float bias[MAX_ROWS], gscale[256], glo[256]; /* glo: group midpoints */
     for (int g0 = 0; g0 < R; g0 += L->k_group) {
         const uint16_t *gp = kp + (size_t)(g0 / L->k_group) * d * 2;
         for (int c = 0; c < d; c++) {
             gscale[c] = oscar_f16_to_f32(gp[2 * c]);
-            glo[c] = oscar_f16_to_f32(gp[2 * c + 1]);
+            glo[c] = oscar_f16_to_f32(gp[2 * c + 1]) + gscale[c] * ((float)Q * 0.5f); /* midpoint */
         }
         for (int r = 0; r < NR; r++) {
             const float *qv = S->qlocal + (size_t)r * d;
@@ -283,11 +288,11 @@ static inline __attribute__((always_inline)) void block_values_q(const oscar_lay
         for (int tok = 0; tok < 16; tok++)
             for (int gi = 0; gi < ng; gi++) {
                 const uint16_t *pv = vp + ((size_t)(T * 16 + tok) * ng + gi) * 2;
-                const float sc = oscar_f16_to_f32(pv[0]), lo = oscar_f16_to_f32(pv[1]);
+                const float sc = oscar_f16_to_f32(pv[0]), mid = oscar_f16_to_f32(pv[1]) + sc * ((float)Q * 0.5f);
                 for (int r = 0; r < NR; r++) {
                     const float pr = prob[(size_t)r * ld + T * 16 + tok];
                     ps[r][tok][gi] = pr * sc;
-                    S->vbias[(size_t)r * ng + gi] += pr * lo;
+                    S->vbias[(size_t)r * ng + gi] += pr * mid;
                 }
             }
         const uint32_t *tile = (const uint32_t *)(vc + (size_t)T * tile_bytes);
@@ -418,23 +423,26 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
         pres[(size_t)r * (d + 2)] = m;
         pres[(size_t)r * (d + 2) + 1] = sum;
     }
-    /* Pass 3: values. */
-    memset(S->acc, 0, sizeof(float) * (size_t)nr * d);
-    memset(S->vbias, 0, sizeof(float) * (size_t)nr * ng);
+    /* Pass 3: values. Each unit (block or window) sums in fp32 and is then
+     * added to a float64 total, so long contexts do not lose digits. */
+    for (size_t i = 0; i < (size_t)nr * d; i++) S->dacc[i] = 0.0;
     for (int32_t u = itm->u0; u < itm->u1; u++) {
         const float *pr = S->logits + (size_t)(u - itm->u0) * R;
-        const uint8_t *vb;
-        size_t stride;
-        int n;
+        memset(S->acc, 0, sizeof(float) * (size_t)nr * d);
+        memset(S->vbias, 0, sizeof(float) * (size_t)nr * ng);
+        const uint8_t *vb = NULL;
+        size_t stride = 0;
+        int n = 0, quant = 0;
         if (u < J->n_blocks) {
             const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
             if (L->quantised) {
                 values_q(L, blk, h, pr, ld, nr, S, P);
-                continue;
+                quant = 1;
+            } else {
+                vb = blk + (size_t)h * L->head_bytes + (size_t)R * d * es;
+                stride = (size_t)d * es;
+                n = R;
             }
-            vb = blk + (size_t)h * L->head_bytes + (size_t)R * d * es;
-            stride = (size_t)d * es;
-            n = R;
         } else {
             vb = window_v(c, X->layer, J->seq_slot) + (size_t)h * d * es;
             stride = kvrow * es;
@@ -449,11 +457,16 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
                 for (int i = 0; i < d; i++) a[i] += p * S->row[i];
             }
         }
+        for (int r = 0; r < nr; r++) {
+            double *o = S->dacc + (size_t)r * d;
+            const float *a = S->acc + (size_t)r * d;
+            for (int i = 0; i < d; i++)
+                o[i] += (double)a[i] + (quant ? (double)S->vbias[(size_t)r * ng + i / L->v_group] : 0.0);
+        }
     }
     for (int r = 0; r < nr; r++) {
         float *o = pres + (size_t)r * (d + 2) + 2;
-        const float *a = S->acc + (size_t)r * d;
-        for (int i = 0; i < d; i++) o[i] = a[i] + (L->quantised ? S->vbias[(size_t)r * ng + i / L->v_group] : 0.0f);
+        for (int i = 0; i < d; i++) o[i] = (float)S->dacc[(size_t)r * d + i];
     }
 }
 
@@ -486,7 +499,10 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     X.ng = L->quantised ? d / L->v_group : 1;
     X.max_tok = (size_t)chunk * R;
     const int nr_max = rows < MAX_ROWS ? rows : MAX_ROWS;
-    const size_t scratch_floats = (size_t)nr_max * (X.max_tok + 3 * (size_t)d + X.ng) + d + 16;
+    /* Per thread: doubles first, then floats; a multiple of 16 floats keeps
+     * every thread's block 64-byte aligned. */
+    const size_t scratch_floats =
+        ((size_t)nr_max * (X.max_tok + 5 * (size_t)d + X.ng) + d + 16 + 15) / 16 * 16;
     attn_item *items = (attn_item *)malloc(sizeof(attn_item) * (size_t)(n_items ? n_items : 1));
     float *qr = (float *)malloc(sizeof(float) * (size_t)n_jobs * q_len * hq * d);
     float *part = (float *)malloc(sizeof(float) * (size_t)(n_items ? n_items : 1) * rows * (d + 2));
@@ -519,7 +535,8 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
         const attn_item *itm = &items[ii];
         float *sb = scratch + scratch_floats * (size_t)omp_get_thread_num();
         attn_scratch S;
-        S.logits = sb;
+        S.dacc = (double *)sb;
+        S.logits = sb + (size_t)nr_max * d * 2;
         S.qt = S.logits + (size_t)nr_max * X.max_tok;
         S.acc = S.qt + (size_t)nr_max * d;
         S.qlocal = S.acc + (size_t)nr_max * d;
