@@ -1,0 +1,1117 @@
+/* Decode attention of the CUDA backend: split-KV flash decoding over packed
+ * blocks and the window, one log-sum-exp merge.
+ *
+ * Grid: (split, kv head x query-row chunk, sequence); 4 warps per CTA. A CTA
+ * takes a range of 64-token chunks of its sequence's blocks; each warp takes
+ * a sub-range and streams it through a 2-stage shared-memory pipeline fed by
+ * the bulk copy engine (cp.async.bulk + mbarrier), one warp-private pipeline
+ * per warp. The g query heads (x q_len) of the KV head are the N dimension of
+ * mma.m16n8k16, so every K/V byte is read once per group.
+ *
+ *   keys:   logits^T[tok][row] = codes[tok][ch] . (q' * scale)[ch][row] + bias
+ *           with bias[row] = q' . lo (one mma with lo broadcast in A), then
+ *           times the token norm and softmax_scale*log2(e). q' * scale is
+ *           split into fp16 hi + lo parts (two mma each) so that logits
+ *           carry ~2^-22 relative error instead of fp16's 2^-11.
+ *   values: out'[ch][row] = codes^T[ch][tok] . (p * scale)[tok][row]
+ *                         + lo^T[group][tok] . p[tok][row]
+ * Codes become fp16 with one LOP3 + one HFMA2 per pair (magic 1024 exponent,
+ * exact). q' is pre-scaled per row by a power of two so that q'*scale never
+ * overflows fp16; p*scale is scaled per chunk by 2^S (S from the largest
+ * value scale of the chunk), and the accumulator is kept in those units.
+ * Window tokens (and method none) use a plain fp32 path in the same CTA.
+ * The CTA's 4 warp partials are merged in shared memory and written to the
+ * workspace; merge_kernel combines the splits, inverse-rotates, converts. */
+#include "common.cuh"
+
+#include <math.h>
+#include <string.h>
+#include <type_traits>
+
+namespace {
+
+constexpr int WARPS = OSCAR_ATTN_WARPS;
+constexpr int NSTAGE = OSCAR_ATTN_STAGES;
+constexpr int CHUNK = OSCAR_ATTN_CHUNK;
+#define OSCAR_MERGE_MAX 512
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n"
+        "OSCAR_WAIT_%=:\n\t"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
+        "@!p bra OSCAR_WAIT_%=;\n}" ::"r"(smem_u32(bar)),
+        "r"(parity)
+        : "memory");
+}
+
+__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            smem_u32(dst)),
+        "l"(src), "r"(bytes), "r"(smem_u32(bar))
+        : "memory");
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t movtrans(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t hmul2u(uint32_t a, uint32_t b) {
+    __half2 r = __hmul2(*(__half2 *)&a, *(__half2 *)&b);
+    return *(uint32_t *)&r;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t hfma2u(uint32_t a, uint32_t b, uint32_t c) {
+    __half2 r = __hfma2(*(__half2 *)&a, *(__half2 *)&b, *(__half2 *)&c);
+    return *(uint32_t *)&r;
+}
+
+__device__ __forceinline__ uint32_t hneg2u(uint32_t a) { return a ^ 0x80008000u; }
+
+__device__ __forceinline__ uint32_t pack_h2(float lo, float hi) {
+    __half2 r = __floats2half2_rn(lo, hi);
+    return *(uint32_t *)&r;
+}
+
+/* Pair `SLOT` of a code word as fp16x2 (exact small integers).
+ * x = (word & mask) | 0x6400 gives 1024 + code * 2^(b*slot') in each half;
+ * one HFMA2 by 2^-(b*slot') minus the offset leaves the code, exactly. */
+template <int BITS, int SLOT>
+__device__ __forceinline__ uint32_t deq_pair(uint32_t w, uint32_t wsh) {
+    constexpr int LIM = BITS == 2 ? 5 : 2;       /* slots read without a shift */
+    constexpr int SH = BITS == 2 ? 10 : 8;       /* wsh = w >> SH              */
+    constexpr int S = SLOT < LIM ? SLOT : SLOT - (SH / BITS);
+    constexpr uint32_t Q = (1u << BITS) - 1u;
+    constexpr uint32_t MASK = (Q << (BITS * S)) | (Q << (BITS * S + 16));
+    const uint32_t src = SLOT < LIM ? w : wsh;
+    /* one LOP3: (src & MASK) | magic, the magic in a register */
+    uint32_t x;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(x) : "r"(src), "n"(MASK), "r"(0x64006400u));
+    /* 2^-(BITS*S) and -1024 * 2^-(BITS*S) as fp16 */
+    constexpr int E = BITS * S; /* 0..8 */
+    constexpr uint32_t AH = (uint32_t)(15 - E) << 10;      /* 2^-E   */
+    constexpr uint32_t BH = 0x8000u | ((uint32_t)(25 - E) << 10); /* -2^(10-E) */
+    constexpr uint32_t A2 = AH | (AH << 16), B2 = BH | (BH << 16);
+    __half2 r = __hfma2(*(__half2 *)&x, *(const __half2 *)&A2, *(const __half2 *)&B2);
+    return *(uint32_t *)&r;
+}
+
+template <int I, int N, class F>
+__device__ __forceinline__ void static_for(F &&f) {
+    if constexpr (I < N) {
+        f(std::integral_constant<int, I>{});
+        static_for<I + 1, N>(f);
+    }
+}
+
+/* The 4 A registers of k-step / channel tile S from the lane's code words. */
+template <int BITS, int S>
+__device__ __forceinline__ void deq_regs(const uint32_t *w, const uint32_t *wsh, uint32_t (&a)[4]) {
+    constexpr int P = 16 / BITS;
+    constexpr int q0 = 4 * S;
+    a[0] = deq_pair<BITS, (q0 + 0) % P>(w[(q0 + 0) / P], wsh[(q0 + 0) / P]);
+    a[1] = deq_pair<BITS, (q0 + 1) % P>(w[(q0 + 1) / P], wsh[(q0 + 1) / P]);
+    a[2] = deq_pair<BITS, (q0 + 2) % P>(w[(q0 + 2) / P], wsh[(q0 + 2) / P]);
+    a[3] = deq_pair<BITS, (q0 + 3) % P>(w[(q0 + 3) / P], wsh[(q0 + 3) / P]);
+}
+
+/* lane's code words of one tile from shared memory */
+template <int NW>
+__device__ __forceinline__ void lds_words(const uint8_t *p, uint32_t (&w)[NW]) {
+    if constexpr (NW == 2) {
+        uint2 a = *(const uint2 *)p;
+        w[0] = a.x, w[1] = a.y;
+    } else {
+#pragma unroll
+        for (int i = 0; i < NW; i += 4) {
+            uint4 a = *(const uint4 *)(p + 4 * i);
+            w[i] = a.x, w[i + 1] = a.y, w[i + 2] = a.z, w[i + 3] = a.w;
+        }
+    }
+}
+
+struct RowInfo {
+    float f; /* logit factor: 2^E * softmax_scale * log2(e) */
+    int lim; /* last token this row attends (causal), -1 if the row is padding */
+};
+
+/* ---- the dense (fp32) path: window tokens and method none -------------- */
+template <int D, int RPC>
+struct DenseState {
+    float m[RPC], l[RPC];
+    float acc[RPC][D / 32];
+};
+
+template <int D, int RPC>
+__device__ __forceinline__ void dense_init(DenseState<D, RPC> &st) {
+#pragma unroll
+    for (int r = 0; r < RPC; r++) {
+        st.m[r] = -INFINITY;
+        st.l[r] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < D / 32; i++) st.acc[r][i] = 0.0f;
+    }
+}
+
+/* Tokens [0, n) with K rows at kb + t*stride, V rows at vb + t*stride
+ * (elements of dtype); global index of token 0 is tok_base. */
+template <int D, int RPC>
+__device__ __forceinline__ void dense_tokens(DenseState<D, RPC> &st, const uint8_t *kb, const uint8_t *vb,
+                             long long stride, int dtype, int n, long long tok_base, const float *qf,
+                             const long long (&lim)[RPC],
+                             float sm_log2, float *pbuf, int lane) {
+    const int es = dtype == OSCAR_DTYPE_F32 ? 4 : 2;
+    for (int j0 = 0; j0 < n; j0 += 32) {
+        const int j = j0 + lane;
+        const bool valid = j < n;
+        float dot[RPC];
+#pragma unroll
+        for (int r = 0; r < RPC; r++) dot[r] = 0.0f;
+        if (valid) {
+            const uint8_t *kr = kb + (size_t)j * stride * es;
+            for (int c0 = 0; c0 < D; c0 += 4) {
+                float kv[4];
+                if (dtype == OSCAR_DTYPE_F32) {
+                    float4 a = *(const float4 *)(kr + (size_t)c0 * 4);
+                    kv[0] = a.x, kv[1] = a.y, kv[2] = a.z, kv[3] = a.w;
+                } else {
+                    uint2 a = *(const uint2 *)(kr + (size_t)c0 * 2);
+                    unsigned short h[4] = {(unsigned short)(a.x & 0xffff), (unsigned short)(a.x >> 16),
+                                           (unsigned short)(a.y & 0xffff), (unsigned short)(a.y >> 16)};
+#pragma unroll
+                    for (int i = 0; i < 4; i++)
+                        kv[i] = dtype == OSCAR_DTYPE_BF16 ? __uint_as_float((unsigned)h[i] << 16)
+                                                          : __half2float(__ushort_as_half(h[i]));
+                }
+#pragma unroll
+                for (int r = 0; r < RPC; r++) {
+                    float4 q = *(const float4 *)(qf + r * D + c0);
+                    dot[r] += q.x * kv[0] + q.y * kv[1] + q.z * kv[2] + q.w * kv[3];
+                }
+            }
+        }
+        const long long tok = tok_base + j;
+#pragma unroll
+        for (int r = 0; r < RPC; r++) {
+            float L = (valid && tok <= lim[r]) ? dot[r] * sm_log2 : -INFINITY;
+            float mx = L;
+#pragma unroll
+            for (int m = 16; m >= 1; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, m));
+            const float mnew = fmaxf(st.m[r], mx);
+            const float muse = mnew == -INFINITY ? 0.0f : mnew;
+            const float alpha = exp2f(st.m[r] - muse);
+            st.m[r] = mnew;
+            const float p = exp2f(L - muse);
+            st.l[r] = st.l[r] * alpha + p;
+#pragma unroll
+            for (int i = 0; i < D / 32; i++) st.acc[r][i] *= alpha;
+            pbuf[r * 32 + lane] = p;
+        }
+        __syncwarp();
+        const int nj = n - j0 < 32 ? n - j0 : 32;
+        for (int jj = 0; jj < nj; jj++) {
+            const uint8_t *vr = vb + (size_t)(j0 + jj) * stride * es;
+            float vv[D / 32];
+#pragma unroll
+            for (int i = 0; i < D / 32; i++) vv[i] = oscar_ld_f32(vr, dtype, (size_t)i * 32 + lane);
+#pragma unroll
+            for (int r = 0; r < RPC; r++) {
+                const float p = pbuf[r * 32 + jj];
+#pragma unroll
+                for (int i = 0; i < D / 32; i++) st.acc[r][i] += p * vv[i];
+            }
+        }
+        __syncwarp();
+    }
+}
+
+/* Merges a dense state into the warp's partial (O [RPC][D], m, l). */
+template <int D, int RPC>
+__device__ __forceinline__ void dense_merge(DenseState<D, RPC> &st, float *O, float *wm, float *wl, int lane) {
+#pragma unroll
+    for (int r = 0; r < RPC; r++) {
+        float l = st.l[r];
+#pragma unroll
+        for (int m = 16; m >= 1; m >>= 1) l += __shfl_xor_sync(OSCAR_FULL_MASK, l, m);
+        const float mq = wm[r], md = st.m[r];
+        const float M = fmaxf(mq, md);
+        if (M == -INFINITY) continue;
+        const float a = exp2f(mq - M), b = exp2f(md - M);
+#pragma unroll
+        for (int i = 0; i < D / 32; i++) {
+            const int c = i * 32 + lane;
+            O[r * D + c] = O[r * D + c] * a + st.acc[r][i] * b;
+        }
+        __syncwarp();
+        if (lane == 0) {
+            wl[r] = wl[r] * a + l * b;
+            wm[r] = M;
+        }
+        __syncwarp();
+    }
+}
+
+template <int D, int BITS, int NT, bool DENSE>
+__global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid_constant__ AttnParams P) {
+    constexpr int RPC = 8 * NT;
+    constexpr int KS = D / 16;              /* k-steps / channel tiles */
+    constexpr int NW = D * BITS / 64;       /* code words per lane per tile */
+    constexpr int TILE_BYTES = 2 * D * BITS;
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int zi = blockIdx.z;
+    const int h = blockIdx.y / P.qchunks, qc = blockIdx.y - h * P.qchunks;
+    const int split = blockIdx.x;
+    const int slot = P.slot[zi], nblk = P.nblk[zi], wtok = P.wtok[zi];
+    const long long tokens = (long long)nblk * P.R + wtok;
+    const int seq = P.seq_base + zi;
+
+    uint8_t *wreg = smem + (size_t)warp * P.warp_region;
+    uint64_t *mbar = (uint64_t *)(smem + P.off_mbar) + warp * NSTAGE;
+    float *qf = (float *)(smem + P.off_qf);
+    float *qinv = (float *)(smem + P.off_qinv);
+    float *qexp = (float *)(smem + P.off_qexp);
+    float *wm = (float *)(smem + P.off_m) + warp * RPC;
+    float *wl = (float *)(smem + P.off_l) + warp * RPC;
+    float *pbuf = (float *)(smem + P.off_pbuf) + warp * RPC * 32;
+
+    /* ---- queries: load, rotate, per-row power-of-two scale ---- */
+    for (int i = threadIdx.x; i < RPC * D; i += blockDim.x) {
+        const int r = i / D, c = i - r * D;
+        const int gr = qc * RPC + r;
+        float x = 0.0f;
+        if (gr < P.rows) {
+            const int qi = gr / P.g, hj = gr - qi * P.g;
+            const size_t o = (((size_t)seq * P.q_len + qi) * P.hq + (size_t)h * P.g + hj) * D + c;
+            x = oscar_ld_f32(P.q, P.q_dtype, o);
+        }
+        qf[i] = x;
+    }
+    if (!DENSE && lane == 0) {
+        for (int s = 0; s < NSTAGE; s++) mbar_init(&mbar[s], 1);
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        fence_proxy_async();
+    }
+    __syncthreads();
+    for (int r = warp; r < RPC; r += WARPS) {
+        float x[D / 32];
+#pragma unroll
+        for (int i = 0; i < D / 32; i++) x[i] = qf[r * D + lane * (D / 32) + i];
+        if (P.rotate) oscar_warp_fwht<D>(x, lane);
+        float mx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < D / 32; i++) {
+            qf[r * D + lane * (D / 32) + i] = x[i];
+            mx = fmaxf(mx, fabsf(x[i]));
+        }
+#pragma unroll
+        for (int m = 16; m >= 1; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, m));
+        int e = 0;
+        if (mx > 0.0f) frexpf(mx, &e);
+        if (lane == 0) {
+            qinv[r] = ldexpf(1.0f, -e);
+            qexp[r] = ldexpf(1.0f, e);
+        }
+    }
+    __syncthreads();
+    if constexpr (!DENSE) {
+        /* B fragments of q' * 2^-E as fp16 hi + lo parts: [s][nt][lane] */
+        uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
+        for (int i = threadIdx.x; i < KS * NT * 32; i += blockDim.x) {
+            const int s = i / (NT * 32), nt = (i / 32) % NT, ln = i & 31;
+            const int r = nt * 8 + (ln >> 2);
+            const float sc = qinv[r];
+            const float *row = qf + r * D + 16 * s + 2 * (ln & 3);
+            const float v0 = row[0] * sc, v1 = row[1] * sc, v2 = row[8] * sc, v3 = row[9] * sc;
+            const __half2 h0 = __floats2half2_rn(v0, v1), h1 = __floats2half2_rn(v2, v3);
+            const __half2 l0 = __floats2half2_rn(v0 - __low2float(h0), v1 - __high2float(h0));
+            const __half2 l1 = __floats2half2_rn(v2 - __low2float(h1), v3 - __high2float(h1));
+            qfrag[i] = make_uint4(*(const uint32_t *)&h0, *(const uint32_t *)&h1, *(const uint32_t *)&l0,
+                                  *(const uint32_t *)&l1);
+        }
+        __syncthreads();
+    }
+
+    /* causal limits for the dense path, per row */
+    long long limr[RPC];
+#pragma unroll
+    for (int r = 0; r < RPC; r++) {
+        const int gr = qc * RPC + r;
+        limr[r] = gr < P.rows ? tokens - P.q_len + gr / P.g : -1;
+    }
+
+    /* ---- this warp's chunk range ---- */
+    const int total_chunks = nblk * P.cpb;
+    const int per_split = (total_chunks + P.splits - 1) / P.splits;
+    const int c0 = split * per_split;
+    const int c1 = min(total_chunks, c0 + per_split);
+    const int ncta = max(0, c1 - c0);
+    const int cw0 = c0 + (int)(((long long)ncta * warp) / WARPS);
+    const int cw1 = c0 + (int)(((long long)ncta * (warp + 1)) / WARPS);
+    const int nmine = cw1 - cw0;
+
+    float *O = (float *)wreg; /* after the pipeline: the warp's partial [RPC][D] */
+
+    if constexpr (!DENSE) {
+        const int NCG = D / P.Gv;
+        const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
+        RowInfo ri[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int col = 0; col < 2; col++) {
+                const int r = nt * 8 + 2 * t + col;
+                const int gr = qc * RPC + r;
+                ri[nt][col].f = qexp[r] * P.sm_log2;
+                /* padding rows (zero queries) run unmasked; they are never output */
+                ri[nt][col].lim = gr < P.rows ? (int)(tokens - P.q_len + gr / P.g) : 0x7fffffff;
+            }
+        float m[NT][2], l[NT][2];
+        float acc[KS][NT][4];
+        float loacc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int col = 0; col < 2; col++) m[nt][col] = -INFINITY, l[nt][col] = 0.0f;
+#pragma unroll
+            for (int i = 0; i < 4; i++) loacc[nt][i] = 0.0f;
+#pragma unroll
+            for (int s = 0; s < KS; s++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[s][nt][i] = 0.0f;
+        }
+        int Scur = 0;
+        const int first_lim = (int)(tokens - P.q_len); /* every row attends tokens <= this */
+
+        const int32_t *table = P.tables + (size_t)slot * P.max_blocks;
+        /* offsets (words) of this lane's value-parameter rows in a tile */
+        const int vo0 = (2 * t) * NCG, vo1 = (2 * t + 1) * NCG, vo2 = (2 * t + 8) * NCG, vo3 = (2 * t + 9) * NCG;
+        auto issue = [&](int i) {
+            const int ci = cw0 + i;
+            const int b = ci / P.cpb, cc = ci - b * P.cpb;
+            const int tok0 = cc * CHUNK;
+            const int ntok = min(CHUNK, P.R - tok0);
+            const int pb = table[b];
+            const uint8_t *blk = P.pool_layer + (size_t)pb * P.LB;
+            const uint8_t *head = blk + (size_t)h * P.head_bytes;
+            uint8_t *st = wreg + (size_t)(i % NSTAGE) * P.stage_bytes;
+            uint64_t *bar = &mbar[i % NSTAGE];
+            const int gf = tok0 / P.Gk, gl = (tok0 + ntok - 1) / P.Gk;
+            const uint32_t bc = (uint32_t)(ntok / 16) * TILE_BYTES;
+            const uint32_t bkp = (uint32_t)(gl - gf + 1) * D * 4;
+            const uint32_t bvp = (uint32_t)ntok * NCG * 4;
+            const uint32_t bnm = P.scale_keys ? (uint32_t)ntok * 4 : 0u;
+            fence_proxy_async();
+            mbar_expect_tx(bar, 2 * bc + bkp + bvp + bnm);
+            bulk_g2s(st + P.kc_off, head + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
+            bulk_g2s(st + P.vc_off, head + P.codes_bytes + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
+            bulk_g2s(st + P.kp_off, head + 2 * P.codes_bytes + (size_t)gf * D * 4, bkp, bar);
+            bulk_g2s(st + P.vp_off, head + 2 * P.codes_bytes + P.kparams_bytes + (size_t)tok0 * NCG * 4, bvp, bar);
+            if (bnm) bulk_g2s(st + P.nm_off, blk + (size_t)P.hkv * P.head_bytes + (size_t)tok0 * 4, bnm, bar);
+        };
+        if (lane == 0)
+            for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue(i);
+
+        for (int it = 0; it < nmine; it++) {
+            if (lane == 0 && it + NSTAGE - 1 < nmine) issue(it + NSTAGE - 1);
+            mbar_wait(&mbar[it % NSTAGE], (uint32_t)((it / NSTAGE) & 1));
+            const uint8_t *st = wreg + (size_t)(it % NSTAGE) * P.stage_bytes;
+            const int ci = cw0 + it;
+            const int b = ci / P.cpb, cc = ci - b * P.cpb;
+            const int tok0 = cc * CHUNK;
+            const int ntiles = min(CHUNK, P.R - tok0) / 16;
+            const int gf = tok0 / P.Gk;
+            const int tb = b * P.R + tok0;
+            const float *nm = (const float *)(st + P.nm_off);
+            const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
+
+            /* ---- logits ---- */
+            float lg[4][NT][4];
+            int cur = -1;
+            uint32_t qth[KS][NT][2], qtl[KS][NT][2];
+            float bias[NT][2];
+            /* q~ = q' * scale (hi + lo fp16 parts) and bias = q' . lo of a key group */
+            auto set_group = [&](int grp) {
+                cur = grp;
+                const uint8_t *kp = st + P.kp_off + (size_t)(grp - gf) * D * 4;
+                float cbh[NT][4], cbl[NT][4];
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                    for (int i = 0; i < 4; i++) cbh[nt][i] = 0.0f, cbl[nt][i] = 0.0f;
+#pragma unroll
+                for (int s = 0; s < KS; s++) {
+                    const uint2 pa = *(const uint2 *)(kp + (16 * s + 2 * t) * 4);
+                    const uint2 pc = *(const uint2 *)(kp + (16 * s + 2 * t + 8) * 4);
+                    const uint32_t scA = __byte_perm(pa.x, pa.y, 0x5410), loA = __byte_perm(pa.x, pa.y, 0x7632);
+                    const uint32_t scB = __byte_perm(pc.x, pc.y, 0x5410), loB = __byte_perm(pc.x, pc.y, 0x7632);
+                    const uint32_t la[4] = {loA, loA, loB, loB};
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        const uint4 f = qfrag[(s * NT + nt) * 32 + lane];
+                        const uint32_t h0 = hmul2u(f.x, scA), h1 = hmul2u(f.y, scB);
+                        qth[s][nt][0] = h0;
+                        qth[s][nt][1] = h1;
+                        qtl[s][nt][0] = hfma2u(f.z, scA, hfma2u(f.x, scA, hneg2u(h0)));
+                        qtl[s][nt][1] = hfma2u(f.w, scB, hfma2u(f.y, scB, hneg2u(h1)));
+                        mma16816(cbh[nt], la, f.x, f.y);
+                        mma16816(cbl[nt], la, f.z, f.w);
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++)
+                    bias[nt][0] = cbh[nt][0] + cbl[nt][0], bias[nt][1] = cbh[nt][1] + cbl[nt][1];
+            };
+            auto finish = [&](auto TL_, const float (&c)[NT][4], const float (&cl)[NT][4]) {
+                constexpr int tl = decltype(TL_)::value;
+                const int r0 = 16 * tl + g;
+                const float s0 = P.scale_keys ? nm[r0] : 1.0f, s1 = P.scale_keys ? nm[r0 + 8] : 1.0f;
+                const int T0 = tb + r0, T1 = T0 + 8;
+                if (tb + 16 * tl + 15 <= first_lim) { /* no causal mask in this tile */
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        lg[tl][nt][0] = (c[nt][0] + cl[nt][0]) * s0 * ri[nt][0].f;
+                        lg[tl][nt][1] = (c[nt][1] + cl[nt][1]) * s0 * ri[nt][1].f;
+                        lg[tl][nt][2] = (c[nt][2] + cl[nt][2]) * s1 * ri[nt][0].f;
+                        lg[tl][nt][3] = (c[nt][3] + cl[nt][3]) * s1 * ri[nt][1].f;
+                    }
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        lg[tl][nt][0] = T0 <= ri[nt][0].lim ? (c[nt][0] + cl[nt][0]) * s0 * ri[nt][0].f : -INFINITY;
+                        lg[tl][nt][1] = T0 <= ri[nt][1].lim ? (c[nt][1] + cl[nt][1]) * s0 * ri[nt][1].f : -INFINITY;
+                        lg[tl][nt][2] = T1 <= ri[nt][0].lim ? (c[nt][2] + cl[nt][2]) * s1 * ri[nt][0].f : -INFINITY;
+                        lg[tl][nt][3] = T1 <= ri[nt][1].lim ? (c[nt][3] + cl[nt][3]) * s1 * ri[nt][1].f : -INFINITY;
+                    }
+                }
+            };
+            static_for<0, 2>([&](auto TP_) {
+                constexpr int ta = 2 * decltype(TP_)::value, tbb = ta + 1;
+                if (ta < ntiles) {
+                    const bool hb = tbb < ntiles;
+                    const int ga = (tok0 + 16 * ta) / P.Gk;
+                    const int gb = hb ? (tok0 + 16 * tbb) / P.Gk : ga;
+                    if (ga != cur) set_group(ga);
+                    const bool same = hb && gb == ga;
+                    uint32_t wa[NW], wsa[NW], wb[NW], wsb[NW];
+                    lds_words<NW>(st + P.kc_off + ta * TILE_BYTES + lane * (NW * 4), wa);
+                    if (hb) {
+                        lds_words<NW>(st + P.kc_off + tbb * TILE_BYTES + lane * (NW * 4), wb);
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < NW; i++) wb[i] = 0u;
+                    }
+#pragma unroll
+                    for (int i = 0; i < NW; i++) {
+                        wsa[i] = wa[i] >> (BITS == 2 ? 10 : 8);
+                        wsb[i] = wb[i] >> (BITS == 2 ? 10 : 8);
+                    }
+                    float ca[NT][4], cal[NT][4], cb[NT][4], cbl[NT][4];
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        ca[nt][0] = cb[nt][0] = bias[nt][0];
+                        ca[nt][1] = cb[nt][1] = bias[nt][1];
+                        ca[nt][2] = cb[nt][2] = bias[nt][0];
+                        ca[nt][3] = cb[nt][3] = bias[nt][1];
+#pragma unroll
+                        for (int i = 0; i < 4; i++) cal[nt][i] = 0.0f, cbl[nt][i] = 0.0f;
+                    }
+                    if (same) {
+                        static_for<0, KS>([&](auto S_) {
+                            constexpr int s = decltype(S_)::value;
+                            uint32_t a[4], b[4];
+                            deq_regs<BITS, s>(wa, wsa, a);
+                            deq_regs<BITS, s>(wb, wsb, b);
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                mma16816(ca[nt], a, qth[s][nt][0], qth[s][nt][1]);
+                                mma16816(cb[nt], b, qth[s][nt][0], qth[s][nt][1]);
+                                mma16816(cal[nt], a, qtl[s][nt][0], qtl[s][nt][1]);
+                                mma16816(cbl[nt], b, qtl[s][nt][0], qtl[s][nt][1]);
+                            }
+                        });
+                    } else {
+                        static_for<0, KS>([&](auto S_) {
+                            constexpr int s = decltype(S_)::value;
+                            uint32_t a[4];
+                            deq_regs<BITS, s>(wa, wsa, a);
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                mma16816(ca[nt], a, qth[s][nt][0], qth[s][nt][1]);
+                                mma16816(cal[nt], a, qtl[s][nt][0], qtl[s][nt][1]);
+                            }
+                        });
+                    }
+                    finish(std::integral_constant<int, ta>{}, ca, cal);
+                    if (hb) {
+                        if (!same) {
+                            set_group(gb);
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) {
+                                cb[nt][0] = bias[nt][0], cb[nt][1] = bias[nt][1];
+                                cb[nt][2] = bias[nt][0], cb[nt][3] = bias[nt][1];
+                            }
+                            static_for<0, KS>([&](auto S_) {
+                                constexpr int s = decltype(S_)::value;
+                                uint32_t b[4];
+                                deq_regs<BITS, s>(wb, wsb, b);
+#pragma unroll
+                                for (int nt = 0; nt < NT; nt++) {
+                                    mma16816(cb[nt], b, qth[s][nt][0], qth[s][nt][1]);
+                                    mma16816(cbl[nt], b, qtl[s][nt][0], qtl[s][nt][1]);
+                                }
+                            });
+                        }
+                        finish(std::integral_constant<int, tbb>{}, cb, cbl);
+                    } else {
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                            for (int i = 0; i < 4; i++) lg[tbb][nt][i] = -INFINITY;
+                    }
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) lg[ta][nt][i] = -INFINITY, lg[tbb][nt][i] = -INFINITY;
+                }
+            });
+
+            /* ---- value scale exponent of this chunk ---- */
+            uint32_t mxs = 0;
+            const int nvw = ntiles * 16 * NCG;
+            for (int i = lane; i < nvw; i += 32) mxs = max(mxs, vpw[i] & 0x7fffu);
+            mxs = __reduce_max_sync(OSCAR_FULL_MASK, mxs);
+            const int ex = (int)(mxs >> 10) - 15;
+            const int Snew = min(15, 14 - ex);
+            const float dS = __int_as_float((127 + Snew - Scur) << 23);
+            const bool s_same = Snew == Scur;
+            Scur = Snew;
+            const uint32_t twoS = ((uint32_t)(15 + Snew) << 10) * 0x10001u;
+
+            /* ---- online softmax ---- */
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                float fac[2], al[2];
+                bool moved = false;
+#pragma unroll
+                for (int col = 0; col < 2; col++) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int tl = 0; tl < 4; tl++) mx = fmaxf(mx, fmaxf(lg[tl][nt][col], lg[tl][nt][col + 2]));
+                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 4));
+                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 8));
+                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 16));
+                    const float mnew = fmaxf(m[nt][col], mx);
+                    const float muse = mnew == -INFINITY ? 0.0f : mnew;
+                    moved |= mnew != m[nt][col];
+                    al[col] = ex2(m[nt][col] - muse);
+                    m[nt][col] = mnew;
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int tl = 0; tl < 4; tl++) {
+                        lg[tl][nt][col] = ex2(lg[tl][nt][col] - muse);
+                        lg[tl][nt][col + 2] = ex2(lg[tl][nt][col + 2] - muse);
+                        sum += lg[tl][nt][col] + lg[tl][nt][col + 2];
+                    }
+                    l[nt][col] = l[nt][col] * al[col] + sum;
+                    fac[col] = al[col] * dS;
+                }
+                /* rescale only when a running max or the value exponent moved */
+                if (__any_sync(OSCAR_FULL_MASK, moved || !s_same)) {
+#pragma unroll
+                    for (int s = 0; s < KS; s++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) acc[s][nt][i] *= fac[i & 1];
+#pragma unroll
+                    for (int i = 0; i < 4; i++) loacc[nt][i] *= al[i & 1];
+                }
+            }
+
+            /* ---- values ---- */
+#pragma unroll
+            for (int tl = 0; tl < 4; tl++) {
+                if (tl < ntiles) {
+                    uint32_t pb0[NT], pb1[NT], ps0[NT], ps1[NT];
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) {
+                        pb0[nt] = movtrans(pack_h2(lg[tl][nt][0], lg[tl][nt][1]));
+                        pb1[nt] = movtrans(pack_h2(lg[tl][nt][2], lg[tl][nt][3]));
+                        ps0[nt] = hmul2u(pb0[nt], twoS);
+                        ps1[nt] = hmul2u(pb1[nt], twoS);
+                    }
+                    const uint32_t *vt = vpw + tl * 16 * NCG;
+                    const uint32_t *vr0 = vt + vo0, *vr1 = vt + vo1, *vr2 = vt + vo2, *vr3 = vt + vo3;
+                    /* lo^T . p */
+                    {
+                        auto lo = [&](int tok, int cg) -> uint32_t {
+                            return cg < NCG ? (vt[tok * NCG + cg] >> 16) : 0u;
+                        };
+                        uint32_t la[4];
+                        la[0] = lo(2 * t, g) | (lo(2 * t + 1, g) << 16);
+                        la[1] = lo(2 * t, g + 8) | (lo(2 * t + 1, g + 8) << 16);
+                        la[2] = lo(2 * t + 8, g) | (lo(2 * t + 9, g) << 16);
+                        la[3] = lo(2 * t + 8, g + 8) | (lo(2 * t + 9, g + 8) << 16);
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) mma16816(loacc[nt], la, pb0[nt], pb1[nt]);
+                    }
+                    uint32_t w[NW], wsh[NW];
+                    lds_words<NW>(st + P.vc_off + tl * TILE_BYTES + lane * (NW * 4), w);
+#pragma unroll
+                    for (int i = 0; i < NW; i++) wsh[i] = w[i] >> (BITS == 2 ? 10 : 8);
+                    uint32_t pv0[NT], pv1[NT];
+                    const uint32_t gmask = (1u << P.gv_shift) - 1u;
+                    static_for<0, KS>([&](auto S_) {
+                        constexpr int s = decltype(S_)::value;
+                        if ((s & gmask) == 0) { /* first channel tile of a value group */
+                            const int cg = s >> P.gv_shift;
+                            const uint32_t scA = __byte_perm(vr0[cg], vr1[cg], 0x5410);
+                            const uint32_t scB = __byte_perm(vr2[cg], vr3[cg], 0x5410);
+#pragma unroll
+                            for (int nt = 0; nt < NT; nt++) pv0[nt] = hmul2u(ps0[nt], scA), pv1[nt] = hmul2u(ps1[nt], scB);
+                        }
+                        uint32_t a[4];
+                        deq_regs<BITS, s>(w, wsh, a);
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) mma16816(acc[s][nt], a, pv0[nt], pv1[nt]);
+                    });
+                }
+            }
+            __syncwarp();
+        }
+
+        /* ---- the warp's partial into shared memory ---- */
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int col = 0; col < 2; col++) {
+                float v = l[nt][col];
+                v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 4);
+                v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 8);
+                v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 16);
+                l[nt][col] = v;
+            }
+        __syncwarp();
+        const float unS = __int_as_float((127 - Scur) << 23);
+#pragma unroll
+        for (int s = 0; s < KS; s++)
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int r = nt * 8 + 2 * t + (i & 1), ch = 16 * s + g + 8 * (i >> 1);
+                    O[r * D + ch] = acc[s][nt][i] * unS;
+                }
+        __syncwarp();
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int cg = g + 8 * (i >> 1), r = nt * 8 + 2 * t + (i & 1);
+                if (cg < NCG) {
+                    const float v = loacc[nt][i];
+                    for (int cc = 0; cc < P.Gv; cc++) O[r * D + cg * P.Gv + cc] += v;
+                }
+            }
+        if (g == 0) {
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int col = 0; col < 2; col++) {
+                    wm[nt * 8 + 2 * t + col] = m[nt][col];
+                    wl[nt * 8 + 2 * t + col] = l[nt][col];
+                }
+        }
+        __syncwarp();
+    } else {
+        /* method none: every token through the dense path */
+        for (int i = lane; i < RPC * D; i += 32) O[i] = 0.0f;
+        if (lane < RPC) wm[lane] = -INFINITY, wl[lane] = 0.0f;
+        __syncwarp();
+        DenseState<D, RPC> ds;
+        dense_init<D, RPC>(ds);
+        const int32_t *table = P.tables + (size_t)slot * P.max_blocks;
+        for (int ci = cw0; ci < cw1; ci++) {
+            const int b = ci / P.cpb, cc = ci - b * P.cpb;
+            const int tok0 = cc * CHUNK;
+            const int ntok = min(CHUNK, P.R - tok0);
+            const uint8_t *head = P.pool_layer + (size_t)table[b] * P.LB + (size_t)h * P.head_bytes;
+            const uint8_t *kb = head + (size_t)tok0 * D * P.w_esize;
+            const uint8_t *vb = head + ((size_t)P.R + tok0) * D * P.w_esize;
+            dense_tokens<D, RPC>(ds, kb, vb, D, P.w_dtype, ntok, (long long)b * P.R + tok0, qf, limr, P.sm_log2,
+                                 pbuf, lane);
+        }
+        dense_merge<D, RPC>(ds, O, wm, wl, lane);
+    }
+
+    /* ---- window tokens: the last split ---- */
+    if (split == P.splits - 1 && wtok > 0) {
+        const int w0 = (wtok * warp) / WARPS, w1 = (wtok * (warp + 1)) / WARPS;
+        if (w1 > w0) {
+            DenseState<D, RPC> ds;
+            dense_init<D, RPC>(ds);
+            const uint8_t *kb = P.win_layer + (size_t)slot * P.wlb + ((size_t)w0 * P.hkv + h) * D * P.w_esize;
+            const uint8_t *vb = kb + P.wlb / 2;
+            dense_tokens<D, RPC>(ds, kb, vb, (long long)P.hkv * D, P.w_dtype, w1 - w0, (long long)nblk * P.R + w0, qf,
+                                 limr, P.sm_log2, pbuf, lane);
+            dense_merge<D, RPC>(ds, O, wm, wl, lane);
+        }
+    }
+    __syncthreads();
+
+    /* ---- merge the 4 warp partials, write the CTA partial ---- */
+    const size_t cta = ((size_t)zi * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    float *wo = P.ws + cta * RPC * D;
+    float *wml = P.ws + P.ml_off + cta * RPC * 2;
+    for (int i = threadIdx.x; i < RPC * D; i += blockDim.x) {
+        const int r = i / D;
+        const float *mm = (const float *)(smem + P.off_m);
+        float M = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, mm[w * RPC + r]);
+        float o = 0.0f;
+        if (M != -INFINITY) {
+#pragma unroll
+            for (int w = 0; w < WARPS; w++) {
+                const float mw = mm[w * RPC + r];
+                if (mw != -INFINITY) o += ((const float *)(smem + (size_t)w * P.warp_region))[i] * exp2f(mw - M);
+            }
+        }
+        wo[i] = o;
+    }
+    if (threadIdx.x < RPC) {
+        const int r = threadIdx.x;
+        const float *mm = (const float *)(smem + P.off_m);
+        const float *ll = (const float *)(smem + P.off_l);
+        float M = -INFINITY, L = 0.0f;
+        for (int w = 0; w < WARPS; w++) M = fmaxf(M, mm[w * RPC + r]);
+        if (M != -INFINITY)
+            for (int w = 0; w < WARPS; w++)
+                if (mm[w * RPC + r] != -INFINITY) L += ll[w * RPC + r] * exp2f(mm[w * RPC + r] - M);
+        wml[2 * r] = M;
+        wml[2 * r + 1] = L;
+    }
+}
+
+/* Combines the splits of one (sequence, kv head, row chunk): one warp per
+ * row; lanes first reduce (m, l) over the splits in parallel, then each lane
+ * sums its channels over the splits with independent loads. */
+template <int D>
+__global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ AttnParams P) {
+    __shared__ float wgt[8][OSCAR_MERGE_MAX];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int zi = blockIdx.x;
+    const int h = blockIdx.y / P.qchunks, qc = blockIdx.y - h * P.qchunks;
+    const int seq = P.seq_base + zi;
+    const int RPC = P.rpc, S = P.splits;
+    constexpr int E = D / 32;
+    const size_t cta0 = ((size_t)zi * gridDim.y + blockIdx.y) * S;
+    for (int r = warp; r < RPC; r += 8) {
+        const int gr = qc * RPC + r;
+        if (gr >= P.rows) break;
+        float M = -INFINITY;
+        for (int s = lane; s < S; s += 32) M = fmaxf(M, P.ws[P.ml_off + ((cta0 + s) * RPC + r) * 2]);
+#pragma unroll
+        for (int m = 16; m >= 1; m >>= 1) M = fmaxf(M, __shfl_xor_sync(OSCAR_FULL_MASK, M, m));
+        float L = 0.0f;
+        for (int s = lane; s < S; s += 32) {
+            const float ms = P.ws[P.ml_off + ((cta0 + s) * RPC + r) * 2];
+            const float w = (M == -INFINITY || ms == -INFINITY) ? 0.0f : exp2f(ms - M);
+            wgt[warp][s] = w;
+            L += w * P.ws[P.ml_off + ((cta0 + s) * RPC + r) * 2 + 1];
+        }
+#pragma unroll
+        for (int m = 16; m >= 1; m >>= 1) L += __shfl_xor_sync(OSCAR_FULL_MASK, L, m);
+        __syncwarp();
+        float o[E];
+#pragma unroll
+        for (int i = 0; i < E; i++) o[i] = 0.0f;
+        const float *src = P.ws + (cta0 * RPC + r) * D + lane * E;
+        const size_t stride = (size_t)RPC * D;
+#pragma unroll 4
+        for (int s = 0; s < S; s++) {
+            const float w = wgt[warp][s];
+#pragma unroll
+            for (int i = 0; i < E; i++) o[i] += w * src[s * stride + i];
+        }
+        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+#pragma unroll
+        for (int i = 0; i < E; i++) o[i] *= inv;
+        if (P.rotate_v) oscar_warp_fwht<D>(o, lane);
+        const int qi = gr / P.g, hj = gr - qi * P.g;
+        const size_t base = (((size_t)seq * P.q_len + qi) * P.hq + (size_t)h * P.g + hj) * D + lane * E;
+#pragma unroll
+        for (int i = 0; i < E; i++) oscar_st(P.out, P.out_dtype, base + i, o[i]);
+        __syncwarp();
+    }
+}
+
+/* ---- host side ---------------------------------------------------------- */
+
+int nt_for(int d, int rows) {
+    const int maxnt = d == 256 ? 1 : 2;
+    int nt = (rows + 7) / 8;
+    if (nt > maxnt) nt = maxnt;
+    if (nt == 3) nt = 4;
+    return nt;
+}
+
+int nt_index(int nt) { return nt == 1 ? 0 : nt == 2 ? 1 : 2; }
+
+/* Shared-memory layout; fills the offsets of P and returns the bytes. */
+size_t attn_layout(const oscar_layout *L, int nt, AttnParams *P) {
+    const int D = L->d, RPC = 8 * nt;
+    const int NCG = L->v_group > 0 ? D / L->v_group : 1;
+    const int tile = 2 * D * L->bits;
+    const int kpr = (CHUNK - 1 + L->k_group - 1) / L->k_group + 1;
+    auto al = [](size_t x, size_t a) { return (x + a - 1) / a * a; };
+    size_t o = 0;
+    int kc = 0, vc = 0, kp = 0, vp = 0, nm = 0, stage = 0;
+    if (L->quantised) {
+        kc = 0;
+        vc = kc + 4 * tile;
+        kp = vc + 4 * tile;
+        vp = (int)al(kp + (size_t)kpr * D * 4, 16);
+        nm = (int)al(vp + (size_t)CHUNK * NCG * 4, 16);
+        stage = (int)al(nm + CHUNK * 4, 128);
+    }
+    size_t region = (size_t)NSTAGE * stage;
+    if (region < (size_t)RPC * D * 4) region = (size_t)RPC * D * 4;
+    region = al(region, 128);
+    o = region * WARPS;
+    size_t mb = o;
+    o = al(o + WARPS * NSTAGE * 8, 16);
+    size_t qf = o;
+    o += (size_t)RPC * D * 4;
+    size_t qi = o;
+    o += RPC * 4;
+    size_t qe = o;
+    o += RPC * 4;
+    size_t om = o;
+    o += WARPS * RPC * 4;
+    size_t ol = o;
+    o += WARPS * RPC * 4;
+    size_t pbuf = al(o, 16);
+    o = pbuf + (size_t)WARPS * RPC * 32 * 4;
+    size_t qfr = al(o, 16);
+    o = qfr + (L->quantised ? (size_t)(D / 16) * nt * 32 * 16 : 0);
+    if (P) {
+        P->stage_bytes = stage;
+        P->kc_off = kc, P->vc_off = vc, P->kp_off = kp, P->vp_off = vp, P->nm_off = nm;
+        P->warp_region = (int)region;
+        P->off_mbar = (int)mb, P->off_qf = (int)qf, P->off_qinv = (int)qi, P->off_qexp = (int)qe;
+        P->off_m = (int)om, P->off_l = (int)ol, P->off_pbuf = (int)pbuf, P->off_qfrag = (int)qfr;
+        P->rpc = RPC;
+    }
+    return al(o, 16);
+}
+
+typedef void (*attn_fn)(AttnParams);
+
+template <int D, int BITS, bool DENSE>
+attn_fn pick_nt(int nt) {
+    if constexpr (D == 64) {
+        if (nt == 1) return attn_kernel<64, BITS, 1, DENSE>;
+        return attn_kernel<64, BITS, 2, DENSE>;
+    } else if constexpr (D == 128) {
+        if (nt == 1) return attn_kernel<128, BITS, 1, DENSE>;
+        return attn_kernel<128, BITS, 2, DENSE>;
+    } else {
+        return attn_kernel<256, BITS, 1, DENSE>;
+    }
+}
+
+attn_fn pick_kernel(const oscar_layout *L, int nt) {
+    if (!L->quantised) {
+        if (L->d == 64) return pick_nt<64, 2, true>(nt);
+        if (L->d == 128) return pick_nt<128, 2, true>(nt);
+        return pick_nt<256, 2, true>(nt);
+    }
+    if (L->bits == 2) {
+        if (L->d == 64) return pick_nt<64, 2, false>(nt);
+        if (L->d == 128) return pick_nt<128, 2, false>(nt);
+        return pick_nt<256, 2, false>(nt);
+    }
+    if (L->d == 64) return pick_nt<64, 4, false>(nt);
+    if (L->d == 128) return pick_nt<128, 4, false>(nt);
+    return pick_nt<256, 4, false>(nt);
+}
+
+attn_fn pick_merge(int d) {
+    if (d == 64) return merge_kernel<64>;
+    if (d == 128) return merge_kernel<128>;
+    return merge_kernel<256>;
+}
+
+} // namespace
+
+size_t oscar_cuda_ws_bytes(const oscar_cache *c, int sm_count) {
+    const oscar_layout *L = &c->lay;
+    /* enough for 4 waves of CTAs at the largest row chunk, or 64 sequences
+     * x all heads x 2 row chunks */
+    const int rpc_max = 8 * nt_for(L->d, 64);
+    size_t ctas = (size_t)sm_count * 16;
+    size_t need = (size_t)OSCAR_ATTN_MAX_SEQS * L->hkv * 2;
+    if (need > ctas) ctas = need;
+    return ctas * rpc_max * (L->d + 2) * sizeof(float);
+}
+
+oscar_status oscar_cuda_kernels_init(oscar_cache *c) {
+    CudaState *S = cuda_state(c);
+    const oscar_layout *L = &c->lay;
+    const int nts[3] = {1, 2, 4};
+    for (int k = 0; k < 3; k++) {
+        const int nt = nts[k];
+        if (nt_for(L->d, 8 * nt) != nt) {
+            S->occ[k] = 0;
+            continue;
+        }
+        size_t smem = attn_layout(L, nt, NULL);
+        S->attn_smem[k] = smem;
+        if (smem > S->smem_optin)
+            return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "CUDA attention needs %zu bytes of shared memory", smem);
+        attn_fn f = pick_kernel(L, nt);
+        OSCAR_CK(c, cudaFuncSetAttribute((const void *)f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        int occ = 0;
+        OSCAR_CK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, f, 128, smem));
+        S->occ[k] = occ > 0 ? occ : 1;
+    }
+    extern oscar_status oscar_cuda_pack_init(oscar_cache * c);
+    return oscar_cuda_pack_init(c);
+}
+
+oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs,
+                                         int q_len, const void *q, oscar_dtype q_dtype, void *out,
+                                         oscar_dtype out_dtype, float softmax_scale, cudaStream_t st) {
+    CudaState *S = cuda_state(c);
+    const oscar_layout *L = &c->lay;
+    const int D = L->d;
+    const int g = L->hq / L->hkv;
+    const int rows = g * q_len;
+    const int nt = nt_for(D, rows);
+    AttnParams P;
+    memset(&P, 0, sizeof P);
+    attn_layout(L, nt, &P);
+    const size_t smem = S->attn_smem[nt_index(nt)];
+    const int RPC = 8 * nt;
+    P.pool_layer = S->pool + (size_t)layer * c->cfg.block_count * L->layer_block_bytes;
+    P.tables = S->tables;
+    P.win_layer = S->windows + (size_t)layer * c->cfg.max_seqs * L->window_layer_bytes;
+    P.q = q;
+    P.out = out;
+    P.ws = S->ws;
+    P.LB = (long long)L->layer_block_bytes;
+    P.head_bytes = (long long)L->head_bytes;
+    P.codes_bytes = (long long)L->codes_bytes;
+    P.kparams_bytes = (long long)L->kparams_bytes;
+    P.wlb = (long long)L->window_layer_bytes;
+    P.max_blocks = S->max_blocks;
+    P.q_dtype = (int)q_dtype;
+    P.out_dtype = (int)out_dtype;
+    P.w_dtype = L->window_dtype;
+    P.w_esize = L->window_esize;
+    P.R = L->residual;
+    P.Gk = L->k_group;
+    P.Gv = L->v_group;
+    int sh = 0;
+    while ((16 << sh) < L->v_group) sh++;
+    P.gv_shift = sh;
+    P.hkv = L->hkv;
+    P.hq = L->hq;
+    P.g = g;
+    P.q_len = q_len;
+    P.rows = rows;
+    P.qchunks = (rows + RPC - 1) / RPC;
+    P.cpb = (L->residual + CHUNK - 1) / CHUNK;
+    P.rotate = L->rotate;
+    P.rotate_v = L->rotate_v;
+    P.scale_keys = L->scale_keys;
+    if (!(softmax_scale > 0.0f)) softmax_scale = 1.0f / sqrtf((float)D);
+    P.sm_log2 = softmax_scale * 1.4426950408889634f;
+
+    attn_fn kern = pick_kernel(L, nt);
+    attn_fn merge = pick_merge(D);
+    const size_t per_cta = (size_t)RPC * (D + 2) * sizeof(float);
+    const long long target = (long long)S->occ[nt_index(nt)] * S->sm_count;
+
+    int done = 0;
+    while (done < n_jobs) {
+        int nb = n_jobs - done;
+        if (nb > OSCAR_ATTN_MAX_SEQS) nb = OSCAR_ATTN_MAX_SEQS;
+        const size_t base = (size_t)L->hkv * P.qchunks;
+        while (nb > 1 && (size_t)nb * base * per_cta > S->ws_bytes) nb = (nb + 1) / 2;
+        if ((size_t)nb * base * per_cta > S->ws_bytes)
+            return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
+                                   "CUDA attention: q_len %d needs more workspace than was allocated", q_len);
+        int max_chunks = 0;
+        for (int i = 0; i < nb; i++) {
+            const oscar_attn_job *J = &jobs[done + i];
+            P.slot[i] = J->seq_slot;
+            P.nblk[i] = J->n_blocks;
+            P.wtok[i] = J->window_tokens;
+            if (J->n_blocks * P.cpb > max_chunks) max_chunks = J->n_blocks * P.cpb;
+        }
+        const long long units = (long long)nb * (long long)base;
+        /* split count: minimise (waves of resident CTAs) / splits, i.e. the
+         * time of the slowest CTA; at least 2 chunks per warp */
+        long long cap = (max_chunks + 2 * WARPS - 1) / (2 * WARPS);
+        if (cap > OSCAR_MERGE_MAX) cap = OSCAR_MERGE_MAX;
+        if (cap < 1) cap = 1;
+        long long splits = 1;
+        double best = 1e30;
+        for (long long sp = 1; sp <= cap; sp++) {
+            /* time ~ waves x (chunks per CTA + ~2 chunks of fixed cost) */
+            const double waves = (double)((units * sp + target - 1) / target);
+            const double cost = waves * (double)((max_chunks + sp - 1) / sp + 2);
+            if (cost < best * 0.999) best = cost, splits = sp;
+        }
+        while (splits > 1 && (size_t)(units * splits) * per_cta > S->ws_bytes) splits--;
+        P.splits = (int)splits;
+        P.seq_base = done;
+        P.nseq = nb;
+        P.ml_off = (long long)(units * splits) * RPC * D;
+        dim3 grid((unsigned)splits, (unsigned)base, (unsigned)nb);
+        kern<<<grid, 128, smem, st>>>(P);
+        OSCAR_CK_LAUNCH(c, "attn_kernel");
+        merge<<<dim3((unsigned)nb, (unsigned)base), 256, 0, st>>>(P);
+        OSCAR_CK_LAUNCH(c, "merge_kernel");
+        done += nb;
+    }
+    return OSCAR_OK;
+}

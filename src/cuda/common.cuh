@@ -1,0 +1,196 @@
+/* Shared pieces of the CUDA backend: the backend state, the job records the
+ * kernels read, and small device helpers (conversions, warp Hadamard).
+ * Everything here follows docs/FORMAT.md; the CPU backend is the reference. */
+#ifndef OSCAR_CUDA_COMMON_CUH
+#define OSCAR_CUDA_COMMON_CUH
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+#include <stddef.h>
+
+#include "internal.h"
+
+#define OSCAR_FULL_MASK 0xffffffffu
+
+/* ---- records copied to the device for an append call ------------------- */
+
+/* One block to pack: stream tokens [stream0, stream0 + R) of a sequence. */
+struct PackTask {
+    int64_t input_row;     /* input row of stream index window_before      */
+    int32_t block;         /* physical block id                            */
+    int32_t slot;          /* window slot / sequence slot                  */
+    int32_t window_before; /* stream indices < this come from the window    */
+    int32_t stream0;       /* first stream index of the block              */
+    int32_t table_idx;     /* index in the sequence's block table          */
+    int32_t pad;
+};
+
+/* Rows [r0, r1) of a window slot receive input rows in0 + r. */
+struct WinTask {
+    int64_t in0;
+    int32_t slot;
+    int32_t r0;
+    int32_t r1;
+    int32_t pad;
+};
+
+/* ---- attention launch parameters (passed by value) --------------------- */
+#define OSCAR_ATTN_MAX_SEQS 64
+#define OSCAR_ATTN_WARPS 4
+#define OSCAR_ATTN_CHUNK 64 /* tokens per pipeline stage */
+#define OSCAR_ATTN_STAGES 2
+
+struct AttnParams {
+    const uint8_t *pool_layer;  /* pool + layer*block_count*LB            */
+    const int32_t *tables;      /* [max_seqs][max_blocks]                 */
+    const uint8_t *win_layer;   /* windows + layer*max_seqs*WLB           */
+    const void *q;
+    void *out;
+    float *ws;                  /* partial outputs                        */
+    long long LB, head_bytes, codes_bytes, kparams_bytes, wlb;
+    int max_blocks;
+    int q_dtype, out_dtype, w_dtype, w_esize;
+    int R, Gk, Gv, gv_shift, hkv, hq, g, q_len, rows, rpc, qchunks, splits, cpb;
+    int rotate, rotate_v, scale_keys;
+    int stage_bytes, kc_off, vc_off, kp_off, vp_off, nm_off, warp_region;
+    int off_mbar, off_qf, off_qinv, off_qexp, off_m, off_l, off_pbuf, off_qfrag;
+    long long ml_off;           /* floats from ws to the (m, l) pairs     */
+    float sm_log2;              /* softmax_scale * log2(e)                */
+    int seq_base;               /* first sequence of this launch in the call */
+    int nseq;
+    int slot[OSCAR_ATTN_MAX_SEQS];
+    int nblk[OSCAR_ATTN_MAX_SEQS];
+    int wtok[OSCAR_ATTN_MAX_SEQS];
+};
+
+/* ---- backend state ------------------------------------------------------ */
+#define OSCAR_STAGE_RECORDS 128
+
+struct CudaState {
+    int device;
+    int sm_count;
+    size_t smem_optin;
+    uint8_t *pool;
+    size_t pool_bytes;
+    uint8_t *windows;
+    size_t windows_bytes;
+    int32_t *tables;
+    int max_blocks;
+    /* staging ring for append metadata: pinned host + device mirror */
+    uint8_t *hstage, *dstage;
+    size_t stage_bytes, stage_head;
+    struct {
+        size_t a, b;
+        cudaEvent_t ev;
+        int live;
+    } rec[OSCAR_STAGE_RECORDS];
+    int rec_next;
+    int *d_flag, *h_flag;
+    float *ws;
+    size_t ws_bytes;
+    cudaEvent_t last_ev;   /* end of the previous call on this handle */
+    int last_ev_valid;
+    int occ[3];            /* resident attention CTAs per SM for NT = 1, 2, 4 */
+    size_t attn_smem[3];
+};
+
+static inline CudaState *cuda_state(oscar_cache *c) { return (CudaState *)c->backend_state; }
+
+/* ---- host-side launchers (pack.cu, attention.cu) ------------------------ */
+oscar_status oscar_cuda_append_launch(oscar_cache *c, int layer, const PackTask *d_tasks, int n_tasks,
+                                      const WinTask *d_wtasks, int n_wtasks, int max_wrows, const void *k,
+                                      const void *v, oscar_dtype dtype, cudaStream_t st);
+oscar_status oscar_cuda_finite_launch(oscar_cache *c, const void *k, const void *v, int64_t n, oscar_dtype dtype,
+                                      int *d_flag, cudaStream_t st);
+oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs,
+                                         int q_len, const void *q, oscar_dtype q_dtype, void *out,
+                                         oscar_dtype out_dtype, float softmax_scale, cudaStream_t st);
+oscar_status oscar_cuda_kernels_init(oscar_cache *c);
+size_t oscar_cuda_ws_bytes(const oscar_cache *c, int sm_count);
+
+#define OSCAR_CK(c, call)                                                                              \
+    do {                                                                                               \
+        cudaError_t e_ = (call);                                                                       \
+        if (e_ != cudaSuccess)                                                                         \
+            return oscar_set_error((c), OSCAR_E_BACKEND, "CUDA: %s failed: %s (%s:%d)", #call,         \
+                                   cudaGetErrorString(e_), __FILE__, __LINE__);                       \
+    } while (0)
+
+#define OSCAR_CK_LAUNCH(c, what)                                                                       \
+    do {                                                                                               \
+        cudaError_t e_ = cudaGetLastError();                                                           \
+        if (e_ != cudaSuccess)                                                                         \
+            return oscar_set_error((c), OSCAR_E_BACKEND, "CUDA: launch of %s failed: %s", what,        \
+                                   cudaGetErrorString(e_));                                            \
+    } while (0)
+
+/* ---- device helpers ----------------------------------------------------- */
+#ifdef __CUDACC__
+
+__device__ __forceinline__ float oscar_ld_f32(const void *p, int dtype, size_t i) {
+    if (dtype == OSCAR_DTYPE_F32) return ((const float *)p)[i];
+    unsigned short h = ((const unsigned short *)p)[i];
+    if (dtype == OSCAR_DTYPE_BF16) return __uint_as_float((unsigned)h << 16);
+    return __half2float(__ushort_as_half(h));
+}
+
+/* Rounds x to the dtype and returns the rounded value as fp32 (fp16
+ * saturates at +-65504 as in docs/FORMAT.md). */
+__device__ __forceinline__ float oscar_round_to(float x, int dtype) {
+    if (dtype == OSCAR_DTYPE_F16) return __half2float(__float2half_rn(fminf(fmaxf(x, -65504.0f), 65504.0f)));
+    if (dtype == OSCAR_DTYPE_BF16) return __bfloat162float(__float2bfloat16_rn(x));
+    return x;
+}
+
+__device__ __forceinline__ unsigned short oscar_f16_bits(float x) {
+    return __half_as_ushort(__float2half_rn(fminf(fmaxf(x, -65504.0f), 65504.0f)));
+}
+
+/* Stores x (already representable in dtype, or to be rounded) as dtype. */
+__device__ __forceinline__ void oscar_st(void *p, int dtype, size_t i, float x) {
+    if (dtype == OSCAR_DTYPE_F32) {
+        ((float *)p)[i] = x;
+    } else if (dtype == OSCAR_DTYPE_BF16) {
+        ((unsigned short *)p)[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x));
+    } else {
+        ((unsigned short *)p)[i] = oscar_f16_bits(x);
+    }
+}
+
+/* Normalised Walsh-Hadamard transform of one row of D floats held by a warp:
+ * lane l holds elements l*E .. l*E+E-1 (E = D/32). The butterflies run in
+ * the order of oscar_fwht (h = 1, 2, 4, ...), each a+b / a-b in fp32, and the
+ * normalisation is the same fp32 constant, so the result is bit-identical. */
+template <int D>
+__device__ __forceinline__ void oscar_warp_fwht(float (&x)[D / 32], int lane) {
+    constexpr int E = D / 32;
+#pragma unroll
+    for (int h = 1; h < E; h <<= 1) {
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            if (!(i & h)) {
+                float a = x[i], b = x[i + h];
+                x[i] = a + b;
+                x[i + h] = a - b;
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 1; m < 32; m <<= 1) {
+        const bool upper = (lane & m) != 0;
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            /* lower: x + o, upper: o - x, each one rounding (fma by +-1) */
+            const float o = __shfl_xor_sync(OSCAR_FULL_MASK, x[i], m);
+            x[i] = __fmaf_rn(upper ? -1.0f : 1.0f, x[i], o);
+        }
+    }
+    const float norm = (float)(1.0 / sqrt((double)D));
+#pragma unroll
+    for (int i = 0; i < E; i++) x[i] *= norm;
+}
+
+#endif /* __CUDACC__ */
+#endif

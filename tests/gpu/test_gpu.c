@@ -1,0 +1,441 @@
+/*
+ * test_gpu.c - the CUDA backend against the CPU backend (the reference).
+ *
+ * For every method x bits x head_dim (and window / input / query dtypes,
+ * group sizes, layers) the same tokens are appended to a CPU cache and a
+ * CUDA cache, in batches of sequences of different lengths, prefill and
+ * single-token appends mixed. Then:
+ *  - the exported streams are compared field by field: header and windows
+ *    byte-equal, parameters equal (a few allowed where the token norm, whose
+ *    summation order is not part of the format, differs in its last bit),
+ *    codes equal except at rounding boundaries (counted, bounded, and never
+ *    more than one level apart);
+ *  - attention (q_len 1..8, outputs poisoned with NaN first) agrees within
+ *    2e-3 relative (L2 over each call's output);
+ *  - a sequence exported by one backend and imported into the other gives
+ *    the same attention;
+ *  - NaN input with check_finite is rejected and leaves the cache unchanged.
+ * Without a CUDA device the test prints a skip message and exits 0.
+ * `test_gpu --small` runs a reduced set (used under compute-sanitizer).
+ */
+#include "testlib.h"
+
+#include <cuda_runtime_api.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int g_small = 0;
+static double g_worst_attn = 0.0;
+static int64_t g_code_diffs = 0, g_codes = 0, g_param_diffs = 0, g_params = 0;
+
+#define CUCHECK(x)                                                                                     \
+    do {                                                                                               \
+        cudaError_t e_ = (x);                                                                          \
+        if (e_ != cudaSuccess) {                                                                       \
+            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_));        \
+            exit(2);                                                                                   \
+        }                                                                                              \
+    } while (0)
+
+typedef struct pair {
+    oscar_cache *cpu, *gpu;
+    oscar_config cfg;
+    tl_geom g;
+} pair;
+
+static int make_pair(pair *P, oscar_config cfg) {
+    memset(P, 0, sizeof *P);
+    P->cfg = cfg;
+    P->g = tl_geom_of(&cfg);
+    cfg.backend = OSCAR_BACKEND_CPU;
+    P->cpu = tl_create(&cfg);
+    cfg.backend = OSCAR_BACKEND_CUDA;
+    P->gpu = tl_create(&cfg);
+    return P->cpu && P->gpu;
+}
+
+static void free_pair(pair *P) {
+    oscar_cache_destroy(P->cpu);
+    oscar_cache_destroy(P->gpu);
+}
+
+static void *to_device(const float *x, int64_t n, oscar_dtype dt) {
+    size_t bytes = (size_t)(n > 0 ? n : 1) * (size_t)tl_dtype_size(dt);
+    void *h = malloc(bytes), *d = NULL;
+    if (n > 0) tl_encode(x, dt, h, n);
+    CUCHECK(cudaMalloc(&d, bytes));
+    CUCHECK(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+    free(h);
+    return d;
+}
+
+/* The same append on both backends; both statuses must agree. */
+static oscar_status both_append(pair *P, int layer, int n, const int32_t *ids_c, const int32_t *ids_g,
+                                const int32_t *nt, const float *k, const float *v, oscar_dtype dt) {
+    int64_t rows = 0;
+    for (int i = 0; i < n; i++) rows += nt[i];
+    const int64_t cnt = rows * P->g.hkv * P->g.d;
+    size_t bytes = (size_t)(cnt > 0 ? cnt : 1) * (size_t)tl_dtype_size(dt);
+    void *kh = malloc(bytes), *vh = malloc(bytes);
+    if (cnt > 0) {
+        tl_encode(k, dt, kh, cnt);
+        tl_encode(v, dt, vh, cnt);
+    }
+    oscar_status sc = oscar_append(P->cpu, layer, n, ids_c, nt, kh, vh, dt, NULL);
+    void *kd = NULL, *vd = NULL;
+    CUCHECK(cudaMalloc(&kd, bytes));
+    CUCHECK(cudaMalloc(&vd, bytes));
+    CUCHECK(cudaMemcpy(kd, kh, bytes, cudaMemcpyHostToDevice));
+    CUCHECK(cudaMemcpy(vd, vh, bytes, cudaMemcpyHostToDevice));
+    oscar_status sg = oscar_append(P->gpu, layer, n, ids_g, nt, kd, vd, dt, NULL);
+    CUCHECK(cudaDeviceSynchronize());
+    CUCHECK(cudaFree(kd));
+    CUCHECK(cudaFree(vd));
+    free(kh);
+    free(vh);
+    CHECKF(sc == sg, "append status cpu %s gpu %s (%s)", oscar_status_name(sc), oscar_status_name(sg),
+           oscar_last_error(P->gpu));
+    return sg;
+}
+
+/* GPU attention with device buffers; output poisoned with NaN (0xff bytes). */
+static oscar_status gpu_attention(oscar_cache *c, int layer, int n, const int32_t *ids, int q_len, const float *q,
+                                  oscar_dtype q_dt, oscar_dtype out_dt, float scale, float *out, int hq, int d) {
+    const int64_t cnt = (int64_t)n * q_len * hq * d;
+    void *qd = to_device(q, cnt, q_dt), *od = NULL;
+    const size_t ob = (size_t)cnt * (size_t)tl_dtype_size(out_dt);
+    CUCHECK(cudaMalloc(&od, ob));
+    CUCHECK(cudaMemset(od, 0xff, ob));
+    oscar_status st = oscar_attention(c, layer, n, ids, q_len, qd, q_dt, od, out_dt, scale, NULL);
+    CUCHECK(cudaDeviceSynchronize());
+    void *oh = malloc(ob);
+    CUCHECK(cudaMemcpy(oh, od, ob, cudaMemcpyDeviceToHost));
+    tl_decode(oh, out_dt, out, cnt);
+    free(oh);
+    CUCHECK(cudaFree(qd));
+    CUCHECK(cudaFree(od));
+    return st;
+}
+
+static double rel_l2(const float *a, const float *b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; i++) {
+        double x = (double)a[i] - (double)b[i];
+        if (!(x == x)) return INFINITY;
+        num += x * x;
+        den += (double)b[i] * b[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* Compares two export streams of the same configuration field by field. */
+static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na, const unsigned char *b, size_t nb,
+                            const char *what) {
+    CHECKF(na == nb, "%s: export sizes %zu vs %zu", what, na, nb);
+    if (na != nb) return;
+    const size_t hdr = 56 + 8 * (size_t)g->L;
+    CHECKF(memcmp(a, b, hdr) == 0, "%s: headers differ", what);
+    const uint32_t n_blocks = tl_rd32(a + 52);
+    const unsigned char *A = a + hdr, *B = b + hdr;
+    int64_t code_diff = 0, code_far = 0, codes = 0, par_diff = 0, pars = 0, norm_bad = 0, raw_diff = 0;
+    uint8_t *ca = NULL, *cb = NULL;
+    if (g->quant) {
+        ca = malloc((size_t)g->R * g->d);
+        cb = malloc((size_t)g->R * g->d);
+    }
+    for (uint32_t i = 0; i < n_blocks; i++)
+        for (int l = 0; l < g->L; l++) {
+            const size_t off = ((size_t)i * g->L + l) * g->LB;
+            /* a layer that has not flushed block i is zeros in both */
+            const int64_t tok = (int64_t)tl_rd64(a + 56 + 8 * (size_t)l);
+            if ((int64_t)(i + 1) * g->R > tok) continue;
+            const unsigned char *x = A + off, *y = B + off;
+            if (!g->quant) {
+                for (size_t j = 0; j < g->LB; j++) raw_diff += x[j] != y[j];
+                continue;
+            }
+            for (int h = 0; h < g->hkv; h++) {
+                const unsigned char *hx = x + (size_t)h * g->head_bytes, *hy = y + (size_t)h * g->head_bytes;
+                for (int isv = 0; isv < 2; isv++) {
+                    tl_decode_codes(hx + isv * g->codes_bytes, g->R, g->d, g->bits, isv, ca);
+                    tl_decode_codes(hy + isv * g->codes_bytes, g->R, g->d, g->bits, isv, cb);
+                    for (int j = 0; j < g->R * g->d; j++) {
+                        int dd = (int)ca[j] - (int)cb[j];
+                        code_diff += dd != 0;
+                        code_far += dd > 1 || dd < -1;
+                    }
+                    codes += (int64_t)g->R * g->d;
+                }
+                const size_t np = (g->kparams_bytes + g->vparams_bytes) / 2;
+                const uint16_t *px = (const uint16_t *)(hx + 2 * g->codes_bytes);
+                const uint16_t *py = (const uint16_t *)(hy + 2 * g->codes_bytes);
+                for (size_t j = 0; j < np; j++) par_diff += px[j] != py[j];
+                pars += (int64_t)np;
+            }
+            if (g->scale) {
+                const float *sx = (const float *)(x + (size_t)g->hkv * g->head_bytes);
+                const float *sy = (const float *)(y + (size_t)g->hkv * g->head_bytes);
+                for (int t = 0; t < g->R; t++) norm_bad += fabs((double)sx[t] - sy[t]) > 4e-7 * fabs((double)sx[t]);
+            }
+        }
+    free(ca);
+    free(cb);
+    /* windows and the rest must be byte-equal (checksum excluded) */
+    const size_t wstart = hdr + (size_t)n_blocks * g->L * g->LB;
+    int64_t wdiff = 0;
+    for (size_t j = wstart; j + 8 < na; j++) wdiff += a[j] != b[j];
+    CHECKF(raw_diff == 0, "%s: %lld raw block bytes differ", what, (long long)raw_diff);
+    CHECKF(wdiff == 0, "%s: %lld window bytes differ", what, (long long)wdiff);
+    CHECKF(norm_bad == 0, "%s: %lld token norms differ by more than 4e-7 relative", what, (long long)norm_bad);
+    CHECKF(code_far == 0, "%s: %lld codes differ by more than one level", what, (long long)code_far);
+    CHECKF(code_diff <= codes / 200 + 2, "%s: %lld of %lld codes differ", what, (long long)code_diff,
+           (long long)codes);
+    CHECKF(par_diff <= pars / 1000 + 2, "%s: %lld of %lld parameters differ", what, (long long)par_diff,
+           (long long)pars);
+    g_code_diffs += code_diff, g_codes += codes, g_param_diffs += par_diff, g_params += pars;
+}
+
+static void compare_seq(pair *P, int32_t sc, int32_t sg, const char *what) {
+    size_t na = 0, nb = 0;
+    unsigned char *a = tl_export(P->cpu, sc, &na);
+    unsigned char *b = tl_export(P->gpu, sg, &nb);
+    if (a && b) compare_exports(&P->g, a, na, b, nb, what);
+    free(a);
+    free(b);
+}
+
+static void check_attn(const char *what, const float *got, const float *ref, int64_t n) {
+    int64_t bad = tl_count_nonfinite(got, n);
+    double e = rel_l2(got, ref, n);
+    if (e > g_worst_attn && bad == 0) g_worst_attn = e;
+    CHECKF(bad == 0 && e <= 2e-3, "%s: %lld non-finite, rel L2 %.3g", what, (long long)bad, e);
+}
+
+typedef struct variant {
+    const char *name;
+    oscar_config cfg;
+    oscar_dtype in_dt, q_dt, out_dt;
+    int flavor;
+} variant;
+
+static void run_variant(const variant *V) {
+    pair P;
+    if (!make_pair(&P, V->cfg)) {
+        free_pair(&P);
+        return;
+    }
+    const tl_geom *g = &P.g;
+    tl_rng r = tl_rng_for(V->name);
+    const int NS = 3;
+    int32_t idc[3], idg[3];
+    for (int i = 0; i < NS; i++) {
+        CHECK_OK(oscar_seq_add(P.cpu, &idc[i]));
+        CHECK_OK(oscar_seq_add(P.gpu, &idg[i]));
+    }
+    const int64_t row = (int64_t)g->hkv * g->d;
+    const int R = g->R;
+    double knorm = 0.0; /* RMS key head norm: queries are scaled to logits of std ~2 */
+    /* rounds: a prefill of different lengths, single tokens, a crossing */
+    int32_t rounds[4][3] = {{g_small ? R + 7 : 3 * R + 11, g_small ? 9 : R - 1, 17},
+                            {1, 1, 1},
+                            {0, R + 5, 2},
+                            {1, 1, g_small ? 1 : 2 * R}};
+    for (int layer = 0; layer < g->L; layer++) {
+        for (int rd = 0; rd < 4; rd++) {
+            int64_t rows = 0;
+            for (int i = 0; i < NS; i++) rows += rounds[rd][i];
+            float *k = malloc(sizeof(float) * (size_t)(rows * row + 1));
+            float *v = malloc(sizeof(float) * (size_t)(rows * row + 1));
+            tl_gen_kv(&r, V->flavor, k, v, rows, g->hkv, g->d, V->in_dt);
+            if (layer == 0 && rd == 0) knorm = tl_key_rms_norm(k, rows, g->hkv, g->d);
+            oscar_status st = both_append(&P, layer, NS, idc, idg, rounds[rd], k, v, V->in_dt);
+            CHECKF(st == OSCAR_OK, "%s: append: %s %s", V->name, oscar_status_name(st), oscar_last_error(P.gpu));
+            free(k);
+            free(v);
+        }
+    }
+    for (int i = 0; i < NS; i++) {
+        char w[160];
+        snprintf(w, sizeof w, "%s seq %d export", V->name, i);
+        compare_seq(&P, idc[i], idg[i], w);
+    }
+    /* attention, all sequences at once, several q_len */
+    const int hq = g->hq, d = g->d;
+    const int qls[3] = {1, 3, 8};
+    for (int qi = 0; qi < (g_small ? 2 : 3); qi++) {
+        const int ql = qls[qi];
+        for (int layer = 0; layer < g->L; layer++) {
+            const int64_t n = (int64_t)NS * ql * hq * d;
+            float *q = malloc(sizeof(float) * (size_t)n), *oc = malloc(sizeof(float) * (size_t)n),
+                  *og = malloc(sizeof(float) * (size_t)n);
+            tl_gen_q(&r, q, (int64_t)NS * ql, hq, d, knorm, 2.0, V->q_dt);
+            CHECK_OK(tl_attention(P.cpu, layer, NS, idc, ql, q, V->q_dt, V->out_dt, 0.0f, oc, hq, d));
+            oscar_status st = gpu_attention(P.gpu, layer, NS, idg, ql, q, V->q_dt, V->out_dt, 0.0f, og, hq, d);
+            CHECKF(st == OSCAR_OK, "%s: attention: %s %s", V->name, oscar_status_name(st), oscar_last_error(P.gpu));
+            char w[160];
+            snprintf(w, sizeof w, "%s attention q_len %d layer %d", V->name, ql, layer);
+            check_attn(w, og, oc, n);
+            free(q), free(oc), free(og);
+        }
+    }
+    /* cross import: GPU -> CPU and CPU -> GPU */
+    {
+        size_t na = 0, nb = 0;
+        unsigned char *eg = tl_export(P.gpu, idg[0], &na);
+        unsigned char *ec = tl_export(P.cpu, idc[1], &nb);
+        int32_t on_cpu = -1, on_gpu = -1;
+        if (eg) CHECK_OK(oscar_seq_import(P.cpu, eg, na, &on_cpu));
+        if (ec) CHECK_OK(oscar_seq_import(P.gpu, ec, nb, &on_gpu));
+        if (on_cpu >= 0 && on_gpu >= 0) {
+            /* the imported copy exports to the same bytes on the other side */
+            size_t n2 = 0;
+            unsigned char *back = tl_export(P.gpu, on_gpu, &n2);
+            CHECKF(back && n2 == nb && memcmp(back, ec, nb) == 0, "%s: CPU stream imported into GPU exports differently",
+                   V->name);
+            free(back);
+            const int ql = 2;
+            const int64_t n = (int64_t)ql * hq * d;
+            float *q = malloc(sizeof(float) * (size_t)n), *o1 = malloc(sizeof(float) * (size_t)n),
+                  *o2 = malloc(sizeof(float) * (size_t)n);
+            tl_gen_q(&r, q, ql, hq, d, knorm, 2.0, V->q_dt);
+            CHECK_OK(tl_attention(P.cpu, 0, 1, &on_cpu, ql, q, V->q_dt, OSCAR_DTYPE_F32, 0.0f, o1, hq, d));
+            CHECK_OK(gpu_attention(P.gpu, 0, 1, &idg[0], ql, q, V->q_dt, OSCAR_DTYPE_F32, 0.0f, o2, hq, d));
+            char w[160];
+            snprintf(w, sizeof w, "%s GPU-written seq read by CPU", V->name);
+            check_attn(w, o2, o1, n);
+            CHECK_OK(tl_attention(P.cpu, 0, 1, &idc[1], ql, q, V->q_dt, OSCAR_DTYPE_F32, 0.0f, o1, hq, d));
+            CHECK_OK(gpu_attention(P.gpu, 0, 1, &on_gpu, ql, q, V->q_dt, OSCAR_DTYPE_F32, 0.0f, o2, hq, d));
+            snprintf(w, sizeof w, "%s CPU-written seq read by GPU", V->name);
+            check_attn(w, o2, o1, n);
+            free(q), free(o1), free(o2);
+        }
+        free(eg);
+        free(ec);
+    }
+    free_pair(&P);
+}
+
+static void add(variant *list, int *n, const char *name, oscar_method m, int bits, int d, oscar_dtype W,
+                oscar_dtype in, oscar_dtype qd, int flavor) {
+    variant *V = &list[(*n)++];
+    memset(V, 0, sizeof *V);
+    V->name = name;
+    V->cfg = tl_small_config(m, bits, d, 2, 8);
+    V->cfg.window_dtype = W;
+    V->cfg.block_count = 256;
+    V->in_dt = in;
+    V->q_dt = qd;
+    V->out_dt = qd == OSCAR_DTYPE_F32 ? OSCAR_DTYPE_F32 : qd;
+    V->flavor = flavor;
+}
+
+static char g_names[512][96];
+
+static void test_matrix(void) {
+    static variant list[512];
+    int n = 0, nn = 0;
+    const oscar_method methods[5] = {OSCAR_METHOD_NONE, OSCAR_METHOD_KIVI, OSCAR_METHOD_QUAROT,
+                                     OSCAR_METHOD_SCALE_ONLY, OSCAR_METHOD_OSCAR};
+    const int ds[3] = {64, 128, 256};
+    if (g_small) {
+        snprintf(g_names[nn], 96, "small oscar d128 b2");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_OSCAR, 2, 128, OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0);
+        snprintf(g_names[nn], 96, "small none d64");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_NONE, 2, 64, OSCAR_DTYPE_BF16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0);
+    } else {
+        for (int mi = 0; mi < 5; mi++)
+            for (int bi = 0; bi < (mi == 0 ? 1 : 2); bi++)
+                for (int di = 0; di < 3; di++) {
+                    const int bits = bi ? 4 : 2;
+                    const int flavor = (mi + bi + di) % TL_FLAVORS;
+                    const oscar_dtype W = (di % 2) ? OSCAR_DTYPE_BF16 : OSCAR_DTYPE_F16;
+                    const oscar_dtype in = (mi % 3) == 0 ? OSCAR_DTYPE_F32 : (mi % 3) == 1 ? OSCAR_DTYPE_BF16 : OSCAR_DTYPE_F16;
+                    const oscar_dtype qd = (di == 2) ? OSCAR_DTYPE_F32 : (mi % 2) ? OSCAR_DTYPE_BF16 : OSCAR_DTYPE_F16;
+                    snprintf(g_names[nn], 96, "%s b%d d%d W%s in%s q%s %s", oscar_method_name(methods[mi]), bits,
+                             ds[di], tl_dtype_name(W), tl_dtype_name(in), tl_dtype_name(qd), tl_flavor_name(flavor));
+                    add(list, &n, g_names[nn++], methods[mi], bits, ds[di], W, in, qd, flavor);
+                }
+        /* every flavour on the headline configuration */
+        for (int f = 0; f < TL_FLAVORS; f++) {
+            snprintf(g_names[nn], 96, "oscar b2 d128 bf16 %s", tl_flavor_name(f));
+            add(list, &n, g_names[nn++], OSCAR_METHOD_OSCAR, 2, 128, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, f);
+        }
+        /* group sizes, R, f32 window, rotate_values = 0, layers, GQA shapes */
+        snprintf(g_names[nn], 96, "oscar b2 d128 gk16 gv16 R48");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_OSCAR, 2, 128, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0);
+        list[n - 1].cfg.k_group = 16, list[n - 1].cfg.v_group = 16, list[n - 1].cfg.residual = 48;
+        snprintf(g_names[nn], 96, "oscar b4 d64 gk64 gv64 R128");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_OSCAR, 4, 64, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 2);
+        list[n - 1].cfg.k_group = 64, list[n - 1].cfg.v_group = 64, list[n - 1].cfg.residual = 128;
+        snprintf(g_names[nn], 96, "quarot b2 d256 f32 window");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_QUAROT, 2, 256, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1);
+        snprintf(g_names[nn], 96, "oscar b2 d128 rotate_values 0, 2 layers");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_OSCAR, 2, 128, OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0);
+        list[n - 1].cfg.rotate_values = 0, list[n - 1].cfg.num_layers = 2;
+        snprintf(g_names[nn], 96, "none f32 window d128");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_NONE, 2, 128, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0);
+        snprintf(g_names[nn], 96, "oscar b2 d128 hkv8 hq32 R128");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_OSCAR, 2, 128, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0);
+        list[n - 1].cfg.num_kv_heads = 8, list[n - 1].cfg.num_q_heads = 32, list[n - 1].cfg.residual = 128;
+        snprintf(g_names[nn], 96, "kivi b2 d64 hkv1 hq1 (g=1)");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_KIVI, 2, 64, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0);
+        list[n - 1].cfg.num_kv_heads = 1, list[n - 1].cfg.num_q_heads = 1;
+        snprintf(g_names[nn], 96, "oscar b2 d64 hkv2 hq16 (g=8)");
+        add(list, &n, g_names[nn++], OSCAR_METHOD_OSCAR, 2, 64, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0);
+        list[n - 1].cfg.num_q_heads = 16;
+    }
+    for (int i = 0; i < n; i++) {
+        const long before = tl_failed;
+        run_variant(&list[i]);
+        printf("  %-60s %s\n", list[i].name, tl_failed == before ? "ok" : "FAILED");
+        fflush(stdout);
+    }
+}
+
+/* NaN input with check_finite = 1: rejected, nothing changes. */
+static void test_nonfinite(void) {
+    oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, 128, 2, 8);
+    cfg.backend = OSCAR_BACKEND_CUDA;
+    oscar_cache *c = tl_create(&cfg);
+    if (!c) return;
+    int32_t id;
+    CHECK_OK(oscar_seq_add(c, &id));
+    tl_rng r = tl_rng_for("nonfinite");
+    const int64_t T = 100, n = T * 2 * 128;
+    float *k = malloc(sizeof(float) * n), *v = malloc(sizeof(float) * n);
+    tl_gen_kv(&r, 0, k, v, T, 2, 128, OSCAR_DTYPE_F16);
+    void *kd = to_device(k, n, OSCAR_DTYPE_F16), *vd = to_device(v, n, OSCAR_DTYPE_F16);
+    int32_t nt = (int32_t)T;
+    CHECK_OK(oscar_append(c, 0, 1, &id, &nt, kd, vd, OSCAR_DTYPE_F16, NULL));
+    size_t n0 = 0;
+    unsigned char *before = tl_export(c, id, &n0);
+    /* raw NaN / Inf bit patterns (the test's fp16 encoder saturates) */
+    void *vbad = to_device(v, n, OSCAR_DTYPE_F16), *kbad = to_device(k, n, OSCAR_DTYPE_F16);
+    const uint16_t nan16 = 0x7e00, inf16 = 0xfc00;
+    CUCHECK(cudaMemcpy((uint16_t *)vbad + n - 7, &nan16, 2, cudaMemcpyHostToDevice));
+    CUCHECK(cudaMemcpy((uint16_t *)kbad + 3, &inf16, 2, cudaMemcpyHostToDevice));
+    CHECK_ST(c, oscar_append(c, 0, 1, &id, &nt, kd, vbad, OSCAR_DTYPE_F16, NULL), OSCAR_E_NONFINITE);
+    CHECK_ST(c, oscar_append(c, 0, 1, &id, &nt, kbad, vd, OSCAR_DTYPE_F16, NULL), OSCAR_E_NONFINITE);
+    size_t n1 = 0;
+    unsigned char *after = tl_export(c, id, &n1);
+    CHECK(before && after && n0 == n1 && memcmp(before, after, n0) == 0);
+    free(before), free(after), free(k), free(v);
+    cudaFree(kd), cudaFree(vd), cudaFree(vbad), cudaFree(kbad);
+    oscar_cache_destroy(c);
+}
+
+int main(int argc, char **argv) {
+    for (int i = 1; i < argc; i++)
+        if (!strcmp(argv[i], "--small")) g_small = 1;
+    if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
+        printf("SKIP: no CUDA device (the CUDA backend is %s)\n",
+               oscar_backend_available(OSCAR_BACKEND_CPU) ? "compiled, no device found" : "unavailable");
+        return 0;
+    }
+    TL_RUN(test_nonfinite);
+    TL_RUN(test_matrix);
+    printf("codes differing: %lld of %lld (%.2e); parameters differing: %lld of %lld; worst attention rel L2 %.3g\n",
+           (long long)g_code_diffs, (long long)g_codes, g_codes ? (double)g_code_diffs / g_codes : 0.0,
+           (long long)g_param_diffs, (long long)g_params, g_worst_attn);
+    return tl_finish();
+}
