@@ -2,14 +2,14 @@
 # Builds the CUDA backend, runs the GPU tests, compute-sanitizer (memcheck and
 # racecheck on the small test), the benchmark and the BF16 peers, in one call.
 # Writes logs and tables under $OUT (default ./out):
-#   build.log  test_gpu.log  sanitizer.log  bench.jsonl  peers.jsonl  tables.md
-# STEPS selects steps (default "build test sanitize bench peers").
+#   build.log  test_gpu.log  sanitizer.log  python.log  bench.jsonl  peers.jsonl  tables.md
+# STEPS selects steps (default "build test sanitize python bench peers").
 # OSCAR_BENCH_ONLY (e.g. "decode" or "append") narrows the benchmark.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 BUILD=${BUILD:-build-gpu}
-STEPS=${STEPS:-"build test sanitize bench peers"}
+STEPS=${STEPS:-"build test sanitize python bench peers"}
 mkdir -p "$OUT"
 rc=0
 has() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
@@ -43,6 +43,15 @@ if has sanitize; then
     echo "racecheck rc=$?"
   } > "$OUT/sanitizer.log" 2>&1
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY|rc=|passed|failed" "$OUT/sanitizer.log"
+fi
+
+if has python; then
+  # The Python binding's GPU tests (torch CUDA tensors, HF cache on the CUDA backend).
+  stamp python
+  set -o pipefail
+  OSCAR_LIBRARY="$PWD/$BUILD/liboscar.so" PYTHONDONTWRITEBYTECODE=1 timeout "${PY_TIMEOUT:-300}" \
+    python3 -m pytest -q -rs -p no:cacheprovider python/tests -k gpu 2>&1 | tee "$OUT/python.log" | tail -15 || rc=1
+  set +o pipefail
 fi
 
 if has bench; then
