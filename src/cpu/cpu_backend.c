@@ -235,9 +235,11 @@ static inline __attribute__((always_inline)) void block_logits_q(const oscar_lay
     float bias[MAX_ROWS], gscale[256], glo[256]; /* glo: group midpoints */
     for (int g0 = 0; g0 < R; g0 += L->k_group) {
         const uint16_t *gp = kp + (size_t)(g0 / L->k_group) * d * 2;
+        float pairs[512];
+        oscar_to_f32(gp, OSCAR_DTYPE_F16, pairs, 2 * d);
         for (int c = 0; c < d; c++) {
-            gscale[c] = oscar_f16_to_f32(gp[2 * c]);
-            glo[c] = oscar_f16_to_f32(gp[2 * c + 1]) + gscale[c] * ((float)Q * 0.5f); /* midpoint */
+            gscale[c] = pairs[2 * c];
+            glo[c] = pairs[2 * c + 1] + gscale[c] * ((float)Q * 0.5f); /* midpoint */
         }
         for (int r = 0; r < NR; r++) {
             const float *qv = S->qlocal + (size_t)r * d;
@@ -285,16 +287,18 @@ static inline __attribute__((always_inline)) void block_values_q(const oscar_lay
     const size_t tile_bytes = 2 * (size_t)d * bits;
     float ps[MAX_ROWS][16][16]; /* [row][token in tile][group] p * scale */
     for (int T = 0; T < R / 16; T++) {
-        for (int tok = 0; tok < 16; tok++)
-            for (int gi = 0; gi < ng; gi++) {
-                const uint16_t *pv = vp + ((size_t)(T * 16 + tok) * ng + gi) * 2;
-                const float sc = oscar_f16_to_f32(pv[0]), mid = oscar_f16_to_f32(pv[1]) + sc * ((float)Q * 0.5f);
-                for (int r = 0; r < NR; r++) {
-                    const float pr = prob[(size_t)r * ld + T * 16 + tok];
-                    ps[r][tok][gi] = pr * sc;
-                    S->vbias[(size_t)r * ng + gi] += pr * mid;
+        float pairs[16 * 16 * 2]; /* the tile's (scale, lo) pairs as floats */
+        oscar_to_f32(vp + (size_t)T * 16 * ng * 2, OSCAR_DTYPE_F16, pairs, 16 * ng * 2);
+        for (int r = 0; r < NR; r++) {
+            const float *pr = prob + (size_t)r * ld + T * 16;
+            float *vb = S->vbias + (size_t)r * ng;
+            for (int tok = 0; tok < 16; tok++)
+                for (int gi = 0; gi < ng; gi++) {
+                    const float sc = pairs[(tok * ng + gi) * 2], lo = pairs[(tok * ng + gi) * 2 + 1];
+                    ps[r][tok][gi] = pr[tok] * sc;
+                    vb[gi] += pr[tok] * (lo + sc * ((float)Q * 0.5f)); /* midpoint */
                 }
-            }
+        }
         const uint32_t *tile = (const uint32_t *)(vc + (size_t)T * tile_bytes);
         for (int w = 0; w < W; w++) {
             /* Octet o of this word: channels 16*(w*P/4 + o/2) + 8*(o&1) + 0..7. */
