@@ -25,6 +25,7 @@
 #include "common.cuh"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include <type_traits>
 
@@ -285,7 +286,36 @@ __device__ __forceinline__ void dense_merge(DenseState<D, RPC> &st, float *O, fl
     }
 }
 
-template <int D, int BITS, int NT, bool DENSE>
+/* ---- fast path (d=128, 2 bits, <= 4 query rows, Gv=32, Gk%32==0, scaled
+ * keys): codes as fp16 A operands with one LOP3 per pair.
+ * FM 1: (word & mask) is an fp16 subnormal, code * 4^j * 2^-24 (exact);
+ * FM 2: (word & mask) | 1024, minus 1024 (HADD2), code * 4^j (exact).
+ * The factor 4^j of A register j = 4^(j&1) (row half) * 16^(j>>1) (k half)
+ * is undone by B operands whose k-high half is prescaled by 1/16 and by
+ * a factor 1/4 on the C rows g+8. Keys: the N columns 0..3 of the mma carry
+ * the fp16 hi part of q' * scale, columns 4..7 the lo part (the rows are
+ * only 4), summed by one shuffle. */
+template <int FM, int S>
+__device__ __forceinline__ void fdeq(const uint32_t (&w)[4], const uint32_t (&wsh)[4], uint32_t (&a)[4]) {
+    const uint32_t src = (S & 1) ? wsh[S >> 1] : w[S >> 1];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const uint32_t mask = 0x00030003u << (2 * j);
+        if constexpr (FM == 1) {
+            a[j] = src & mask;
+        } else {
+            uint32_t x;
+            asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(x) : "r"(src), "r"(mask), "r"(0x64006400u));
+            const uint32_t m1024 = 0xE400E400u;
+            __half2 r = __hadd2(*(__half2 *)&x, *(const __half2 *)&m1024);
+            a[j] = *(uint32_t *)&r;
+        }
+    }
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) { return __byte_perm(a, b, sel); }
+
+template <int D, int BITS, int NT, bool DENSE, int FM>
 __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid_constant__ AttnParams P) {
     constexpr int RPC = 8 * NT;
     constexpr int KS = D / 16;              /* k-steps / channel tiles */
@@ -350,7 +380,24 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         }
     }
     __syncthreads();
-    if constexpr (!DENSE) {
+    if constexpr (FM != 0) {
+        /* fast path: lane (g, t) holds column g of B: q' = q * 2^(8-E) of row
+         * g & 3, k-high half prescaled by 1/16; x = fp16 hi part, z = the lo
+         * part for the columns 4..7 (g >= 4), 0 for the hi columns */
+        uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
+        for (int i = threadIdx.x; i < KS * 32; i += blockDim.x) {
+            const int s = i >> 5, ln = i & 31, gl = ln >> 2, r = gl & 3;
+            const float sc = qinv[r] * 256.0f;
+            const float *row = qf + r * D + 16 * s + 2 * (ln & 3);
+            const float v0 = row[0] * sc, v1 = row[1] * sc, v2 = row[8] * sc * 0.0625f, v3 = row[9] * sc * 0.0625f;
+            const __half2 h0 = __floats2half2_rn(v0, v1), h1 = __floats2half2_rn(v2, v3);
+            const __half2 l0 = __floats2half2_rn(v0 - __low2float(h0), v1 - __high2float(h0));
+            const __half2 l1 = __floats2half2_rn(v2 - __low2float(h1), v3 - __high2float(h1));
+            const uint32_t z0 = gl >= 4 ? *(const uint32_t *)&l0 : 0u, z1 = gl >= 4 ? *(const uint32_t *)&l1 : 0u;
+            qfrag[i] = make_uint4(*(const uint32_t *)&h0, *(const uint32_t *)&h1, z0, z1);
+        }
+        __syncthreads();
+    } else if constexpr (!DENSE) {
         /* B fragments of q' * 2^-E as fp16 hi + lo parts: [s][nt][lane] */
         uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
         for (int i = threadIdx.x; i < KS * NT * 32; i += blockDim.x) {
@@ -388,7 +435,268 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
 
     float *O = (float *)wreg; /* after the pipeline: the warp's partial [RPC][D] */
 
-    if constexpr (!DENSE) {
+    if constexpr (FM != 0) {
+        static_assert(D == 128 && BITS == 2 && NT == 1, "fast path shape");
+        constexpr float FAC = FM == 1 ? 5.9604644775390625e-8f : 1.0f; /* 2^-24: subnormal codes */
+        constexpr int NCG = 4;                                         /* Gv = 32 */
+        const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
+        const uint32_t mhi = g >= 4 ? 0xffffffffu : 0u; /* lanes of the lo columns */
+        const uint32_t msg = mhi & 0x80008000u;
+        /* this lane's columns 2t + col are query rows (2t + col) & 3 */
+        float rf[2], rf4[2];
+        int rlim[2];
+#pragma unroll
+        for (int col = 0; col < 2; col++) {
+            const int r = (2 * t + col) & 3;
+            rf[col] = qexp[r] * P.sm_log2 * (1.0f / 256.0f) / FAC;
+            rf4[col] = rf[col] * 0.25f;
+            rlim[col] = r < P.rows ? (int)(tokens - P.q_len + r / P.g) : 0x7fffffff;
+        }
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+        float acc[KS][4];
+        float loacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int s = 0; s < KS; s++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[s][i] = 0.0f;
+        int Scur = 0;
+        const int first_lim = (int)(tokens - P.q_len);
+        const int32_t *table = P.tables + (size_t)slot * P.max_blocks;
+        /* (block, chunk) of the next chunk to issue and of the next to
+         * consume, advanced without divisions */
+        int ib = cw0 / P.cpb, icc = cw0 - ib * P.cpb;
+        int cb_ = ib, ccc = icc;
+        auto issue = [&](int i) {
+            const int b = ib, cc = icc;
+            if (++icc == P.cpb) icc = 0, ib++;
+            const int tok0 = cc * CHUNK;
+            const int ntok = min(CHUNK, P.R - tok0);
+            const int pb = table[b];
+            const uint8_t *blk = P.pool_layer + (size_t)pb * P.LB;
+            const uint8_t *head = blk + (size_t)h * P.head_bytes;
+            uint8_t *st = wreg + (size_t)(i % NSTAGE) * P.stage_bytes;
+            uint64_t *bar = &mbar[i % NSTAGE];
+            const int gf = tok0 / P.Gk, gl = (tok0 + ntok - 1) / P.Gk;
+            const uint32_t bc = (uint32_t)(ntok / 16) * TILE_BYTES;
+            const uint32_t bkp = (uint32_t)(gl - gf + 1) * D * 4;
+            const uint32_t bvp = (uint32_t)ntok * NCG * 4;
+            const uint32_t bnm = (uint32_t)ntok * 4;
+            fence_proxy_async();
+            mbar_expect_tx(bar, 2 * bc + bkp + bvp + bnm);
+            bulk_g2s(st + P.kc_off, head + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
+            bulk_g2s(st + P.vc_off, head + P.codes_bytes + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
+            bulk_g2s(st + P.kp_off, head + 2 * P.codes_bytes + (size_t)gf * D * 4, bkp, bar);
+            bulk_g2s(st + P.vp_off, head + 2 * P.codes_bytes + P.kparams_bytes + (size_t)tok0 * NCG * 4, bvp, bar);
+            bulk_g2s(st + P.nm_off, blk + (size_t)P.hkv * P.head_bytes + (size_t)tok0 * 4, bnm, bar);
+        };
+        if (lane == 0)
+            for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue(i);
+
+        for (int it = 0; it < nmine; it++) {
+            if (lane == 0 && it + NSTAGE - 1 < nmine) issue(it + NSTAGE - 1);
+            mbar_wait(&mbar[it % NSTAGE], (uint32_t)((it / NSTAGE) & 1));
+            const uint8_t *st = wreg + (size_t)(it % NSTAGE) * P.stage_bytes;
+            const int b = cb_, cc = ccc;
+            if (++ccc == P.cpb) ccc = 0, cb_++;
+            const int tok0 = cc * CHUNK;
+            const int ntiles = min(CHUNK, P.R - tok0) / 16; /* 2 or 4 */
+            const int gf = tok0 / P.Gk;
+            const int tb = b * P.R + tok0;
+            const float *nm = (const float *)(st + P.nm_off);
+            const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
+
+            /* ---- logits: per pair of tiles (one key group) ---- */
+            float lg[4][4];
+            static_for<0, 2>([&](auto PR_) {
+                constexpr int pr = decltype(PR_)::value;
+                if (2 * pr < ntiles) {
+                    const int grp = (tok0 + 32 * pr) / P.Gk;
+                    const uint8_t *kp = st + P.kp_off + (size_t)(grp - gf) * D * 4;
+                    uint32_t bq[KS][2];
+                    float cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                    static_for<0, KS>([&](auto S_) {
+                        constexpr int s = decltype(S_)::value;
+                        const uint4 f = qfrag[s * 32 + lane];
+                        const uint2 pa = *(const uint2 *)(kp + (16 * s + 2 * t) * 4);
+                        const uint2 pc = *(const uint2 *)(kp + (16 * s + 2 * t + 8) * 4);
+                        const uint32_t scA = prmt(pa.x, pa.y, 0x5410), loA = prmt(pa.x, pa.y, 0x7632);
+                        const uint32_t scB = prmt(pc.x, pc.y, 0x5410), loB = prmt(pc.x, pc.y, 0x7632);
+                        const uint32_t h0 = hmul2u(f.x, scA), h1 = hmul2u(f.y, scB);
+                        bq[s][0] = hfma2u(f.z, scA, hfma2u(f.x, scA, (h0 & mhi) ^ msg));
+                        bq[s][1] = hfma2u(f.w, scB, hfma2u(f.y, scB, (h1 & mhi) ^ msg));
+                        const uint32_t loB16 = hmul2u(loB, 0x4c004c00u); /* x16: B's k-high half is /16 */
+                        const uint32_t la[4] = {loA, loA, loB16, loB16};
+                        mma16816(cb, la, (f.x & ~mhi) | (f.z & mhi), (f.y & ~mhi) | (f.w & mhi));
+                    });
+                    const float b0 = cb[0] * FAC, b1 = cb[1] * FAC, b2 = cb[0] * (4.0f * FAC), b3 = cb[1] * (4.0f * FAC);
+                    static_for<0, 2>([&](auto TT_) {
+                        constexpr int tl = 2 * pr + decltype(TT_)::value;
+                        if (tl < ntiles) {
+                            uint32_t w[4], wsh[4];
+                            lds_words<4>(st + P.kc_off + tl * TILE_BYTES + lane * 16, w);
+#pragma unroll
+                            for (int i = 0; i < 4; i++) wsh[i] = w[i] >> 8;
+                            float c[4] = {b0, b1, b2, b3};
+                            static_for<0, KS>([&](auto S_) {
+                                constexpr int s = decltype(S_)::value;
+                                uint32_t a[4];
+                                fdeq<FM, s>(w, wsh, a);
+                                mma16816(c, a, bq[s][0], bq[s][1]);
+                            });
+#pragma unroll
+                            for (int i = 0; i < 4; i++) c[i] += __shfl_xor_sync(OSCAR_FULL_MASK, c[i], 2);
+                            const int r0 = 16 * tl + g;
+                            const float s0 = nm[r0], s1 = nm[r0 + 8];
+                            lg[tl][0] = c[0] * (s0 * rf[0]);
+                            lg[tl][1] = c[1] * (s0 * rf[1]);
+                            lg[tl][2] = c[2] * (s1 * rf4[0]);
+                            lg[tl][3] = c[3] * (s1 * rf4[1]);
+                            if (tb + 16 * tl + 15 > first_lim) {
+                                const int T0 = tb + r0, T1 = T0 + 8;
+                                if (T0 > rlim[0]) lg[tl][0] = -INFINITY;
+                                if (T0 > rlim[1]) lg[tl][1] = -INFINITY;
+                                if (T1 > rlim[0]) lg[tl][2] = -INFINITY;
+                                if (T1 > rlim[1]) lg[tl][3] = -INFINITY;
+                            }
+                        } else {
+#pragma unroll
+                            for (int i = 0; i < 4; i++) lg[tl][i] = -INFINITY;
+                        }
+                    });
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) lg[2 * pr][i] = -INFINITY, lg[2 * pr + 1][i] = -INFINITY;
+                }
+            });
+
+            /* ---- value scale exponent of this chunk ---- */
+            uint32_t mxs = 0;
+            const int nvw = ntiles * 16 * NCG;
+            for (int i = lane * 4; i < nvw; i += 128) {
+                const uint4 v = *(const uint4 *)(vpw + i);
+                mxs = max(max(mxs, v.x & 0x7fffu), max(v.y & 0x7fffu, max(v.z & 0x7fffu, v.w & 0x7fffu)));
+            }
+            mxs = __reduce_max_sync(OSCAR_FULL_MASK, mxs);
+            const int ex = (int)(mxs >> 10) - 15;
+            const int Snew = min(15, 14 - ex);
+            const float dS = __int_as_float((127 + Snew - Scur) << 23);
+            const bool s_same = Snew == Scur;
+            Scur = Snew;
+            const uint32_t twoS = ((uint32_t)(15 + Snew) << 10) * 0x10001u;
+            const uint32_t twoS16 = ((uint32_t)(11 + Snew) << 10) * 0x10001u; /* 2^S / 16 */
+
+            /* ---- online softmax ---- */
+            {
+                float fac[2], al[2];
+                bool moved = false;
+#pragma unroll
+                for (int col = 0; col < 2; col++) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int tl = 0; tl < 4; tl++) mx = fmaxf(mx, fmaxf(lg[tl][col], lg[tl][col + 2]));
+                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 4));
+                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 8));
+                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 16));
+                    const float mnew = fmaxf(m[col], mx);
+                    const float muse = mnew == -INFINITY ? 0.0f : mnew;
+                    moved |= mnew != m[col];
+                    al[col] = ex2(m[col] - muse);
+                    m[col] = mnew;
+                    float sum = 0.0f;
+#pragma unroll
+                    for (int tl = 0; tl < 4; tl++) {
+                        lg[tl][col] = ex2(lg[tl][col] - muse);
+                        lg[tl][col + 2] = ex2(lg[tl][col + 2] - muse);
+                        sum += lg[tl][col] + lg[tl][col + 2];
+                    }
+                    l[col] = l[col] * al[col] + sum;
+                    fac[col] = al[col] * dS;
+                }
+                if (__any_sync(OSCAR_FULL_MASK, moved || !s_same)) {
+#pragma unroll
+                    for (int s = 0; s < KS; s++)
+#pragma unroll
+                        for (int i = 0; i < 4; i++) acc[s][i] *= fac[i & 1];
+#pragma unroll
+                    for (int i = 0; i < 4; i++) loacc[i] *= al[i & 1];
+                }
+            }
+
+            /* ---- values ---- */
+            const int gq = g & 3;
+#pragma unroll
+            for (int tl = 0; tl < 4; tl++) {
+                if (tl < ntiles) {
+                    const uint32_t pb0 = movtrans(pack_h2(lg[tl][0], lg[tl][1]));
+                    const uint32_t pb1 = movtrans(pack_h2(lg[tl][2], lg[tl][3]));
+                    const uint32_t ps0 = hmul2u(pb0, twoS), ps1 = hmul2u(pb1, twoS16);
+                    const uint32_t *vt = vpw + tl * 16 * NCG;
+                    {
+                        /* lo^T . p: A rows are value groups; rows >= 4 unused */
+                        const uint32_t la0 = prmt(vt[(2 * t) * NCG + gq], vt[(2 * t + 1) * NCG + gq], 0x7632);
+                        const uint32_t la2 = prmt(vt[(2 * t + 8) * NCG + gq], vt[(2 * t + 9) * NCG + gq], 0x7632);
+                        const uint32_t la[4] = {la0, 0u, la2, 0u};
+                        mma16816(loacc, la, pb0, pb1);
+                    }
+                    const uint4 v0 = *(const uint4 *)(vt + (2 * t) * NCG), v1 = *(const uint4 *)(vt + (2 * t + 1) * NCG);
+                    const uint4 v2 = *(const uint4 *)(vt + (2 * t + 8) * NCG), v3 = *(const uint4 *)(vt + (2 * t + 9) * NCG);
+                    const uint32_t s0w[4] = {v0.x, v0.y, v0.z, v0.w}, s1w[4] = {v1.x, v1.y, v1.z, v1.w};
+                    const uint32_t s2w[4] = {v2.x, v2.y, v2.z, v2.w}, s3w[4] = {v3.x, v3.y, v3.z, v3.w};
+                    uint32_t w[4], wsh[4];
+                    lds_words<4>(st + P.vc_off + tl * TILE_BYTES + lane * 16, w);
+#pragma unroll
+                    for (int i = 0; i < 4; i++) wsh[i] = w[i] >> 8;
+                    static_for<0, NCG>([&](auto CG_) {
+                        constexpr int cg = decltype(CG_)::value;
+                        const uint32_t pv0 = hmul2u(ps0, prmt(s0w[cg], s1w[cg], 0x5410));
+                        const uint32_t pv1 = hmul2u(ps1, prmt(s2w[cg], s3w[cg], 0x5410));
+                        uint32_t a[4];
+                        fdeq<FM, 2 * cg>(w, wsh, a);
+                        mma16816(acc[2 * cg], a, pv0, pv1);
+                        fdeq<FM, 2 * cg + 1>(w, wsh, a);
+                        mma16816(acc[2 * cg + 1], a, pv0, pv1);
+                    });
+                }
+            }
+            __syncwarp();
+        }
+
+        /* ---- the warp's partial into shared memory ---- */
+#pragma unroll
+        for (int col = 0; col < 2; col++) {
+            float v = l[col];
+            v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 4);
+            v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 8);
+            v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 16);
+            l[col] = v;
+        }
+        __syncwarp();
+        const float unS = __int_as_float((127 - Scur) << 23) / FAC;
+#pragma unroll
+        for (int s = 0; s < KS; s++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int r = 2 * t + (i & 1), ch = 16 * s + g + 8 * (i >> 1);
+                O[r * D + ch] = acc[s][i] * (i >> 1 ? unS * 0.25f : unS);
+            }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int r = 2 * t + (i & 1);
+            if (g < NCG) {
+                const float v = loacc[i];
+                for (int cc = 0; cc < 32; cc++) O[r * D + g * 32 + cc] += v;
+            }
+        }
+        if (g == 0) {
+#pragma unroll
+            for (int col = 0; col < 2; col++) {
+                wm[2 * t + col] = m[col];
+                wl[2 * t + col] = l[col];
+            }
+        }
+        __syncwarp();
+    } else if constexpr (!DENSE) {
         const int NCG = D / P.Gv;
         const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
         RowInfo ri[NT][2];
@@ -947,13 +1255,13 @@ typedef void (*attn_fn)(AttnParams);
 template <int D, int BITS, bool DENSE>
 attn_fn pick_nt(int nt) {
     if constexpr (D == 64) {
-        if (nt == 1) return attn_kernel<64, BITS, 1, DENSE>;
-        return attn_kernel<64, BITS, 2, DENSE>;
+        if (nt == 1) return attn_kernel<64, BITS, 1, DENSE, 0>;
+        return attn_kernel<64, BITS, 2, DENSE, 0>;
     } else if constexpr (D == 128) {
-        if (nt == 1) return attn_kernel<128, BITS, 1, DENSE>;
-        return attn_kernel<128, BITS, 2, DENSE>;
+        if (nt == 1) return attn_kernel<128, BITS, 1, DENSE, 0>;
+        return attn_kernel<128, BITS, 2, DENSE, 0>;
     } else {
-        return attn_kernel<256, BITS, 1, DENSE>;
+        return attn_kernel<256, BITS, 1, DENSE, 0>;
     }
 }
 
@@ -972,6 +1280,23 @@ attn_fn pick_kernel(const oscar_layout *L, int nt) {
     if (L->d == 128) return pick_nt<128, 4, false>(nt);
     return pick_nt<256, 4, false>(nt);
 }
+
+/* the fast kernel, if the call's shape allows it (FM: 1 subnormal codes,
+ * 2 magic-number codes; OSCAR_CUDA_FAST=0/1/2 overrides, 0 = off) */
+int fast_mode(const oscar_layout *L, int rows) {
+    if (!(L->quantised && L->bits == 2 && L->d == 128 && rows <= 4 && L->v_group == 32 && L->k_group % 32 == 0 &&
+          L->scale_keys && L->residual % 32 == 0))
+        return 0;
+    static int env = -2;
+    if (env == -2) {
+        const char *e = getenv("OSCAR_CUDA_FAST");
+        env = e ? atoi(e) : -1;
+    }
+    if (env == 0 || env == 1 || env == 2) return env;
+    return 1;
+}
+
+attn_fn pick_fast(int fm) { return fm == 1 ? attn_kernel<128, 2, 1, false, 1> : attn_kernel<128, 2, 1, false, 2>; }
 
 attn_fn pick_merge(int d) {
     if (d == 64) return merge_kernel<64>;
@@ -1011,6 +1336,10 @@ oscar_status oscar_cuda_kernels_init(oscar_cache *c) {
         int occ = 0;
         OSCAR_CK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, f, 128, smem));
         S->occ[k] = occ > 0 ? occ : 1;
+        if (nt == 1 && L->quantised && L->bits == 2 && L->d == 128)
+            for (int fm = 1; fm <= 2; fm++)
+                OSCAR_CK(c, cudaFuncSetAttribute((const void *)pick_fast(fm),
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     }
     extern oscar_status oscar_cuda_pack_init(oscar_cache * c);
     return oscar_cuda_pack_init(c);
@@ -1066,6 +1395,8 @@ oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_
     P.sm_log2 = softmax_scale * 1.4426950408889634f;
 
     attn_fn kern = pick_kernel(L, nt);
+    const int fm = nt == 1 ? fast_mode(L, rows) : 0;
+    if (fm) kern = pick_fast(fm);
     attn_fn merge = pick_merge(D);
     const size_t per_cta = (size_t)RPC * (D + 2) * sizeof(float);
     const long long target = (long long)S->occ[nt_index(nt)] * S->sm_count;
