@@ -26,7 +26,9 @@
  *  - OSCAR_BACKEND_CPU: all tensor pointers are host pointers.
  *  - OSCAR_BACKEND_CUDA: tensor pointers (K, V, Q, O) are device pointers and
  *    `stream` is a cudaStream_t (NULL = the legacy default stream). Control
- *    arguments (sequence ids, token counts) are always host arrays.
+ *    arguments (sequence ids, token counts) are always host arrays. Append
+ *    and attention neither allocate nor synchronise (except the finiteness
+ *    check, see check_finite). Needs a Hopper GPU (compute capability 9.0).
  *    Both backends read and write the same packed format (docs/FORMAT.md),
  *    so a sequence exported from one imports into the other.
  */
