@@ -96,6 +96,26 @@ __device__ __forceinline__ float ex2(float x) {
     return y;
 }
 
+/* ex2 with flush to zero: one MUFU.EX2 (the non-ftz form adds a range
+ * check and two multiplies). Inputs here are <= 0, outputs in [0, 1]; an
+ * output below 2^-126 becomes 0, which the fp16 p operand would lose anyway. */
+__device__ __forceinline__ float ex2z(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ void mbar_expect_tx_u(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void bulk_g2s_u(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+        "l"(src), "r"(bytes), "r"(bar)
+        : "memory");
+}
+
 __device__ __forceinline__ uint32_t hfma2u(uint32_t a, uint32_t b, uint32_t c) {
     __half2 r = __hfma2(*(__half2 *)&a, *(__half2 *)&b, *(__half2 *)&c);
     return *(uint32_t *)&r;
@@ -323,7 +343,10 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
     constexpr int TILE_BYTES = 2 * D * BITS;
     extern __shared__ __align__(128) uint8_t smem[];
 
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    /* broadcast from lane 0: the compiler then knows the warp index is
+     * warp-uniform and keeps what derives from it in uniform registers */
+    const int warp = __shfl_sync(OSCAR_FULL_MASK, (int)(threadIdx.x >> 5), 0);
     const int g = lane >> 2, t = lane & 3;
     const int zi = blockIdx.z;
     const int h = blockIdx.y / P.qchunks, qc = blockIdx.y - h * P.qchunks;
@@ -385,6 +408,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
          * g & 3, k-high half prescaled by 1/16; x = fp16 hi part, z = the lo
          * part for the columns 4..7 (g >= 4), 0 for the hi columns */
         uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
+        uint2 *qbias = (uint2 *)(smem + P.off_qbias);
         for (int i = threadIdx.x; i < KS * 32; i += blockDim.x) {
             const int s = i >> 5, ln = i & 31, gl = ln >> 2, r = gl & 3;
             const float sc = qinv[r] * 256.0f;
@@ -395,6 +419,13 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             const __half2 l1 = __floats2half2_rn(v2 - __low2float(h1), v3 - __high2float(h1));
             const uint32_t z0 = gl >= 4 ? *(const uint32_t *)&l0 : 0u, z1 = gl >= 4 ? *(const uint32_t *)&l1 : 0u;
             qfrag[i] = make_uint4(*(const uint32_t *)&h0, *(const uint32_t *)&h1, z0, z1);
+            /* B of the bias mma (A = lo, not prescaled): the hi (columns 0..3)
+             * or lo (columns 4..7) part of q', the k-high half unscaled */
+            const float u2 = row[8] * sc, u3 = row[9] * sc;
+            const __half2 e1 = __floats2half2_rn(u2, u3);
+            const __half2 f1 = __floats2half2_rn(u2 - __low2float(e1), u3 - __high2float(e1));
+            qbias[i] = gl >= 4 ? make_uint2(*(const uint32_t *)&l0, *(const uint32_t *)&f1)
+                               : make_uint2(*(const uint32_t *)&h0, *(const uint32_t *)&e1);
         }
         __syncthreads();
     } else if constexpr (!DENSE) {
@@ -440,6 +471,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         constexpr float FAC = FM == 1 ? 5.9604644775390625e-8f : 1.0f; /* 2^-24: subnormal codes */
         constexpr int NCG = 4;                                         /* Gv = 32 */
         const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
+        const uint2 *qbias = (const uint2 *)(smem + P.off_qbias);
         const uint32_t mhi = g >= 4 ? 0xffffffffu : 0u; /* lanes of the lo columns */
         const uint32_t msg = mhi & 0x80008000u;
         /* this lane's columns 2t + col are query rows (2t + col) & 3 */
@@ -466,41 +498,46 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
          * consume, advanced without divisions */
         int ib = cw0 / P.cpb, icc = cw0 - ib * P.cpb;
         int cb_ = ib, ccc = icc;
+        /* per-warp constants of the copies: byte offsets inside a layer
+         * block (32 bits), shared addresses of the stages and barriers */
+        const uint32_t o_kc = (uint32_t)((long long)h * P.head_bytes);
+        const uint32_t o_vc = o_kc + (uint32_t)P.codes_bytes;
+        const uint32_t o_kp = o_vc + (uint32_t)P.codes_bytes;
+        const uint32_t o_vp = o_kp + (uint32_t)P.kparams_bytes;
+        const uint32_t o_nm = (uint32_t)((long long)P.hkv * P.head_bytes);
+        const uint32_t s_base = smem_u32(wreg), b_base = smem_u32(mbar);
         auto issue = [&](int i) {
             const int b = ib, cc = icc;
             if (++icc == P.cpb) icc = 0, ib++;
-            const int tok0 = cc * CHUNK;
-            const int ntok = min(CHUNK, P.R - tok0);
-            const int pb = table[b];
-            const uint8_t *blk = P.pool_layer + (size_t)pb * P.LB;
-            const uint8_t *head = blk + (size_t)h * P.head_bytes;
-            uint8_t *st = wreg + (size_t)(i % NSTAGE) * P.stage_bytes;
-            uint64_t *bar = &mbar[i % NSTAGE];
-            const int gf = tok0 / P.Gk, gl = (tok0 + ntok - 1) / P.Gk;
-            const uint32_t bc = (uint32_t)(ntok / 16) * TILE_BYTES;
-            const uint32_t bkp = (uint32_t)(gl - gf + 1) * D * 4;
-            const uint32_t bvp = (uint32_t)ntok * NCG * 4;
-            const uint32_t bnm = (uint32_t)ntok * 4;
+            const uint32_t tok0 = (uint32_t)cc * CHUNK;
+            const uint32_t ntok = min((uint32_t)CHUNK, (uint32_t)P.R - tok0); /* 32 or 64 */
+            const uint8_t *blk = P.pool_layer + (size_t)__shfl_sync(OSCAR_FULL_MASK, table[b], 0) * P.LB;
+            const uint32_t sa = s_base + (uint32_t)(i % NSTAGE) * (uint32_t)P.stage_bytes;
+            const uint32_t bar = b_base + (uint32_t)(i % NSTAGE) * 8u;
+            const uint32_t gf = tok0 >> P.gk_shift, gl = (tok0 + ntok - 1) >> P.gk_shift;
+            const uint32_t bc = ntok * (TILE_BYTES / 16);
+            const uint32_t bkp = (gl - gf + 1) * (D * 4);
+            if (lane != 0) return;
             fence_proxy_async();
-            mbar_expect_tx(bar, 2 * bc + bkp + bvp + bnm);
-            bulk_g2s(st + P.kc_off, head + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
-            bulk_g2s(st + P.vc_off, head + P.codes_bytes + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
-            bulk_g2s(st + P.kp_off, head + 2 * P.codes_bytes + (size_t)gf * D * 4, bkp, bar);
-            bulk_g2s(st + P.vp_off, head + 2 * P.codes_bytes + P.kparams_bytes + (size_t)tok0 * NCG * 4, bvp, bar);
-            bulk_g2s(st + P.nm_off, blk + (size_t)P.hkv * P.head_bytes + (size_t)tok0 * 4, bnm, bar);
+            mbar_expect_tx_u(bar, ntok * (2 * (TILE_BYTES / 16) + NCG * 4 + 4) + bkp);
+            bulk_g2s_u(sa + P.kc_off, blk + (o_kc + tok0 * (TILE_BYTES / 16)), bc, bar);
+            bulk_g2s_u(sa + P.vc_off, blk + (o_vc + tok0 * (TILE_BYTES / 16)), bc, bar);
+            bulk_g2s_u(sa + P.kp_off, blk + (o_kp + gf * (D * 4)), bkp, bar);
+            bulk_g2s_u(sa + P.vp_off, blk + (o_vp + tok0 * (NCG * 4)), ntok * (NCG * 4), bar);
+            bulk_g2s_u(sa + P.nm_off, blk + (o_nm + tok0 * 4), ntok * 4, bar);
         };
-        if (lane == 0)
-            for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue(i);
+        /* every lane computes the copies' operands (warp-uniform), lane 0 issues */
+        for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue(i);
 
         for (int it = 0; it < nmine; it++) {
-            if (lane == 0 && it + NSTAGE - 1 < nmine) issue(it + NSTAGE - 1);
+            if (it + NSTAGE - 1 < nmine) issue(it + NSTAGE - 1);
             mbar_wait(&mbar[it % NSTAGE], (uint32_t)((it / NSTAGE) & 1));
             const uint8_t *st = wreg + (size_t)(it % NSTAGE) * P.stage_bytes;
             const int b = cb_, cc = ccc;
             if (++ccc == P.cpb) ccc = 0, cb_++;
             const int tok0 = cc * CHUNK;
             const int ntiles = min(CHUNK, P.R - tok0) / 16; /* 2 or 4 */
-            const int gf = tok0 / P.Gk;
+            const int gf = tok0 >> P.gk_shift;
             const int tb = b * P.R + tok0;
             const float *nm = (const float *)(st + P.nm_off);
             const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
@@ -510,7 +547,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             static_for<0, 2>([&](auto PR_) {
                 constexpr int pr = decltype(PR_)::value;
                 if (2 * pr < ntiles) {
-                    const int grp = (tok0 + 32 * pr) / P.Gk;
+                    const int grp = (tok0 + 32 * pr) >> P.gk_shift;
                     const uint8_t *kp = st + P.kp_off + (size_t)(grp - gf) * D * 4;
                     uint32_t bq[KS][2];
                     float cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -524,9 +561,9 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
                         const uint32_t h0 = hmul2u(f.x, scA), h1 = hmul2u(f.y, scB);
                         bq[s][0] = hfma2u(f.z, scA, hfma2u(f.x, scA, (h0 & mhi) ^ msg));
                         bq[s][1] = hfma2u(f.w, scB, hfma2u(f.y, scB, (h1 & mhi) ^ msg));
-                        const uint32_t loB16 = hmul2u(loB, 0x4c004c00u); /* x16: B's k-high half is /16 */
-                        const uint32_t la[4] = {loA, loA, loB16, loB16};
-                        mma16816(cb, la, (f.x & ~mhi) | (f.z & mhi), (f.y & ~mhi) | (f.w & mhi));
+                        const uint2 qb = qbias[s * 32 + lane];
+                        const uint32_t la[4] = {loA, loA, loB, loB};
+                        mma16816(cb, la, qb.x, qb.y);
                     });
                     const float b0 = cb[0] * FAC, b1 = cb[1] * FAC, b2 = cb[0] * (4.0f * FAC), b3 = cb[1] * (4.0f * FAC);
                     static_for<0, 2>([&](auto TT_) {
@@ -570,11 +607,14 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             });
 
             /* ---- value scale exponent of this chunk ---- */
-            uint32_t mxs = 0;
-            const int nvw = ntiles * 16 * NCG;
-            for (int i = lane * 4; i < nvw; i += 128) {
-                const uint4 v = *(const uint4 *)(vpw + i);
-                mxs = max(max(mxs, v.x & 0x7fffu), max(v.y & 0x7fffu, max(v.z & 0x7fffu, v.w & 0x7fffu)));
+            uint32_t mxs;
+            {
+                const uint4 v = *(const uint4 *)(vpw + lane * 4);
+                mxs = max(max(v.x & 0x7fffu, v.y & 0x7fffu), max(v.z & 0x7fffu, v.w & 0x7fffu));
+                if (ntiles == 4) {
+                    const uint4 u = *(const uint4 *)(vpw + 128 + lane * 4);
+                    mxs = max(mxs, max(max(u.x & 0x7fffu, u.y & 0x7fffu), max(u.z & 0x7fffu, u.w & 0x7fffu)));
+                }
             }
             mxs = __reduce_max_sync(OSCAR_FULL_MASK, mxs);
             const int ex = (int)(mxs >> 10) - 15;
@@ -600,13 +640,13 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
                     const float mnew = fmaxf(m[col], mx);
                     const float muse = mnew == -INFINITY ? 0.0f : mnew;
                     moved |= mnew != m[col];
-                    al[col] = ex2(m[col] - muse);
+                    al[col] = ex2z(m[col] - muse);
                     m[col] = mnew;
                     float sum = 0.0f;
 #pragma unroll
                     for (int tl = 0; tl < 4; tl++) {
-                        lg[tl][col] = ex2(lg[tl][col] - muse);
-                        lg[tl][col + 2] = ex2(lg[tl][col + 2] - muse);
+                        lg[tl][col] = ex2z(lg[tl][col] - muse);
+                        lg[tl][col + 2] = ex2z(lg[tl][col + 2] - muse);
                         sum += lg[tl][col] + lg[tl][col + 2];
                     }
                     l[col] = l[col] * al[col] + sum;
@@ -1239,12 +1279,15 @@ size_t attn_layout(const oscar_layout *L, int nt, AttnParams *P) {
     o = pbuf + (size_t)WARPS * RPC * 32 * 4;
     size_t qfr = al(o, 16);
     o = qfr + (L->quantised ? (size_t)(D / 16) * nt * 32 * 16 : 0);
+    size_t qbs = al(o, 16);
+    o = qbs + (L->quantised && nt == 1 ? (size_t)(D / 16) * 32 * 8 : 0);
     if (P) {
         P->stage_bytes = stage;
         P->kc_off = kc, P->vc_off = vc, P->kp_off = kp, P->vp_off = vp, P->nm_off = nm;
         P->warp_region = (int)region;
         P->off_mbar = (int)mb, P->off_qf = (int)qf, P->off_qinv = (int)qi, P->off_qexp = (int)qe;
         P->off_m = (int)om, P->off_l = (int)ol, P->off_pbuf = (int)pbuf, P->off_qfrag = (int)qfr;
+        P->off_qbias = (int)qbs;
         P->rpc = RPC;
     }
     return al(o, 16);
@@ -1285,6 +1328,7 @@ attn_fn pick_kernel(const oscar_layout *L, int nt) {
  * 2 magic-number codes; OSCAR_CUDA_FAST=0/1/2 overrides, 0 = off) */
 int fast_mode(const oscar_layout *L, int rows) {
     if (!(L->quantised && L->bits == 2 && L->d == 128 && rows <= 4 && L->v_group == 32 && L->k_group % 32 == 0 &&
+          (L->k_group & (L->k_group - 1)) == 0 &&
           L->scale_keys && L->residual % 32 == 0))
         return 0;
     static int env = -2;
@@ -1381,6 +1425,9 @@ oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_
     int sh = 0;
     while ((16 << sh) < L->v_group) sh++;
     P.gv_shift = sh;
+    sh = 0;
+    while ((1 << sh) < L->k_group) sh++;
+    P.gk_shift = sh; /* exact only for power-of-two Gk: used by the fast kernel only */
     P.hkv = L->hkv;
     P.hq = L->hq;
     P.g = g;

@@ -55,7 +55,8 @@ struct AttnParams {
     int R, Gk, Gv, gv_shift, hkv, hq, g, q_len, rows, rpc, qchunks, splits, cpb;
     int rotate, rotate_v, scale_keys;
     int stage_bytes, kc_off, vc_off, kp_off, vp_off, nm_off, warp_region;
-    int off_mbar, off_qf, off_qinv, off_qexp, off_m, off_l, off_pbuf, off_qfrag;
+    int off_mbar, off_qf, off_qinv, off_qexp, off_m, off_l, off_pbuf, off_qfrag, off_qbias;
+    int gk_shift;               /* log2(Gk) (fast kernel: Gk a power of two) */
     long long ml_off;           /* floats from ws to the (m, l) pairs     */
     float sm_log2;              /* softmax_scale * log2(e)                */
     int seq_base;               /* first sequence of this launch in the call */
