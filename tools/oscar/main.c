@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "commands.h"
+#include "model_commands.h"
 #include "oscar.h"
 
 typedef struct command {
@@ -15,6 +16,10 @@ static const command commands[] = {
     {"eval-kv", oscar_cmd_eval_kv, "quantise K/V from .npy files and report reconstruction and attention error"},
     {"bench", oscar_cmd_bench, "CPU decode-attention and append throughput on a synthetic cache"},
     {"synth", oscar_cmd_synth, "write a seeded synthetic K/V/Q example with Token Norm Imbalance"},
+    /* model commands (model/) */
+    {"run", oscar_cmd_run, "generate text with a GGUF Llama model, KV cache in oscar"},
+    {"ppl", oscar_cmd_ppl, "perplexity, KL and top-1 agreement of a quantised cache against 16-bit"},
+    {"tni", oscar_cmd_tni, "key token-norm statistics and a PNG plot per layer"},
 };
 
 static void usage(FILE *f) {

@@ -1,0 +1,545 @@
+/*
+ * llama.c - the Llama forward pass. See llama.h.
+ *
+ * Tokens are processed in chunks: every weight row is dequantised once per
+ * chunk and reused for all its tokens, which is what makes scoring long texts
+ * affordable on a few cores. Attention goes through oscar_append +
+ * oscar_attention (q_len = chunk), so later tokens always read the cache as
+ * oscar stores it.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "llama.h"
+
+#include <math.h>
+#include <omp.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void seterr(char *err, size_t n, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, n, fmt, ap);
+    va_end(ap);
+}
+
+/* ---- loading ------------------------------------------------------------ */
+
+static int get_u32_arch(const gguf_file *f, const char *arch, const char *key, uint32_t *out) {
+    char k[160];
+    snprintf(k, sizeof k, "%s.%s", arch, key);
+    return gguf_get_u32(f, k, out);
+}
+
+static int get_f32_arch(const gguf_file *f, const char *arch, const char *key, float *out) {
+    char k[160];
+    snprintf(k, sizeof k, "%s.%s", arch, key);
+    return gguf_get_f32(f, k, out);
+}
+
+static int bind_mat(const gguf_file *f, const char *name, int64_t rows, int64_t cols, qmat *out,
+                    char *err, size_t n) {
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t) {
+        seterr(err, n, "tensor '%s' is missing", name);
+        return -1;
+    }
+    if (t->n_dims > 2 || (int64_t)t->ne[0] != cols || (int64_t)t->ne[1] != rows) {
+        seterr(err, n, "tensor '%s' has shape [%llu, %llu], expected [%lld, %lld]", name,
+               (unsigned long long)t->ne[0], (unsigned long long)t->ne[1], (long long)cols, (long long)rows);
+        return -1;
+    }
+    if (!ggml_type_supported(t->type)) {
+        seterr(err, n, "tensor '%s' has type %s (ggml type %u), which this runner does not read "
+               "(supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q6_K)", name, ggml_type_name(t->type), t->type);
+        return -1;
+    }
+    uint64_t be, bb;
+    ggml_type_block(t->type, &be, &bb);
+    out->type = t->type;
+    out->rows = rows;
+    out->cols = cols;
+    out->row_bytes = (size_t)((uint64_t)cols / be * bb);
+    out->data = t->data;
+    out->owned = NULL;
+    return 0;
+}
+
+static const float *bind_vec(const gguf_file *f, const char *name, int64_t len, char *err, size_t n) {
+    const gguf_tensor *t = gguf_find_tensor(f, name);
+    if (!t) {
+        seterr(err, n, "tensor '%s' is missing", name);
+        return NULL;
+    }
+    if (t->type != GGML_T_F32 || t->n_elements != (uint64_t)len) {
+        seterr(err, n, "tensor '%s' must be F32 with %lld elements (is %s, %llu)", name, (long long)len,
+               ggml_type_name(t->type), (unsigned long long)t->n_elements);
+        return NULL;
+    }
+    if (((uintptr_t)t->data & 3) != 0) {
+        seterr(err, n, "tensor '%s' is not 4-byte aligned in the file", name);
+        return NULL;
+    }
+    return (const float *)t->data;
+}
+
+/* Replaces a matrix by an fp32 copy we own (for folding). */
+static int own_f32(qmat *w) {
+    float *p = malloc((size_t)(w->rows * w->cols) * sizeof *p);
+    if (!p) return -1;
+    for (int64_t r = 0; r < w->rows; r++)
+        ggml_dequantize_row(w->type, (const uint8_t *)w->data + (size_t)r * w->row_bytes, p + r * w->cols, w->cols);
+    w->owned = p;
+    w->data = p;
+    w->type = GGML_T_F32;
+    w->row_bytes = (size_t)w->cols * sizeof(float);
+    return 0;
+}
+
+void llama_free(llama_model *m) {
+    if (!m) return;
+    if (m->layers) {
+        for (int l = 0; l < m->n_layers; l++) {
+            free(m->layers[l].wv.owned);
+            free(m->layers[l].wo.owned);
+        }
+    }
+    free(m->layers);
+    free(m->rope_freq);
+    free(m->name);
+    tok_free(m->tok);
+    gguf_close(m->file);
+    free(m);
+}
+
+llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
+    llama_model *m = calloc(1, sizeof *m);
+    if (!m) {
+        seterr(err, n, "out of memory");
+        return NULL;
+    }
+    m->file = gguf_open(path, err, n);
+    if (!m->file) {
+        free(m);
+        return NULL;
+    }
+    gguf_file *f = m->file;
+    char *arch = gguf_get_string(f, "general.architecture");
+    if (!arch || strcmp(arch, "llama") != 0) {
+        seterr(err, n, "'%s': architecture '%s' is not supported (only 'llama')", path, arch ? arch : "(missing)");
+        free(arch);
+        llama_free(m);
+        return NULL;
+    }
+    uint32_t v;
+#define NEED_U32(key, dst)                                                                      \
+    do {                                                                                        \
+        if (get_u32_arch(f, arch, key, &v) != 0 || v == 0 || v > (1u << 20)) {                  \
+            seterr(err, n, "'%s': metadata %s.%s is missing or invalid", path, arch, key);      \
+            free(arch);                                                                         \
+            llama_free(m);                                                                      \
+            return NULL;                                                                        \
+        }                                                                                       \
+        dst = (int)v;                                                                           \
+    } while (0)
+    NEED_U32("block_count", m->n_layers);
+    NEED_U32("embedding_length", m->dim);
+    NEED_U32("feed_forward_length", m->ffn_dim);
+    NEED_U32("attention.head_count", m->n_heads);
+    m->n_kv_heads = m->n_heads;
+    if (get_u32_arch(f, arch, "attention.head_count_kv", &v) == 0) m->n_kv_heads = (int)v;
+    m->ctx_max = get_u32_arch(f, arch, "context_length", &v) == 0 ? (int)v : 2048;
+    m->head_dim = m->dim / m->n_heads;
+    if (get_u32_arch(f, arch, "attention.key_length", &v) == 0) m->head_dim = (int)v;
+    m->rope_dim = get_u32_arch(f, arch, "rope.dimension_count", &v) == 0 ? (int)v : m->head_dim;
+    m->eps = 1e-5f;
+    get_f32_arch(f, arch, "attention.layer_norm_rms_epsilon", &m->eps);
+    m->rope_base = 10000.0f;
+    get_f32_arch(f, arch, "rope.freq_base", &m->rope_base);
+    {
+        char k[160];
+        snprintf(k, sizeof k, "%s.rope.scaling.type", arch);
+        char *st = gguf_get_string(f, k);
+        int bad = st && strcmp(st, "none") != 0;
+        if (bad) seterr(err, n, "'%s': RoPE scaling '%s' is not supported", path, st);
+        free(st);
+        if (bad) {
+            free(arch);
+            llama_free(m);
+            return NULL;
+        }
+    }
+    free(arch);
+#undef NEED_U32
+    if (m->n_kv_heads <= 0 || m->n_heads % m->n_kv_heads != 0 || m->head_dim <= 0 || (m->head_dim & 1) ||
+        m->rope_dim > m->head_dim || (m->rope_dim & 1)) {
+        seterr(err, n, "'%s': inconsistent attention shape (heads %d, kv heads %d, head dim %d, rope dim %d)",
+               path, m->n_heads, m->n_kv_heads, m->head_dim, m->rope_dim);
+        llama_free(m);
+        return NULL;
+    }
+    m->name = gguf_get_string(f, "general.name");
+
+    m->tok = tok_load(f, err, n);
+    if (!m->tok) {
+        llama_free(m);
+        return NULL;
+    }
+    m->vocab = tok_vocab_size(m->tok);
+
+    int64_t qd = (int64_t)m->n_heads * m->head_dim, kvd = (int64_t)m->n_kv_heads * m->head_dim;
+    if (bind_mat(f, "token_embd.weight", m->vocab, m->dim, &m->embed, err, n) != 0) goto fail;
+    if (gguf_find_tensor(f, "output.weight")) {
+        if (bind_mat(f, "output.weight", m->vocab, m->dim, &m->output, err, n) != 0) goto fail;
+    } else {
+        m->output = m->embed; /* tied embeddings */
+    }
+    if (!(m->out_norm = bind_vec(f, "output_norm.weight", m->dim, err, n))) goto fail;
+    m->layers = calloc((size_t)m->n_layers, sizeof *m->layers);
+    if (!m->layers) {
+        seterr(err, n, "out of memory");
+        goto fail;
+    }
+    for (int l = 0; l < m->n_layers; l++) {
+        llama_layer *L = &m->layers[l];
+        char nm[96];
+#define T(name) (snprintf(nm, sizeof nm, "blk.%d." name ".weight", l), nm)
+        if (!(L->attn_norm = bind_vec(f, T("attn_norm"), m->dim, err, n))) goto fail;
+        if (!(L->ffn_norm = bind_vec(f, T("ffn_norm"), m->dim, err, n))) goto fail;
+        if (bind_mat(f, T("attn_q"), qd, m->dim, &L->wq, err, n) != 0 ||
+            bind_mat(f, T("attn_k"), kvd, m->dim, &L->wk, err, n) != 0 ||
+            bind_mat(f, T("attn_v"), kvd, m->dim, &L->wv, err, n) != 0 ||
+            bind_mat(f, T("attn_output"), m->dim, qd, &L->wo, err, n) != 0 ||
+            bind_mat(f, T("ffn_gate"), m->ffn_dim, m->dim, &L->wgate, err, n) != 0 ||
+            bind_mat(f, T("ffn_up"), m->ffn_dim, m->dim, &L->wup, err, n) != 0 ||
+            bind_mat(f, T("ffn_down"), m->dim, m->ffn_dim, &L->wdown, err, n) != 0)
+            goto fail;
+#undef T
+        if (fold_v) {
+            if (own_f32(&L->wv) != 0 || own_f32(&L->wo) != 0) {
+                seterr(err, n, "out of memory");
+                goto fail;
+            }
+            oscar_status st = oscar_fold_hadamard_wv(L->wv.owned, m->n_kv_heads, m->head_dim, m->dim);
+            if (st == OSCAR_OK) st = oscar_fold_hadamard_wo(L->wo.owned, m->dim, m->n_heads, m->head_dim);
+            if (st != OSCAR_OK) {
+                seterr(err, n, "folding the Hadamard rotation into layer %d failed: %s", l, oscar_status_name(st));
+                goto fail;
+            }
+        }
+    }
+    m->v_folded = fold_v;
+    m->rope_freq = malloc((size_t)(m->rope_dim / 2) * sizeof *m->rope_freq);
+    if (!m->rope_freq) {
+        seterr(err, n, "out of memory");
+        goto fail;
+    }
+    for (int i = 0; i < m->rope_dim / 2; i++) m->rope_freq[i] = pow((double)m->rope_base, -2.0 * i / m->rope_dim);
+    return m;
+fail:
+    llama_free(m);
+    return NULL;
+}
+
+/* ---- kernels ------------------------------------------------------------ */
+
+enum { ROW_TILE = 16 };
+
+/*
+ * y[t, r] = sum_c x[t, c] * W[r, c] for t < T. Row tiles are dequantised
+ * into a per-thread buffer once and reused for every token; four tokens share
+ * each pass over a weight row to cut loads.
+ */
+static void matmul(float *y, const float *x, const qmat *w, int T) {
+    const int64_t rows = w->rows, cols = w->cols;
+    const int64_t ntiles = (rows + ROW_TILE - 1) / ROW_TILE;
+#pragma omp parallel
+    {
+        float *buf = w->type == GGML_T_F32 ? NULL : malloc((size_t)(ROW_TILE * cols) * sizeof(float));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t tile = 0; tile < ntiles; tile++) {
+            int64_t r0 = tile * ROW_TILE, nr = rows - r0 < ROW_TILE ? rows - r0 : ROW_TILE;
+            const float *wt;
+            if (w->type == GGML_T_F32) {
+                wt = (const float *)w->data + r0 * cols;
+            } else {
+                for (int64_t i = 0; i < nr; i++)
+                    ggml_dequantize_row(w->type, (const uint8_t *)w->data + (size_t)(r0 + i) * w->row_bytes,
+                                        buf + i * cols, cols);
+                wt = buf;
+            }
+            int t = 0;
+            for (; t + 4 <= T; t += 4) {
+                const float *x0 = x + (int64_t)t * cols, *x1 = x0 + cols, *x2 = x1 + cols, *x3 = x2 + cols;
+                for (int64_t i = 0; i < nr; i++) {
+                    const float *wr = wt + i * cols;
+                    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+                    for (int64_t c = 0; c < cols; c++) {
+                        float wv = wr[c];
+                        a0 += wv * x0[c];
+                        a1 += wv * x1[c];
+                        a2 += wv * x2[c];
+                        a3 += wv * x3[c];
+                    }
+                    y[(int64_t)t * rows + r0 + i] = a0;
+                    y[(int64_t)(t + 1) * rows + r0 + i] = a1;
+                    y[(int64_t)(t + 2) * rows + r0 + i] = a2;
+                    y[(int64_t)(t + 3) * rows + r0 + i] = a3;
+                }
+            }
+            for (; t < T; t++) {
+                const float *x0 = x + (int64_t)t * cols;
+                for (int64_t i = 0; i < nr; i++) {
+                    const float *wr = wt + i * cols;
+                    float a0 = 0;
+#pragma omp simd reduction(+ : a0)
+                    for (int64_t c = 0; c < cols; c++) a0 += wr[c] * x0[c];
+                    y[(int64_t)t * rows + r0 + i] = a0;
+                }
+            }
+        }
+        free(buf);
+    }
+}
+
+static void rmsnorm(float *out, const float *x, const float *w, int T, int dim, float eps) {
+    for (int t = 0; t < T; t++) {
+        const float *xr = x + (int64_t)t * dim;
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        float s = (float)(1.0 / sqrt(ss / dim + eps));
+        for (int i = 0; i < dim; i++) out[(int64_t)t * dim + i] = xr[i] * s * w[i];
+    }
+}
+
+/* Llama GGUFs store Q/K permuted by the converter so that the rotation pairs
+ * are adjacent elements (2i, 2i+1): llama.cpp's "normal" RoPE. */
+static void rope(const llama_model *m, float *x, int T, int n_heads, int64_t pos0) {
+    const int d = m->head_dim, half = m->rope_dim / 2;
+    for (int t = 0; t < T; t++) {
+        double pos = (double)(pos0 + t);
+        for (int i = 0; i < half; i++) {
+            double a = pos * m->rope_freq[i];
+            float c = (float)cos(a), s = (float)sin(a);
+            for (int h = 0; h < n_heads; h++) {
+                float *p = x + ((int64_t)t * n_heads + h) * d + 2 * i;
+                float x0 = p[0], x1 = p[1];
+                p[0] = x0 * c - x1 * s;
+                p[1] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/* ---- KV cache ----------------------------------------------------------- */
+
+int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in, int use_f32,
+                  int64_t max_tokens, char *err, size_t n) {
+    memset(kv, 0, sizeof *kv);
+    kv->use_f32 = use_f32;
+    kv->cap = max_tokens;
+    if (use_f32) {
+        size_t sz = (size_t)m->n_layers * (size_t)max_tokens * (size_t)(m->n_kv_heads * m->head_dim);
+        kv->k = malloc(sz * sizeof(float));
+        kv->v = malloc(sz * sizeof(float));
+        if (!kv->k || !kv->v) {
+            llama_kv_free(kv);
+            seterr(err, n, "out of memory for a %lld-token fp32 cache", (long long)max_tokens);
+            return -1;
+        }
+        return 0;
+    }
+    oscar_config c = cfg_in ? *cfg_in : oscar_config_default();
+    c.head_dim = m->head_dim;
+    c.num_kv_heads = m->n_kv_heads;
+    c.num_q_heads = m->n_heads;
+    c.num_layers = m->n_layers;
+    c.backend = OSCAR_BACKEND_CPU;
+    c.max_seqs = 1;
+    c.rotate_values = m->v_folded ? 0 : 1;
+    if (c.residual <= 0) c.residual = 128;
+    c.block_count = (int)(max_tokens / c.residual + 2);
+    char e2[256] = "";
+    oscar_status st = oscar_cache_create(&c, &kv->oc, e2, sizeof e2);
+    if (st != OSCAR_OK) {
+        seterr(err, n, "cannot create the oscar cache: %s (%s)", e2, oscar_status_name(st));
+        return -1;
+    }
+    if (c.method != OSCAR_METHOD_NONE) kv->residual = c.residual;
+    st = oscar_seq_add(kv->oc, &kv->seq);
+    if (st != OSCAR_OK) {
+        seterr(err, n, "oscar_seq_add: %s", oscar_last_error(kv->oc));
+        llama_kv_free(kv);
+        return -1;
+    }
+    return 0;
+}
+
+int llama_next_chunk(const llama_kv *kv, int64_t end, int max) {
+    int64_t p = kv->len, n = end - p < max ? end - p : max;
+    if (kv->residual > 0 && n > 1) {
+        int64_t boundary = (p / kv->residual + 1) * kv->residual; /* token boundary-1 completes the block */
+        int64_t upto = boundary - 1 - p;
+        n = upto <= 0 ? 1 : (n < upto ? n : upto);
+    }
+    return (int)n;
+}
+
+int llama_kv_reset(llama_kv *kv, char *err, size_t n) {
+    kv->len = 0;
+    if (kv->use_f32) return 0;
+    oscar_status st = oscar_seq_free(kv->oc, kv->seq);
+    if (st == OSCAR_OK) st = oscar_seq_add(kv->oc, &kv->seq);
+    if (st != OSCAR_OK) {
+        seterr(err, n, "resetting the oscar sequence: %s", oscar_last_error(kv->oc));
+        return -1;
+    }
+    return 0;
+}
+
+void llama_kv_free(llama_kv *kv) {
+    if (kv->oc) oscar_cache_destroy(kv->oc);
+    free(kv->k);
+    free(kv->v);
+    memset(kv, 0, sizeof *kv);
+}
+
+/* The runner's own attention over its fp32 cache: exact softmax, fp64 sums. */
+static void attention_f32(const llama_model *m, llama_kv *kv, int layer, const float *q, float *out, int T,
+                          int64_t pos0) {
+    const int d = m->head_dim, hq = m->n_heads, g = m->n_heads / m->n_kv_heads;
+    const int64_t kvd = (int64_t)m->n_kv_heads * d;
+    const float *K = kv->k + (int64_t)layer * kv->cap * kvd, *V = kv->v + (int64_t)layer * kv->cap * kvd;
+    const double scale = 1.0 / sqrt((double)d);
+#pragma omp parallel
+    {
+        double *sc = malloc((size_t)(pos0 + T) * sizeof *sc);
+        double *acc = malloc((size_t)d * sizeof *acc);
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < hq; h++) {
+                const float *qh = q + ((int64_t)t * hq + h) * d;
+                int kh = h / g;
+                int64_t n_ctx = pos0 + t + 1;
+                double mx = -INFINITY;
+                for (int64_t j = 0; j < n_ctx; j++) {
+                    const float *kr = K + j * kvd + (int64_t)kh * d;
+                    double s = 0;
+                    for (int c = 0; c < d; c++) s += (double)qh[c] * kr[c];
+                    sc[j] = s * scale;
+                    if (sc[j] > mx) mx = sc[j];
+                }
+                double sum = 0;
+                for (int c = 0; c < d; c++) acc[c] = 0;
+                for (int64_t j = 0; j < n_ctx; j++) {
+                    double p = exp(sc[j] - mx);
+                    sum += p;
+                    const float *vr = V + j * kvd + (int64_t)kh * d;
+                    for (int c = 0; c < d; c++) acc[c] += p * vr[c];
+                }
+                float *o = out + ((int64_t)t * hq + h) * d;
+                for (int c = 0; c < d; c++) o[c] = (float)(acc[c] / sum);
+            }
+        free(sc);
+        free(acc);
+    }
+}
+
+/* ---- forward ------------------------------------------------------------ */
+
+int llama_state_init(llama_state *s, const llama_model *m, int max_chunk) {
+    memset(s, 0, sizeof *s);
+    s->max_chunk = max_chunk;
+    size_t T = (size_t)max_chunk;
+    size_t qd = (size_t)m->n_heads * m->head_dim, kvd = (size_t)m->n_kv_heads * m->head_dim;
+    s->x = malloc(T * m->dim * sizeof(float));
+    s->xb = malloc(T * ((size_t)m->dim > qd ? (size_t)m->dim : qd) * sizeof(float));
+    s->q = malloc(T * qd * sizeof(float));
+    s->k = malloc(T * kvd * sizeof(float));
+    s->v = malloc(T * kvd * sizeof(float));
+    s->att = malloc(T * qd * sizeof(float));
+    s->xo = malloc(T * m->dim * sizeof(float));
+    s->hb = malloc(T * m->ffn_dim * sizeof(float));
+    s->hb2 = malloc(T * m->ffn_dim * sizeof(float));
+    s->logits = malloc(T * m->vocab * sizeof(float));
+    if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->xo || !s->hb || !s->hb2 || !s->logits) {
+        llama_state_free(s);
+        return -1;
+    }
+    return 0;
+}
+
+void llama_state_free(llama_state *s) {
+    free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v);
+    free(s->att); free(s->xo); free(s->hb); free(s->hb2); free(s->logits);
+    memset(s, 0, sizeof *s);
+}
+
+int llama_forward(const llama_model *m, llama_state *s, llama_kv *kv, const int32_t *tokens, int T,
+                  int n_logits, char *err, size_t n) {
+    if (T <= 0 || T > s->max_chunk || n_logits < 0 || n_logits > T) {
+        seterr(err, n, "internal: bad chunk size %d (max %d)", T, s->max_chunk);
+        return -1;
+    }
+    if (kv->len + T > kv->cap) {
+        seterr(err, n, "context full: %lld + %d tokens exceed the cache's %lld", (long long)kv->len, T,
+               (long long)kv->cap);
+        return -1;
+    }
+    const int dim = m->dim, kvd = m->n_kv_heads * m->head_dim;
+    const int64_t pos0 = kv->len;
+    for (int t = 0; t < T; t++) {
+        if (tokens[t] < 0 || tokens[t] >= m->vocab) {
+            seterr(err, n, "token id %d is outside the vocabulary (%d)", tokens[t], m->vocab);
+            return -1;
+        }
+        ggml_dequantize_row(m->embed.type, (const uint8_t *)m->embed.data + (size_t)tokens[t] * m->embed.row_bytes,
+                            s->x + (int64_t)t * dim, dim);
+    }
+    for (int l = 0; l < m->n_layers; l++) {
+        const llama_layer *L = &m->layers[l];
+        rmsnorm(s->xb, s->x, L->attn_norm, T, dim, m->eps);
+        matmul(s->q, s->xb, &L->wq, T);
+        matmul(s->k, s->xb, &L->wk, T);
+        matmul(s->v, s->xb, &L->wv, T);
+        rope(m, s->q, T, m->n_heads, pos0);
+        rope(m, s->k, T, m->n_kv_heads, pos0);
+        if (s->key_hook) s->key_hook(s->key_hook_ud, l, pos0, T, s->k);
+        if (kv->use_f32) {
+            size_t off = ((size_t)l * kv->cap + pos0) * kvd;
+            memcpy(kv->k + off, s->k, (size_t)T * kvd * sizeof(float));
+            memcpy(kv->v + off, s->v, (size_t)T * kvd * sizeof(float));
+            attention_f32(m, kv, l, s->q, s->att, T, pos0);
+        } else {
+            int32_t nt = T;
+            oscar_status st = oscar_append(kv->oc, l, 1, &kv->seq, &nt, s->k, s->v, OSCAR_DTYPE_F32, NULL);
+            if (st == OSCAR_OK)
+                st = oscar_attention(kv->oc, l, 1, &kv->seq, T, s->q, OSCAR_DTYPE_F32, s->att, OSCAR_DTYPE_F32,
+                                     0.0f, NULL);
+            if (st != OSCAR_OK) {
+                seterr(err, n, "oscar (layer %d): %s: %s", l, oscar_status_name(st), oscar_last_error(kv->oc));
+                return -1;
+            }
+        }
+        matmul(s->xo, s->att, &L->wo, T);
+        for (int64_t i = 0; i < (int64_t)T * dim; i++) s->x[i] += s->xo[i];
+        rmsnorm(s->xb, s->x, L->ffn_norm, T, dim, m->eps);
+        matmul(s->hb, s->xb, &L->wgate, T);
+        matmul(s->hb2, s->xb, &L->wup, T);
+        for (int64_t i = 0; i < (int64_t)T * m->ffn_dim; i++) {
+            float g = s->hb[i];
+            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
+        }
+        matmul(s->xo, s->hb, &L->wdown, T);
+        for (int64_t i = 0; i < (int64_t)T * dim; i++) s->x[i] += s->xo[i];
+    }
+    kv->len += T;
+    if (n_logits > 0) {
+        const float *xl = s->x + (int64_t)(T - n_logits) * dim;
+        rmsnorm(s->xb, xl, m->out_norm, n_logits, dim, m->eps);
+        matmul(s->logits, s->xb, &m->output, n_logits);
+    }
+    return 0;
+}

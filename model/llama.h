@@ -1,0 +1,98 @@
+/*
+ * llama.h - a Llama-architecture forward pass over GGUF weights, on the CPU,
+ * with the KV cache held by oscar (or, for debugging, a plain fp32 cache).
+ */
+#ifndef OSCAR_MODEL_LLAMA_H
+#define OSCAR_MODEL_LLAMA_H
+
+#include "gguf.h"
+#include "oscar.h"
+#include "tokenizer.h"
+
+/* A weight matrix [rows, cols] in its file encoding; row r starts at
+ * data + r * row_bytes. Folded matrices are fp32 copies we own. */
+typedef struct qmat {
+    uint32_t type;
+    int64_t rows, cols;
+    size_t row_bytes;
+    const void *data;
+    float *owned;
+} qmat;
+
+typedef struct llama_layer {
+    const float *attn_norm, *ffn_norm;
+    qmat wq, wk, wv, wo, wgate, wup, wdown;
+} llama_layer;
+
+typedef struct llama_model {
+    gguf_file *file;
+    tokenizer *tok;
+    char *name;
+    int n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, ctx_max, rope_dim;
+    float eps, rope_base;
+    const float *out_norm;
+    qmat embed, output;
+    llama_layer *layers;
+    int v_folded; /* H folded into W_v / W_o at load time */
+    double *rope_freq; /* rope_dim/2 inverse frequencies */
+} llama_model;
+
+llama_model *llama_load(const char *path, int fold_v, char *err, size_t err_size);
+void llama_free(llama_model *m);
+
+/* The KV cache of one sequence: an oscar cache or, with use_f32, a plain
+ * fp32 array (the runner's own reference, independent of the library). */
+typedef struct llama_kv {
+    int use_f32;
+    oscar_cache *oc;
+    int32_t seq;
+    float *k, *v;   /* f32: [layers][cap][kv_dim] */
+    int64_t cap;
+    int64_t len;    /* tokens appended so far (all layers) */
+    int residual;   /* R of a quantising oscar cache, 0 otherwise */
+} llama_kv;
+
+/*
+ * How many of the tokens [kv->len, end) to run as the next chunk (<= max).
+ * A quantising cache packs a block the moment its R-th token is appended, and
+ * the chunk's queries attend after their append. So a chunk never runs past
+ * the token before a block boundary, and the boundary token goes alone: every
+ * token then sees exactly the cache that token-by-token decoding would give
+ * it (older blocks quantised, the window exact, the boundary token's own
+ * block quantised, as in decode).
+ */
+int llama_next_chunk(const llama_kv *kv, int64_t end, int max);
+
+/* Creates a cache for one sequence of up to max_tokens tokens: with use_f32
+ * the runner's own fp32 cache, else an oscar cache whose method, bits,
+ * groups, residual and window dtype come from *cfg (NULL: defaults) and whose
+ * shapes come from the model. */
+int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg, int use_f32,
+                  int64_t max_tokens, char *err, size_t err_size);
+/* Drops all tokens (a new sequence). */
+int llama_kv_reset(llama_kv *kv, char *err, size_t err_size);
+void llama_kv_free(llama_kv *kv);
+
+/* Optional observer of the post-RoPE keys of each layer (tni). */
+typedef void (*llama_key_hook)(void *ud, int layer, int64_t pos0, int n, const float *k);
+
+typedef struct llama_state {
+    int max_chunk;
+    float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *xo, *logits;
+    llama_key_hook key_hook;
+    void *key_hook_ud;
+} llama_state;
+
+int llama_state_init(llama_state *s, const llama_model *m, int max_chunk);
+void llama_state_free(llama_state *s);
+
+/*
+ * Runs n tokens (n <= max_chunk) through the model at positions kv->len ..
+ * kv->len + n - 1, appending their keys/values to kv. On success s->logits
+ * holds logits for the last `n_logits` tokens ([n_logits, vocab]; 0 skips the
+ * output layer). Returns 0, or -1 with a message.
+ */
+int llama_forward(const llama_model *m, llama_state *s, llama_kv *kv, const int32_t *tokens, int n,
+                  int n_logits, char *err, size_t err_size);
+
+#endif

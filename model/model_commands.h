@@ -1,0 +1,13 @@
+/*
+ * model_commands.h - the `oscar run`, `oscar ppl` and `oscar tni`
+ * subcommands (a GGUF Llama runner whose KV cache lives in oscar).
+ * argv[0] is the subcommand name. They return a process exit status.
+ */
+#ifndef OSCAR_MODEL_COMMANDS_H
+#define OSCAR_MODEL_COMMANDS_H
+
+int oscar_cmd_run(int argc, char **argv);
+int oscar_cmd_ppl(int argc, char **argv);
+int oscar_cmd_tni(int argc, char **argv);
+
+#endif

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# The model runner end to end on the default model (SmolLM2-135M-Instruct):
+# `oscar run`, `oscar ppl --json`, online vs folded V rotation, `oscar tni`
+# with its PNG, malformed GGUF files, and the numpy logits check when numpy
+# and gguf are installed. Downloads the model with scripts/get-model.sh if it
+# is missing; skips (exit 0) only if that download is impossible.
+# usage: cli_model.sh <oscar-binary> <build-dir>
+set -uo pipefail
+BIN="$1"
+BUILD="${2:-.}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+MODEL="${OSCAR_MODEL:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+TEXT="$ROOT/docs/FORMAT.md"   # real English documentation that is always in the repo
+WORK="$BUILD/cli_model.tmp"
+rm -rf "$WORK" && mkdir -p "$WORK"
+# ctest runs tests side by side on few cores: spinning OpenMP threads of two
+# processes then starve each other, so threads wait passively here.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
+fail() { echo "FAIL: $*"; exit 1; }
+
+if [ ! -s "$MODEL" ]; then
+    if ! "$ROOT/scripts/get-model.sh" >/dev/null; then
+        echo "SKIP: the model is missing and scripts/get-model.sh could not download it"
+        exit 0
+    fi
+fi
+[ -s "$TEXT" ] || fail "missing $TEXT"
+
+# A sanitizer build runs the same steps on shorter inputs.
+SLOW=0
+if grep -q '^OSCAR_SANITIZE:BOOL=ON' "$BUILD/../CMakeCache.txt" 2>/dev/null || \
+   grep -q '^OSCAR_SANITIZE:BOOL=ON' "$BUILD/CMakeCache.txt" 2>/dev/null; then SLOW=1; fi
+if [ $SLOW = 1 ]; then CTX=40; WIN=1; NGEN=2; TNI=48; RES=16; KG=16; VG=16; else CTX=256; WIN=2; NGEN=16; TNI=256; RES=128; KG=32; VG=32; fi
+echo "cli_model: model $MODEL, ctx $CTX$( [ $SLOW = 1 ] && echo ' (sanitizer build: short inputs)')"
+
+# 1. generation with the 2-bit OScaR cache: greedy, chat template
+out="$("$BIN" run --model "$MODEL" --prompt "What is the capital of France?" -n $NGEN --kv oscar --bits 2 --residual $RES --k-group $KG --v-group $VG)" \
+    || fail "oscar run exited with $?"
+echo "$out"
+if [ $SLOW = 0 ]; then echo "$out" | grep -q "Paris" || fail "run: expected 'Paris' in the answer"; fi
+echo "$out" | grep -q "tokens/s" || fail "run: no tokens/s report"
+echo "$out" | grep -q "KV cache oscar-2" || fail "run: no KV memory report"
+
+# 2. perplexity with --json: the last stdout line is one JSON object
+json_field() { sed -n 's/.*"'"$1"'":\([-0-9.eE+a-z]*\).*/\1/p' <<<"$2"; }
+ppl_json() {
+    "$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx $CTX --windows $WIN --residual $RES --k-group $KG --v-group $VG --json "$@" \
+        2>"$WORK/ppl.err" | tail -n1
+}
+j="$(ppl_json --kv oscar --bits 2)" || fail "ppl exited with an error: $(cat "$WORK/ppl.err")"
+echo "ppl oscar-2: $j"
+for f in ppl ppl_ref kl_mean kl_p99 top1_agree tokens kv_bytes_per_token; do
+    [ -n "$(json_field $f "$j")" ] || fail "ppl --json: field '$f' missing"
+done
+grep -q 'tokens' "$WORK/ppl.err" || fail "ppl: no progress output on stderr"
+awk -v p="$(json_field ppl "$j")" -v r="$(json_field ppl_ref "$j")" -v k="$(json_field kl_mean "$j")" \
+    -v t="$(json_field top1_agree "$j")" -v b="$(json_field kv_bytes_per_token "$j")" 'BEGIN {
+    if (!(p > 1 && p < 1000 && r > 1 && r < 1000)) { print "bad perplexity " p " / " r; exit 1 }
+    if (!(k >= 0 && k < 1)) { print "bad kl_mean " k; exit 1 }
+    if (!(t > 0.5 && t <= 1)) { print "bad top1_agree " t; exit 1 }
+    if (!(b > 0 && b < 23040 / 3)) { print "bad kv_bytes_per_token " b; exit 1 }
+}' || fail "ppl: implausible values"
+
+# 3. V rotation folded into W_v / W_o equals online rotation (normal build only:
+#    a sanitizer build is too slow for a second pair of runs)
+if [ $SLOW = 0 ]; then
+jf="$(ppl_json --kv oscar --bits 2 --fold-v)" || fail "ppl --fold-v failed: $(cat "$WORK/ppl.err")"
+echo "ppl oscar-2 --fold-v: $jf"
+awk -v a="$(json_field ppl "$j")" -v b="$(json_field ppl "$jf")" -v ka="$(json_field kl_mean "$j")" \
+    -v kb="$(json_field kl_mean "$jf")" -v ra="$(json_field ppl_ref "$j")" -v rb="$(json_field ppl_ref "$jf")" 'BEGIN {
+    d = a > b ? a - b : b - a; dr = ra > rb ? ra - rb : rb - ra; dk = ka > kb ? ka - kb : kb - ka
+    # equal up to float rounding (which can flip a rare 2-bit code)
+    if (d / a > 2e-3 || dr / ra > 1e-4 || dk > 0.05 * ka + 1e-4) { print "online " a " vs folded " b; exit 1 }
+}' || fail "folded and online V rotation differ"
+fi
+
+# 4. bad arguments and malformed files fail cleanly
+"$BIN" ppl --model "$MODEL" --text "$TEXT" --kv nope >/dev/null 2>&1 && fail "ppl accepted --kv nope"
+"$BIN" run --model "$MODEL" --prompt hi --bits 3 >/dev/null 2>&1 && fail "run accepted --bits 3"
+head -c 1000000 "$MODEL" > "$WORK/truncated.gguf"
+msg="$("$BIN" run --model "$WORK/truncated.gguf" --prompt hi 2>&1)"; rc=$?
+[ $rc = 1 ] || fail "truncated GGUF: exit $rc, expected 1 ($msg)"
+echo "truncated GGUF -> $msg"
+printf 'GGUF\003\000\000\000\377\377\377\377\377\377\377\377\001\000\000\000\000\000\000\000' > "$WORK/hostile.gguf"
+msg="$("$BIN" run --model "$WORK/hostile.gguf" --prompt hi 2>&1)"; rc=$?
+[ $rc = 1 ] || fail "hostile GGUF: exit $rc, expected 1 ($msg)"
+echo "hostile GGUF -> $msg"
+echo "not a model" > "$WORK/text.gguf"
+"$BIN" run --model "$WORK/text.gguf" --prompt hi >/dev/null 2>&1 && fail "a text file was accepted as a model"
+
+# 5. TNI statistics and the PNG
+"$BIN" tni --model "$MODEL" --text "$TEXT" --tokens $TNI --residual $RES --k-group $KG --png "$WORK/tni.png" > "$WORK/tni.txt" \
+    || fail "tni failed"
+head -n 8 "$WORK/tni.txt"
+[ "$(grep -cE '^ +[0-9]+ \|' "$WORK/tni.txt")" = 30 ] || fail "tni: expected 30 layer rows"
+[ "$(head -c 8 "$WORK/tni.png" | od -An -tx1 | tr -d ' \n')" = "89504e470d0a1a0a" ] || fail "tni: not a PNG"
+if command -v python3 >/dev/null && python3 -c 'import zlib' 2>/dev/null; then
+    python3 - "$WORK/tni.png" <<'PY' || fail "tni: PNG does not decode"
+import struct, sys, zlib
+d = open(sys.argv[1], "rb").read()
+pos, idat = 8, b""
+while pos < len(d):
+    n, = struct.unpack(">I", d[pos:pos + 4]); typ = d[pos + 4:pos + 8]; body = d[pos + 8:pos + 8 + n]
+    assert zlib.crc32(typ + body) == struct.unpack(">I", d[pos + 8 + n:pos + 12 + n])[0], "bad CRC"
+    if typ == b"IHDR": w, h = struct.unpack(">II", body[:8])
+    if typ == b"IDAT": idat += body
+    pos += 12 + n
+raw = zlib.decompress(idat)
+assert len(raw) == h * (3 * w + 1), "bad size"
+print(f"tni.png: {w}x{h}, decodes")
+PY
+fi
+
+# 6. logits against an independent numpy implementation
+if [ $SLOW = 1 ]; then
+    echo "cli_model: sanitizer build, numpy logits check left to the normal build"
+elif python3 -c 'import numpy, gguf' 2>/dev/null; then
+    python3 "$ROOT/tests/model/check_logits.py" --oscar "$BIN" --model "$MODEL" --text "$TEXT" --tokens 200 --gen 16 \
+        || fail "logits check against numpy"
+else
+    echo "cli_model: numpy/gguf not installed (pip install numpy gguf), logits check skipped"
+fi
+echo "cli_model: PASS"

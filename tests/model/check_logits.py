@@ -1,0 +1,252 @@
+#!/usr/bin/env python3
+"""Checks the C runner (`oscar ppl` / `oscar run`) against an independent
+numpy implementation of the same GGUF model.
+
+The reference reads the file with the PyPI `gguf` package (GGUFReader and
+gguf.quants.dequantize, not our C reader), undoes llama.cpp's Q/K row
+permutation and applies RoPE the Hugging Face way (rotate_half on the
+original layout), so it does not share the runner's RoPE convention. It runs
+in float64.
+
+Checks:
+  1. logits of the first N tokens of a text, 16-bit oscar cache (--kv none)
+     and the runner's fp32 cache (--kv f32): max |diff| / max |ref| <= 1e-2;
+  2. greedy continuation of a prompt: identical token ids;
+  3. tokenizer: round trip decode(encode(text)) == text with our own byte
+     decoder, a few hand-checked ids, and, when the `tokenizers` package is
+     installed, token-for-token equality with a Hugging Face BPE built from
+     the same vocabulary and merges (digits split, byte-level GPT-2 regex).
+
+Exit 0 on success, 1 on failure, 77 (skip) when numpy or gguf is missing.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+try:
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+except ImportError as e:  # pragma: no cover
+    print(f"SKIP: check_logits.py needs numpy and gguf (pip install numpy gguf): {e}")
+    sys.exit(77)
+
+
+def field(r, key):
+    f = r.fields[key]
+    return f.contents()
+
+
+class Ref:
+    def __init__(self, path):
+        r = GGUFReader(path)
+        self.r = r
+        arch = field(r, "general.architecture")
+        g = lambda k, d=None: field(r, f"{arch}.{k}") if f"{arch}.{k}" in r.fields else d
+        self.n_layers = int(g("block_count"))
+        self.dim = int(g("embedding_length"))
+        self.n_heads = int(g("attention.head_count"))
+        self.n_kv = int(g("attention.head_count_kv", self.n_heads))
+        self.hd = self.dim // self.n_heads
+        self.eps = float(g("attention.layer_norm_rms_epsilon"))
+        self.base = float(g("rope.freq_base", 10000.0))
+        self.t = {t.name: t for t in r.tensors}
+        self.cache = {}
+
+    def w(self, name):
+        if name not in self.cache:
+            t = self.t[name]
+            a = dequantize(t.data, t.tensor_type).astype(np.float64)
+            rows = int(t.shape[1]) if len(t.shape) > 1 else 1
+            self.cache[name] = a.reshape(rows, int(t.shape[0])) if len(t.shape) > 1 else a.reshape(-1)
+        return self.cache[name]
+
+    @staticmethod
+    def unpermute(w, n_head):
+        # llama.cpp's converter permuted HF rows as
+        #   w.reshape(n_head, 2, hd//2, cols).swapaxes(1, 2); undo it
+        rows, cols = w.shape
+        return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+    def rms(self, x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * w
+
+    def rope_hf(self, x, pos):  # x: [T, H, hd], HF rotate_half layout
+        hd = x.shape[-1]
+        inv = self.base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+        ang = np.outer(pos, inv)  # [T, hd/2]
+        cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :]
+        sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :]
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        rot = np.concatenate([-x2, x1], -1)
+        return x * cos + rot * sin
+
+    def forward(self, ids, all_logits=True):
+        T = len(ids)
+        emb = self.w("token_embd.weight")
+        x = emb[np.asarray(ids)]
+        pos = np.arange(T, dtype=np.float64)
+        mask = np.triu(np.full((T, T), -np.inf), 1)
+        g = self.n_heads // self.n_kv
+        for l in range(self.n_layers):
+            p = f"blk.{l}."
+            h = self.rms(x, self.w(p + "attn_norm.weight"))
+            wq = self.unpermute(self.w(p + "attn_q.weight"), self.n_heads)
+            wk = self.unpermute(self.w(p + "attn_k.weight"), self.n_kv)
+            q = (h @ wq.T).reshape(T, self.n_heads, self.hd)
+            k = (h @ wk.T).reshape(T, self.n_kv, self.hd)
+            v = (h @ self.w(p + "attn_v.weight").T).reshape(T, self.n_kv, self.hd)
+            q, k = self.rope_hf(q, pos), self.rope_hf(k, pos)
+            out = np.empty((T, self.n_heads, self.hd))
+            for hh in range(self.n_heads):
+                s = q[:, hh] @ k[:, hh // g].T / np.sqrt(self.hd) + mask
+                s = np.exp(s - s.max(-1, keepdims=True))
+                s /= s.sum(-1, keepdims=True)
+                out[:, hh] = s @ v[:, hh // g]
+            x = x + out.reshape(T, -1) @ self.w(p + "attn_output.weight").T
+            h = self.rms(x, self.w(p + "ffn_norm.weight"))
+            a = h @ self.w(p + "ffn_gate.weight").T
+            b = h @ self.w(p + "ffn_up.weight").T
+            x = x + (a / (1 + np.exp(-a)) * b) @ self.w(p + "ffn_down.weight").T
+        x = self.rms(x if all_logits else x[-1:], self.w("output_norm.weight"))
+        out_w = self.w("output.weight") if "output.weight" in self.t else emb
+        return x @ out_w.T
+
+
+def byte_decoder():
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--oscar", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--text", required=True)
+    ap.add_argument("--tokens", type=int, default=300)
+    ap.add_argument("--gen", type=int, default=24)
+    ap.add_argument("--tol", type=float, default=1e-2)
+    ap.add_argument("--tokenizer-only", action="store_true", help="skip the (slower) logits and greedy checks")
+    a = ap.parse_args()
+    ok = True
+    ref = Ref(a.model)
+    vocab = field(ref.r, "tokenizer.ggml.tokens")
+    with tempfile.TemporaryDirectory() as td:
+        logits = {}
+        for kv in (("f32",) if a.tokenizer_only else ("none", "f32")):
+            pre = os.path.join(td, kv)
+            cmd = [a.oscar, "ppl", "--model", a.model, "--text", a.text, "--ctx", str(a.tokens),
+                   "--windows", "1", "--kv", kv, "--dump", pre]
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ids = np.fromfile(pre + ".tokens", dtype=np.int32)
+            logits[kv] = np.fromfile(pre + ".logits", dtype=np.float32).reshape(a.tokens, -1)
+
+        # -- tokenizer --------------------------------------------------------
+        text = open(a.text, "rb").read().decode("utf-8", errors="replace")
+        dec = byte_decoder()
+        back = bytearray()
+        for i in ids:
+            back += bytes(dec[c] for c in vocab[i])
+        rt = back.decode("utf-8", errors="replace") == open(a.text, "rb").read().decode("utf-8", errors="replace")
+        print(f"tokenizer: {len(ids)} tokens; round trip decode(encode(text)) == text: {rt}")
+        ok &= rt
+        hf = None
+        try:
+            from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+            merges = [tuple(m.split(" ", 1)) for m in field(ref.r, "tokenizer.ggml.merges")]
+            hf = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, merges))
+            hf.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+            hf.decoder = decoders.ByteLevel()
+            hf_ids = hf.encode(text).ids
+            same = list(hf_ids) == [int(i) for i in ids]
+            if not same:
+                first = next((j for j, (x, y) in enumerate(zip(hf_ids, ids)) if x != y), min(len(hf_ids), len(ids)))
+                print(f"tokenizer: DIFFERS from Hugging Face tokenizers at token {first}: "
+                      f"ours {list(ids[first:first+8])} hf {hf_ids[first:first+8]}")
+            else:
+                print(f"tokenizer: identical to Hugging Face tokenizers {__import__('tokenizers').__version__} "
+                      f"on all {len(ids)} tokens")
+            ok &= same
+        except ImportError:
+            print("tokenizer: `tokenizers` not installed; HF comparison skipped")
+
+        # tricky strings: digits, contractions, whitespace runs, non-ASCII letters and numbers
+        tricky = ("It's 2024: 12345 apples, don't... I'll  we've   spaces\n\n\ttabs\r\n"
+                  "ünïcödé naïve café 日本語のテキスト Ⅻ ½ ٣ 🎉 'quoted' \"dq\" x=1+2; CamelCase snake_case "
+                  "3.14159 $100 a\u00a0b\u2003c   \n  end")
+        tp = os.path.join(td, "tricky.txt")
+        with open(tp, "w", encoding="utf-8") as f:
+            f.write(tricky)
+        subprocess.run([a.oscar, "ppl", "--model", a.model, "--text", tp, "--ctx", "2", "--windows", "1",
+                        "--kv", "f32", "--dump", os.path.join(td, "tricky")], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tids = [int(i) for i in np.fromfile(os.path.join(td, "tricky.tokens"), dtype=np.int32)]
+        tback = bytearray()
+        for i in tids:
+            tback += bytes(dec[c] for c in vocab[i])
+        trt = tback.decode("utf-8") == tricky
+        print(f"tokenizer: tricky string ({len(tids)} tokens) round trip: {trt}")
+        ok &= trt
+        if hf is not None:
+            same = hf.encode(tricky).ids == tids
+            print(f"tokenizer: tricky string identical to Hugging Face tokenizers: {same}")
+            ok &= same
+        # the model's own greedy answer "The capital of France is Paris." (ids seen in `oscar run`)
+        hand = {"The capital of France is Paris.": [504, 3575, 282, 4649, 314, 7042, 30]}
+        for s_, want_ids in hand.items():
+            with open(tp, "w", encoding="utf-8") as f:
+                f.write(s_)
+            subprocess.run([a.oscar, "ppl", "--model", a.model, "--text", tp, "--ctx", "2", "--windows", "1",
+                            "--kv", "f32", "--dump", os.path.join(td, "hand")], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            got_ids = [int(i) for i in np.fromfile(os.path.join(td, "hand.tokens"), dtype=np.int32)]
+            print(f"tokenizer: {s_!r} -> {got_ids} ({'ok' if got_ids == want_ids else 'expected %s' % want_ids})")
+            ok &= got_ids == want_ids
+
+        if a.tokenizer_only:
+            print("PASS" if ok else "FAIL")
+            return 0 if ok else 1
+
+        # -- logits ------------------------------------------------------------
+        want = ref.forward([int(i) for i in ids[: a.tokens]])
+        scale = np.abs(want).max()
+        for kv, got in logits.items():
+            err = np.abs(got.astype(np.float64) - want).max()
+            per_tok = (np.abs(got - want).max(-1) / np.abs(want).max(-1)).max()
+            agree = (got.argmax(-1) == want.argmax(-1)).mean()
+            good = err / scale <= a.tol
+            print(f"logits --kv {kv}: {a.tokens} tokens, max |diff| {err:.4g}, relative to max |logit| "
+                  f"{err / scale:.3g} (worst token {per_tok:.3g}), argmax agreement {agree:.4f} -> "
+                  f"{'ok' if good else 'FAIL'} (tolerance {a.tol})")
+            ok &= bool(good)
+
+        # -- greedy continuation -------------------------------------------------
+        prompt = open(a.text, "rb").read()[:200].decode("utf-8", errors="ignore")
+        out = subprocess.run([a.oscar, "run", "--model", a.model, "--prompt", prompt, "--raw", "--kv", "none",
+                              "-n", str(a.gen), "--ids", "--ignore-eos"], check=True, capture_output=True,
+                             text=True).stdout
+        pids = [int(x) for x in next(l for l in out.splitlines() if l.startswith("prompt_ids:")).split()[1:]]
+        gids = [int(x) for x in next(l for l in out.splitlines() if l.startswith("ids:")).split()[1:]]
+        seq = list(pids)
+        for _ in range(a.gen):
+            seq.append(int(ref.forward(seq, all_logits=False)[-1].argmax()))
+        same = seq[len(pids):] == gids
+        print(f"greedy: {a.gen} tokens after a {len(pids)}-token prompt: "
+              f"{'identical' if same else 'DIFFERENT'}\n  runner: {gids}\n  numpy:  {seq[len(pids):]}")
+        ok &= same
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
