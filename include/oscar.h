@@ -198,6 +198,11 @@ oscar_status oscar_append(oscar_cache *cache, int layer, int n_seqs, const int32
  *   out: [n_seqs, q_len, num_q_heads, head_dim] in out_dtype.
  * The q_len queries of a sequence are its last q_len appended tokens: query i
  * attends to tokens [0, tokens - q_len + i] (causal among the new tokens).
+ * They see the cache as it is after the append: if those tokens completed a
+ * block, their own keys and values are already quantised. Engines that want
+ * a chunk's tokens to see each other in full precision either split chunks
+ * at block boundaries (as `oscar ppl` does) or compute prefill attention on
+ * the fresh K/V themselves and use this call for decoding.
  * Every sequence must hold at least q_len tokens in `layer`.
  * softmax_scale <= 0 selects 1/sqrt(head_dim).
  * Query head j reads KV head j / (num_q_heads / num_kv_heads).
