@@ -1,6 +1,7 @@
 # Thin wrapper around CMake. `make test` is the README's test command.
 BUILD ?= build
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+MAKEFLAGS += --no-print-directory
 CMAKE_FLAGS ?=
 
 .PHONY: all build test test-c test-asan test-python demo bench clean
