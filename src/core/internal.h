@@ -14,6 +14,7 @@
 #define OSCAR_INTERNAL_H
 
 #include "oscar.h"
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 
@@ -159,13 +160,8 @@ int oscar_dtype_size(oscar_dtype dtype);
 /* Quantisation parameters of a group (docs/FORMAT.md, steps 6-7). */
 void oscar_group_params(const float *x, int n, int stride, int levels, uint16_t *scale16,
                         uint16_t *lo16);
-static inline int oscar_quant_code(float x, float sc, float l0, int levels);
-
-#ifdef __cplusplus
-}
-#endif
-
-#include <math.h>
+/* Code of x from the stored parameters (FORMAT.md step 7): rint is round
+ * half to even; NaN and values below the range give 0. */
 static inline int oscar_quant_code(float x, float sc, float l0, int levels) {
     if (!(sc > 0.0f)) return 0;
     float r = rintf((x - l0) / sc);
@@ -173,5 +169,9 @@ static inline int oscar_quant_code(float x, float sc, float l0, int levels) {
     if (r > (float)levels) return levels;
     return (int)r;
 }
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* OSCAR_INTERNAL_H */
