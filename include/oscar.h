@@ -15,9 +15,14 @@
  *    independent.
  *
  * Thread safety
- *  - A handle must not be used by two threads at once (calls that mutate it:
- *    append, seq_add/fork/free, import; and attention, which uses the
- *    handle's scratch and error buffer). Use one handle per thread or lock.
+ *  - A handle must not be used by two threads at once by calls that take a
+ *    non-const handle (append, attention, seq_add/fork/free/truncate,
+ *    import, export, read, poll). Use one handle per thread or lock.
+ *  - Calls that take a `const oscar_cache *` (cache_config, seq_info_get,
+ *    seq_block_table, memory, last_error) only read the handle: they never
+ *    write it, not even its error message (their failures are reported by
+ *    the status alone), so any number of threads may make them at once while
+ *    no thread makes a non-const call.
  *  - Distinct handles may be used concurrently from different threads.
  *  - The CPU backend parallelises append and attention internally with
  *    config.num_threads threads (OpenMP).
@@ -26,11 +31,29 @@
  *  - OSCAR_BACKEND_CPU: all tensor pointers are host pointers.
  *  - OSCAR_BACKEND_CUDA: tensor pointers (K, V, Q, O) are device pointers and
  *    `stream` is a cudaStream_t (NULL = the legacy default stream). Control
- *    arguments (sequence ids, token counts) are always host arrays. Append
- *    and attention neither allocate nor synchronise (except the finiteness
- *    check, see check_finite). Needs a Hopper GPU (compute capability 9.0).
- *    Both backends read and write the same packed format (docs/FORMAT.md),
- *    so a sequence exported from one imports into the other.
+ *    arguments of the sequence API (sequence ids, token counts) are host
+ *    arrays; those of the batch API (oscar_batch) are device arrays. Needs a
+ *    Hopper GPU (compute capability 9.0). Both backends read and write the
+ *    same packed format (docs/FORMAT.md), so a sequence exported from one
+ *    imports into the other.
+ *
+ * What the CUDA backend promises an engine (docs/ENGINES.md)
+ *  - append, attention, batch_append, batch_attention, slot_copy and poll
+ *    never synchronise the host with the device, never wait on an event,
+ *    never allocate or free memory and never copy through pageable host
+ *    memory. They enqueue kernels on the caller's stream and return. They
+ *    leave the caller's current device as they found it.
+ *  - The batch calls can be captured in a CUDA graph (cudaStreamBeginCapture)
+ *    and replayed: everything that changes between steps is read from the
+ *    caller's device arrays when the kernels run.
+ *  - Calls on one handle must be ordered by the caller: issue them on one
+ *    stream, or order the streams with events. The library keeps per-call
+ *    metadata in its workspace and does not order streams itself.
+ *  - Calls that synchronise, and say so below: cache_create/destroy,
+ *    seq_fork (device-to-device copies, then a stream sync), seq_read,
+ *    seq_export, seq_import and synchronize.
+ *  - Non-finite input (check_finite = 1) and bad batch metadata are found on
+ *    the device and reported later, without a sync: see oscar_poll.
  */
 #ifndef OSCAR_H
 #define OSCAR_H
@@ -43,12 +66,15 @@ extern "C" {
 #endif
 
 #define OSCAR_VERSION_MAJOR 0
-#define OSCAR_VERSION_MINOR 1
+#define OSCAR_VERSION_MINOR 2
 #define OSCAR_VERSION_PATCH 0
 /* Version of the packed block layout and of the export stream (docs/FORMAT.md). */
 #define OSCAR_FORMAT_VERSION 1
 
-/* "0.1.0" */
+/* Longest query chunk of one attention call (q_len), on both backends. */
+#define OSCAR_MAX_Q_LEN 4096
+
+/* "0.2.0" */
 const char *oscar_version(void);
 
 typedef enum oscar_status {
@@ -124,6 +150,12 @@ typedef struct oscar_config {
     int device;                /* CUDA device ordinal; default 0                  */
     int num_threads;           /* CPU worker threads, 0 = one per core; default 0 */
     int check_finite;          /* 1 (default): reject NaN/Inf at append          */
+    int caller_metadata;       /* 0 (default): the library tracks sequences (the
+                                  sequence API: seq_add, append, attention, ...).
+                                  1: the caller owns block tables, sequence
+                                  lengths and window slots and drives the cache
+                                  with the batch API (oscar_batch_*); the
+                                  sequence API then returns OSCAR_E_UNSUPPORTED. */
 } oscar_config;
 
 oscar_config oscar_config_default(void);
@@ -143,10 +175,69 @@ oscar_status oscar_cache_create(const oscar_config *config, oscar_cache **out,
                                 char *errbuf, size_t errbuf_size);
 /* NULL is accepted. Frees every sequence and the pool. */
 void oscar_cache_destroy(oscar_cache *cache);
+/* ---- caller-owned memory ------------------------------------------------ */
+
+/* What a configuration needs, in bytes of backend memory (device memory for
+ * CUDA, host memory for CPU). Each region must be aligned to `alignment`. */
+typedef struct oscar_memory_requirements {
+    size_t pool_bytes;      /* packed blocks: block_count x num_layers x block */
+    size_t window_bytes;    /* full-precision windows: max_seqs slots x layers  */
+    size_t workspace_bytes; /* attention partials, per-call metadata, flags     */
+    size_t alignment;       /* 256                                              */
+} oscar_memory_requirements;
+
+oscar_status oscar_memory_requirements_get(const oscar_config *config, oscar_memory_requirements *out,
+                                           char *errbuf, size_t errbuf_size);
+
+/* Allocation hook for the backend memory the library allocates itself.
+ * alloc returns NULL on failure (reported as OSCAR_E_OUT_OF_MEMORY). Called
+ * only from cache_create and cache_destroy, never on the hot path. */
+typedef struct oscar_allocator {
+    void *(*alloc)(void *user, size_t bytes, size_t alignment);
+    void (*free)(void *user, void *ptr, size_t bytes);
+    void *user;
+} oscar_allocator;
+
+/*
+ * Memory handed to a cache. Each region is either provided by the caller
+ * (non-NULL, at least the required bytes, aligned) or allocated by the
+ * library through `allocator` (or cudaMalloc / aligned_alloc when that is
+ * NULL). The caller keeps ownership of what it provided and must keep it
+ * alive until oscar_cache_destroy. The library zeroes the regions it uses
+ * at creation. The CUDA backend also allocates a few bytes of pinned host
+ * memory for device-side error reports (cudaHostAlloc), at creation only.
+ */
+typedef struct oscar_memory_source {
+    void *pool;
+    void *windows;
+    void *workspace;
+    const oscar_allocator *allocator;
+} oscar_memory_source;
+
+/* oscar_cache_create over caller memory (mem may be NULL: all allocated). */
+oscar_status oscar_cache_create_with_memory(const oscar_config *config, const oscar_memory_source *mem,
+                                            oscar_cache **out, char *errbuf, size_t errbuf_size);
+
 /* The configuration the cache was created with. */
 oscar_status oscar_cache_config(const oscar_cache *cache, oscar_config *out);
-/* Message of the last failed call on this handle ("" if none). Never NULL. */
+/* Message of the last failed non-const call on this handle ("" if none).
+ * Never NULL. */
 const char *oscar_last_error(const oscar_cache *cache);
+
+/*
+ * Device-side reports, without a sync. Returns OSCAR_OK if no append or
+ * attention has reported a problem since the last poll; otherwise
+ * OSCAR_E_NONFINITE (a sequence received NaN/Inf and is failed) or
+ * OSCAR_E_INVALID_ARGUMENT (batch metadata out of range: that sequence's
+ * work was skipped and its outputs are NaN), with the sequence ids (sequence
+ * API) or batch slots (batch API) in the message. Each report is returned
+ * once. Reads pinned host memory the kernels write; a report appears once
+ * the kernel that found it has run. CPU backend: always OSCAR_OK (the CPU
+ * checks synchronously).
+ */
+oscar_status oscar_poll(oscar_cache *cache);
+/* Waits for `stream` (cudaStreamSynchronize), then polls. Synchronises. */
+oscar_status oscar_synchronize(oscar_cache *cache, void *stream);
 
 /* ---- sequences --------------------------------------------------------- */
 
@@ -154,7 +245,10 @@ const char *oscar_last_error(const oscar_cache *cache);
 oscar_status oscar_seq_add(oscar_cache *cache, int32_t *seq_id);
 /* A new sequence sharing src's whole history: packed blocks are shared
  * (reference-counted, never written again), the window is copied.
- * All layers of src must hold the same number of tokens. */
+ * All layers of src must hold the same number of tokens.
+ * CUDA: the window copy is ordered after all work on the legacy default
+ * stream and synchronises it. Engines that need a stream-ordered fork use
+ * the batch API (oscar_slot_copy). */
 oscar_status oscar_seq_fork(oscar_cache *cache, int32_t src_seq, int32_t *new_seq_id);
 /* Releases the sequence; blocks return to the pool when no fork uses them. */
 oscar_status oscar_seq_free(oscar_cache *cache, int32_t seq_id);
@@ -183,10 +277,21 @@ oscar_status oscar_seq_block_table(const oscar_cache *cache, int32_t seq_id,
  *   n_tokens: host array, n_tokens[i] >= 0 new tokens for seq_ids[i].
  * Sequence ids must be distinct. Blocks that fill up are quantised. If the
  * pool runs out of blocks or sequence ids are bad, nothing is appended to any
- * sequence. With config.check_finite (the default) NaN/Inf anywhere in K or V
- * is rejected the same way (OSCAR_E_NONFINITE). On the CUDA backend that
- * check costs one device-to-host synchronisation per call; serving loops
- * that trust their inputs set check_finite = 0 and stay asynchronous.
+ * sequence.
+ * Non-finite input, with config.check_finite (the default):
+ *  - CPU backend: NaN/Inf anywhere in K or V is rejected at once
+ *    (OSCAR_E_NONFINITE) and nothing is appended to any sequence.
+ *  - CUDA backend: the check runs on the device, so the call cannot know the
+ *    answer when it returns OSCAR_OK. A sequence whose new K or V rows hold
+ *    NaN/Inf is marked *failed* on the device: nothing of this or any later
+ *    append is written to it, and attention over it writes NaN to its output
+ *    rows, so nothing quantised from non-finite input is ever attended to.
+ *    Other sequences of the call are appended normally. The caller learns of
+ *    it at the first oscar_poll, oscar_synchronize, append or attention on
+ *    the handle after the check kernel has run (OSCAR_E_NONFINITE, with the
+ *    sequence ids in the message; that call does nothing else). A failed
+ *    sequence stays failed until it is freed (sequence API) or its slot is
+ *    restarted at length 0 (batch API).
  */
 oscar_status oscar_append(oscar_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
                           const int32_t *n_tokens, const void *k, const void *v,
@@ -204,6 +309,8 @@ oscar_status oscar_append(oscar_cache *cache, int layer, int n_seqs, const int32
  * at block boundaries (as `oscar ppl` does) or compute prefill attention on
  * the fresh K/V themselves and use this call for decoding.
  * Every sequence must hold at least q_len tokens in `layer`.
+ * q_len is at most OSCAR_MAX_Q_LEN (4096) on both backends, for every
+ * supported shape (chunked prefill).
  * softmax_scale <= 0 selects 1/sqrt(head_dim).
  * Query head j reads KV head j / (num_q_heads / num_kv_heads).
  */
@@ -218,6 +325,62 @@ oscar_status oscar_attention(oscar_cache *cache, int layer, int n_seqs, const in
  */
 oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64_t start,
                             int64_t count, float *k_out, float *v_out);
+
+/* ---- the batch API: caller-owned metadata (config.caller_metadata = 1) --- */
+
+/*
+ * One batch of sequences, described by the caller's own arrays in the
+ * backend's memory (device memory for CUDA, host memory for CPU), in the
+ * layout of vLLM's paged attention:
+ *   seq_lens:     int32 [num_seqs]: tokens each sequence holds in this layer
+ *                 *after* this step's append (0 < seq_lens <= max_seq_len).
+ *   window_slots: int32 [num_seqs]: the sequence's window slot, 0..max_seqs-1,
+ *                 distinct within a batch. The slot holds the sequence's
+ *                 unquantised tail (seq_len % R tokens) for every layer.
+ *   block_tables: int32 [num_seqs, block_table_stride]: physical block ids
+ *                 (0..block_count-1). Entries 0 .. seq_len / R - 1 must be
+ *                 valid when the call runs; block j holds tokens
+ *                 [j*R, (j+1)*R) of the sequence for every layer. The caller's
+ *                 block manager chooses them, shares them between forks and
+ *                 frees them; packed blocks are never written again.
+ * The host fields (num_seqs, tokens_per_seq, max_seq_len, block_table_stride)
+ * are fixed for a captured graph; the arrays are read when the kernels run,
+ * so an engine updates them between replays (cudaMemcpyAsync from pinned
+ * memory, or its own kernels).
+ * A slot is (re)started by an append with seq_len == tokens_per_seq (the
+ * sequence was empty before it), which also clears its failed mark.
+ * Entries out of range are found on the device: the sequence is skipped,
+ * its outputs are NaN and oscar_poll reports OSCAR_E_INVALID_ARGUMENT.
+ */
+typedef struct oscar_batch {
+    int32_t num_seqs;           /* 1 .. max_seqs                                  */
+    int32_t tokens_per_seq;     /* new tokens per sequence (append) = q_len
+                                   (attention); 1 for decode; 1..OSCAR_MAX_Q_LEN  */
+    int32_t max_seq_len;        /* bound on every seq_lens entry; sizes the grid  */
+    int32_t block_table_stride; /* >= max_seq_len / R                            */
+    const int32_t *seq_lens;
+    const int32_t *window_slots;
+    const int32_t *block_tables;
+} oscar_batch;
+
+/*
+ * Appends tokens_per_seq new tokens to each sequence of the batch in one
+ * layer: k, v are [num_seqs * tokens_per_seq, num_kv_heads, head_dim], the
+ * tokens of sequence 0 first. Tokens [seq_len - tokens_per_seq, seq_len) are
+ * written; blocks that fill up are quantised into block_tables.
+ */
+oscar_status oscar_batch_append(oscar_cache *cache, int layer, const oscar_batch *batch, const void *k,
+                                const void *v, oscar_dtype dtype, void *stream);
+/* Attention for the last tokens_per_seq tokens of each sequence (q, out:
+ * [num_seqs, tokens_per_seq, num_q_heads, head_dim]); as oscar_attention. */
+oscar_status oscar_batch_attention(oscar_cache *cache, int layer, const oscar_batch *batch, const void *q,
+                                   oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float softmax_scale,
+                                   void *stream);
+/* Copies the first n_tokens % R window tokens of every layer from slot src
+ * to slot dst (a fork: the caller copies the block table row). Stream-ordered
+ * on the CUDA backend, capturable. */
+oscar_status oscar_slot_copy(oscar_cache *cache, int32_t src_slot, int32_t dst_slot, int64_t n_tokens,
+                             void *stream);
 
 /* ---- memory accounting ------------------------------------------------- */
 

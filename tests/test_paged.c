@@ -302,7 +302,7 @@ static void fork_scenario(oscar_method m, int64_t t0, tl_rng *r) {
     hist hg;
     hist_copy(&hg, &hc, row);
     CHECK_OK(oscar_seq_free(c, P));
-    CHECK_ST(c, oscar_seq_info_get(c, P, 0, &(oscar_seq_info){0}), OSCAR_E_NOT_FOUND);
+    CHECK_CONST_ST(c, oscar_seq_info_get(c, P, 0, &(oscar_seq_info){0}), OSCAR_E_NOT_FOUND);
     CHECKF(matches_fresh(c, C, &cfg, &hc), "fork: freeing the parent damaged the child");
     CHECKF(matches_fresh(c, G, &cfg, &hg), "fork: freeing the parent damaged the grandchild");
     oscar_memory_stats m3 = stats(c);

@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-const char *oscar_version(void) { return "0.1.0"; }
+const char *oscar_version(void) { return "0.2.0"; }
 
 const char *oscar_status_name(oscar_status s) {
     switch (s) {
@@ -69,6 +69,7 @@ oscar_config oscar_config_default(void) {
     c.device = 0;
     c.num_threads = 0;
     c.check_finite = 1;
+    c.caller_metadata = 0;
     return c;
 }
 
@@ -158,6 +159,8 @@ oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
         return errbuf_set(eb, en, E, "rotate_values must be 0 or 1, got %d", c->rotate_values);
     if (c->check_finite != 0 && c->check_finite != 1)
         return errbuf_set(eb, en, E, "check_finite must be 0 or 1, got %d", c->check_finite);
+    if (c->caller_metadata != 0 && c->caller_metadata != 1)
+        return errbuf_set(eb, en, E, "caller_metadata must be 0 or 1, got %d", c->caller_metadata);
     if (c->block_count < 1)
         return errbuf_set(eb, en, E, "block_count must be >= 1, got %d", c->block_count);
     if (c->max_seqs < 1 || c->max_seqs > (1 << 20))
@@ -187,19 +190,50 @@ oscar_status oscar_config_packed_bits(const oscar_config *c, double *bits) {
     return OSCAR_OK;
 }
 
-oscar_status oscar_cache_create(const oscar_config *cfg, oscar_cache **out, char *eb, size_t en) {
-    if (!out) return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "out is NULL");
-    *out = NULL;
-    oscar_status st = oscar_config_validate(cfg, eb, en);
-    if (st != OSCAR_OK) return st;
-    const oscar_backend_ops *ops = &oscar_cpu_backend_ops;
+static oscar_status backend_of(const oscar_config *cfg, const oscar_backend_ops **ops, char *eb, size_t en) {
+    *ops = &oscar_cpu_backend_ops;
     if (cfg->backend == OSCAR_BACKEND_CUDA) {
-        ops = oscar_cuda_backend_ops();
-        if (!ops)
+        *ops = oscar_cuda_backend_ops();
+        if (!*ops)
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
                               "the CUDA backend was not built into this library (nvcc missing or OSCAR_CUDA=OFF)");
         if (!oscar_cuda_device_available())
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED, "the CUDA backend is built but no CUDA device is usable");
+    }
+    return OSCAR_OK;
+}
+
+oscar_status oscar_memory_requirements_get(const oscar_config *cfg, oscar_memory_requirements *out, char *eb,
+                                           size_t en) {
+    if (!out) return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "memory_requirements: out is NULL");
+    oscar_status st = oscar_config_validate(cfg, eb, en);
+    if (st != OSCAR_OK) return st;
+    const oscar_backend_ops *ops;
+    if ((st = backend_of(cfg, &ops, eb, en)) != OSCAR_OK) return st;
+    return ops->requirements(cfg, out, eb, en);
+}
+
+oscar_status oscar_cache_create(const oscar_config *cfg, oscar_cache **out, char *eb, size_t en) {
+    return oscar_cache_create_with_memory(cfg, NULL, out, eb, en);
+}
+
+oscar_status oscar_cache_create_with_memory(const oscar_config *cfg, const oscar_memory_source *mem,
+                                            oscar_cache **out, char *eb, size_t en) {
+    if (!out) return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "out is NULL");
+    *out = NULL;
+    oscar_status st = oscar_config_validate(cfg, eb, en);
+    if (st != OSCAR_OK) return st;
+    const oscar_backend_ops *ops;
+    if ((st = backend_of(cfg, &ops, eb, en)) != OSCAR_OK) return st;
+    if (mem) {
+        const void *regions[3] = {mem->pool, mem->windows, mem->workspace};
+        static const char *const names[3] = {"pool", "windows", "workspace"};
+        for (int i = 0; i < 3; i++)
+            if (((uintptr_t)regions[i]) % 256 != 0)
+                return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "memory source: %s %p is not 256-byte aligned",
+                                  names[i], regions[i]);
+        if (mem->allocator && (!mem->allocator->alloc || !mem->allocator->free))
+            return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "memory source: allocator needs alloc and free");
     }
     oscar_cache *c = (oscar_cache *)calloc(1, sizeof *c);
     if (!c) return errbuf_set(eb, en, OSCAR_E_OUT_OF_MEMORY, "out of host memory for the cache handle");
@@ -218,7 +252,7 @@ oscar_status oscar_cache_create(const oscar_config *cfg, oscar_cache **out, char
     /* Pop order hands out block 0 first, which keeps small caches easy to read. */
     for (int i = 0; i < cfg->block_count; i++) c->free_list[i] = cfg->block_count - 1 - i;
     c->n_free = cfg->block_count;
-    st = ops->init(c);
+    st = ops->init(c, mem);
     if (st != OSCAR_OK) {
         errbuf_set(eb, en, st, "%s backend: %s", ops->name, c->err);
         c->ops = NULL; /* init cleaned up after itself */
@@ -245,10 +279,11 @@ void oscar_cache_destroy(oscar_cache *c) {
     free(c);
 }
 
-oscar_status oscar_cache_config(const oscar_cache *cc, oscar_config *out) {
-    oscar_cache *c = (oscar_cache *)cc; /* the error message is the only thing written */
-    if (!c) return OSCAR_E_INVALID_ARGUMENT;
-    if (!out) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "cache_config: out is NULL");
+/* The const calls below only read the handle: they report failures by their
+ * status alone and never touch the error message, so that concurrent
+ * readers are safe (oscar.h, "Thread safety"). */
+oscar_status oscar_cache_config(const oscar_cache *c, oscar_config *out) {
+    if (!c || !out) return OSCAR_E_INVALID_ARGUMENT;
     *out = c->cfg;
     return OSCAR_OK;
 }
@@ -287,6 +322,8 @@ int32_t oscar_new_seq_id(oscar_cache *c) {
 
 oscar_status oscar_seq_add(oscar_cache *c, int32_t *seq_id) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "%s: this cache was created with caller_metadata = 1; use the batch API", "seq_add");
     if (!seq_id) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_add: seq_id is NULL");
     int s = oscar_free_seq_slot(c);
     if (s < 0)
@@ -316,6 +353,8 @@ static void release_blocks(oscar_cache *c, oscar_seq *q) {
 
 oscar_status oscar_seq_free(oscar_cache *c, int32_t seq_id) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "%s: this cache was created with caller_metadata = 1; use the batch API", "seq_free");
     int s;
     oscar_status st = lookup(c, seq_id, &s);
     if (st) return st;
@@ -342,6 +381,8 @@ static oscar_status ensure_table(oscar_cache *c, oscar_seq *q, int64_t need) {
 
 oscar_status oscar_seq_fork(oscar_cache *c, int32_t src, int32_t *new_id) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "%s: this cache was created with caller_metadata = 1; use the batch API", "seq_fork");
     if (!new_id) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_fork: new_seq_id is NULL");
     int s;
     oscar_status st = lookup(c, src, &s);
@@ -388,16 +429,11 @@ oscar_status oscar_seq_fork(oscar_cache *c, int32_t src, int32_t *new_id) {
     return OSCAR_OK;
 }
 
-oscar_status oscar_seq_info_get(const oscar_cache *cc, int32_t id, int layer, oscar_seq_info *out) {
-    oscar_cache *c = (oscar_cache *)cc;
-    if (!c) return OSCAR_E_INVALID_ARGUMENT;
-    if (!out) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_info: out is NULL");
-    if (layer < 0 || layer >= c->cfg.num_layers)
-        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_info: layer %d out of range 0..%d", layer,
-                               c->cfg.num_layers - 1);
-    int s;
-    oscar_status st = lookup(c, id, &s);
-    if (st) return st;
+oscar_status oscar_seq_info_get(const oscar_cache *c, int32_t id, int layer, oscar_seq_info *out) {
+    if (!c || !out || layer < 0 || layer >= c->cfg.num_layers) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata) return OSCAR_E_UNSUPPORTED;
+    const int s = oscar_find_seq_slot(c, id);
+    if (s < 0) return OSCAR_E_NOT_FOUND;
     const oscar_seq *q = &c->seqs[s];
     int64_t R = c->cfg.residual;
     out->tokens = q->tokens[layer];
@@ -407,15 +443,12 @@ oscar_status oscar_seq_info_get(const oscar_cache *cc, int32_t id, int layer, os
     return OSCAR_OK;
 }
 
-oscar_status oscar_seq_block_table(const oscar_cache *cc, int32_t id, int32_t *table, int32_t cap,
+oscar_status oscar_seq_block_table(const oscar_cache *c, int32_t id, int32_t *table, int32_t cap,
                                    int32_t *count) {
-    oscar_cache *c = (oscar_cache *)cc;
-    if (!c) return OSCAR_E_INVALID_ARGUMENT;
-    if (!count || cap < 0 || (cap > 0 && !table))
-        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_block_table: bad table/capacity/count");
-    int s;
-    oscar_status st = lookup(c, id, &s);
-    if (st) return st;
+    if (!c || !count || cap < 0 || (cap > 0 && !table)) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata) return OSCAR_E_UNSUPPORTED;
+    const int s = oscar_find_seq_slot(c, id);
+    if (s < 0) return OSCAR_E_NOT_FOUND;
     const oscar_seq *q = &c->seqs[s];
     int32_t n = q->n_blocks < cap ? q->n_blocks : cap;
     if (n) memcpy(table, q->table, (size_t)n * sizeof(int32_t));
@@ -428,12 +461,18 @@ oscar_status oscar_seq_block_table(const oscar_cache *cc, int32_t id, int32_t *t
 oscar_status oscar_append(oscar_cache *c, int layer, int n_seqs, const int32_t *ids, const int32_t *n_tokens,
                           const void *k, const void *v, oscar_dtype dtype, void *stream) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "%s: this cache was created with caller_metadata = 1; use the batch API", "append");
     const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
     if (layer < 0 || layer >= c->cfg.num_layers)
         return oscar_set_error(c, E, "append: layer %d out of range 0..%d", layer, c->cfg.num_layers - 1);
     if (n_seqs < 0) return oscar_set_error(c, E, "append: n_seqs is negative (%d)", n_seqs);
     if (n_seqs == 0) return OSCAR_OK;
     if (!ids || !n_tokens) return oscar_set_error(c, E, "append: seq_ids or n_tokens is NULL");
+    {
+        oscar_status rep = c->ops->poll(c);
+        if (rep != OSCAR_OK) return rep;
+    }
     if ((int)dtype < 0 || (int)dtype > 2) return oscar_set_error(c, E, "append: dtype %d is not valid", (int)dtype);
     if (n_seqs > c->cfg.max_seqs)
         return oscar_set_error(c, E, "append: n_seqs %d exceeds max_seqs %d", n_seqs, c->cfg.max_seqs);
@@ -541,17 +580,24 @@ oscar_status oscar_attention(oscar_cache *c, int layer, int n_seqs, const int32_
                              oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float softmax_scale,
                              void *stream) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "%s: this cache was created with caller_metadata = 1; use the batch API", "attention");
     const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
     if (layer < 0 || layer >= c->cfg.num_layers)
         return oscar_set_error(c, E, "attention: layer %d out of range 0..%d", layer, c->cfg.num_layers - 1);
     if (n_seqs < 1) return oscar_set_error(c, E, "attention: n_seqs must be >= 1, got %d", n_seqs);
     if (!ids || !q || !out) return oscar_set_error(c, E, "attention: seq_ids, q or out is NULL");
-    if (q_len < 1 || q_len > 4096) return oscar_set_error(c, E, "attention: q_len must be in 1..4096, got %d", q_len);
+    if (q_len < 1 || q_len > OSCAR_MAX_Q_LEN)
+        return oscar_set_error(c, E, "attention: q_len must be in 1..%d, got %d", OSCAR_MAX_Q_LEN, q_len);
     if ((int)q_dtype < 0 || (int)q_dtype > 2 || (int)out_dtype < 0 || (int)out_dtype > 2)
         return oscar_set_error(c, E, "attention: q_dtype/out_dtype not valid");
     if (!(softmax_scale == softmax_scale) || isinf(softmax_scale))
         return oscar_set_error(c, E, "attention: softmax_scale is not finite");
     if (softmax_scale <= 0.0f) softmax_scale = (float)(1.0 / sqrt((double)c->cfg.head_dim));
+    {
+        oscar_status rep = c->ops->poll(c);
+        if (rep != OSCAR_OK) return rep;
+    }
     oscar_attn_job *jobs = (oscar_attn_job *)malloc((size_t)n_seqs * sizeof *jobs);
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory");
     oscar_status st = OSCAR_OK;
@@ -580,10 +626,8 @@ done:
 
 /* ---- memory ---------------------------------------------------------------- */
 
-oscar_status oscar_memory(const oscar_cache *cc, oscar_memory_stats *m) {
-    oscar_cache *c = (oscar_cache *)cc;
-    if (!c) return OSCAR_E_INVALID_ARGUMENT;
-    if (!m) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "memory: out is NULL");
+oscar_status oscar_memory(const oscar_cache *c, oscar_memory_stats *m) {
+    if (!c || !m) return OSCAR_E_INVALID_ARGUMENT;
     memset(m, 0, sizeof *m);
     const oscar_layout *L = &c->lay;
     m->block_bytes = (int64_t)L->layer_block_bytes * L->layers;
@@ -599,4 +643,84 @@ oscar_status oscar_memory(const oscar_cache *cc, oscar_memory_stats *m) {
     m->window_bytes_per_token = (double)L->window_layer_bytes * L->layers / c->cfg.residual;
     m->fp16_bytes_per_token = 2.0 * 2.0 * L->hkv * L->d * L->layers;
     return OSCAR_OK;
+}
+
+/* ---- the batch API --------------------------------------------------------- */
+
+/* Checks what the host can see of a batch: its host fields and that the
+ * arrays are given. The arrays themselves live in backend memory and are
+ * checked by the backend. */
+static oscar_status check_batch_host(oscar_cache *c, int layer, const oscar_batch *b, const char *what) {
+    const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
+    if (!c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
+                               "%s: this cache tracks its own sequences (caller_metadata = 0); use the sequence API",
+                               what);
+    if (layer < 0 || layer >= c->cfg.num_layers)
+        return oscar_set_error(c, E, "%s: layer %d out of range 0..%d", what, layer, c->cfg.num_layers - 1);
+    if (!b) return oscar_set_error(c, E, "%s: batch is NULL", what);
+    if (b->num_seqs < 1 || b->num_seqs > c->cfg.max_seqs)
+        return oscar_set_error(c, E, "%s: num_seqs %d is outside 1..max_seqs %d", what, (int)b->num_seqs,
+                               c->cfg.max_seqs);
+    if (b->tokens_per_seq < 1 || b->tokens_per_seq > OSCAR_MAX_Q_LEN)
+        return oscar_set_error(c, E, "%s: tokens_per_seq %d is outside 1..%d", what, (int)b->tokens_per_seq,
+                               OSCAR_MAX_Q_LEN);
+    const int64_t cap = (int64_t)c->cfg.block_count * c->cfg.residual + c->cfg.residual - 1;
+    if (b->max_seq_len < b->tokens_per_seq || b->max_seq_len > cap || b->max_seq_len > INT32_MAX - 1)
+        return oscar_set_error(c, E, "%s: max_seq_len %d is outside tokens_per_seq %d .. %lld (the pool's capacity)",
+                               what, (int)b->max_seq_len, (int)b->tokens_per_seq, (long long)cap);
+    if (b->block_table_stride < b->max_seq_len / c->cfg.residual || b->block_table_stride < 1)
+        return oscar_set_error(c, E, "%s: block_table_stride %d is less than max_seq_len / R = %d", what,
+                               (int)b->block_table_stride, b->max_seq_len / c->cfg.residual);
+    if (!b->seq_lens || !b->window_slots || !b->block_tables)
+        return oscar_set_error(c, E, "%s: seq_lens, window_slots or block_tables is NULL", what);
+    return c->ops->poll(c);
+}
+
+oscar_status oscar_batch_append(oscar_cache *c, int layer, const oscar_batch *b, const void *k, const void *v,
+                                oscar_dtype dtype, void *stream) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    oscar_status st = check_batch_host(c, layer, b, "batch_append");
+    if (st != OSCAR_OK) return st;
+    if (!k || !v) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "batch_append: k or v is NULL");
+    if ((int)dtype < 0 || (int)dtype > 2)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "batch_append: dtype %d is not valid", (int)dtype);
+    return c->ops->batch_append(c, layer, b, k, v, dtype, stream);
+}
+
+oscar_status oscar_batch_attention(oscar_cache *c, int layer, const oscar_batch *b, const void *q, oscar_dtype q_dtype,
+                                   void *out, oscar_dtype out_dtype, float softmax_scale, void *stream) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    oscar_status st = check_batch_host(c, layer, b, "batch_attention");
+    if (st != OSCAR_OK) return st;
+    const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
+    if (!q || !out) return oscar_set_error(c, E, "batch_attention: q or out is NULL");
+    if ((int)q_dtype < 0 || (int)q_dtype > 2 || (int)out_dtype < 0 || (int)out_dtype > 2)
+        return oscar_set_error(c, E, "batch_attention: q_dtype/out_dtype not valid");
+    if (!(softmax_scale == softmax_scale) || isinf(softmax_scale))
+        return oscar_set_error(c, E, "batch_attention: softmax_scale is not finite");
+    if (softmax_scale <= 0.0f) softmax_scale = (float)(1.0 / sqrt((double)c->cfg.head_dim));
+    return c->ops->batch_attention(c, layer, b, q, q_dtype, out, out_dtype, softmax_scale, stream);
+}
+
+oscar_status oscar_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int64_t n_tokens, void *stream) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (!c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "slot_copy: this cache tracks its own sequences; use seq_fork");
+    if (src < 0 || src >= c->cfg.max_seqs || dst < 0 || dst >= c->cfg.max_seqs)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "slot_copy: slots %d, %d must be in 0..%d", (int)src,
+                               (int)dst, c->cfg.max_seqs - 1);
+    if (n_tokens < 0) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "slot_copy: n_tokens is negative");
+    if (src == dst) return OSCAR_OK;
+    return c->ops->slot_copy(c, src, dst, n_tokens, stream);
+}
+
+oscar_status oscar_poll(oscar_cache *c) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    return c->ops->poll(c);
+}
+
+oscar_status oscar_synchronize(oscar_cache *c, void *stream) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    return c->ops->sync(c, stream);
 }

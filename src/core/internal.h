@@ -78,8 +78,9 @@ typedef struct oscar_attn_job {
 
 typedef struct oscar_backend_ops {
     const char *name;
-    /* Allocates pool + windows into cache->backend_state. */
-    oscar_status (*init)(oscar_cache *c);
+    /* Allocates (or adopts from mem, which may be NULL) pool, windows and
+     * workspace into cache->backend_state. */
+    oscar_status (*init)(oscar_cache *c, const oscar_memory_source *mem);
     void (*destroy)(oscar_cache *c);
     /* Returns OSCAR_E_NONFINITE without writing anything if check is set
      * and any K/V value is NaN/Inf. */
@@ -104,6 +105,21 @@ typedef struct oscar_backend_ops {
                                  const void *k_host, const void *v_host);
     /* Called after import wrote a new sequence's table (may be NULL). */
     oscar_status (*set_table)(oscar_cache *c, int32_t slot, const int32_t *table, int32_t n_blocks);
+    /* The batch API (caller metadata in backend memory). The core has
+     * checked the host fields; the backend checks the arrays (the CPU at
+     * once, the CUDA backend on the device, reported through poll). */
+    oscar_status (*batch_append)(oscar_cache *c, int layer, const oscar_batch *b, const void *k, const void *v,
+                                 oscar_dtype dtype, void *stream);
+    oscar_status (*batch_attention)(oscar_cache *c, int layer, const oscar_batch *b, const void *q,
+                                    oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float softmax_scale,
+                                    void *stream);
+    oscar_status (*slot_copy)(oscar_cache *c, int32_t src, int32_t dst, int64_t n_tokens, void *stream);
+    /* Device-side reports since the last poll (non-blocking). */
+    oscar_status (*poll)(oscar_cache *c);
+    oscar_status (*sync)(oscar_cache *c, void *stream);
+    /* Memory a configuration needs (no cache yet). */
+    oscar_status (*requirements)(const oscar_config *cfg, oscar_memory_requirements *out, char *errbuf,
+                                 size_t errbuf_size);
 } oscar_backend_ops;
 
 extern const oscar_backend_ops oscar_cpu_backend_ops;

@@ -189,6 +189,9 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
 oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, int32_t *seq_id) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
     if (!buffer || !seq_id) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_import: buffer or seq_id is NULL");
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
+                               "seq_import: this cache was created with caller_metadata = 1; use the batch API");
     const oscar_status F = OSCAR_E_FORMAT;
     const uint8_t *p = (const uint8_t *)buffer;
     const oscar_layout *L = &c->lay;

@@ -16,6 +16,9 @@
 typedef struct cpu_state {
     uint8_t *pool;    /* [layer][block] layer blocks                     */
     uint8_t *windows; /* [layer][slot] K [R][Hkv][d] then V [R][Hkv][d]  */
+    size_t pool_bytes, windows_bytes;
+    int own_pool, own_windows;
+    const oscar_allocator *allocator;
 } cpu_state;
 
 static cpu_state *ST(oscar_cache *c) { return (cpu_state *)c->backend_state; }
@@ -41,28 +44,61 @@ static void *alloc64(size_t n) {
     return aligned_alloc(64, n ? n : 64);
 }
 
-static oscar_status cpu_init(oscar_cache *c) {
-    cpu_state *s = (cpu_state *)calloc(1, sizeof *s);
-    if (!s) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "out of host memory");
-    size_t pool = c->lay.layer_block_bytes * (size_t)c->cfg.num_layers * (size_t)c->cfg.block_count;
-    size_t win = c->lay.window_layer_bytes * (size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs;
-    s->pool = (uint8_t *)alloc64(pool);
-    s->windows = (uint8_t *)alloc64(win);
-    if (!s->pool || !s->windows) {
-        free(s->pool), free(s->windows), free(s);
-        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "cannot allocate %.1f MiB of host memory for the pool",
-                               (double)(pool + win) / 1048576.0);
-    }
-    c->backend_state = s;
-    return OSCAR_OK;
+static void sizes(const oscar_config *cfg, const oscar_layout *L, size_t *pool, size_t *win) {
+    *pool = L->layer_block_bytes * (size_t)cfg->num_layers * (size_t)cfg->block_count;
+    *win = L->window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
+}
+
+static uint8_t *region(cpu_state *s, void *given, size_t bytes, int *owned) {
+    *owned = given == NULL;
+    if (given) return (uint8_t *)given;
+    if (s->allocator) return (uint8_t *)s->allocator->alloc(s->allocator->user, bytes ? bytes : 64, 256);
+    return (uint8_t *)alloc64(bytes);
+}
+
+static void region_free(cpu_state *s, uint8_t *p, size_t bytes, int owned) {
+    if (!p || !owned) return;
+    if (s->allocator)
+        s->allocator->free(s->allocator->user, p, bytes ? bytes : 64);
+    else
+        free(p);
 }
 
 static void cpu_destroy(oscar_cache *c) {
     cpu_state *s = ST(c);
-    free(s->pool);
-    free(s->windows);
+    region_free(s, s->pool, s->pool_bytes, s->own_pool);
+    region_free(s, s->windows, s->windows_bytes, s->own_windows);
     free(s);
     c->backend_state = NULL;
+}
+
+static oscar_status cpu_init(oscar_cache *c, const oscar_memory_source *mem) {
+    cpu_state *s = (cpu_state *)calloc(1, sizeof *s);
+    if (!s) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "out of host memory");
+    s->allocator = mem ? mem->allocator : NULL;
+    sizes(&c->cfg, &c->lay, &s->pool_bytes, &s->windows_bytes);
+    s->pool = region(s, mem ? mem->pool : NULL, s->pool_bytes, &s->own_pool);
+    s->windows = region(s, mem ? mem->windows : NULL, s->windows_bytes, &s->own_windows);
+    c->backend_state = s;
+    if (!s->pool || !s->windows) {
+        cpu_destroy(c);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "cannot allocate %.1f MiB of host memory for the pool",
+                               (double)(s->pool_bytes + s->windows_bytes) / 1048576.0);
+    }
+    /* Caller memory may hold anything; the library's own starts zeroed too,
+     * so that both read the same. */
+    memset(s->pool, 0, s->pool_bytes);
+    memset(s->windows, 0, s->windows_bytes);
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_requirements(const oscar_config *cfg, oscar_memory_requirements *out, char *eb, size_t en) {
+    oscar_layout L;
+    oscar_layout_init(&L, cfg);
+    sizes(cfg, &L, &out->pool_bytes, &out->window_bytes);
+    out->workspace_bytes = 0; /* the CPU backend's scratch is per call */
+    out->alignment = 256;
+    return OSCAR_OK;
 }
 
 /* ---- append ------------------------------------------------------------ */
@@ -628,7 +664,96 @@ static oscar_status cpu_write_window(oscar_cache *c, int layer, int32_t slot, in
     return OSCAR_OK;
 }
 
+/* ---- the batch API: the caller's host arrays, checked here ------------- */
+
+static oscar_status check_batch(oscar_cache *c, const oscar_batch *b, int appending, const char *what) {
+    const int R = c->cfg.residual;
+    for (int i = 0; i < b->num_seqs; i++) {
+        const int32_t slot = b->window_slots[i], len = b->seq_lens[i];
+        if (slot < 0 || slot >= c->cfg.max_seqs)
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "%s: window_slots[%d] = %d is outside 0..%d", what, i,
+                                   (int)slot, c->cfg.max_seqs - 1);
+        for (int j = 0; j < i; j++)
+            if (b->window_slots[j] == slot)
+                return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "%s: window slot %d appears twice (entries %d, %d)",
+                                       what, (int)slot, j, i);
+        if (len < b->tokens_per_seq || len > b->max_seq_len)
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                   "%s: seq_lens[%d] = %d is outside tokens_per_seq %d .. max_seq_len %d", what, i,
+                                   (int)len, b->tokens_per_seq, b->max_seq_len);
+        const int32_t *row = b->block_tables + (size_t)i * b->block_table_stride;
+        const int first = appending ? (len - b->tokens_per_seq) / R : 0;
+        for (int j = first; j < len / R; j++)
+            if (row[j] < 0 || row[j] >= c->cfg.block_count)
+                return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                       "%s: block_tables[%d][%d] = %d is outside 0..%d", what, i, j, (int)row[j],
+                                       c->cfg.block_count - 1);
+    }
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batch *b, const void *k, const void *v,
+                                     oscar_dtype dtype, void *stream) {
+    oscar_status st = check_batch(c, b, 1, "batch_append");
+    if (st != OSCAR_OK) return st;
+    oscar_append_job *jobs = (oscar_append_job *)calloc((size_t)b->num_seqs, sizeof *jobs);
+    if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_append: out of host memory");
+    const int R = c->cfg.residual, n = b->tokens_per_seq;
+    for (int i = 0; i < b->num_seqs; i++) {
+        const int32_t before = b->seq_lens[i] - n;
+        oscar_append_job *j = &jobs[i];
+        j->input_row = (int64_t)i * n;
+        j->n_new = n;
+        j->seq_slot = b->window_slots[i];
+        j->window_before = before % R;
+        j->n_flush = (j->window_before + n) / R;
+        j->window_after = (j->window_before + n) % R;
+        j->first_flush_index = before / R;
+        j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + before / R;
+    }
+    st = cpu_append(c, layer, jobs, b->num_seqs, (int64_t)b->num_seqs * n, k, v, dtype, stream);
+    free(jobs);
+    return st;
+}
+
+static oscar_status cpu_batch_attention(oscar_cache *c, int layer, const oscar_batch *b, const void *q,
+                                        oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float sm,
+                                        void *stream) {
+    oscar_status st = check_batch(c, b, 0, "batch_attention");
+    if (st != OSCAR_OK) return st;
+    oscar_attn_job *jobs = (oscar_attn_job *)calloc((size_t)b->num_seqs, sizeof *jobs);
+    if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_attention: out of host memory");
+    const int R = c->cfg.residual;
+    for (int i = 0; i < b->num_seqs; i++) {
+        const int32_t len = b->seq_lens[i];
+        jobs[i].seq_slot = b->window_slots[i];
+        jobs[i].n_blocks = len / R;
+        jobs[i].block_table = b->block_tables + (size_t)i * b->block_table_stride;
+        jobs[i].window_tokens = len % R;
+        jobs[i].tokens = len;
+    }
+    st = cpu_attention(c, layer, jobs, b->num_seqs, b->tokens_per_seq, q, q_dtype, out, out_dtype, sm, stream);
+    free(jobs);
+    return st;
+}
+
+static oscar_status cpu_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int64_t n_tokens, void *stream) {
+    const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
+    const size_t n = (size_t)(n_tokens % c->cfg.residual);
+    if (src == dst) return OSCAR_OK;
+    for (int l = 0; l < c->cfg.num_layers; l++) {
+        memcpy(window_k(c, l, dst), window_k(c, l, src), n * rowb);
+        memcpy(window_v(c, l, dst), window_v(c, l, src), n * rowb);
+    }
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_poll(oscar_cache *c) { return OSCAR_OK; }
+static oscar_status cpu_sync(oscar_cache *c, void *stream) { return OSCAR_OK; }
+
 const oscar_backend_ops oscar_cpu_backend_ops = {
-    "cpu", cpu_init, cpu_destroy, cpu_append, cpu_attention, cpu_fork,
-    cpu_read_block, cpu_write_block, cpu_read_window, cpu_write_window, NULL,
+    "cpu",           cpu_init,           cpu_destroy,         cpu_append,    cpu_attention,
+    cpu_fork,        cpu_read_block,     cpu_write_block,     cpu_read_window, cpu_write_window,
+    NULL,            cpu_batch_append,   cpu_batch_attention, cpu_slot_copy, cpu_poll,
+    cpu_sync,        cpu_requirements,
 };

@@ -335,6 +335,29 @@ __device__ __forceinline__ void fdeq(const uint32_t (&w)[4], const uint32_t (&ws
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) { return __byte_perm(a, b, sel); }
 
+/* Sequence `seq` of the call: slot, length and block table from the
+ * device metadata. Out-of-range entries make it empty and invalid (the
+ * merge writes NaN for it and the host is told through the report). */
+__device__ __forceinline__ SeqView seq_view(const AttnParams &P, int seq) {
+    SeqView v;
+    v.slot = P.meta.slots[seq];
+    v.len = P.meta.lens[seq];
+    v.valid = (unsigned)v.slot < (unsigned)P.meta.max_seqs && v.len >= P.q_len && v.len / P.R <= P.meta.table_stride;
+    if (!v.valid) v.slot = 0, v.len = 0;
+    v.nblk = v.len / P.R;
+    v.wtok = v.len - v.nblk * P.R;
+    v.table = P.meta.tables + (size_t)(P.meta.table_by_slot ? v.slot : seq) * P.meta.table_stride;
+    return v;
+}
+
+/* A block id from the table; one out of range reads block 0 instead and is
+ * reported (the caller's outputs for that call are then meaningless). */
+__device__ __forceinline__ int checked_block(const AttnParams &P, int b) {
+    if ((unsigned)b < (unsigned)P.meta.block_count) return b;
+    P.report->bad_meta = 1;
+    return 0;
+}
+
 template <int D, int BITS, int NT, bool DENSE, int FM>
 __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid_constant__ AttnParams P) {
     constexpr int RPC = 8 * NT;
@@ -349,11 +372,13 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
     const int warp = __shfl_sync(OSCAR_FULL_MASK, (int)(threadIdx.x >> 5), 0);
     const int g = lane >> 2, t = lane & 3;
     const int zi = blockIdx.z;
-    const int h = blockIdx.y / P.qchunks, qc = blockIdx.y - h * P.qchunks;
+    const int yu = blockIdx.y + P.y_base;
+    const int h = yu / P.qchunks, qc = yu - h * P.qchunks;
     const int split = blockIdx.x;
-    const int slot = P.slot[zi], nblk = P.nblk[zi], wtok = P.wtok[zi];
-    const long long tokens = (long long)nblk * P.R + wtok;
     const int seq = P.seq_base + zi;
+    const SeqView sv = seq_view(P, seq);
+    const int slot = sv.slot, nblk = sv.nblk, wtok = sv.wtok;
+    const long long tokens = (long long)nblk * P.R + wtok;
 
     uint8_t *wreg = smem + (size_t)warp * P.warp_region;
     uint64_t *mbar = (uint64_t *)(smem + P.off_mbar) + warp * NSTAGE;
@@ -493,7 +518,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             for (int i = 0; i < 4; i++) acc[s][i] = 0.0f;
         int Scur = 0;
         const int first_lim = (int)(tokens - P.q_len);
-        const int32_t *table = P.tables + (size_t)slot * P.max_blocks;
+        const int32_t *table = sv.table;
         /* (block, chunk) of the next chunk to issue and of the next to
          * consume, advanced without divisions */
         int ib = cw0 / P.cpb, icc = cw0 - ib * P.cpb;
@@ -511,7 +536,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             if (++icc == P.cpb) icc = 0, ib++;
             const uint32_t tok0 = (uint32_t)cc * CHUNK;
             const uint32_t ntok = min((uint32_t)CHUNK, (uint32_t)P.R - tok0); /* 32 or 64 */
-            const uint8_t *blk = P.pool_layer + (size_t)__shfl_sync(OSCAR_FULL_MASK, table[b], 0) * P.LB;
+            const uint8_t *blk = P.pool_layer + (size_t)__shfl_sync(OSCAR_FULL_MASK, checked_block(P, table[b]), 0) * P.LB;
             const uint32_t sa = s_base + (uint32_t)(i % NSTAGE) * (uint32_t)P.stage_bytes;
             const uint32_t bar = b_base + (uint32_t)(i % NSTAGE) * 8u;
             const uint32_t gf = tok0 >> P.gk_shift, gl = (tok0 + ntok - 1) >> P.gk_shift;
@@ -767,7 +792,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         int Scur = 0;
         const int first_lim = (int)(tokens - P.q_len); /* every row attends tokens <= this */
 
-        const int32_t *table = P.tables + (size_t)slot * P.max_blocks;
+        const int32_t *table = sv.table;
         /* offsets (words) of this lane's value-parameter rows in a tile */
         const int vo0 = (2 * t) * NCG, vo1 = (2 * t + 1) * NCG, vo2 = (2 * t + 8) * NCG, vo3 = (2 * t + 9) * NCG;
         auto issue = [&](int i) {
@@ -775,7 +800,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             const int b = ci / P.cpb, cc = ci - b * P.cpb;
             const int tok0 = cc * CHUNK;
             const int ntok = min(CHUNK, P.R - tok0);
-            const int pb = table[b];
+            const int pb = checked_block(P, table[b]);
             const uint8_t *blk = P.pool_layer + (size_t)pb * P.LB;
             const uint8_t *head = blk + (size_t)h * P.head_bytes;
             uint8_t *st = wreg + (size_t)(i % NSTAGE) * P.stage_bytes;
@@ -1114,12 +1139,12 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         __syncwarp();
         DenseState<D, RPC> ds;
         dense_init<D, RPC>(ds);
-        const int32_t *table = P.tables + (size_t)slot * P.max_blocks;
+        const int32_t *table = sv.table;
         for (int ci = cw0; ci < cw1; ci++) {
             const int b = ci / P.cpb, cc = ci - b * P.cpb;
             const int tok0 = cc * CHUNK;
             const int ntok = min(CHUNK, P.R - tok0);
-            const uint8_t *head = P.pool_layer + (size_t)table[b] * P.LB + (size_t)h * P.head_bytes;
+            const uint8_t *head = P.pool_layer + (size_t)checked_block(P, table[b]) * P.LB + (size_t)h * P.head_bytes;
             const uint8_t *kb = head + (size_t)tok0 * D * P.w_esize;
             const uint8_t *vb = head + ((size_t)P.R + tok0) * D * P.w_esize;
             dense_tokens<D, RPC>(ds, kb, vb, D, P.w_dtype, ntok, (long long)b * P.R + tok0, qf, limr, P.sm_log2,
@@ -1185,9 +1210,14 @@ __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Attn
     __shared__ float wgt[8][OSCAR_MERGE_MAX];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int zi = blockIdx.x;
-    const int h = blockIdx.y / P.qchunks, qc = blockIdx.y - h * P.qchunks;
+    const int yu = blockIdx.y + P.y_base;
+    const int h = yu / P.qchunks, qc = yu - h * P.qchunks;
     const int seq = P.seq_base + zi;
     const int RPC = P.rpc, S = P.splits;
+    /* a failed sequence (non-finite input) or bad metadata: NaN rows */
+    const SeqView sv = seq_view(P, seq);
+    if (threadIdx.x == 0 && !sv.valid) P.report->bad_meta = 1, P.report->bad_first = seq;
+    const bool poison = !sv.valid || P.failed[sv.slot] != 0;
     constexpr int E = D / 32;
     const size_t cta0 = ((size_t)zi * gridDim.y + blockIdx.y) * S;
     for (int r = warp; r < RPC; r += 8) {
@@ -1218,9 +1248,9 @@ __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Attn
 #pragma unroll
             for (int i = 0; i < E; i++) o[i] += w * src[s * stride + i];
         }
-        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        const float inv = poison ? __int_as_float(0x7fc00000) : L > 0.0f ? 1.0f / L : 0.0f;
 #pragma unroll
-        for (int i = 0; i < E; i++) o[i] *= inv;
+        for (int i = 0; i < E; i++) o[i] = poison ? inv : o[i] * inv;
         if (P.rotate_v) oscar_warp_fwht<D>(o, lane);
         const int qi = gr / P.g, hj = gr - qi * P.g;
         const size_t base = (((size_t)seq * P.q_len + qi) * P.hq + (size_t)h * P.g + hj) * D + lane * E;
@@ -1324,19 +1354,12 @@ attn_fn pick_kernel(const oscar_layout *L, int nt) {
     return pick_nt<256, 4, false>(nt);
 }
 
-/* the fast kernel, if the call's shape allows it (FM: 1 subnormal codes,
- * 2 magic-number codes; OSCAR_CUDA_FAST=0/1/2 overrides, 0 = off) */
+/* the fast kernel, if the call's shape allows it (1: subnormal codes; the
+ * magic-number variant 2 is kept for the kernel harness) */
 int fast_mode(const oscar_layout *L, int rows) {
     if (!(L->quantised && L->bits == 2 && L->d == 128 && rows <= 4 && L->v_group == 32 && L->k_group % 32 == 0 &&
-          (L->k_group & (L->k_group - 1)) == 0 &&
-          L->scale_keys && L->residual % 32 == 0))
+          (L->k_group & (L->k_group - 1)) == 0 && L->scale_keys && L->residual % 32 == 0))
         return 0;
-    static int env = -2;
-    if (env == -2) {
-        const char *e = getenv("OSCAR_CUDA_FAST");
-        env = e ? atoi(e) : -1;
-    }
-    if (env == 0 || env == 1 || env == 2) return env;
     return 1;
 }
 
@@ -1350,13 +1373,12 @@ attn_fn pick_merge(int d) {
 
 } // namespace
 
-size_t oscar_cuda_ws_bytes(const oscar_cache *c, int sm_count) {
-    const oscar_layout *L = &c->lay;
-    /* enough for 4 waves of CTAs at the largest row chunk, or 64 sequences
-     * x all heads x 2 row chunks */
+size_t oscar_cuda_partials_bytes(const oscar_layout *L, int sm_count) {
+    /* enough for 16 CTAs per SM at the largest row chunk, or 64 sequences x
+     * all heads x 2 row chunks; larger calls loop over launches */
     const int rpc_max = 8 * nt_for(L->d, 64);
     size_t ctas = (size_t)sm_count * 16;
-    size_t need = (size_t)OSCAR_ATTN_MAX_SEQS * L->hkv * 2;
+    size_t need = (size_t)64 * L->hkv * 2;
     if (need > ctas) ctas = need;
     return ctas * rpc_max * (L->d + 2) * sizeof(float);
 }
@@ -1389,9 +1411,9 @@ oscar_status oscar_cuda_kernels_init(oscar_cache *c) {
     return oscar_cuda_pack_init(c);
 }
 
-oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs,
-                                         int q_len, const void *q, oscar_dtype q_dtype, void *out,
-                                         oscar_dtype out_dtype, float softmax_scale, cudaStream_t st) {
+oscar_status oscar_cuda_attention_call(oscar_cache *c, int layer, const SeqMeta &meta, int n_seqs, int max_len,
+                                       int q_len, const void *q, oscar_dtype q_dtype, void *out,
+                                       oscar_dtype out_dtype, float softmax_scale, cudaStream_t st) {
     CudaState *S = cuda_state(c);
     const oscar_layout *L = &c->lay;
     const int D = L->d;
@@ -1404,17 +1426,18 @@ oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_
     const size_t smem = S->attn_smem[nt_index(nt)];
     const int RPC = 8 * nt;
     P.pool_layer = S->pool + (size_t)layer * c->cfg.block_count * L->layer_block_bytes;
-    P.tables = S->tables;
     P.win_layer = S->windows + (size_t)layer * c->cfg.max_seqs * L->window_layer_bytes;
     P.q = q;
     P.out = out;
     P.ws = S->ws;
+    P.failed = S->failed;
+    P.report = S->report;
+    P.meta = meta;
     P.LB = (long long)L->layer_block_bytes;
     P.head_bytes = (long long)L->head_bytes;
     P.codes_bytes = (long long)L->codes_bytes;
     P.kparams_bytes = (long long)L->kparams_bytes;
     P.wlb = (long long)L->window_layer_bytes;
-    P.max_blocks = S->max_blocks;
     P.q_dtype = (int)q_dtype;
     P.out_dtype = (int)out_dtype;
     P.w_dtype = L->window_dtype;
@@ -1446,49 +1469,51 @@ oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_
     if (fm) kern = pick_fast(fm);
     attn_fn merge = pick_merge(D);
     const size_t per_cta = (size_t)RPC * (D + 2) * sizeof(float);
+    const long long capacity = (long long)(S->ws_bytes / per_cta); /* CTAs whose partials fit */
     const long long target = (long long)S->occ[nt_index(nt)] * S->sm_count;
-
-    int done = 0;
-    while (done < n_jobs) {
-        int nb = n_jobs - done;
-        if (nb > OSCAR_ATTN_MAX_SEQS) nb = OSCAR_ATTN_MAX_SEQS;
-        const size_t base = (size_t)L->hkv * P.qchunks;
-        while (nb > 1 && (size_t)nb * base * per_cta > S->ws_bytes) nb = (nb + 1) / 2;
-        if ((size_t)nb * base * per_cta > S->ws_bytes)
-            return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
-                                   "CUDA attention: q_len %d needs more workspace than was allocated", q_len);
-        int max_chunks = 0;
-        for (int i = 0; i < nb; i++) {
-            const oscar_attn_job *J = &jobs[done + i];
-            P.slot[i] = J->seq_slot;
-            P.nblk[i] = J->n_blocks;
-            P.wtok[i] = J->window_tokens;
-            if (J->n_blocks * P.cpb > max_chunks) max_chunks = J->n_blocks * P.cpb;
+    const long long units_per_seq = (long long)L->hkv * P.qchunks;
+    const int max_chunks = (max_len / L->residual) * P.cpb;
+    /* The grid depends only on the host fields (n_seqs, q_len, max_len), so
+     * a captured call replays for any lengths up to max_len. Calls whose
+     * partials exceed the workspace run as several launches: groups of
+     * sequences, or for long query chunks, ranges of (head, row chunk). */
+    long long nb_max, ny;
+    if (units_per_seq <= capacity) {
+        ny = units_per_seq;
+        nb_max = capacity / units_per_seq;
+        if (nb_max > 65535) nb_max = 65535;
+    } else {
+        ny = capacity;
+        nb_max = 1;
+    }
+    for (int done = 0; done < n_seqs;) {
+        const int nb = (int)((long long)(n_seqs - done) < nb_max ? (n_seqs - done) : nb_max);
+        for (long long y0 = 0; y0 < units_per_seq; y0 += ny) {
+            const long long nyl = units_per_seq - y0 < ny ? units_per_seq - y0 : ny;
+            const long long units = (long long)nb * nyl;
+            /* split count: minimise (waves of resident CTAs) x (chunks per
+             * CTA + ~2 chunks of fixed cost), at least 2 chunks per warp */
+            long long cap = (max_chunks + 2 * WARPS - 1) / (2 * WARPS);
+            if (cap > OSCAR_MERGE_MAX) cap = OSCAR_MERGE_MAX;
+            if (cap > capacity / units) cap = capacity / units;
+            if (cap < 1) cap = 1;
+            long long splits = 1;
+            double best = 1e30;
+            for (long long sp = 1; sp <= cap; sp++) {
+                const double waves = (double)((units * sp + target - 1) / target);
+                const double cost = waves * (double)((max_chunks + sp - 1) / sp + 2);
+                if (cost < best * 0.999) best = cost, splits = sp;
+            }
+            P.splits = (int)splits;
+            P.seq_base = done;
+            P.y_base = (int)y0;
+            P.ml_off = (long long)(units * splits) * RPC * D;
+            dim3 grid((unsigned)splits, (unsigned)nyl, (unsigned)nb);
+            kern<<<grid, 128, smem, st>>>(P);
+            OSCAR_CK_LAUNCH(c, "attn_kernel");
+            merge<<<dim3((unsigned)nb, (unsigned)nyl), 256, 0, st>>>(P);
+            OSCAR_CK_LAUNCH(c, "merge_kernel");
         }
-        const long long units = (long long)nb * (long long)base;
-        /* split count: minimise (waves of resident CTAs) / splits, i.e. the
-         * time of the slowest CTA; at least 2 chunks per warp */
-        long long cap = (max_chunks + 2 * WARPS - 1) / (2 * WARPS);
-        if (cap > OSCAR_MERGE_MAX) cap = OSCAR_MERGE_MAX;
-        if (cap < 1) cap = 1;
-        long long splits = 1;
-        double best = 1e30;
-        for (long long sp = 1; sp <= cap; sp++) {
-            /* time ~ waves x (chunks per CTA + ~2 chunks of fixed cost) */
-            const double waves = (double)((units * sp + target - 1) / target);
-            const double cost = waves * (double)((max_chunks + sp - 1) / sp + 2);
-            if (cost < best * 0.999) best = cost, splits = sp;
-        }
-        while (splits > 1 && (size_t)(units * splits) * per_cta > S->ws_bytes) splits--;
-        P.splits = (int)splits;
-        P.seq_base = done;
-        P.nseq = nb;
-        P.ml_off = (long long)(units * splits) * RPC * D;
-        dim3 grid((unsigned)splits, (unsigned)base, (unsigned)nb);
-        kern<<<grid, 128, smem, st>>>(P);
-        OSCAR_CK_LAUNCH(c, "attn_kernel");
-        merge<<<dim3((unsigned)nb, (unsigned)base), 256, 0, st>>>(P);
-        OSCAR_CK_LAUNCH(c, "merge_kernel");
         done += nb;
     }
     return OSCAR_OK;

@@ -1,21 +1,26 @@
-/* The CUDA backend's ops table: device memory (pool, windows, block-table
- * mirror, attention workspace, staging ring), the append and attention
- * entry points and the synchronous host <-> device copies.
+/* The CUDA backend's ops table: device memory (pool, windows, workspace),
+ * the append and attention entry points of both APIs, and the synchronous
+ * host <-> device copies of export/import.
  *
- * Asynchrony: append (with check_finite = 0) and attention never block the
- * host and never allocate. Append metadata goes through a pinned staging
- * ring; a region is reused only after the event recorded behind the kernels
- * that read it has completed (cudaEventSynchronize only if the host is a
- * whole ring ahead of the device). Calls on one handle are ordered across
- * streams: each call waits (on the device) for the previous call's event. */
+ * Asynchrony: append and attention (both APIs), slot_copy and poll never
+ * block the host, never wait on an event, never allocate and never copy
+ * through pageable host memory. The sequence API's per-call metadata (lengths,
+ * slots, new block ids) reaches the device as kernel arguments: small
+ * upload kernels write it into the workspace, in stream order, so nothing
+ * is staged in host memory that a later call could overwrite too early.
+ * Calls on one handle are ordered by the caller (one stream, or its events).
+ * Every entry point sets the cache's device and restores the caller's. */
 #include "common.cuh"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-size_t oscar_cuda_pack_smem(const oscar_layout *L);
-
 namespace {
+
+constexpr size_t kAlign = 256;
+
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
 oscar_status ck(oscar_cache *c, cudaError_t e, const char *what) {
     if (e == cudaSuccess) return OSCAR_OK;
@@ -23,69 +28,249 @@ oscar_status ck(oscar_cache *c, cudaError_t e, const char *what) {
                            "CUDA: %s: %s", what, cudaGetErrorString(e));
 }
 
+/* Makes the cache's device current for the scope and restores the caller's. */
+struct DeviceScope {
+    int prev = -1;
+    bool changed = false;
+    cudaError_t enter(int device) {
+        cudaError_t e = cudaGetDevice(&prev);
+        if (e != cudaSuccess) return e;
+        if (prev != device) {
+            e = cudaSetDevice(device);
+            changed = e == cudaSuccess;
+        }
+        return e;
+    }
+    ~DeviceScope() {
+        if (changed) cudaSetDevice(prev);
+    }
+};
+
+#define ENTER(c, S)                                                                                    \
+    DeviceScope scope_;                                                                                \
+    OSCAR_CK(c, scope_.enter((S)->device))
+
+/* ---- workspace layout ---------------------------------------------------- */
+
+struct WorkspaceLayout {
+    size_t partials, tables, failed, meta, tasks, wtasks, total;
+    size_t meta_ints, max_tasks, max_wtasks;
+};
+
+WorkspaceLayout workspace_layout(const oscar_config *cfg, const oscar_layout *L, int sm_count) {
+    WorkspaceLayout W;
+    size_t o = 0;
+    W.partials = o;
+    o += align_up(oscar_cuda_partials_bytes(L, sm_count));
+    W.tables = o;
+    /* the sequence API's block-table mirror, one row per slot */
+    if (!cfg->caller_metadata) o += align_up((size_t)cfg->max_seqs * (size_t)cfg->block_count * sizeof(int32_t));
+    W.failed = o;
+    o += align_up((size_t)cfg->max_seqs * sizeof(int32_t));
+    W.meta = o;
+    W.meta_ints = 5 * (size_t)cfg->max_seqs + 8;
+    o += align_up(W.meta_ints * sizeof(int32_t));
+    oscar_cuda_task_capacity(cfg, &W.max_tasks, &W.max_wtasks);
+    W.tasks = o;
+    o += align_up(W.max_tasks * sizeof(PackTask));
+    W.wtasks = o;
+    o += align_up(W.max_wtasks * sizeof(WinTask));
+    W.total = o;
+    return W;
+}
+
+oscar_status device_sm_count(oscar_cache *c, int device, int *sm, size_t *optin, char *eb, size_t en) {
+    cudaDeviceProp prop;
+    cudaError_t e = cudaGetDeviceProperties(&prop, device);
+    if (e != cudaSuccess) {
+        if (c) return ck(c, e, "cudaGetDeviceProperties");
+        if (eb && en) snprintf(eb, en, "CUDA: cudaGetDeviceProperties(%d): %s", device, cudaGetErrorString(e));
+        return OSCAR_E_BACKEND;
+    }
+    if (prop.major != 9) {
+        if (c)
+            return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
+                                   "CUDA backend is built for compute capability 9.0 (sm_90a), device %d is %d.%d",
+                                   device, prop.major, prop.minor);
+        if (eb && en)
+            snprintf(eb, en, "CUDA backend is built for compute capability 9.0 (sm_90a), device %d is %d.%d", device,
+                     prop.major, prop.minor);
+        return OSCAR_E_UNSUPPORTED;
+    }
+    *sm = prop.multiProcessorCount;
+    if (optin) *optin = prop.sharedMemPerBlockOptin;
+    return OSCAR_OK;
+}
+
+/* ---- upload of the sequence API's per-call metadata ---------------------- */
+
+constexpr int kUploadInts = 1000; /* 4 KB of kernel arguments */
+
+struct UploadChunk {
+    int32_t *dst;
+    int n;
+    int32_t v[kUploadInts];
+};
+
+struct ScatterChunk {
+    int32_t *base;
+    int n;
+    int32_t idx[kUploadInts / 2];
+    int32_t val[kUploadInts / 2];
+};
+
+__global__ void upload_kernel(const __grid_constant__ UploadChunk U) {
+    for (int i = threadIdx.x; i < U.n; i += blockDim.x) U.dst[i] = U.v[i];
+}
+
+__global__ void scatter_kernel(const __grid_constant__ ScatterChunk U) {
+    for (int i = threadIdx.x; i < U.n; i += blockDim.x) U.base[U.idx[i]] = U.val[i];
+}
+
+/* Writes n ints to device memory through kernel arguments, in chunks. */
+struct Uploader {
+    oscar_cache *c;
+    cudaStream_t st;
+    UploadChunk u;
+    ScatterChunk s;
+    oscar_status rc = OSCAR_OK;
+    int32_t *next = nullptr; /* where the next contiguous int goes */
+
+    Uploader(oscar_cache *c_, cudaStream_t st_) : c(c_), st(st_) {
+        u.n = 0;
+        u.dst = nullptr;
+        s.n = 0;
+        s.base = nullptr;
+    }
+
+    void begin(int32_t *dst) {
+        flush();
+        u.dst = dst;
+        u.n = 0;
+        next = dst;
+    }
+    void put(int32_t x) {
+        if (u.n == kUploadInts) {
+            int32_t *d = u.dst + u.n;
+            flush();
+            u.dst = d;
+        }
+        u.v[u.n++] = x;
+        next++;
+    }
+    void scatter(int32_t *base, int32_t idx, int32_t val) {
+        if (s.n > 0 && (s.base != base || s.n == kUploadInts / 2)) flush_scatter();
+        s.base = base;
+        s.idx[s.n] = idx;
+        s.val[s.n++] = val;
+    }
+    void flush() {
+        if (u.n > 0 && rc == OSCAR_OK) {
+            upload_kernel<<<1, 256, 0, st>>>(u);
+            cudaError_t e = cudaGetLastError();
+            if (e != cudaSuccess) rc = ck(c, e, "upload_kernel launch");
+        }
+        u.n = 0;
+    }
+    void flush_scatter() {
+        if (s.n > 0 && rc == OSCAR_OK) {
+            scatter_kernel<<<1, 256, 0, st>>>(s);
+            cudaError_t e = cudaGetLastError();
+            if (e != cudaSuccess) rc = ck(c, e, "scatter_kernel launch");
+        }
+        s.n = 0;
+    }
+    oscar_status finish() {
+        flush();
+        flush_scatter();
+        return rc;
+    }
+};
+
+/* ---- init / destroy -------------------------------------------------------- */
+
+cudaError_t region_alloc(CudaState *S, Region *r, void *given, size_t bytes) {
+    r->bytes = bytes;
+    if (given) {
+        r->ptr = (uint8_t *)given;
+        r->owned = 0;
+        return cudaSuccess;
+    }
+    r->owned = 1;
+    if (S->allocator) {
+        r->ptr = (uint8_t *)S->allocator->alloc(S->allocator->user, bytes, kAlign);
+        return r->ptr ? cudaSuccess : cudaErrorMemoryAllocation;
+    }
+    return cudaMalloc((void **)&r->ptr, bytes);
+}
+
+void region_free(CudaState *S, Region *r) {
+    if (!r->ptr || !r->owned) return;
+    if (S->allocator)
+        S->allocator->free(S->allocator->user, r->ptr, r->bytes);
+    else
+        cudaFree(r->ptr);
+    r->ptr = nullptr;
+}
+
 void free_state(CudaState *S) {
     if (!S) return;
-    cudaFree(S->pool);
-    cudaFree(S->windows);
-    cudaFree(S->tables);
-    cudaFree(S->dstage);
-    cudaFreeHost(S->hstage);
-    cudaFree(S->d_flag);
-    cudaFreeHost(S->h_flag);
-    cudaFree(S->ws);
-    for (int i = 0; i < OSCAR_STAGE_RECORDS; i++)
-        if (S->rec[i].ev) cudaEventDestroy(S->rec[i].ev);
-    if (S->last_ev) cudaEventDestroy(S->last_ev);
+    region_free(S, &S->pool_r);
+    region_free(S, &S->windows_r);
+    region_free(S, &S->ws_r);
+    if (S->report) cudaFreeHost(S->report);
     free(S);
 }
 
-oscar_status cuda_init(oscar_cache *c) {
+oscar_status cuda_init(oscar_cache *c, const oscar_memory_source *mem) {
     const oscar_layout *L = &c->lay;
     const oscar_config *cfg = &c->cfg;
     CudaState *S = (CudaState *)calloc(1, sizeof(CudaState));
     if (!S) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "CUDA backend: out of host memory");
     c->backend_state = S;
+    S->device = cfg->device;
+    S->allocator = mem ? mem->allocator : nullptr;
     oscar_status st;
+    DeviceScope scope;
 #define INIT_CK(call)                                                                                  \
     do {                                                                                               \
         st = ck(c, (call), #call);                                                                     \
         if (st != OSCAR_OK) goto fail;                                                                 \
     } while (0)
     {
-        S->device = cfg->device;
-        INIT_CK(cudaSetDevice(S->device));
-        cudaDeviceProp prop;
-        INIT_CK(cudaGetDeviceProperties(&prop, S->device));
-        if (prop.major != 9) {
-            st = oscar_set_error(c, OSCAR_E_UNSUPPORTED,
-                                 "CUDA backend is built for compute capability 9.0 (sm_90a), device %d is %d.%d",
-                                 S->device, prop.major, prop.minor);
+        INIT_CK(scope.enter(S->device));
+        st = device_sm_count(c, S->device, &S->sm_count, &S->smem_optin, nullptr, 0);
+        if (st != OSCAR_OK) goto fail;
+        const WorkspaceLayout W = workspace_layout(cfg, L, S->sm_count);
+        const size_t pool_bytes = L->layer_block_bytes * (size_t)cfg->num_layers * (size_t)cfg->block_count;
+        const size_t windows_bytes = L->window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
+        INIT_CK(region_alloc(S, &S->pool_r, mem ? mem->pool : nullptr, pool_bytes));
+        INIT_CK(region_alloc(S, &S->windows_r, mem ? mem->windows : nullptr, windows_bytes));
+        INIT_CK(region_alloc(S, &S->ws_r, mem ? mem->workspace : nullptr, W.total));
+        S->pool = S->pool_r.ptr;
+        S->windows = S->windows_r.ptr;
+        INIT_CK(cudaMemset(S->pool, 0, pool_bytes));
+        INIT_CK(cudaMemset(S->windows, 0, windows_bytes));
+        INIT_CK(cudaMemset(S->ws_r.ptr, 0, W.total));
+        S->ws = (float *)(S->ws_r.ptr + W.partials);
+        S->ws_bytes = W.tables - W.partials;
+        S->tables = cfg->caller_metadata ? nullptr : (int32_t *)(S->ws_r.ptr + W.tables);
+        S->failed = (int32_t *)(S->ws_r.ptr + W.failed);
+        S->meta = (int32_t *)(S->ws_r.ptr + W.meta);
+        S->meta_ints = W.meta_ints;
+        S->tasks = (PackTask *)(S->ws_r.ptr + W.tasks);
+        S->wtasks = (WinTask *)(S->ws_r.ptr + W.wtasks);
+        S->max_tasks = W.max_tasks;
+        S->max_wtasks = W.max_wtasks;
+        S->report_bytes = sizeof(OscarReport) + (size_t)cfg->max_seqs;
+        INIT_CK(cudaHostAlloc((void **)&S->report, S->report_bytes, cudaHostAllocMapped));
+        memset((void *)S->report, 0, S->report_bytes);
+        OscarReport *dev_report = nullptr;
+        INIT_CK(cudaHostGetDevicePointer((void **)&dev_report, S->report, 0));
+        if (dev_report != S->report) {
+            st = oscar_set_error(c, OSCAR_E_UNSUPPORTED, "CUDA backend needs unified addressing for mapped memory");
             goto fail;
         }
-        S->sm_count = prop.multiProcessorCount;
-        S->smem_optin = prop.sharedMemPerBlockOptin;
-        S->pool_bytes = L->layer_block_bytes * (size_t)cfg->num_layers * (size_t)cfg->block_count;
-        S->windows_bytes = L->window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
-        S->max_blocks = cfg->block_count;
-        INIT_CK(cudaMalloc((void **)&S->pool, S->pool_bytes));
-        INIT_CK(cudaMemset(S->pool, 0, S->pool_bytes));
-        INIT_CK(cudaMalloc((void **)&S->windows, S->windows_bytes));
-        INIT_CK(cudaMemset(S->windows, 0, S->windows_bytes));
-        const size_t tb = (size_t)cfg->max_seqs * (size_t)cfg->block_count * sizeof(int32_t);
-        INIT_CK(cudaMalloc((void **)&S->tables, tb));
-        INIT_CK(cudaMemset(S->tables, 0, tb));
-        /* one call needs at most block_count pack tasks + max_seqs window tasks */
-        size_t one = ((size_t)cfg->block_count + 16) * sizeof(PackTask) + ((size_t)cfg->max_seqs + 16) * sizeof(WinTask);
-        S->stage_bytes = 4 * one + 65536;
-        INIT_CK(cudaHostAlloc((void **)&S->hstage, S->stage_bytes, cudaHostAllocDefault));
-        INIT_CK(cudaMalloc((void **)&S->dstage, S->stage_bytes));
-        INIT_CK(cudaMalloc((void **)&S->d_flag, sizeof(int)));
-        INIT_CK(cudaHostAlloc((void **)&S->h_flag, sizeof(int), cudaHostAllocDefault));
-        for (int i = 0; i < OSCAR_STAGE_RECORDS; i++)
-            INIT_CK(cudaEventCreateWithFlags(&S->rec[i].ev, cudaEventDisableTiming));
-        INIT_CK(cudaEventCreateWithFlags(&S->last_ev, cudaEventDisableTiming));
-        S->ws_bytes = oscar_cuda_ws_bytes(c, S->sm_count);
-        INIT_CK(cudaMalloc((void **)&S->ws, S->ws_bytes));
         st = oscar_cuda_kernels_init(c);
         if (st != OSCAR_OK) goto fail;
         INIT_CK(cudaDeviceSynchronize());
@@ -101,168 +286,216 @@ fail:
 void cuda_destroy(oscar_cache *c) {
     CudaState *S = cuda_state(c);
     if (!S) return;
-    cudaSetDevice(S->device);
-    cudaDeviceSynchronize();
+    DeviceScope scope;
+    if (scope.enter(S->device) == cudaSuccess) cudaDeviceSynchronize();
     free_state(S);
     c->backend_state = NULL;
 }
 
-/* Orders this call after the previous call on the handle (device side). */
-oscar_status call_begin(oscar_cache *c, cudaStream_t st) {
-    CudaState *S = cuda_state(c);
-    OSCAR_CK(c, cudaSetDevice(S->device));
-    if (S->last_ev_valid) OSCAR_CK(c, cudaStreamWaitEvent(st, S->last_ev, 0));
-    return OSCAR_OK;
-}
+/* ---- reports ------------------------------------------------------------- */
 
-oscar_status call_end(oscar_cache *c, cudaStream_t st) {
+oscar_status cuda_poll(oscar_cache *c) {
     CudaState *S = cuda_state(c);
-    OSCAR_CK(c, cudaEventRecord(S->last_ev, st));
-    S->last_ev_valid = 1;
-    return OSCAR_OK;
-}
-
-/* A region of n bytes of the staging ring that no pending copy or kernel
- * still reads. */
-oscar_status stage_reserve(oscar_cache *c, size_t n, size_t *off, int *rec) {
-    CudaState *S = cuda_state(c);
-    n = (n + 255) & ~(size_t)255;
-    if (n == 0) n = 256;
-    if (n > S->stage_bytes) return oscar_set_error(c, OSCAR_E_BACKEND, "CUDA: staging ring too small (%zu bytes)", n);
-    if (S->stage_head + n > S->stage_bytes) S->stage_head = 0;
-    const size_t a = S->stage_head, b = a + n;
-    for (int i = 0; i < OSCAR_STAGE_RECORDS; i++) {
-        if (!S->rec[i].live) continue;
-        if (S->rec[i].a < b && a < S->rec[i].b) {
-            OSCAR_CK(c, cudaEventSynchronize(S->rec[i].ev));
-            S->rec[i].live = 0;
+    OscarReport *R = S->report;
+    if (R->nonfinite) {
+        R->nonfinite = 0;
+        char list[256];
+        size_t o = 0;
+        int n = 0;
+        list[0] = 0;
+        for (int s = 0; s < c->cfg.max_seqs; s++) {
+            if (!R->failed_slot[s]) continue;
+            R->failed_slot[s] = 0;
+            const int id = c->cfg.caller_metadata ? s : c->seqs[s].id;
+            if (o + 16 < sizeof list) o += (size_t)snprintf(list + o, sizeof list - o, "%s%d", n ? ", " : "", id);
+            n++;
         }
+        if (n > 0)
+            return oscar_set_error(c, OSCAR_E_NONFINITE,
+                                   "an earlier append gave NaN or Inf in K or V to %s %s; %s failed: nothing more is "
+                                   "written to %s and attention over %s writes NaN until %s",
+                                   c->cfg.caller_metadata ? "window slot(s)" : "sequence(s)", list,
+                                   n > 1 ? "they are" : "it is", n > 1 ? "them" : "it", n > 1 ? "them" : "it",
+                                   c->cfg.caller_metadata ? "the slot restarts at length 0" : "it is freed");
     }
-    const int r = S->rec_next;
-    if (S->rec[r].live) {
-        OSCAR_CK(c, cudaEventSynchronize(S->rec[r].ev));
-        S->rec[r].live = 0;
+    if (R->bad_meta) {
+        R->bad_meta = 0;
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                               "an earlier batch call had a sequence entry out of range (batch index %d, or a block "
+                               "id outside 0..%d): that sequence was skipped and its outputs are NaN or meaningless",
+                               (int)R->bad_first, c->cfg.block_count - 1);
     }
-    S->rec_next = (r + 1) % OSCAR_STAGE_RECORDS;
-    S->stage_head = b;
-    *off = a;
-    *rec = r;
-    S->rec[r].a = a;
-    S->rec[r].b = b;
     return OSCAR_OK;
 }
+
+oscar_status cuda_sync(oscar_cache *c, void *stream) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
+    OSCAR_CK(c, cudaStreamSynchronize((cudaStream_t)stream));
+    return cuda_poll(c);
+}
+
+SeqMeta library_meta(oscar_cache *c, const int32_t *lens, const int32_t *slots) {
+    CudaState *S = cuda_state(c);
+    SeqMeta m;
+    m.lens = lens;
+    m.slots = slots;
+    m.tables = S->tables;
+    m.table_stride = c->cfg.block_count;
+    m.table_by_slot = 1;
+    m.block_count = c->cfg.block_count;
+    m.max_seqs = c->cfg.max_seqs;
+    return m;
+}
+
+/* ---- the sequence API ------------------------------------------------------ */
 
 oscar_status cuda_append(oscar_cache *c, int layer, const oscar_append_job *jobs, int n_jobs, int64_t total_rows,
                          const void *k, const void *v, oscar_dtype dtype, void *stream) {
     CudaState *S = cuda_state(c);
-    const oscar_layout *L = &c->lay;
+    ENTER(c, S);
     cudaStream_t st = (cudaStream_t)stream;
-    oscar_status rc = call_begin(c, st);
-    if (rc != OSCAR_OK) return rc;
-    const int64_t n_el = total_rows * L->hkv * L->d;
-    if (c->cfg.check_finite && n_el > 0) {
-        OSCAR_CK(c, cudaMemsetAsync(S->d_flag, 0, sizeof(int), st));
-        rc = oscar_cuda_finite_launch(c, k, v, n_el, dtype, S->d_flag, st);
-        if (rc != OSCAR_OK) return rc;
-        OSCAR_CK(c, cudaMemcpyAsync(S->h_flag, S->d_flag, sizeof(int), cudaMemcpyDeviceToHost, st));
-        OSCAR_CK(c, cudaStreamSynchronize(st));
-        if (*S->h_flag) {
-            call_end(c, st);
-            return oscar_set_error(c, OSCAR_E_NONFINITE, "append: K or V holds NaN or Inf; nothing was appended");
-        }
-    }
-    int n_tasks = 0, n_w = 0, max_wrows = 0;
+    /* metadata: lens, slots, n_new, row0 [n], task0 [n + 1] */
+    int32_t *d_lens = S->meta, *d_slots = d_lens + n_jobs, *d_new = d_slots + n_jobs, *d_row0 = d_new + n_jobs,
+            *d_task0 = d_row0 + n_jobs;
+    Uploader up(c, st);
+    up.begin(d_lens);
+    int max_new = 0, n_tasks = 0;
     for (int i = 0; i < n_jobs; i++) {
+        const int64_t before = (int64_t)jobs[i].first_flush_index * c->cfg.residual + jobs[i].window_before;
+        up.put((int32_t)(before + jobs[i].n_new));
+        if (jobs[i].n_new > max_new) max_new = jobs[i].n_new;
+    }
+    for (int i = 0; i < n_jobs; i++) up.put(jobs[i].seq_slot);
+    for (int i = 0; i < n_jobs; i++) up.put(jobs[i].n_new);
+    for (int i = 0; i < n_jobs; i++) up.put((int32_t)jobs[i].input_row);
+    for (int i = 0; i < n_jobs; i++) {
+        up.put(n_tasks);
         n_tasks += jobs[i].n_flush;
-        const int r0 = jobs[i].n_flush ? 0 : jobs[i].window_before;
-        if (jobs[i].window_after > r0) {
-            n_w++;
-            if (jobs[i].window_after - r0 > max_wrows) max_wrows = jobs[i].window_after - r0;
-        }
     }
-    if (n_tasks == 0 && n_w == 0) return call_end(c, st);
-    const size_t bytes = (size_t)n_tasks * sizeof(PackTask) + 256 + (size_t)n_w * sizeof(WinTask);
-    size_t off;
-    int rec;
-    rc = stage_reserve(c, bytes, &off, &rec);
+    up.put(n_tasks);
+    /* the new blocks go into the mirror before the task builder reads it */
+    for (int i = 0; i < n_jobs; i++)
+        for (int f = 0; f < jobs[i].n_flush; f++)
+            up.scatter(S->tables, jobs[i].seq_slot * c->cfg.block_count + jobs[i].first_flush_index + f,
+                       jobs[i].flush_blocks[f]);
+    oscar_status rc = up.finish();
     if (rc != OSCAR_OK) return rc;
-    PackTask *pt = (PackTask *)(S->hstage + off);
-    const size_t woff = ((size_t)n_tasks * sizeof(PackTask) + 255) & ~(size_t)255;
-    WinTask *wt = (WinTask *)(S->hstage + off + woff);
-    int it = 0, iw = 0;
-    for (int i = 0; i < n_jobs; i++) {
-        const oscar_append_job *J = &jobs[i];
-        for (int f = 0; f < J->n_flush; f++) {
-            PackTask T;
-            memset(&T, 0, sizeof T);
-            T.input_row = J->input_row;
-            T.block = J->flush_blocks[f];
-            T.slot = J->seq_slot;
-            T.window_before = J->window_before;
-            T.stream0 = f * L->residual;
-            T.table_idx = J->first_flush_index + f;
-            pt[it++] = T;
-        }
-        const int r0 = J->n_flush ? 0 : J->window_before;
-        if (J->window_after > r0) {
-            WinTask W;
-            memset(&W, 0, sizeof W);
-            W.in0 = J->input_row + (int64_t)J->n_flush * L->residual - J->window_before;
-            W.slot = J->seq_slot;
-            W.r0 = r0;
-            W.r1 = J->window_after;
-            wt[iw++] = W;
-        }
-    }
-    OSCAR_CK(c, cudaMemcpyAsync(S->dstage + off, S->hstage + off, woff + (size_t)n_w * sizeof(WinTask),
-                                cudaMemcpyHostToDevice, st));
-    rc = oscar_cuda_append_launch(c, layer, (const PackTask *)(S->dstage + off), n_tasks,
-                                  (const WinTask *)(S->dstage + off + woff), n_w, max_wrows, k, v, dtype, st);
-    if (rc != OSCAR_OK) return rc;
-    OSCAR_CK(c, cudaEventRecord(S->rec[rec].ev, st));
-    S->rec[rec].live = 1;
-    return call_end(c, st);
+    AppendCall C;
+    C.meta = library_meta(c, d_lens, d_slots);
+    C.n_new = d_new;
+    C.row0 = d_row0;
+    C.uniform_new = 0;
+    C.max_new = max_new;
+    C.n_seqs = n_jobs;
+    C.total_rows = total_rows;
+    return oscar_cuda_append_call_tasks(c, layer, C, d_task0, n_tasks, k, v, dtype, st);
 }
 
 oscar_status cuda_attention(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs, int q_len,
                             const void *q, oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float softmax_scale,
                             void *stream) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
     cudaStream_t st = (cudaStream_t)stream;
-    oscar_status rc = call_begin(c, st);
+    int32_t *d_lens = S->meta, *d_slots = d_lens + n_jobs;
+    Uploader up(c, st);
+    up.begin(d_lens);
+    int64_t max_len = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        up.put((int32_t)jobs[i].tokens);
+        if (jobs[i].tokens > max_len) max_len = jobs[i].tokens;
+    }
+    for (int i = 0; i < n_jobs; i++) up.put(jobs[i].seq_slot);
+    oscar_status rc = up.finish();
     if (rc != OSCAR_OK) return rc;
-    rc = oscar_cuda_attention_launch(c, layer, jobs, n_jobs, q_len, q, q_dtype, out, out_dtype, softmax_scale, st);
-    if (rc != OSCAR_OK) return rc;
-    return call_end(c, st);
+    return oscar_cuda_attention_call(c, layer, library_meta(c, d_lens, d_slots), n_jobs, (int)max_len, q_len, q,
+                                     q_dtype, out, out_dtype, softmax_scale, st);
 }
 
-oscar_status sync_all(oscar_cache *c) {
+/* ---- the batch API ----------------------------------------------------------- */
+
+SeqMeta batch_meta(oscar_cache *c, const oscar_batch *b) {
+    SeqMeta m;
+    m.lens = b->seq_lens;
+    m.slots = b->window_slots;
+    m.tables = b->block_tables;
+    m.table_stride = b->block_table_stride;
+    m.table_by_slot = 0;
+    m.block_count = c->cfg.block_count;
+    m.max_seqs = c->cfg.max_seqs;
+    return m;
+}
+
+oscar_status cuda_batch_append(oscar_cache *c, int layer, const oscar_batch *b, const void *k, const void *v,
+                               oscar_dtype dtype, void *stream) {
     CudaState *S = cuda_state(c);
-    OSCAR_CK(c, cudaSetDevice(S->device));
-    OSCAR_CK(c, cudaDeviceSynchronize());
-    return OSCAR_OK;
+    ENTER(c, S);
+    AppendCall C;
+    C.meta = batch_meta(c, b);
+    C.n_new = nullptr;
+    C.row0 = nullptr;
+    C.uniform_new = b->tokens_per_seq;
+    C.max_new = b->tokens_per_seq;
+    C.n_seqs = b->num_seqs;
+    C.total_rows = (int64_t)b->num_seqs * b->tokens_per_seq;
+    return oscar_cuda_append_call_tasks(c, layer, C, nullptr, 0, k, v, dtype, (cudaStream_t)stream);
+}
+
+oscar_status cuda_batch_attention(oscar_cache *c, int layer, const oscar_batch *b, const void *q, oscar_dtype q_dtype,
+                                  void *out, oscar_dtype out_dtype, float softmax_scale, void *stream) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
+    return oscar_cuda_attention_call(c, layer, batch_meta(c, b), b->num_seqs, b->max_seq_len, b->tokens_per_seq, q,
+                                     q_dtype, out, out_dtype, softmax_scale, (cudaStream_t)stream);
 }
 
 uint8_t *win_k(oscar_cache *c, int layer, int32_t slot) {
     return cuda_state(c)->windows + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_layer_bytes;
 }
 
-oscar_status cuda_fork(oscar_cache *c, int32_t src, int32_t dst, const int32_t *wt, const int32_t *table,
-                       int32_t n_blocks) {
+/* Window rows of every layer (rows[l] each) and the failed mark, slot src
+ * to dst, stream-ordered. */
+oscar_status copy_slot(oscar_cache *c, int32_t src, int32_t dst, const int32_t *rows, int32_t uniform_rows,
+                       cudaStream_t st) {
     CudaState *S = cuda_state(c);
-    oscar_status rc = sync_all(c);
-    if (rc != OSCAR_OK) return rc;
     const size_t half = c->lay.window_layer_bytes / 2;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     for (int l = 0; l < c->cfg.num_layers; l++) {
-        if (wt[l] <= 0) continue;
-        OSCAR_CK(c, cudaMemcpy(win_k(c, l, dst), win_k(c, l, src), (size_t)wt[l] * rowb, cudaMemcpyDeviceToDevice));
-        OSCAR_CK(c, cudaMemcpy(win_k(c, l, dst) + half, win_k(c, l, src) + half, (size_t)wt[l] * rowb,
-                               cudaMemcpyDeviceToDevice));
+        const int32_t n = rows ? rows[l] : uniform_rows;
+        if (n <= 0) continue;
+        OSCAR_CK(c, cudaMemcpyAsync(win_k(c, l, dst), win_k(c, l, src), (size_t)n * rowb, cudaMemcpyDeviceToDevice, st));
+        OSCAR_CK(c, cudaMemcpyAsync(win_k(c, l, dst) + half, win_k(c, l, src) + half, (size_t)n * rowb,
+                                    cudaMemcpyDeviceToDevice, st));
     }
+    OSCAR_CK(c, cudaMemcpyAsync(S->failed + dst, S->failed + src, sizeof(int32_t), cudaMemcpyDeviceToDevice, st));
+    return OSCAR_OK;
+}
+
+oscar_status cuda_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int64_t n_tokens, void *stream) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
+    return copy_slot(c, src, dst, nullptr, (int32_t)(n_tokens % c->cfg.residual), (cudaStream_t)stream);
+}
+
+/* ---- synchronous paths: fork, export, import ---------------------------------- */
+
+oscar_status sync_all(oscar_cache *c) {
+    OSCAR_CK(c, cudaDeviceSynchronize());
+    return OSCAR_OK;
+}
+
+oscar_status cuda_fork(oscar_cache *c, int32_t src, int32_t dst, const int32_t *wt, const int32_t *table,
+                       int32_t n_blocks) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
+    oscar_status rc = copy_slot(c, src, dst, wt, 0, 0);
+    if (rc != OSCAR_OK) return rc;
     if (n_blocks > 0)
-        OSCAR_CK(c, cudaMemcpy(S->tables + (size_t)dst * S->max_blocks, table, (size_t)n_blocks * sizeof(int32_t),
+        OSCAR_CK(c, cudaMemcpy(S->tables + (size_t)dst * c->cfg.block_count, table, (size_t)n_blocks * sizeof(int32_t),
                                cudaMemcpyHostToDevice));
-    return sync_all(c);
+    OSCAR_CK(c, cudaStreamSynchronize(0));
+    return OSCAR_OK;
 }
 
 uint8_t *blk_ptr(oscar_cache *c, int layer, int32_t block) {
@@ -270,6 +503,8 @@ uint8_t *blk_ptr(oscar_cache *c, int layer, int32_t block) {
 }
 
 oscar_status cuda_read_block(oscar_cache *c, int layer, int32_t block, void *host) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
     oscar_status rc = sync_all(c);
     if (rc != OSCAR_OK) return rc;
     OSCAR_CK(c, cudaMemcpy(host, blk_ptr(c, layer, block), c->lay.layer_block_bytes, cudaMemcpyDeviceToHost));
@@ -277,6 +512,8 @@ oscar_status cuda_read_block(oscar_cache *c, int layer, int32_t block, void *hos
 }
 
 oscar_status cuda_write_block(oscar_cache *c, int layer, int32_t block, const void *host) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
     oscar_status rc = sync_all(c);
     if (rc != OSCAR_OK) return rc;
     OSCAR_CK(c, cudaMemcpy(blk_ptr(c, layer, block), host, c->lay.layer_block_bytes, cudaMemcpyHostToDevice));
@@ -284,6 +521,8 @@ oscar_status cuda_write_block(oscar_cache *c, int layer, int32_t block, const vo
 }
 
 oscar_status cuda_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
     oscar_status rc = sync_all(c);
     if (rc != OSCAR_OK) return rc;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
@@ -296,10 +535,14 @@ oscar_status cuda_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n
 }
 
 oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k, const void *v) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
     oscar_status rc = sync_all(c);
     if (rc != OSCAR_OK) return rc;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
-    if (n <= 0) return OSCAR_OK;
+    /* an imported sequence starts healthy */
+    OSCAR_CK(c, cudaMemset(S->failed + slot, 0, sizeof(int32_t)));
+    if (n <= 0) return sync_all(c);
     if (k) OSCAR_CK(c, cudaMemcpy(win_k(c, layer, slot), k, (size_t)n * rowb, cudaMemcpyHostToDevice));
     if (v)
         OSCAR_CK(c, cudaMemcpy(win_k(c, layer, slot) + c->lay.window_layer_bytes / 2, v, (size_t)n * rowb,
@@ -309,17 +552,35 @@ oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t 
 
 oscar_status cuda_set_table(oscar_cache *c, int32_t slot, const int32_t *table, int32_t n_blocks) {
     CudaState *S = cuda_state(c);
+    ENTER(c, S);
     oscar_status rc = sync_all(c);
     if (rc != OSCAR_OK) return rc;
+    OSCAR_CK(c, cudaMemset(S->failed + slot, 0, sizeof(int32_t)));
     if (n_blocks > 0)
-        OSCAR_CK(c, cudaMemcpy(S->tables + (size_t)slot * S->max_blocks, table, (size_t)n_blocks * sizeof(int32_t),
+        OSCAR_CK(c, cudaMemcpy(S->tables + (size_t)slot * c->cfg.block_count, table, (size_t)n_blocks * sizeof(int32_t),
                                cudaMemcpyHostToDevice));
     return sync_all(c);
 }
 
+oscar_status cuda_requirements(const oscar_config *cfg, oscar_memory_requirements *out, char *eb, size_t en) {
+    int sm = 0;
+    oscar_status st = device_sm_count(nullptr, cfg->device, &sm, nullptr, eb, en);
+    if (st != OSCAR_OK) return st;
+    oscar_layout L;
+    oscar_layout_init(&L, cfg);
+    const WorkspaceLayout W = workspace_layout(cfg, &L, sm);
+    out->pool_bytes = L.layer_block_bytes * (size_t)cfg->num_layers * (size_t)cfg->block_count;
+    out->window_bytes = L.window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
+    out->workspace_bytes = W.total;
+    out->alignment = kAlign;
+    return OSCAR_OK;
+}
+
 const oscar_backend_ops cuda_ops = {
-    "cuda",           cuda_init,       cuda_destroy,     cuda_append,       cuda_attention, cuda_fork,
-    cuda_read_block,  cuda_write_block, cuda_read_window, cuda_write_window, cuda_set_table,
+    "cuda",          cuda_init,        cuda_destroy,     cuda_append,       cuda_attention,
+    cuda_fork,       cuda_read_block,  cuda_write_block, cuda_read_window,  cuda_write_window,
+    cuda_set_table,  cuda_batch_append, cuda_batch_attention, cuda_slot_copy, cuda_poll,
+    cuda_sync,       cuda_requirements,
 };
 
 } // namespace

@@ -37,20 +37,51 @@ struct WinTask {
 };
 
 /* ---- attention launch parameters (passed by value) --------------------- */
-#define OSCAR_ATTN_MAX_SEQS 64
 #define OSCAR_ATTN_WARPS 4
 #define OSCAR_ATTN_CHUNK 64 /* tokens per pipeline stage */
 #define OSCAR_ATTN_STAGES 2
 
+/* Device-side reports, in pinned host memory the kernels write with plain
+ * stores (no atomics over PCIe): a flag per kind, and per window slot (or
+ * batch index for bad metadata) one byte. The host polls and clears. */
+struct OscarReport {
+    volatile int32_t nonfinite;     /* some slot received NaN/Inf          */
+    volatile int32_t bad_meta;      /* some batch entry was out of range   */
+    volatile int32_t bad_first;     /* one such batch index                */
+    int32_t pad;
+    volatile uint8_t failed_slot[1]; /* [max_seqs], allocated larger       */
+};
+
+/* Per-sequence metadata of one call, in device memory: the caller's arrays
+ * (batch API) or the library's own, uploaded by value (sequence API). */
+struct SeqMeta {
+    const int32_t *lens;    /* tokens after the call's append                 */
+    const int32_t *slots;   /* window slot                                    */
+    const int32_t *tables;  /* block table rows                               */
+    int table_stride;
+    int table_by_slot;      /* 1: row = slot (library mirror), 0: row = index */
+    int block_count;
+    int max_seqs;
+};
+
+/* Reads sequence i's metadata and checks it; an entry out of range makes
+ * the sequence empty (valid = false). */
+struct SeqView {
+    int slot, len, nblk, wtok;
+    const int32_t *table;
+    bool valid;
+};
+
 struct AttnParams {
     const uint8_t *pool_layer;  /* pool + layer*block_count*LB            */
-    const int32_t *tables;      /* [max_seqs][max_blocks]                 */
     const uint8_t *win_layer;   /* windows + layer*max_seqs*WLB           */
     const void *q;
     void *out;
     float *ws;                  /* partial outputs                        */
+    const int32_t *failed;      /* [max_seqs] 1 = sequence failed         */
+    OscarReport *report;
+    SeqMeta meta;
     long long LB, head_bytes, codes_bytes, kparams_bytes, wlb;
-    int max_blocks;
     int q_dtype, out_dtype, w_dtype, w_esize;
     int R, Gk, Gv, gv_shift, hkv, hq, g, q_len, rows, rpc, qchunks, splits, cpb;
     int rotate, rotate_v, scale_keys;
@@ -60,56 +91,72 @@ struct AttnParams {
     long long ml_off;           /* floats from ws to the (m, l) pairs     */
     float sm_log2;              /* softmax_scale * log2(e)                */
     int seq_base;               /* first sequence of this launch in the call */
-    int nseq;
-    int slot[OSCAR_ATTN_MAX_SEQS];
-    int nblk[OSCAR_ATTN_MAX_SEQS];
-    int wtok[OSCAR_ATTN_MAX_SEQS];
+    int y_base;                 /* first (head, row chunk) unit of this launch */
 };
 
 /* ---- backend state ------------------------------------------------------ */
-#define OSCAR_STAGE_RECORDS 128
+
+/* A device region that either the caller or the library owns. */
+struct Region {
+    uint8_t *ptr;
+    size_t bytes;
+    int owned;
+};
 
 struct CudaState {
     int device;
     int sm_count;
     size_t smem_optin;
+    const oscar_allocator *allocator; /* NULL: cudaMalloc */
+    Region pool_r, windows_r, ws_r;
     uint8_t *pool;
-    size_t pool_bytes;
     uint8_t *windows;
-    size_t windows_bytes;
-    int32_t *tables;
-    int max_blocks;
-    /* staging ring for append metadata: pinned host + device mirror */
-    uint8_t *hstage, *dstage;
-    size_t stage_bytes, stage_head;
-    struct {
-        size_t a, b;
-        cudaEvent_t ev;
-        int live;
-    } rec[OSCAR_STAGE_RECORDS];
-    int rec_next;
-    int *d_flag, *h_flag;
-    float *ws;
+    /* workspace carve-up */
+    float *ws;               /* attention partials                       */
     size_t ws_bytes;
-    cudaEvent_t last_ev;   /* end of the previous call on this handle */
-    int last_ev_valid;
-    int occ[3];            /* resident attention CTAs per SM for NT = 1, 2, 4 */
+    int32_t *tables;         /* library block-table mirror [max_seqs][block_count] */
+    int32_t *failed;         /* [max_seqs]                                */
+    int32_t *meta;           /* per-call metadata of the sequence API     */
+    size_t meta_ints;
+    PackTask *tasks;         /* append task lists built on the device     */
+    WinTask *wtasks;
+    size_t max_tasks, max_wtasks;
+    int32_t *rowmap;         /* batch API append: row0/n_new per sequence */
+    OscarReport *report;     /* pinned, mapped                            */
+    size_t report_bytes;
+    int occ[3];              /* resident attention CTAs per SM for NT = 1, 2, 4 */
     size_t attn_smem[3];
 };
 
 static inline CudaState *cuda_state(oscar_cache *c) { return (CudaState *)c->backend_state; }
 
 /* ---- host-side launchers (pack.cu, attention.cu) ------------------------ */
-oscar_status oscar_cuda_append_launch(oscar_cache *c, int layer, const PackTask *d_tasks, int n_tasks,
-                                      const WinTask *d_wtasks, int n_wtasks, int max_wrows, const void *k,
-                                      const void *v, oscar_dtype dtype, cudaStream_t st);
-oscar_status oscar_cuda_finite_launch(oscar_cache *c, const void *k, const void *v, int64_t n, oscar_dtype dtype,
-                                      int *d_flag, cudaStream_t st);
-oscar_status oscar_cuda_attention_launch(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs,
-                                         int q_len, const void *q, oscar_dtype q_dtype, void *out,
-                                         oscar_dtype out_dtype, float softmax_scale, cudaStream_t st);
+/* One append call as the device sees it: per-sequence metadata (lens after
+ * the append, new-token counts and first input rows) in device memory. */
+struct AppendCall {
+    SeqMeta meta;
+    const int32_t *n_new;    /* NULL: every sequence has `uniform_new`    */
+    const int32_t *row0;     /* NULL: sequence i starts at row i*uniform_new */
+    int uniform_new;
+    int max_new;             /* bound on n_new (sizes the task lists)     */
+    int n_seqs;
+    int64_t total_rows;
+};
+
+/* task0: NULL (every sequence gets room for max_new tokens' flushes) or a
+ * device array of n_seqs + 1 first-task indices, n_tasks in all. */
+oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const AppendCall &C, const int32_t *task0,
+                                          int n_tasks, const void *k, const void *v, oscar_dtype dtype,
+                                          cudaStream_t st);
+oscar_status oscar_cuda_attention_call(oscar_cache *c, int layer, const SeqMeta &meta, int n_seqs, int max_len,
+                                       int q_len, const void *q, oscar_dtype q_dtype, void *out,
+                                       oscar_dtype out_dtype, float softmax_scale, cudaStream_t st);
 oscar_status oscar_cuda_kernels_init(oscar_cache *c);
-size_t oscar_cuda_ws_bytes(const oscar_cache *c, int sm_count);
+/* Bytes of attention partials the workspace holds (independent of the call). */
+size_t oscar_cuda_partials_bytes(const oscar_layout *L, int sm_count);
+/* Most pack tasks one append call of the batch API or the sequence API can
+ * need, and window tasks. */
+void oscar_cuda_task_capacity(const oscar_config *cfg, size_t *tasks, size_t *wtasks);
 
 #define OSCAR_CK(c, call)                                                                              \
     do {                                                                                               \

@@ -13,16 +13,21 @@ namespace {
 struct AppendArgs {
     uint8_t *pool_layer;
     uint8_t *win_layer;
-    int32_t *tables;
+    const int32_t *failed; /* [max_seqs]: 1 = write nothing for this slot */
     const void *k;
     const void *v;
     const PackTask *tasks;
     const WinTask *wtasks;
     long long LB, head_bytes, codes_bytes, kparams_bytes, wlb;
-    int max_blocks;
     int in_dtype, w_dtype, w_esize;
     int R, Gk, Gv, hkv, levels, rotate, rotate_v, scale_keys;
 };
+
+/* Empty entries of the task list (the batch API sizes it for the most
+ * flushes a call can have) and sequences marked failed write nothing. */
+__device__ __forceinline__ bool skip_task(const AppendArgs &A, const PackTask &T) {
+    return T.block < 0 || A.failed[T.slot] != 0;
+}
 
 /* E contiguous elements starting at element idx, converted to fp32. */
 template <int E>
@@ -158,6 +163,7 @@ template <int D>
 __global__ void __launch_bounds__(32 * NORM_WARPS) norm_kernel(AppendArgs A) {
     extern __shared__ float nsm[];
     const PackTask T = A.tasks[blockIdx.x];
+    if (skip_task(A, T)) return;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     constexpr int E = D / 32, LD = D + 1;
     float *xs = nsm + (size_t)w * NORM_TPW * LD;
@@ -214,6 +220,7 @@ template <int D, int BITS>
 __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     extern __shared__ float sm[];
     const PackTask T = A.tasks[blockIdx.x];
+    if (skip_task(A, T)) return;
     const int h = blockIdx.y, gi = blockIdx.z;
     const int Gk = A.Gk, Gv = A.Gv, NG = D / Gv, Q = A.levels;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
@@ -231,7 +238,6 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     uint8_t *blk = A.pool_layer + (size_t)T.block * A.LB;
     uint8_t *head = blk + (size_t)h * A.head_bytes;
     const float *norms = (const float *)(blk + (size_t)A.hkv * A.head_bytes);
-    if (h == 0 && gi == 0 && threadIdx.x == 0) A.tables[(size_t)T.slot * A.max_blocks + T.table_idx] = T.block;
 
     for (int j0 = w; j0 < Gk; j0 += 16) {
         /* two tokens per step, K and V: four rows' loads in flight */
@@ -457,6 +463,7 @@ template <int D, bool WBF16>
 __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
     extern __shared__ __align__(16) uint32_t fsm[];
     const PackTask T = A.tasks[blockIdx.x];
+    if (skip_task(A, T)) return;
     const int gi = blockIdx.y;
     const FusedGeom G = fused_geom(A, D);
     constexpr int NWD = D / 32; /* 32-bit words per lane chunk at 2 bits = 32-channel chunks */
@@ -472,7 +479,6 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
 
     uint8_t *blk = A.pool_layer + (size_t)T.block * A.LB;
     float *gnorms = (float *)(blk + (size_t)H * A.head_bytes);
-    if (gi == 0 && threadIdx.x == 0) A.tables[(size_t)T.slot * A.max_blocks + T.table_idx] = T.block;
     const int tok0 = gi * TOK; /* first token of the group in the block */
     const int wd = lane % LPR, rj = lane / LPR;
     const int ngroups = H * TOK / RPW; /* row groups: RPW consecutive tokens of one head */
@@ -715,12 +721,12 @@ bool fused_ok(const oscar_layout *L, size_t optin) {
 template <int D>
 __global__ void __launch_bounds__(256) pack_none_kernel(AppendArgs A) {
     const PackTask T = A.tasks[blockIdx.x];
+    if (skip_task(A, T)) return;
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     constexpr int E = D / 32;
     uint8_t *head = A.pool_layer + (size_t)T.block * A.LB + (size_t)h * A.head_bytes;
     uint8_t *vbase = head + (size_t)A.R * D * A.w_esize;
-    if (h == 0 && threadIdx.x == 0) A.tables[(size_t)T.slot * A.max_blocks + T.table_idx] = T.block;
     for (int t = w; t < A.R; t += 8) {
         float x[E];
         stream_row<D>(A, T, false, T.stream0 + t, h, lane, x);
@@ -734,6 +740,7 @@ __global__ void __launch_bounds__(256) pack_none_kernel(AppendArgs A) {
 template <int D>
 __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     const WinTask T = A.wtasks[blockIdx.x];
+    if (T.r1 <= T.r0 || A.failed[T.slot]) return;
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     constexpr int E = D / 32;
@@ -749,20 +756,110 @@ __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     }
 }
 
-__global__ void finite_kernel(const void *k, const void *v, int64_t n, int dtype, int *flag) {
+/* ---- the call's task lists, built on the device ------------------------ */
+
+/* Sequence i of an append call, read from device metadata. */
+struct AppendSeq {
+    int slot, len, n_new, row0, len_before;
+    const int32_t *table;
+    bool valid;
+};
+
+__device__ __forceinline__ AppendSeq append_seq(const AppendCall &C, int i) {
+    AppendSeq s;
+    s.slot = C.meta.slots[i];
+    s.len = C.meta.lens[i];
+    s.n_new = C.n_new ? C.n_new[i] : C.uniform_new;
+    s.row0 = C.row0 ? C.row0[i] : i * C.uniform_new;
+    s.len_before = s.len - s.n_new;
+    s.valid = (unsigned)s.slot < (unsigned)C.meta.max_seqs && s.n_new >= 0 && s.n_new <= C.max_new &&
+              s.len_before >= 0;
+    const int row = C.meta.table_by_slot ? (s.valid ? s.slot : 0) : i;
+    s.table = C.meta.tables + (size_t)row * C.meta.table_stride;
+    return s;
+}
+
+/* One thread per sequence: its flush tasks (block < 0 where it has fewer
+ * than the list holds) and its window task. A sequence that starts here
+ * (nothing before this append) clears its failed mark. Entries out of range
+ * are reported and skipped: no task of theirs writes anything. */
+__global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32_t *task0, PackTask *tasks,
+                                   WinTask *wtasks, int32_t *failed, OscarReport *report) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= C.n_seqs) return;
+    AppendSeq s = append_seq(C, i);
+    const int first = task0 ? task0[i] : i * per_seq;
+    const int wb = s.valid ? s.len_before % R : 0;
+    const int n_flush = s.valid ? (wb + s.n_new) / R : 0;
+    if (s.valid) {
+        if (n_flush > per_seq && !task0) s.valid = false;
+        if ((s.len / R) > C.meta.table_stride) s.valid = false;
+        for (int f = 0; f < n_flush && s.valid; f++) {
+            const int b = s.table[s.len_before / R + f];
+            if ((unsigned)b >= (unsigned)C.meta.block_count) s.valid = false;
+        }
+    }
+    const int count = task0 ? (task0[i + 1] - first) : per_seq;
+    if (!s.valid) {
+        report->bad_meta = 1;
+        report->bad_first = i;
+        for (int f = 0; f < count; f++) tasks[first + f].block = -1;
+        wtasks[i].r0 = 0, wtasks[i].r1 = 0, wtasks[i].slot = 0;
+        return;
+    }
+    if (s.len_before == 0) failed[s.slot] = 0;
+    for (int f = 0; f < count; f++) {
+        PackTask T;
+        T.input_row = s.row0;
+        T.block = f < n_flush ? s.table[s.len_before / R + f] : -1;
+        T.slot = s.slot;
+        T.window_before = wb;
+        T.stream0 = f * R;
+        T.table_idx = s.len_before / R + f;
+        T.pad = 0;
+        tasks[first + f] = T;
+    }
+    WinTask W;
+    W.slot = s.slot;
+    W.pad = 0;
+    if (n_flush) {
+        W.r0 = 0;
+        W.r1 = (wb + s.n_new) % R;
+        W.in0 = (int64_t)s.row0 + (int64_t)n_flush * R - wb;
+    } else {
+        W.r0 = wb;
+        W.r1 = wb + s.n_new;
+        W.in0 = (int64_t)s.row0 - wb;
+    }
+    wtasks[i] = W;
+}
+
+/* NaN/Inf in the new rows of a sequence marks it failed (after the builder
+ * has cleared restarting slots, before the pack kernels read the mark). */
+__global__ void finite_kernel(AppendCall C, const void *k, const void *v, int row_elems, int dtype, int32_t *failed,
+                              OscarReport *report) {
+    const int i = blockIdx.y;
+    const AppendSeq s = append_seq(C, i);
+    if (!s.valid || s.n_new <= 0) return;
+    const int64_t n = (int64_t)s.n_new * row_elems, base = (int64_t)s.row0 * row_elems;
     int bad = 0;
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += stride) {
+        const int64_t e = base + j;
         if (dtype == OSCAR_DTYPE_F32) {
-            uint32_t a = ((const uint32_t *)k)[i], b = ((const uint32_t *)v)[i];
+            uint32_t a = ((const uint32_t *)k)[e], b = ((const uint32_t *)v)[e];
             bad |= ((a & 0x7f800000u) == 0x7f800000u) | ((b & 0x7f800000u) == 0x7f800000u);
         } else {
             const uint32_t m = dtype == OSCAR_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
-            uint32_t a = ((const unsigned short *)k)[i], b = ((const unsigned short *)v)[i];
+            uint32_t a = ((const unsigned short *)k)[e], b = ((const unsigned short *)v)[e];
             bad |= ((a & m) == m) | ((b & m) == m);
         }
     }
-    if (__syncthreads_or(bad) && threadIdx.x == 0) *flag = 1;
+    if (__syncthreads_or(bad) && threadIdx.x == 0) {
+        failed[s.slot] = 1;
+        report->failed_slot[s.slot] = 1;
+        report->nonfinite = 1;
+    }
 }
 
 template <int D>
@@ -860,25 +957,58 @@ oscar_status oscar_cuda_pack_init(oscar_cache *c) {
     return OSCAR_OK;
 }
 
-oscar_status oscar_cuda_append_launch(oscar_cache *c, int layer, const PackTask *d_tasks, int n_tasks,
-                                      const WinTask *d_wtasks, int n_wtasks, int max_wrows, const void *k,
-                                      const void *v, oscar_dtype dtype, cudaStream_t st) {
+void oscar_cuda_task_capacity(const oscar_config *cfg, size_t *tasks, size_t *wtasks) {
+    /* sequence API: at most every block of the pool in one call, plus one
+     * spare per sequence; batch API: per sequence the flushes of
+     * OSCAR_MAX_Q_LEN new tokens after R-1 window tokens */
+    const size_t R = (size_t)cfg->residual;
+    const size_t per_seq = (R - 1 + OSCAR_MAX_Q_LEN) / R;
+    size_t a = (size_t)cfg->block_count + (size_t)cfg->max_seqs;
+    size_t b = (size_t)cfg->max_seqs * per_seq;
+    *tasks = a > b ? a : b;
+    *wtasks = (size_t)cfg->max_seqs;
+}
+
+/* Builds the task lists on the device and launches the append kernels.
+ * task0 (device, n_seqs + 1 entries) gives each sequence's first task
+ * (sequence API: exact counts); NULL sizes every sequence for max_new. */
+oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const AppendCall &C, const int32_t *task0,
+                                          int n_tasks, const void *k, const void *v, oscar_dtype dtype,
+                                          cudaStream_t st) {
     CudaState *S = cuda_state(c);
     const oscar_layout *L = &c->lay;
+    const int R = L->residual;
+    const int per_seq = (R - 1 + C.max_new) / R;
+    if (!task0) n_tasks = C.n_seqs * per_seq;
+    if ((size_t)n_tasks > S->max_tasks || (size_t)C.n_seqs > S->max_wtasks)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                               "append: %d pack tasks for %d sequences exceed the workspace's %zu / %zu", n_tasks,
+                               C.n_seqs, S->max_tasks, S->max_wtasks);
+    build_tasks_kernel<<<(C.n_seqs + 127) / 128, 128, 0, st>>>(C, R, per_seq, task0, S->tasks, S->wtasks, S->failed,
+                                                               S->report);
+    OSCAR_CK_LAUNCH(c, "build_tasks_kernel");
+    if (c->cfg.check_finite && C.total_rows > 0) {
+        const int row_elems = L->hkv * L->d;
+        int64_t per = ((int64_t)C.max_new * row_elems + 255) / 256;
+        if (per > 64) per = 64;
+        if (per < 1) per = 1;
+        finite_kernel<<<dim3((unsigned)per, (unsigned)C.n_seqs), 256, 0, st>>>(C, k, v, row_elems, (int)dtype,
+                                                                             S->failed, S->report);
+        OSCAR_CK_LAUNCH(c, "finite_kernel");
+    }
     AppendArgs A;
     A.pool_layer = S->pool + (size_t)layer * c->cfg.block_count * L->layer_block_bytes;
     A.win_layer = S->windows + (size_t)layer * c->cfg.max_seqs * L->window_layer_bytes;
-    A.tables = S->tables;
+    A.failed = S->failed;
     A.k = k;
     A.v = v;
-    A.tasks = d_tasks;
-    A.wtasks = d_wtasks;
+    A.tasks = S->tasks;
+    A.wtasks = S->wtasks;
     A.LB = (long long)L->layer_block_bytes;
     A.head_bytes = (long long)L->head_bytes;
     A.codes_bytes = (long long)L->codes_bytes;
     A.kparams_bytes = (long long)L->kparams_bytes;
     A.wlb = (long long)L->window_layer_bytes;
-    A.max_blocks = S->max_blocks;
     A.in_dtype = (int)dtype;
     A.w_dtype = L->window_dtype;
     A.w_esize = L->window_esize;
@@ -890,22 +1020,11 @@ oscar_status oscar_cuda_append_launch(oscar_cache *c, int layer, const PackTask 
     A.rotate = L->rotate;
     A.rotate_v = L->rotate_v;
     A.scale_keys = L->scale_keys;
+    const int max_wrows = C.max_new < R - 1 ? C.max_new : R - 1;
     switch (L->d) {
-    case 64: return launch_append_d<64>(c, A, n_tasks, n_wtasks, max_wrows, st);
-    case 128: return launch_append_d<128>(c, A, n_tasks, n_wtasks, max_wrows, st);
-    case 256: return launch_append_d<256>(c, A, n_tasks, n_wtasks, max_wrows, st);
+    case 64: return launch_append_d<64>(c, A, n_tasks, C.n_seqs, max_wrows, st);
+    case 128: return launch_append_d<128>(c, A, n_tasks, C.n_seqs, max_wrows, st);
+    case 256: return launch_append_d<256>(c, A, n_tasks, C.n_seqs, max_wrows, st);
     default: return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "CUDA backend: head_dim %d", L->d);
     }
-}
-
-oscar_status oscar_cuda_finite_launch(oscar_cache *c, const void *k, const void *v, int64_t n, oscar_dtype dtype,
-                                      int *d_flag, cudaStream_t st) {
-    CudaState *S = cuda_state(c);
-    int64_t blocks = (n + 255) / 256;
-    int64_t cap = (int64_t)S->sm_count * 8;
-    if (blocks > cap) blocks = cap;
-    if (blocks < 1) blocks = 1;
-    finite_kernel<<<(unsigned)blocks, 256, 0, st>>>(k, v, n, (int)dtype, d_flag);
-    OSCAR_CK_LAUNCH(c, "finite_kernel");
-    return OSCAR_OK;
 }

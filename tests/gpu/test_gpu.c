@@ -14,13 +14,15 @@
  *    2e-3 relative (L2 over each call's output);
  *  - a sequence exported by one backend and imported into the other gives
  *    the same attention;
- *  - NaN input with check_finite is rejected and leaves the cache unchanged.
+ *  - NaN input with check_finite marks the sequence failed on the device
+ *    and is reported by the next poll (see test_nonfinite).
  * Without a CUDA device the test prints a skip message and exits 0.
  * `test_gpu --small` runs a reduced set (used under compute-sanitizer).
  */
 #include "testlib.h"
 
 #include <cuda_runtime_api.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -392,36 +394,95 @@ static void test_matrix(void) {
     }
 }
 
-/* NaN input with check_finite = 1: rejected, nothing changes. */
+static double rel_l2f(const float *a, const float *b, int64_t n) {
+    double num = 0.0, den = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+/* NaN input with check_finite = 1. The CUDA backend checks on the device:
+ * the append returns OSCAR_OK, the sequence is marked failed (nothing of it
+ * is written, its attention rows are NaN), the next poll / sync / append
+ * reports OSCAR_E_NONFINITE once, other sequences of the same call are
+ * appended normally, and a sequence that reuses the slot is healthy. */
 static void test_nonfinite(void) {
     oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, 128, 2, 8);
     cfg.backend = OSCAR_BACKEND_CUDA;
     oscar_cache *c = tl_create(&cfg);
-    if (!c) return;
-    int32_t id;
-    CHECK_OK(oscar_seq_add(c, &id));
+    cfg.backend = OSCAR_BACKEND_CPU;
+    oscar_cache *ref = tl_create(&cfg);
+    if (!c || !ref) return;
+    int32_t id[2], rid[2];
+    for (int i = 0; i < 2; i++) {
+        CHECK_OK(oscar_seq_add(c, &id[i]));
+        CHECK_OK(oscar_seq_add(ref, &rid[i]));
+    }
     tl_rng r = tl_rng_for("nonfinite");
     const int64_t T = 100, n = T * 2 * 128;
-    float *k = malloc(sizeof(float) * n), *v = malloc(sizeof(float) * n);
-    tl_gen_kv(&r, 0, k, v, T, 2, 128, OSCAR_DTYPE_F16);
-    void *kd = to_device(k, n, OSCAR_DTYPE_F16), *vd = to_device(v, n, OSCAR_DTYPE_F16);
-    int32_t nt = (int32_t)T;
-    CHECK_OK(oscar_append(c, 0, 1, &id, &nt, kd, vd, OSCAR_DTYPE_F16, NULL));
-    size_t n0 = 0;
-    unsigned char *before = tl_export(c, id, &n0);
-    /* raw NaN / Inf bit patterns (the test's fp16 encoder saturates) */
-    void *vbad = to_device(v, n, OSCAR_DTYPE_F16), *kbad = to_device(k, n, OSCAR_DTYPE_F16);
+    float *k = malloc(sizeof(float) * 2 * n), *v = malloc(sizeof(float) * 2 * n);
+    tl_gen_kv(&r, 0, k, v, 2 * T, 2, 128, OSCAR_DTYPE_F16);
+    void *kd = to_device(k, 2 * n, OSCAR_DTYPE_F16), *vd = to_device(v, 2 * n, OSCAR_DTYPE_F16);
+    int32_t nt[2] = {(int32_t)T, (int32_t)T};
+    CHECK_OK(oscar_append(c, 0, 2, id, nt, kd, vd, OSCAR_DTYPE_F16, NULL));
+    /* the CPU twin gets the same first 100 tokens of both; only the second
+     * sequence gets the next 100 (the first one's are poisoned on the GPU) */
+    void *kh = malloc(2 * (size_t)2 * n), *vh = malloc(2 * (size_t)2 * n);
+    tl_encode(k, OSCAR_DTYPE_F16, kh, 2 * n);
+    tl_encode(v, OSCAR_DTYPE_F16, vh, 2 * n);
+    CHECK_OK(oscar_append(ref, 0, 2, rid, nt, kh, vh, OSCAR_DTYPE_F16, NULL));
+    /* second append: sequence 0 gets a NaN in V and an Inf in K, sequence 1
+     * clean rows */
+    void *vbad = to_device(v, 2 * n, OSCAR_DTYPE_F16), *kbad = to_device(k, 2 * n, OSCAR_DTYPE_F16);
     const uint16_t nan16 = 0x7e00, inf16 = 0xfc00;
     CUCHECK(cudaMemcpy((uint16_t *)vbad + n - 7, &nan16, 2, cudaMemcpyHostToDevice));
     CUCHECK(cudaMemcpy((uint16_t *)kbad + 3, &inf16, 2, cudaMemcpyHostToDevice));
-    CHECK_ST(c, oscar_append(c, 0, 1, &id, &nt, kd, vbad, OSCAR_DTYPE_F16, NULL), OSCAR_E_NONFINITE);
-    CHECK_ST(c, oscar_append(c, 0, 1, &id, &nt, kbad, vd, OSCAR_DTYPE_F16, NULL), OSCAR_E_NONFINITE);
-    size_t n1 = 0;
-    unsigned char *after = tl_export(c, id, &n1);
-    CHECK(before && after && n0 == n1 && memcmp(before, after, n0) == 0);
-    free(before), free(after), free(k), free(v);
-    cudaFree(kd), cudaFree(vd), cudaFree(vbad), cudaFree(kbad);
+    CHECK_OK(oscar_append(c, 0, 2, id, nt, kbad, vbad, OSCAR_DTYPE_F16, NULL));
+    CHECK_OK(oscar_append(ref, 0, 1, &rid[1], &nt[1], (uint16_t *)kh + n, (uint16_t *)vh + n, OSCAR_DTYPE_F16, NULL));
+    CHECK_ST(c, oscar_synchronize(c, NULL), OSCAR_E_NONFINITE);
+    char want[32];
+    snprintf(want, sizeof want, "sequence(s) %d;", (int)id[0]);
+    CHECKF(strstr(oscar_last_error(c), want) != NULL, "nonfinite: message names the sequence: %s", oscar_last_error(c));
+    CHECK_OK(oscar_poll(c)); /* reported once */
+    /* attention: NaN rows for the failed sequence, the twin's for the other */
+    const int hq = 8, d = 128;
+    float *q = malloc(sizeof(float) * 2 * hq * d);
+    tl_fill_normal(&r, q, 2 * hq * d, 0.1);
+    void *qd = to_device(q, 2 * hq * d, OSCAR_DTYPE_F32), *od = NULL;
+    CUCHECK(cudaMalloc(&od, sizeof(float) * 2 * hq * d));
+    CUCHECK(cudaMemset(od, 0, sizeof(float) * 2 * hq * d));
+    CHECK_OK(oscar_attention(c, 0, 2, id, 1, qd, OSCAR_DTYPE_F32, od, OSCAR_DTYPE_F32, 0.0f, NULL));
+    float *o = malloc(sizeof(float) * 2 * hq * d), *orf = malloc(sizeof(float) * hq * d);
+    CUCHECK(cudaMemcpy(o, od, sizeof(float) * 2 * hq * d, cudaMemcpyDeviceToHost));
+    int nan_rows = 0;
+    for (int i = 0; i < hq * d; i++) nan_rows += isnan(o[i]);
+    CHECKF(nan_rows == hq * d, "nonfinite: %d of %d outputs of the failed sequence are NaN", nan_rows, hq * d);
+    CHECK_OK(oscar_attention(ref, 0, 1, &rid[1], 1, q + hq * d, OSCAR_DTYPE_F32, orf, OSCAR_DTYPE_F32, 0.0f, NULL));
+    double e = rel_l2f(o + hq * d, orf, hq * d);
+    CHECKF(e < 2e-3, "nonfinite: the healthy sequence of the same call: rel err %.3g", e);
+    /* a report found on the device turns the next append into the error */
+    CHECK_OK(oscar_append(c, 0, 1, &id[1], &nt[0], kbad, vd, OSCAR_DTYPE_F16, NULL));
+    CUCHECK(cudaDeviceSynchronize());
+    CHECK_ST(c, oscar_append(c, 0, 1, &id[1], &nt[0], kd, vd, OSCAR_DTYPE_F16, NULL), OSCAR_E_NONFINITE);
+    CHECK_OK(oscar_poll(c));
+    /* freeing releases the slot; a new sequence there starts healthy */
+    CHECK_OK(oscar_seq_free(c, id[0]));
+    CHECK_OK(oscar_seq_free(c, id[1]));
+    int32_t fresh;
+    CHECK_OK(oscar_seq_add(c, &fresh));
+    CHECK_OK(oscar_append(c, 0, 1, &fresh, &nt[0], kd, vd, OSCAR_DTYPE_F16, NULL));
+    CHECK_OK(oscar_attention(c, 0, 1, &fresh, 1, qd, OSCAR_DTYPE_F32, od, OSCAR_DTYPE_F32, 0.0f, NULL));
+    CUCHECK(cudaMemcpy(o, od, sizeof(float) * hq * d, cudaMemcpyDeviceToHost));
+    CHECK_OK(oscar_attention(ref, 0, 1, &rid[0], 1, q, OSCAR_DTYPE_F32, orf, OSCAR_DTYPE_F32, 0.0f, NULL));
+    e = rel_l2f(o, orf, hq * d);
+    CHECKF(e < 2e-3, "nonfinite: a fresh sequence in the failed slot: rel err %.3g", e);
+    CHECK_OK(oscar_synchronize(c, NULL));
+    free(k), free(v), free(kh), free(vh), free(q), free(o), free(orf);
+    cudaFree(kd), cudaFree(vd), cudaFree(vbad), cudaFree(kbad), cudaFree(qd), cudaFree(od);
     oscar_cache_destroy(c);
+    oscar_cache_destroy(ref);
 }
 
 int main(int argc, char **argv) {

@@ -11,6 +11,8 @@
 #define OSCAR_TESTLIB_H
 
 #include "oscar.h"
+#include <stdio.h>
+#include <string.h>
 
 #include <math.h>
 #include <stddef.h>
@@ -36,6 +38,16 @@ int tl_check(int ok, const char *file, int line, const char *fmt, ...)
 int tl_check_status(const oscar_cache *cache, oscar_status got, oscar_status want,
                     const char *file, int line, const char *expr);
 #define CHECK_OK(expr) CHECK_ST(NULL, (expr), OSCAR_OK)
+/* A const call that must fail with `want` and leave the handle's error
+ * message exactly as it was (const calls never write the handle). */
+#define CHECK_CONST_ST(cache, expr, want)                                                              \
+    do {                                                                                               \
+        char before_[512];                                                                             \
+        snprintf(before_, sizeof before_, "%s", oscar_last_error(cache));                              \
+        CHECK_ST(NULL, (expr), (want));                                                                \
+        CHECKF(strcmp(before_, oscar_last_error(cache)) == 0, "%s wrote the error message (\"%s\")",    \
+               #expr, oscar_last_error(cache));                                                         \
+    } while (0)
 
 /* Runs one test function, printing its name and time. */
 #define TL_RUN(fn) tl_run(#fn, fn)
