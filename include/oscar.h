@@ -69,7 +69,7 @@ extern "C" {
 #define OSCAR_VERSION_MINOR 2
 #define OSCAR_VERSION_PATCH 0
 /* Version of the packed block layout and of the export stream (docs/FORMAT.md). */
-#define OSCAR_FORMAT_VERSION 1
+#define OSCAR_FORMAT_VERSION 2
 
 /* Longest query chunk of one attention call (q_len), on both backends. */
 #define OSCAR_MAX_Q_LEN 4096
@@ -125,7 +125,11 @@ int oscar_backend_available(oscar_backend backend);
  * The pool holds `block_count` blocks. One block stores `residual` (R)
  * consecutive tokens of one sequence for every layer and every KV head.
  * Tokens live in a per-sequence residual window (in window_dtype) until R of
- * them have accumulated; then the R tokens are quantised into one block.
+ * them have accumulated (R + rollback_tokens with a rollback lag); then the
+ * oldest R are quantised into one block. In a layer holding n tokens, with
+ * P blocks packed before an append, the append packs blocks up to
+ *   P' = max(P, (n - rollback_tokens) / R)      (n >= rollback_tokens)
+ * and the window holds tokens [P' * R, n). Truncation never changes P.
  */
 typedef struct oscar_config {
     oscar_method method;       /* default OSCAR_METHOD_OSCAR                      */
@@ -150,6 +154,12 @@ typedef struct oscar_config {
     int device;                /* CUDA device ordinal; default 0                  */
     int num_threads;           /* CPU worker threads, 0 = one per core; default 0 */
     int check_finite;          /* 1 (default): reject NaN/Inf at append          */
+    int rollback_tokens;       /* L in 0..residual; default 0. Quantisation lags
+                                  L tokens: a block is packed only once the
+                                  sequence holds L more tokens after it, so the
+                                  L newest tokens are always in the window and
+                                  can be removed (oscar_seq_truncate). Costs L
+                                  more window rows per slot and layer.          */
     int caller_metadata;       /* 0 (default): the library tracks sequences (the
                                   sequence API: seq_add, append, attention, ...).
                                   1: the caller owns block tables, sequence
@@ -252,6 +262,17 @@ oscar_status oscar_seq_add(oscar_cache *cache, int32_t *seq_id);
 oscar_status oscar_seq_fork(oscar_cache *cache, int32_t src_seq, int32_t *new_seq_id);
 /* Releases the sequence; blocks return to the pool when no fork uses them. */
 oscar_status oscar_seq_free(oscar_cache *cache, int32_t seq_id);
+/*
+ * Exact rollback (speculative decoding): every layer of the sequence keeps
+ * min(its tokens, new_length) tokens. The removed tokens must all still be
+ * in the window (new_length >= packed_tokens of every layer), otherwise
+ * OSCAR_E_INVALID_ARGUMENT and nothing changes. The cache is then
+ * byte-for-byte what appending only the kept tokens would have made. With
+ * config.rollback_tokens = L, right after appending k <= L draft tokens on
+ * top of accepted ones, any number of the drafts can be removed. Host-only:
+ * no device work, no synchronisation.
+ */
+oscar_status oscar_seq_truncate(oscar_cache *cache, int32_t seq_id, int64_t new_length);
 
 typedef struct oscar_seq_info {
     int64_t tokens;         /* tokens appended to this layer                */
@@ -349,6 +370,12 @@ oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64
  * memory, or its own kernels).
  * A slot is (re)started by an append with seq_len == tokens_per_seq (the
  * sequence was empty before it), which also clears its failed mark.
+ * Rollback: the library keeps, per layer and slot, how many blocks are
+ * packed (P, by the rule under oscar_config). The caller may lower a
+ * sequence's seq_len before the next call to any value >= P * R (its
+ * tokens still in the window); appending again then overwrites the removed
+ * tokens. Blocks 0 .. P' - 1 must be valid in block_tables when an append
+ * packs them (P' <= seq_len / R).
  * Entries out of range are found on the device: the sequence is skipped,
  * its outputs are NaN and oscar_poll reports OSCAR_E_INVALID_ARGUMENT.
  */

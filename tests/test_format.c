@@ -20,11 +20,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HDR 56
+#define HDR 64 /* version 2; version 1 had 56 and no packed counts */
 
 typedef struct stream {
     uint32_t version, method, bits, d, hkv, L, gk, gv, R, W, rotv, n_blocks;
-    uint64_t tokens[8];
+    uint64_t tokens[8], packed[8];
+    uint32_t lag, reserved;
     size_t blocks_off, win_off[8], size;
 } stream;
 
@@ -45,8 +46,12 @@ static int parse_stream(const unsigned char *b, size_t n, const tl_geom *g, stre
     s->W = tl_rd32(b + 44);
     s->rotv = tl_rd32(b + 48);
     s->n_blocks = tl_rd32(b + 52);
+    s->lag = tl_rd32(b + 56);
+    s->reserved = tl_rd32(b + 60);
     int ok = 1;
-    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 1, "version %u", s->version);
+    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 2, "version %u", s->version);
+    ok &= CHECKF(s->lag == (uint32_t)g->cfg.rollback_tokens && s->reserved == 0, "rollback_tokens %u reserved %u",
+                 s->lag, s->reserved);
     ok &= CHECKF(s->method == (uint32_t)g->cfg.method, "method %u", s->method);
     ok &= CHECKF(s->bits == (uint32_t)(g->quant ? g->cfg.bits : 16), "bits %u", s->bits);
     ok &= CHECKF(s->d == (uint32_t)g->d && s->hkv == (uint32_t)g->hkv && s->L == (uint32_t)g->L, "shape %u %u %u", s->d,
@@ -58,17 +63,22 @@ static int parse_stream(const unsigned char *b, size_t n, const tl_geom *g, stre
     if (!ok || s->L > 8) return 0;
     size_t off = HDR;
     uint64_t maxb = 0;
-    for (uint32_t l = 0; l < s->L; l++, off += 8) {
+    for (uint32_t l = 0; l < s->L; l++, off += 16) {
         s->tokens[l] = tl_rd64(b + off);
-        if (s->tokens[l] / s->R > maxb) maxb = s->tokens[l] / s->R;
+        s->packed[l] = tl_rd64(b + off + 8);
+        /* without a rollback lag a layer packs every full block */
+        if (g->cfg.rollback_tokens == 0)
+            ok &= CHECKF(s->packed[l] == s->tokens[l] / s->R, "layer %u: %llu packed blocks for %llu tokens", l,
+                         (unsigned long long)s->packed[l], (unsigned long long)s->tokens[l]);
+        if (s->packed[l] > maxb) maxb = s->packed[l];
     }
-    ok &= CHECKF(s->n_blocks == maxb, "n_blocks %u, max over layers of tokens/R is %llu", s->n_blocks,
+    ok &= CHECKF(s->n_blocks == maxb, "n_blocks %u, max over layers of packed blocks is %llu", s->n_blocks,
                  (unsigned long long)maxb);
     s->blocks_off = off;
     off += (size_t)s->n_blocks * s->L * g->LB;
     for (uint32_t l = 0; l < s->L; l++) {
         s->win_off[l] = off;
-        off += 2 * (size_t)(s->tokens[l] % s->R) * g->hkv * g->d * g->w;
+        off += 2 * (size_t)(s->tokens[l] - s->packed[l] * s->R) * g->hkv * g->d * g->w;
     }
     off += 8;
     s->size = off;
@@ -522,7 +532,7 @@ static void test_export_import(void) {
         CHECK_OK(oscar_seq_add(c, &s));
         size_t n = 0;
         unsigned char *buf = tl_export(c, s, &n);
-        CHECKF(n == HDR + 8 + 8, "empty sequence stream is %zu bytes", n);
+        CHECKF(n == HDR + 16 + 8, "empty sequence stream is %zu bytes", n);
         if (buf) {
             CHECK_OK(oscar_seq_import(c, buf, n, &s2));
             oscar_seq_info info;
@@ -591,15 +601,16 @@ static void test_import_mismatch(void) {
 static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_t *size) {
     const int d = g->d, hkv = g->hkv, R = g->R;
     const int64_t row = (int64_t)hkv * d, T = ref->T, nb = T / R, wt = T % R;
-    size_t n = HDR + 8 + (size_t)nb * g->LB + 2 * (size_t)wt * row * g->w + 8;
-    unsigned char *b = calloc(n, 1);
+    size_t n = HDR + 16 + (size_t)nb * g->LB + 2 * (size_t)wt * row * g->w + 8;
+    unsigned char *b = calloc(n, 1); /* rollback_tokens 0 and the reserved word stay 0 */
     memcpy(b, "OSCARSEQ", 8);
-    uint32_t f[12] = {1, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
+    uint32_t f[12] = {2, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
                       (uint32_t)g->gk, (uint32_t)g->gv, (uint32_t)R, (uint32_t)g->W,
                       (uint32_t)(g->cfg.rotate_values != 0), (uint32_t)nb};
     for (int i = 0; i < 12; i++) tl_wr32(b + 8 + 4 * i, f[i]);
     tl_wr64(b + HDR, (uint64_t)T);
-    unsigned char *p = b + HDR + 8;
+    tl_wr64(b + HDR + 8, (uint64_t)nb);
+    unsigned char *p = b + HDR + 16;
     uint8_t *plane = malloc((size_t)R * d);
     for (int64_t i = 0; i < nb; i++, p += g->LB) {
         if (!g->quant) { /* head h: K [R][d] then V [R][d] in W */
@@ -798,7 +809,7 @@ static void test_corrupt_streams(void) {
         uint64_t val;
         const char *what;
     } crafted[] = {
-        {0, 0, 0x5241435349, "magic"},          {8, 0, 2, "version 2"},
+        {0, 0, 0x5241435349, "magic"},          {8, 0, 3, "version 3"},
         {8, 0, 0, "version 0"},                 {12, 0, OSCAR_METHOD_KIVI, "method"},
         {12, 0, 99, "method 99"},               {16, 0, 4, "bits 4"},
         {16, 0, 3, "bits 3"},                   {20, 0, 128, "head_dim"},
@@ -810,10 +821,13 @@ static void test_corrupt_streams(void) {
         {44, 0, 7, "window dtype 7"},           {48, 0, 0, "rotate_values 0"},
         {48, 0, 2, "rotate_values 2"},          {52, 0, 1, "n_blocks 1"},
         {52, 0, 3, "n_blocks 3"},               {52, 0, 0xffffffffu, "n_blocks huge"},
-        {56, 1, 2 * 32 + 10, "tokens +1"},      {56, 1, 2 * 32 + 8, "tokens -1"},
-        {56, 1, 3 * 32 + 9, "tokens +R"},       {64, 1, 0, "layer 1 tokens 0"},
-        {56, 1, 1ull << 62, "tokens 2^62"},     {56, 1, ~0ull, "tokens 2^64-1"},
-        {64, 1, 0x8000000000000000ull, "tokens 2^63"},
+        {56, 0, 1, "rollback_tokens 1"},        {60, 0, 1, "reserved 1"},
+        {64, 1, 2 * 32 + 10, "tokens +1"},      {64, 1, 2 * 32 + 8, "tokens -1"},
+        {64, 1, 3 * 32 + 9, "tokens +R"},       {80, 1, 0, "layer 1 tokens 0"},
+        {64, 1, 1ull << 62, "tokens 2^62"},     {64, 1, ~0ull, "tokens 2^64-1"},
+        {80, 1, 0x8000000000000000ull, "tokens 2^63"},
+        {72, 1, 3, "packed +1"},                {72, 1, 1, "packed -1"},
+        {72, 1, ~0ull, "packed 2^64-1"},        {88, 1, 0x80000000ull, "layer 1 packed 2^31"},
     };
     for (size_t i = 0; i < sizeof crafted / sizeof crafted[0]; i++) {
         memcpy(buf, good, n);
@@ -835,6 +849,27 @@ static void test_corrupt_streams(void) {
            "a valid stream (changed window value, FNV-1a 64 recomputed) was rejected: %s", oscar_last_error(f.c));
     /* the untouched stream is still accepted */
     CHECK(try_import(f.c, f.seq, &base, good, n, 0, "original") == 1);
+    /* a version-1 stream (56-byte header, tokens only; packed = tokens / R)
+     * of the same sequence imports and re-exports as this version-2 one */
+    {
+        const uint32_t L = tl_rd32(good + 28);
+        const size_t body = n - HDR - 16 * (size_t)L; /* blocks, windows, checksum */
+        unsigned char *v1 = malloc(56 + 8 * (size_t)L + body);
+        memcpy(v1, good, 56);
+        tl_wr32(v1 + 8, 1);
+        for (uint32_t l = 0; l < L; l++) tl_wr64(v1 + 56 + 8 * (size_t)l, tl_rd64(good + HDR + 16 * (size_t)l));
+        memcpy(v1 + 56 + 8 * (size_t)L, good + HDR + 16 * (size_t)L, body);
+        const size_t n1 = 56 + 8 * (size_t)L + body;
+        tl_fix_checksum(v1, n1);
+        int32_t id = -1;
+        CHECK_OK(oscar_seq_import(f.c, v1, n1, &id));
+        size_t n2 = 0;
+        unsigned char *again = tl_export(f.c, id, &n2);
+        CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-1 stream does not re-export as version 2");
+        free(again);
+        CHECK_OK(oscar_seq_free(f.c, id));
+        free(v1);
+    }
     free(base.bytes);
     free(buf);
     free(good);

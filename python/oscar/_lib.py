@@ -55,6 +55,7 @@ class Config(ctypes.Structure):
         ("device", c_int),
         ("num_threads", c_int),
         ("check_finite", c_int),
+        ("rollback_tokens", c_int),
         ("caller_metadata", c_int),
     ]
 

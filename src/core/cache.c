@@ -69,6 +69,7 @@ oscar_config oscar_config_default(void) {
     c.device = 0;
     c.num_threads = 0;
     c.check_finite = 1;
+    c.rollback_tokens = 0;
     c.caller_metadata = 0;
     return c;
 }
@@ -126,7 +127,9 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
         lay->head_bytes = 2 * R * d * (size_t)lay->window_esize;
     }
     lay->layer_block_bytes = (size_t)lay->hkv * lay->head_bytes + lay->norms_bytes;
-    lay->window_layer_bytes = 2 * R * (size_t)lay->hkv * d * (size_t)lay->window_esize;
+    lay->lag = cfg->rollback_tokens;
+    lay->window_rows = cfg->residual + cfg->rollback_tokens;
+    lay->window_layer_bytes = 2 * (size_t)lay->window_rows * (size_t)lay->hkv * d * (size_t)lay->window_esize;
 }
 
 oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
@@ -159,6 +162,9 @@ oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
         return errbuf_set(eb, en, E, "rotate_values must be 0 or 1, got %d", c->rotate_values);
     if (c->check_finite != 0 && c->check_finite != 1)
         return errbuf_set(eb, en, E, "check_finite must be 0 or 1, got %d", c->check_finite);
+    if (c->rollback_tokens < 0 || c->rollback_tokens > c->residual)
+        return errbuf_set(eb, en, E, "rollback_tokens must be in 0..residual (%d), got %d", c->residual,
+                          c->rollback_tokens);
     if (c->caller_metadata != 0 && c->caller_metadata != 1)
         return errbuf_set(eb, en, E, "caller_metadata must be 0 or 1, got %d", c->caller_metadata);
     if (c->block_count < 1)
@@ -271,6 +277,7 @@ void oscar_cache_destroy(oscar_cache *c) {
         for (int i = 0; i < c->cfg.max_seqs; i++) {
             free(c->seqs[i].table);
             free(c->seqs[i].tokens);
+            free(c->seqs[i].packed);
         }
     }
     free(c->seqs);
@@ -330,14 +337,20 @@ oscar_status oscar_seq_add(oscar_cache *c, int32_t *seq_id) {
         return oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_add: all %d sequence slots are in use",
                                c->cfg.max_seqs);
     int64_t *tokens = (int64_t *)calloc((size_t)c->cfg.num_layers, sizeof(int64_t));
-    if (!tokens) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_add: out of host memory");
+    int32_t *packed = (int32_t *)calloc((size_t)c->cfg.num_layers, sizeof(int32_t));
+    if (!tokens || !packed) {
+        free(tokens), free(packed);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_add: out of host memory");
+    }
     oscar_seq *q = &c->seqs[s];
     free(q->table);
     q->table = NULL;
     q->table_cap = 0;
     q->n_blocks = 0;
     free(q->tokens);
+    free(q->packed);
     q->tokens = tokens;
+    q->packed = packed;
     q->id = oscar_new_seq_id(c);
     *seq_id = q->id;
     return OSCAR_OK;
@@ -361,6 +374,32 @@ oscar_status oscar_seq_free(oscar_cache *c, int32_t seq_id) {
     oscar_seq *q = &c->seqs[s];
     release_blocks(c, q);
     q->id = -1;
+    return OSCAR_OK;
+}
+
+oscar_status oscar_seq_truncate(oscar_cache *c, int32_t seq_id, int64_t new_length) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
+                               "seq_truncate: this cache was created with caller_metadata = 1; lower seq_lens instead");
+    int s;
+    oscar_status st = lookup(c, seq_id, &s);
+    if (st) return st;
+    oscar_seq *q = &c->seqs[s];
+    if (new_length < 0)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_truncate: new_length %lld is negative",
+                               (long long)new_length);
+    for (int l = 0; l < c->cfg.num_layers; l++) {
+        const int64_t packed = (int64_t)q->packed[l] * c->cfg.residual;
+        if (new_length < q->tokens[l] && new_length < packed)
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                   "seq_truncate: sequence %d layer %d has its first %lld tokens quantised into "
+                                   "blocks, so it cannot be cut to %lld tokens (set rollback_tokens to keep more "
+                                   "tokens in the window)",
+                                   (int)seq_id, l, (long long)packed, (long long)new_length);
+    }
+    for (int l = 0; l < c->cfg.num_layers; l++)
+        if (q->tokens[l] > new_length) q->tokens[l] = new_length;
     return OSCAR_OK;
 }
 
@@ -400,26 +439,30 @@ oscar_status oscar_seq_fork(oscar_cache *c, int32_t src, int32_t *new_id) {
                                c->cfg.max_seqs);
     oscar_seq *b = &c->seqs[d];
     int64_t *tokens = (int64_t *)malloc((size_t)c->cfg.num_layers * sizeof(int64_t));
+    int32_t *packed = (int32_t *)malloc((size_t)c->cfg.num_layers * sizeof(int32_t));
     int32_t *wt = (int32_t *)malloc((size_t)c->cfg.num_layers * sizeof(int32_t));
     int32_t *table = a->n_blocks ? (int32_t *)malloc((size_t)a->n_blocks * sizeof(int32_t)) : NULL;
-    if (!tokens || !wt || (a->n_blocks && !table)) {
-        free(tokens), free(wt), free(table);
+    if (!tokens || !packed || !wt || (a->n_blocks && !table)) {
+        free(tokens), free(packed), free(wt), free(table);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_fork: out of host memory");
     }
     for (int l = 0; l < c->cfg.num_layers; l++) {
         tokens[l] = a->tokens[l];
-        wt[l] = (int32_t)(a->tokens[l] % c->cfg.residual);
+        packed[l] = a->packed[l];
+        wt[l] = (int32_t)(a->tokens[l] - (int64_t)a->packed[l] * c->cfg.residual);
     }
     if (a->n_blocks) memcpy(table, a->table, (size_t)a->n_blocks * sizeof(int32_t));
-    st = c->ops->fork(c, s, d, wt, table, a->n_blocks);
+    st = c->ops->fork(c, s, d, wt, packed, table, a->n_blocks);
     free(wt);
     if (st != OSCAR_OK) {
-        free(tokens), free(table);
+        free(tokens), free(packed), free(table);
         return st;
     }
     for (int32_t i = 0; i < a->n_blocks; i++) c->block_refs[table[i]]++;
     free(b->table);
     free(b->tokens);
+    free(b->packed);
+    b->packed = packed;
     b->table = table;
     b->table_cap = a->n_blocks;
     b->n_blocks = a->n_blocks;
@@ -437,8 +480,8 @@ oscar_status oscar_seq_info_get(const oscar_cache *c, int32_t id, int layer, osc
     const oscar_seq *q = &c->seqs[s];
     int64_t R = c->cfg.residual;
     out->tokens = q->tokens[layer];
-    out->packed_tokens = q->tokens[layer] / R * R;
-    out->window_tokens = (int32_t)(q->tokens[layer] % R);
+    out->packed_tokens = (int64_t)q->packed[layer] * R;
+    out->window_tokens = (int32_t)(q->tokens[layer] - out->packed_tokens);
     out->blocks = q->n_blocks;
     return OSCAR_OK;
 }
@@ -499,7 +542,7 @@ oscar_status oscar_append(oscar_cache *c, int layer, int n_seqs, const int32_t *
             }
         const oscar_seq *q = &c->seqs[slots[i]];
         int64_t have = q->tokens[layer];
-        if (have + n_tokens[i] > (int64_t)c->cfg.block_count * R + R) {
+        if (have + n_tokens[i] > (int64_t)c->cfg.block_count * R + R - 1 + c->cfg.rollback_tokens) {
             st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED,
                                  "append: sequence %d would hold %lld tokens, more than the pool of %d blocks x %d",
                                  (int)ids[i], (long long)(have + n_tokens[i]), c->cfg.block_count, (int)R);
@@ -509,10 +552,12 @@ oscar_status oscar_append(oscar_cache *c, int layer, int n_seqs, const int32_t *
         j->input_row = rows;
         j->n_new = n_tokens[i];
         j->seq_slot = slots[i];
-        j->window_before = (int32_t)(have % R);
-        j->n_flush = (int32_t)((j->window_before + n_tokens[i]) / R);
-        j->window_after = (int32_t)((j->window_before + n_tokens[i]) % R);
-        j->first_flush_index = (int32_t)(have / R);
+        const int64_t p0 = q->packed[layer];
+        const int64_t p1 = oscar_packed_after(p0, have + n_tokens[i], (int)R, c->cfg.rollback_tokens);
+        j->window_before = (int32_t)(have - p0 * R);
+        j->n_flush = (int32_t)(p1 - p0);
+        j->window_after = (int32_t)(have + n_tokens[i] - p1 * R);
+        j->first_flush_index = (int32_t)p0;
         int64_t end = (int64_t)j->first_flush_index + j->n_flush;
         if (end > q->n_blocks) new_blocks += end - q->n_blocks;
         rows += n_tokens[i];
@@ -566,6 +611,7 @@ oscar_status oscar_append(oscar_cache *c, int layer, int n_seqs, const int32_t *
             }
         }
         q->tokens[layer] += n_tokens[i];
+        q->packed[layer] += jobs[i].n_flush;
     }
 done:
     free(fresh);
@@ -613,9 +659,9 @@ oscar_status oscar_attention(oscar_cache *c, int layer, int n_seqs, const int32_
             goto done;
         }
         jobs[i].seq_slot = s;
-        jobs[i].n_blocks = (int32_t)(T / R);
+        jobs[i].n_blocks = sq->packed[layer];
         jobs[i].block_table = sq->table;
-        jobs[i].window_tokens = (int32_t)(T % R);
+        jobs[i].window_tokens = (int32_t)(T - (int64_t)sq->packed[layer] * R);
         jobs[i].tokens = T;
     }
     st = c->ops->attention(c, layer, jobs, n_seqs, q_len, q, q_dtype, out, out_dtype, softmax_scale, stream);

@@ -31,6 +31,8 @@ typedef struct oscar_layout {
     int scale_keys;        /* method stores token norms               */
     int window_esize;      /* bytes per window element                */
     int window_dtype;      /* oscar_dtype of the window               */
+    int lag;               /* rollback_tokens                         */
+    int window_rows;       /* rows per window slot: residual + lag    */
     size_t codes_bytes;    /* K codes (= V codes) bytes per head      */
     size_t kparams_bytes;  /* per head                                */
     size_t vparams_bytes;  /* per head                                */
@@ -41,6 +43,13 @@ typedef struct oscar_layout {
 } oscar_layout;
 
 void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg);
+
+/* Blocks packed in a layer after it grows to n tokens, from P before
+ * (oscar.h, oscar_config: quantisation lags `lag` tokens). */
+static inline int64_t oscar_packed_after(int64_t packed_before, int64_t n, int R, int lag) {
+    const int64_t p = n >= lag ? (n - lag) / R : 0;
+    return p > packed_before ? p : packed_before;
+}
 
 /* Position of pair element (lane, q, e) inside a 16-token code tile: which
  * 32-bit word of the lane chunk and which bit. Shared by CPU code and tests. */
@@ -58,6 +67,9 @@ static inline void oscar_code_position(int bits, int lane, int q, int e, int *wo
  */
 typedef struct oscar_append_job {
     int64_t input_row;          /* first token row of this sequence in k/v */
+    /* window_before may exceed R with a rollback lag; window_after is
+     * stream tokens [n_flush*R, window_before + n_new), from the old window
+     * where the stream index is < window_before, else from the input. */
     int32_t n_new;
     int32_t seq_slot;           /* 0..max_seqs-1, also the window slot     */
     int32_t window_before;
@@ -94,15 +106,16 @@ typedef struct oscar_backend_ops {
      * layer given by tokens[layer]); the fork hook. Also lets a backend
      * mirror the block table (table has n_blocks entries). */
     oscar_status (*fork)(oscar_cache *c, int32_t src_slot, int32_t dst_slot,
-                         const int32_t *window_tokens_per_layer, const int32_t *table,
-                         int32_t n_blocks);
+                         const int32_t *window_tokens_per_layer, const int32_t *packed_per_layer,
+                         const int32_t *table, int32_t n_blocks);
     /* Host <-> backend copies of raw bytes (synchronous). */
     oscar_status (*read_block)(oscar_cache *c, int layer, int32_t block, void *host);
     oscar_status (*write_block)(oscar_cache *c, int layer, int32_t block, const void *host);
     oscar_status (*read_window)(oscar_cache *c, int layer, int32_t slot, int32_t n_tokens,
                                 void *k_host, void *v_host);
+    /* Also records that `packed_blocks` blocks of the layer are packed. */
     oscar_status (*write_window)(oscar_cache *c, int layer, int32_t slot, int32_t n_tokens,
-                                 const void *k_host, const void *v_host);
+                                 const void *k_host, const void *v_host, int32_t packed_blocks);
     /* Called after import wrote a new sequence's table (may be NULL). */
     oscar_status (*set_table)(oscar_cache *c, int32_t slot, const int32_t *table, int32_t n_blocks);
     /* The batch API (caller metadata in backend memory). The core has
@@ -135,6 +148,7 @@ typedef struct oscar_seq {
     int32_t *table;             /* capacity table_cap                      */
     int32_t table_cap;
     int64_t *tokens;            /* per layer                               */
+    int32_t *packed;            /* per layer: blocks packed                */
 } oscar_seq;
 
 struct oscar_cache {

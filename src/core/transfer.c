@@ -6,7 +6,10 @@
 #include <string.h>
 
 static const char MAGIC[8] = {'O', 'S', 'C', 'A', 'R', 'S', 'E', 'Q'};
-enum { HEADER_BYTES = 56 };
+/* v1: 56-byte header, u64 tokens per layer. v2 (written now): 64-byte
+ * header (+ rollback_tokens, reserved), u64 tokens and u64 packed blocks
+ * per layer. docs/FORMAT.md. */
+enum { HEADER_V1 = 56, HEADER_V2 = 64 };
 
 static uint64_t fnv1a(const uint8_t *p, size_t n) {
     uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a 64 offset basis */
@@ -67,7 +70,7 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
         goto done;
     }
     float *vb = kb + (size_t)R * d, *nb = vb + (size_t)R * d;
-    int64_t packed = T / R * R, end = start + count;
+    int64_t packed = (int64_t)q->packed[layer] * R, end = start + count;
     for (int64_t b0 = start / R * R; b0 < end && b0 < packed; b0 += R) {
         if ((st = c->ops->read_block(c, layer, q->table[b0 / R], blk)) != OSCAR_OK) goto done;
         int64_t t0 = b0 > start ? b0 : start, t1 = b0 + R < end ? b0 + R : end;
@@ -91,7 +94,7 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
     }
     if (end > packed) {
         int32_t wn = (int32_t)(T - packed);
-        size_t half = (size_t)R * row * L->window_esize;
+        size_t half = L->window_layer_bytes / 2;
         if ((st = c->ops->read_window(c, layer, s, wn, wk, wk + half)) != OSCAR_OK) goto done;
         for (int64_t t = start > packed ? start : packed; t < end; t++) {
             int r = (int)(t - packed);
@@ -116,16 +119,20 @@ done:
     return st;
 }
 
-static void stream_sizes(const oscar_cache *c, const int64_t *tokens, int32_t *n_blocks, size_t *total) {
+static size_t header_bytes(int version) { return version == 1 ? HEADER_V1 : HEADER_V2; }
+static size_t per_layer_bytes(int version) { return version == 1 ? 8 : 16; }
+
+static void stream_sizes(const oscar_cache *c, int version, const int64_t *tokens, const int64_t *packed,
+                         int32_t *n_blocks, size_t *total) {
     const oscar_layout *L = &c->lay;
     int64_t nb = 0, wrows = 0;
     for (int l = 0; l < L->layers; l++) {
-        if (tokens[l] / L->residual > nb) nb = tokens[l] / L->residual;
-        wrows += tokens[l] % L->residual;
+        if (packed[l] > nb) nb = packed[l];
+        wrows += tokens[l] - packed[l] * L->residual;
     }
     *n_blocks = (int32_t)nb;
-    *total = HEADER_BYTES + 8 * (size_t)L->layers + (size_t)nb * L->layers * L->layer_block_bytes +
-             2 * (size_t)wrows * L->hkv * L->d * L->window_esize + 8;
+    *total = header_bytes(version) + per_layer_bytes(version) * (size_t)L->layers +
+             (size_t)nb * L->layers * L->layer_block_bytes + 2 * (size_t)wrows * L->hkv * L->d * L->window_esize + 8;
 }
 
 oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t buffer_size, size_t *size) {
@@ -136,9 +143,13 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     if (st) return st;
     const oscar_seq *q = &c->seqs[s];
     const oscar_layout *L = &c->lay;
+    int64_t *packed = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
+    if (!packed) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
+    for (int l = 0; l < L->layers; l++) packed[l] = q->packed[l];
     int32_t nb;
     size_t total;
-    stream_sizes(c, q->tokens, &nb, &total);
+    stream_sizes(c, 2, q->tokens, packed, &nb, &total);
+    free(packed);
     if (!buffer) {
         *size = total;
         return OSCAR_OK;
@@ -155,11 +166,16 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
                            (uint32_t)f->rotate_values};
     for (int i = 0; i < 11; i++) put32(p + 8 + 4 * i, fields[i]);
     put32(p + 52, (uint32_t)nb);
-    size_t off = HEADER_BYTES;
-    for (int l = 0; l < L->layers; l++, off += 8) put64(p + off, (uint64_t)q->tokens[l]);
+    put32(p + 56, (uint32_t)f->rollback_tokens);
+    put32(p + 60, 0);
+    size_t off = HEADER_V2;
+    for (int l = 0; l < L->layers; l++, off += 16) {
+        put64(p + off, (uint64_t)q->tokens[l]);
+        put64(p + off + 8, (uint64_t)q->packed[l]);
+    }
     for (int32_t i = 0; i < nb; i++)
         for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes) {
-            if (q->tokens[l] / L->residual > i) {
+            if (q->packed[l] > i) {
                 if ((st = c->ops->read_block(c, l, q->table[i], p + off)) != OSCAR_OK) return st;
             } else {
                 memset(p + off, 0, L->layer_block_bytes);
@@ -169,15 +185,15 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
     if (!wk) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
     for (int l = 0; l < L->layers; l++) {
-        int32_t wn = (int32_t)(q->tokens[l] % L->residual);
+        int32_t wn = (int32_t)(q->tokens[l] - (int64_t)q->packed[l] * L->residual);
         if (wn == 0) continue;
-        if ((st = c->ops->read_window(c, l, s, wn, wk, wk + (size_t)L->residual * rowb)) != OSCAR_OK) {
+        if ((st = c->ops->read_window(c, l, s, wn, wk, wk + L->window_layer_bytes / 2)) != OSCAR_OK) {
             free(wk);
             return st;
         }
         memcpy(p + off, wk, (size_t)wn * rowb);
         off += (size_t)wn * rowb;
-        memcpy(p + off, wk + (size_t)L->residual * rowb, (size_t)wn * rowb);
+        memcpy(p + off, wk + L->window_layer_bytes / 2, (size_t)wn * rowb);
         off += (size_t)wn * rowb;
     }
     free(wk);
@@ -195,11 +211,14 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     const oscar_status F = OSCAR_E_FORMAT;
     const uint8_t *p = (const uint8_t *)buffer;
     const oscar_layout *L = &c->lay;
-    if (size < HEADER_BYTES + 8) return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a stream", size);
+    if (size < HEADER_V1 + 8) return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a stream", size);
     if (memcmp(p, MAGIC, 8) != 0) return oscar_set_error(c, F, "seq_import: bad magic (not an oscar sequence stream)");
-    if (get32(p + 8) != OSCAR_FORMAT_VERSION)
-        return oscar_set_error(c, F, "seq_import: stream format version %u, this library reads %d", get32(p + 8),
+    const uint32_t version = get32(p + 8);
+    if (version != 1 && version != OSCAR_FORMAT_VERSION)
+        return oscar_set_error(c, F, "seq_import: stream format version %u, this library reads 1 and %d", version,
                                OSCAR_FORMAT_VERSION);
+    const size_t hb = header_bytes((int)version), plb = per_layer_bytes((int)version);
+    if (size < hb + 8) return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a stream", size);
     const oscar_config *f = &c->cfg;
     static const char *const names[10] = {"method", "bits", "head_dim", "num_kv_heads", "num_layers",
                                           "k_group", "v_group", "residual", "window_dtype", "rotate_values"};
@@ -210,27 +229,49 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         if (get32(p + 12 + 4 * i) != want[i])
             return oscar_set_error(c, F, "seq_import: stream has %s = %u, this cache has %u", names[i],
                                    get32(p + 12 + 4 * i), want[i]);
-    if (size < HEADER_BYTES + 8 * (size_t)L->layers + 8)
+    if (version >= 2) {
+        if (get32(p + 56) != (uint32_t)f->rollback_tokens)
+            return oscar_set_error(c, F, "seq_import: stream has rollback_tokens = %u, this cache has %d",
+                                   get32(p + 56), f->rollback_tokens);
+        if (get32(p + 60) != 0) return oscar_set_error(c, F, "seq_import: reserved header field is %u, not 0", get32(p + 60));
+    }
+    if (size < hb + plb * (size_t)L->layers + 8)
         return oscar_set_error(c, F, "seq_import: stream truncated in the token counts");
     int64_t *tokens = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
-    if (!tokens) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
+    int64_t *packed64 = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
+    int32_t *packed = (int32_t *)malloc(sizeof(int32_t) * (size_t)L->layers);
     oscar_status st = OSCAR_OK;
     int32_t *table = NULL;
     int slot = -1;
+    if (!tokens || !packed64 || !packed) {
+        st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
+        goto fail;
+    }
     for (int l = 0; l < L->layers; l++) {
-        uint64_t t = get64(p + HEADER_BYTES + 8 * (size_t)l);
-        if (t > (uint64_t)f->block_count * (uint64_t)f->residual + (uint64_t)f->residual) {
-            st = oscar_set_error(c, F, "seq_import: layer %d claims %llu tokens, more than this pool can hold", l,
-                                 (unsigned long long)t);
+        const uint64_t t = get64(p + hb + plb * (size_t)l);
+        const uint64_t pk = version == 1 ? t / (uint64_t)f->residual : get64(p + hb + plb * (size_t)l + 8);
+        if (pk > (uint64_t)f->block_count) {
+            st = oscar_set_error(c, F, "seq_import: layer %d claims %llu packed blocks, the pool has %d", l,
+                                 (unsigned long long)pk, f->block_count);
+            goto fail;
+        }
+        if (t < pk * (uint64_t)f->residual || t - pk * (uint64_t)f->residual > (uint64_t)(L->window_rows - 1)) {
+            st = oscar_set_error(c, F,
+                                 "seq_import: layer %d claims %llu tokens with %llu packed blocks; the window holds "
+                                 "0..%d tokens",
+                                 l, (unsigned long long)t, (unsigned long long)pk, L->window_rows - 1);
             goto fail;
         }
         tokens[l] = (int64_t)t;
+        packed64[l] = (int64_t)pk;
+        packed[l] = (int32_t)pk;
     }
     int32_t nb;
     size_t total;
-    stream_sizes(c, tokens, &nb, &total);
+    stream_sizes(c, (int)version, tokens, packed64, &nb, &total);
     if ((uint32_t)nb != get32(p + 52)) {
-        st = oscar_set_error(c, F, "seq_import: n_blocks is %u but the token counts need %d", get32(p + 52), (int)nb);
+        st = oscar_set_error(c, F, "seq_import: n_blocks is %u but the layers' packed counts need %d", get32(p + 52),
+                             (int)nb);
         goto fail;
     }
     if (size != total) {
@@ -256,16 +297,15 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         goto fail;
     }
     for (int32_t i = 0; i < nb; i++) table[i] = c->free_list[c->n_free - 1 - i];
-    size_t off = HEADER_BYTES + 8 * (size_t)L->layers;
+    size_t off = hb + plb * (size_t)L->layers;
     for (int32_t i = 0; i < nb; i++)
         for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes)
-            if (tokens[l] / L->residual > i && (st = c->ops->write_block(c, l, table[i], p + off)) != OSCAR_OK)
-                goto fail;
+            if (packed[l] > i && (st = c->ops->write_block(c, l, table[i], p + off)) != OSCAR_OK) goto fail;
     size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
     for (int l = 0; l < L->layers; l++) {
-        int32_t wn = (int32_t)(tokens[l] % L->residual);
-        if (wn == 0) continue;
-        if ((st = c->ops->write_window(c, l, slot, wn, p + off, p + off + (size_t)wn * rowb)) != OSCAR_OK) goto fail;
+        int32_t wn = (int32_t)(tokens[l] - packed64[l] * L->residual);
+        if ((st = c->ops->write_window(c, l, slot, wn, p + off, p + off + (size_t)wn * rowb, packed[l])) != OSCAR_OK)
+            goto fail;
         off += 2 * (size_t)wn * rowb;
     }
     if (c->ops->set_table && (st = c->ops->set_table(c, slot, table, nb)) != OSCAR_OK) goto fail;
@@ -275,15 +315,20 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     oscar_seq *q = &c->seqs[slot];
     free(q->table);
     free(q->tokens);
+    free(q->packed);
     q->table = table;
     q->table_cap = nb;
     q->n_blocks = nb;
     q->tokens = tokens;
+    q->packed = packed;
     q->id = oscar_new_seq_id(c);
     *seq_id = q->id;
+    free(packed64);
     return OSCAR_OK;
 fail:
     free(tokens);
+    free(packed64);
+    free(packed);
     free(table);
     return st;
 }

@@ -19,6 +19,7 @@ typedef struct cpu_state {
     size_t pool_bytes, windows_bytes;
     int own_pool, own_windows;
     const oscar_allocator *allocator;
+    int32_t *packed;  /* [layer][slot] blocks packed (the batch API's state) */
 } cpu_state;
 
 static cpu_state *ST(oscar_cache *c) { return (cpu_state *)c->backend_state; }
@@ -68,6 +69,7 @@ static void cpu_destroy(oscar_cache *c) {
     cpu_state *s = ST(c);
     region_free(s, s->pool, s->pool_bytes, s->own_pool);
     region_free(s, s->windows, s->windows_bytes, s->own_windows);
+    free(s->packed);
     free(s);
     c->backend_state = NULL;
 }
@@ -79,8 +81,9 @@ static oscar_status cpu_init(oscar_cache *c, const oscar_memory_source *mem) {
     sizes(&c->cfg, &c->lay, &s->pool_bytes, &s->windows_bytes);
     s->pool = region(s, mem ? mem->pool : NULL, s->pool_bytes, &s->own_pool);
     s->windows = region(s, mem ? mem->windows : NULL, s->windows_bytes, &s->own_windows);
+    s->packed = (int32_t *)calloc((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
     c->backend_state = s;
-    if (!s->pool || !s->windows) {
+    if (!s->pool || !s->windows || !s->packed) {
         cpu_destroy(c);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "cannot allocate %.1f MiB of host memory for the pool",
                                (double)(s->pool_bytes + s->windows_bytes) / 1048576.0);
@@ -190,16 +193,27 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
         oscar_pack_block(L, xk, xv, layer_block(c, layer, j->flush_blocks[f]), scratch);
     }
 
-    /* 3. The tokens left over become the window. */
+    /* 3. The tokens left over become the window: stream tokens
+     *    [n_flush*R, window_before + n_new). With a rollback lag some of them
+     *    are old window rows, which move down by n_flush*R rows (memmove:
+     *    the ranges may touch, never in the wrong order). */
     for (int i = 0; i < n_jobs; i++) {
         const oscar_append_job *j = &jobs[i];
-        int32_t keep = j->n_flush ? j->window_after : j->n_new;
-        int32_t dst = j->n_flush ? 0 : j->window_before;
-        int64_t src = j->input_row + j->n_new - keep;
-        memcpy(window_k(c, layer, j->seq_slot) + (size_t)dst * row * es, staged + (size_t)src * row * es,
-               (size_t)keep * row * es);
-        memcpy(window_v(c, layer, j->seq_slot) + (size_t)dst * row * es, staged_v + (size_t)src * row * es,
-               (size_t)keep * row * es);
+        const int64_t shift = (int64_t)j->n_flush * R;
+        uint8_t *wk = window_k(c, layer, j->seq_slot), *wv = window_v(c, layer, j->seq_slot);
+        int64_t from_window = j->window_before - shift; /* old rows that stay */
+        if (from_window < 0) from_window = 0;
+        if (shift > 0 && from_window > 0) {
+            memmove(wk, wk + (size_t)shift * row * es, (size_t)from_window * row * es);
+            memmove(wv, wv + (size_t)shift * row * es, (size_t)from_window * row * es);
+        }
+        const int64_t dst = j->n_flush ? from_window : j->window_before;
+        const int64_t keep = j->window_after - dst;
+        const int64_t src = j->input_row + j->n_new - keep;
+        if (keep > 0) {
+            memcpy(wk + (size_t)dst * row * es, staged + (size_t)src * row * es, (size_t)keep * row * es);
+            memcpy(wv + (size_t)dst * row * es, staged_v + (size_t)src * row * es, (size_t)keep * row * es);
+        }
     }
     free(staged), free(rowbuf), free(packbuf), free(pair_job);
     return OSCAR_OK;
@@ -537,7 +551,7 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     X.sm = sm;
     X.P = L->quantised ? 16 / L->bits : 1;
     X.ng = L->quantised ? d / L->v_group : 1;
-    X.max_tok = (size_t)chunk * R;
+    X.max_tok = (size_t)chunk * R + (size_t)L->lag; /* the window unit holds up to R - 1 + lag */
     const int nr_max = rows < MAX_ROWS ? rows : MAX_ROWS;
     /* Per thread: doubles first, then floats; a multiple of 16 floats keeps
      * every thread's block 64-byte aligned. */
@@ -628,8 +642,8 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
 
 /* ---- fork and raw copies ------------------------------------------------- */
 
-static oscar_status cpu_fork(oscar_cache *c, int32_t src, int32_t dst, const int32_t *wt, const int32_t *table,
-                             int32_t n_blocks) {
+static oscar_status cpu_fork(oscar_cache *c, int32_t src, int32_t dst, const int32_t *wt, const int32_t *packed,
+                             const int32_t *table, int32_t n_blocks) {
     const size_t half = c->lay.window_layer_bytes / 2;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     for (int l = 0; l < c->cfg.num_layers; l++) {
@@ -657,7 +671,8 @@ static oscar_status cpu_read_window(oscar_cache *c, int layer, int32_t slot, int
 }
 
 static oscar_status cpu_write_window(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k,
-                                     const void *v) {
+                                     const void *v, int32_t packed_blocks) {
+    ST(c)->packed[(size_t)layer * c->cfg.max_seqs + slot] = packed_blocks;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     memcpy(window_k(c, layer, slot), k, (size_t)n * rowb);
     memcpy(window_v(c, layer, slot), v, (size_t)n * rowb);
@@ -666,8 +681,15 @@ static oscar_status cpu_write_window(oscar_cache *c, int layer, int32_t slot, in
 
 /* ---- the batch API: the caller's host arrays, checked here ------------- */
 
-static oscar_status check_batch(oscar_cache *c, const oscar_batch *b, int appending, const char *what) {
-    const int R = c->cfg.residual;
+/* Blocks packed in (layer, slot) before this call; an append that starts a
+ * sequence (seq_len == tokens_per_seq) starts it at 0. */
+static int32_t packed_before(oscar_cache *c, int layer, const oscar_batch *b, int i, int appending) {
+    if (appending && b->seq_lens[i] == b->tokens_per_seq) return 0;
+    return ST(c)->packed[(size_t)layer * c->cfg.max_seqs + b->window_slots[i]];
+}
+
+static oscar_status check_batch(oscar_cache *c, int layer, const oscar_batch *b, int appending, const char *what) {
+    const int R = c->cfg.residual, lag = c->cfg.rollback_tokens;
     for (int i = 0; i < b->num_seqs; i++) {
         const int32_t slot = b->window_slots[i], len = b->seq_lens[i];
         if (slot < 0 || slot >= c->cfg.max_seqs)
@@ -682,11 +704,22 @@ static oscar_status check_batch(oscar_cache *c, const oscar_batch *b, int append
                                    "%s: seq_lens[%d] = %d is outside tokens_per_seq %d .. max_seq_len %d", what, i,
                                    (int)len, b->tokens_per_seq, b->max_seq_len);
         const int32_t *row = b->block_tables + (size_t)i * b->block_table_stride;
-        const int first = appending ? (len - b->tokens_per_seq) / R : 0;
-        for (int j = first; j < len / R; j++)
+        const int64_t p0 = packed_before(c, layer, b, i, appending);
+        const int64_t before = appending ? len - b->tokens_per_seq : len;
+        if (before < p0 * R)
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                   "%s: sequence %d (slot %d) holds %lld tokens in packed blocks; its length cannot "
+                                   "go below that (seq_lens[%d] = %d)",
+                                   what, i, (int)slot, (long long)(p0 * R), i, (int)len);
+        const int64_t p1 = appending ? oscar_packed_after(p0, len, R, lag) : p0;
+        if (!appending && len - p0 * R > R - 1 + lag)
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                   "%s: seq_lens[%d] = %d is longer than slot %d holds (%lld tokens appended)", what,
+                                   i, (int)len, (int)slot, (long long)(p0 * R + R - 1 + lag));
+        for (int64_t j = appending ? p0 : 0; j < p1; j++)
             if (row[j] < 0 || row[j] >= c->cfg.block_count)
                 return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
-                                       "%s: block_tables[%d][%d] = %d is outside 0..%d", what, i, j, (int)row[j],
+                                       "%s: block_tables[%d][%d] = %d is outside 0..%d", what, i, (int)j, (int)row[j],
                                        c->cfg.block_count - 1);
     }
     return OSCAR_OK;
@@ -694,24 +727,30 @@ static oscar_status check_batch(oscar_cache *c, const oscar_batch *b, int append
 
 static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batch *b, const void *k, const void *v,
                                      oscar_dtype dtype, void *stream) {
-    oscar_status st = check_batch(c, b, 1, "batch_append");
+    oscar_status st = check_batch(c, layer, b, 1, "batch_append");
     if (st != OSCAR_OK) return st;
     oscar_append_job *jobs = (oscar_append_job *)calloc((size_t)b->num_seqs, sizeof *jobs);
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_append: out of host memory");
     const int R = c->cfg.residual, n = b->tokens_per_seq;
     for (int i = 0; i < b->num_seqs; i++) {
-        const int32_t before = b->seq_lens[i] - n;
+        const int64_t before = b->seq_lens[i] - n;
+        const int64_t p0 = packed_before(c, layer, b, i, 1);
+        const int64_t p1 = oscar_packed_after(p0, b->seq_lens[i], R, c->cfg.rollback_tokens);
         oscar_append_job *j = &jobs[i];
         j->input_row = (int64_t)i * n;
         j->n_new = n;
         j->seq_slot = b->window_slots[i];
-        j->window_before = before % R;
-        j->n_flush = (j->window_before + n) / R;
-        j->window_after = (j->window_before + n) % R;
-        j->first_flush_index = before / R;
-        j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + before / R;
+        j->window_before = (int32_t)(before - p0 * R);
+        j->n_flush = (int32_t)(p1 - p0);
+        j->window_after = (int32_t)(b->seq_lens[i] - p1 * R);
+        j->first_flush_index = (int32_t)p0;
+        j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + p0;
     }
     st = cpu_append(c, layer, jobs, b->num_seqs, (int64_t)b->num_seqs * n, k, v, dtype, stream);
+    if (st == OSCAR_OK)
+        for (int i = 0; i < b->num_seqs; i++)
+            ST(c)->packed[(size_t)layer * c->cfg.max_seqs + jobs[i].seq_slot] =
+                jobs[i].first_flush_index + jobs[i].n_flush;
     free(jobs);
     return st;
 }
@@ -719,17 +758,18 @@ static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batc
 static oscar_status cpu_batch_attention(oscar_cache *c, int layer, const oscar_batch *b, const void *q,
                                         oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float sm,
                                         void *stream) {
-    oscar_status st = check_batch(c, b, 0, "batch_attention");
+    oscar_status st = check_batch(c, layer, b, 0, "batch_attention");
     if (st != OSCAR_OK) return st;
     oscar_attn_job *jobs = (oscar_attn_job *)calloc((size_t)b->num_seqs, sizeof *jobs);
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_attention: out of host memory");
     const int R = c->cfg.residual;
     for (int i = 0; i < b->num_seqs; i++) {
         const int32_t len = b->seq_lens[i];
+        const int32_t p = packed_before(c, layer, b, i, 0);
         jobs[i].seq_slot = b->window_slots[i];
-        jobs[i].n_blocks = len / R;
+        jobs[i].n_blocks = p;
         jobs[i].block_table = b->block_tables + (size_t)i * b->block_table_stride;
-        jobs[i].window_tokens = len % R;
+        jobs[i].window_tokens = (int32_t)(len - (int64_t)p * R);
         jobs[i].tokens = len;
     }
     st = cpu_attention(c, layer, jobs, b->num_seqs, b->tokens_per_seq, q, q_dtype, out, out_dtype, sm, stream);
@@ -739,11 +779,21 @@ static oscar_status cpu_batch_attention(oscar_cache *c, int layer, const oscar_b
 
 static oscar_status cpu_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int64_t n_tokens, void *stream) {
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
-    const size_t n = (size_t)(n_tokens % c->cfg.residual);
-    if (src == dst) return OSCAR_OK;
+    int32_t *packed = ST(c)->packed;
     for (int l = 0; l < c->cfg.num_layers; l++) {
+        const int32_t p = packed[(size_t)l * c->cfg.max_seqs + src];
+        int64_t n = n_tokens - (int64_t)p * c->cfg.residual;
+        if (n < 0 || n > c->lay.window_rows - 1)
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                   "slot_copy: slot %d layer %d has %lld tokens packed; %lld tokens cannot be copied",
+                                   (int)src, l, (long long)p * c->cfg.residual, (long long)n_tokens);
+    }
+    for (int l = 0; l < c->cfg.num_layers; l++) {
+        const int32_t p = packed[(size_t)l * c->cfg.max_seqs + src];
+        const size_t n = (size_t)(n_tokens - (int64_t)p * c->cfg.residual);
         memcpy(window_k(c, l, dst), window_k(c, l, src), n * rowb);
         memcpy(window_v(c, l, dst), window_v(c, l, src), n * rowb);
+        packed[(size_t)l * c->cfg.max_seqs + dst] = p;
     }
     return OSCAR_OK;
 }

@@ -342,9 +342,11 @@ __device__ __forceinline__ SeqView seq_view(const AttnParams &P, int seq) {
     SeqView v;
     v.slot = P.meta.slots[seq];
     v.len = P.meta.lens[seq];
-    v.valid = (unsigned)v.slot < (unsigned)P.meta.max_seqs && v.len >= P.q_len && v.len / P.R <= P.meta.table_stride;
-    if (!v.valid) v.slot = 0, v.len = 0;
-    v.nblk = v.len / P.R;
+    v.valid = (unsigned)v.slot < (unsigned)P.meta.max_seqs && v.len >= P.q_len;
+    v.nblk = v.valid ? P.meta.packed[v.slot] : 0;
+    v.valid = v.valid && v.nblk <= P.meta.table_stride && v.len - v.nblk * P.R >= 0 &&
+              v.len - v.nblk * P.R < P.meta.window_rows;
+    if (!v.valid) v.slot = 0, v.len = 0, v.nblk = 0;
     v.wtok = v.len - v.nblk * P.R;
     v.table = P.meta.tables + (size_t)(P.meta.table_by_slot ? v.slot : seq) * P.meta.table_stride;
     return v;

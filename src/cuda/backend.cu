@@ -53,7 +53,7 @@ struct DeviceScope {
 /* ---- workspace layout ---------------------------------------------------- */
 
 struct WorkspaceLayout {
-    size_t partials, tables, failed, meta, tasks, wtasks, total;
+    size_t partials, tables, failed, packed, meta, tasks, wtasks, total;
     size_t meta_ints, max_tasks, max_wtasks;
 };
 
@@ -67,6 +67,8 @@ WorkspaceLayout workspace_layout(const oscar_config *cfg, const oscar_layout *L,
     if (!cfg->caller_metadata) o += align_up((size_t)cfg->max_seqs * (size_t)cfg->block_count * sizeof(int32_t));
     W.failed = o;
     o += align_up((size_t)cfg->max_seqs * sizeof(int32_t));
+    W.packed = o;
+    o += align_up((size_t)cfg->num_layers * (size_t)cfg->max_seqs * sizeof(int32_t));
     W.meta = o;
     W.meta_ints = 5 * (size_t)cfg->max_seqs + 8;
     o += align_up(W.meta_ints * sizeof(int32_t));
@@ -256,6 +258,7 @@ oscar_status cuda_init(oscar_cache *c, const oscar_memory_source *mem) {
         S->ws_bytes = W.tables - W.partials;
         S->tables = cfg->caller_metadata ? nullptr : (int32_t *)(S->ws_r.ptr + W.tables);
         S->failed = (int32_t *)(S->ws_r.ptr + W.failed);
+        S->packed = (int32_t *)(S->ws_r.ptr + W.packed);
         S->meta = (int32_t *)(S->ws_r.ptr + W.meta);
         S->meta_ints = W.meta_ints;
         S->tasks = (PackTask *)(S->ws_r.ptr + W.tasks);
@@ -335,9 +338,17 @@ oscar_status cuda_sync(oscar_cache *c, void *stream) {
     return cuda_poll(c);
 }
 
-SeqMeta library_meta(oscar_cache *c, const int32_t *lens, const int32_t *slots) {
+/* The layer's packed-block state and the window geometry. */
+void meta_layer(oscar_cache *c, int layer, SeqMeta *m) {
+    m->packed = cuda_state(c)->packed + (size_t)layer * c->cfg.max_seqs;
+    m->window_rows = c->lay.window_rows;
+    m->lag = c->lay.lag;
+}
+
+SeqMeta library_meta(oscar_cache *c, int layer, const int32_t *lens, const int32_t *slots) {
     CudaState *S = cuda_state(c);
     SeqMeta m;
+    meta_layer(c, layer, &m);
     m.lens = lens;
     m.slots = slots;
     m.tables = S->tables;
@@ -382,7 +393,7 @@ oscar_status cuda_append(oscar_cache *c, int layer, const oscar_append_job *jobs
     oscar_status rc = up.finish();
     if (rc != OSCAR_OK) return rc;
     AppendCall C;
-    C.meta = library_meta(c, d_lens, d_slots);
+    C.meta = library_meta(c, layer, d_lens, d_slots);
     C.n_new = d_new;
     C.row0 = d_row0;
     C.uniform_new = 0;
@@ -409,14 +420,15 @@ oscar_status cuda_attention(oscar_cache *c, int layer, const oscar_attn_job *job
     for (int i = 0; i < n_jobs; i++) up.put(jobs[i].seq_slot);
     oscar_status rc = up.finish();
     if (rc != OSCAR_OK) return rc;
-    return oscar_cuda_attention_call(c, layer, library_meta(c, d_lens, d_slots), n_jobs, (int)max_len, q_len, q,
+    return oscar_cuda_attention_call(c, layer, library_meta(c, layer, d_lens, d_slots), n_jobs, (int)max_len, q_len, q,
                                      q_dtype, out, out_dtype, softmax_scale, st);
 }
 
 /* ---- the batch API ----------------------------------------------------------- */
 
-SeqMeta batch_meta(oscar_cache *c, const oscar_batch *b) {
+SeqMeta batch_meta(oscar_cache *c, int layer, const oscar_batch *b) {
     SeqMeta m;
+    meta_layer(c, layer, &m);
     m.lens = b->seq_lens;
     m.slots = b->window_slots;
     m.tables = b->block_tables;
@@ -432,7 +444,7 @@ oscar_status cuda_batch_append(oscar_cache *c, int layer, const oscar_batch *b, 
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     AppendCall C;
-    C.meta = batch_meta(c, b);
+    C.meta = batch_meta(c, layer, b);
     C.n_new = nullptr;
     C.row0 = nullptr;
     C.uniform_new = b->tokens_per_seq;
@@ -446,7 +458,7 @@ oscar_status cuda_batch_attention(oscar_cache *c, int layer, const oscar_batch *
                                   void *out, oscar_dtype out_dtype, float softmax_scale, void *stream) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
-    return oscar_cuda_attention_call(c, layer, batch_meta(c, b), b->num_seqs, b->max_seq_len, b->tokens_per_seq, q,
+    return oscar_cuda_attention_call(c, layer, batch_meta(c, layer, b), b->num_seqs, b->max_seq_len, b->tokens_per_seq, q,
                                      q_dtype, out, out_dtype, softmax_scale, (cudaStream_t)stream);
 }
 
@@ -454,11 +466,15 @@ uint8_t *win_k(oscar_cache *c, int layer, int32_t slot) {
     return cuda_state(c)->windows + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_layer_bytes;
 }
 
-/* Window rows of every layer (rows[l] each) and the failed mark, slot src
- * to dst, stream-ordered. */
+/* Window rows of every layer (rows[l] each, or the whole slot), the
+ * packed-block state and the failed mark, slot src to dst, stream-ordered. */
 oscar_status copy_slot(oscar_cache *c, int32_t src, int32_t dst, const int32_t *rows, int32_t uniform_rows,
                        cudaStream_t st) {
     CudaState *S = cuda_state(c);
+    for (int l = 0; l < c->cfg.num_layers; l++) {
+        int32_t *pk = S->packed + (size_t)l * c->cfg.max_seqs;
+        OSCAR_CK(c, cudaMemcpyAsync(pk + dst, pk + src, sizeof(int32_t), cudaMemcpyDeviceToDevice, st));
+    }
     const size_t half = c->lay.window_layer_bytes / 2;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     for (int l = 0; l < c->cfg.num_layers; l++) {
@@ -475,7 +491,9 @@ oscar_status copy_slot(oscar_cache *c, int32_t src, int32_t dst, const int32_t *
 oscar_status cuda_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int64_t n_tokens, void *stream) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
-    return copy_slot(c, src, dst, nullptr, (int32_t)(n_tokens % c->cfg.residual), (cudaStream_t)stream);
+    /* the packed count lives on the device, so the whole slot is copied */
+    (void)n_tokens;
+    return copy_slot(c, src, dst, nullptr, c->lay.window_rows, (cudaStream_t)stream);
 }
 
 /* ---- synchronous paths: fork, export, import ---------------------------------- */
@@ -485,8 +503,8 @@ oscar_status sync_all(oscar_cache *c) {
     return OSCAR_OK;
 }
 
-oscar_status cuda_fork(oscar_cache *c, int32_t src, int32_t dst, const int32_t *wt, const int32_t *table,
-                       int32_t n_blocks) {
+oscar_status cuda_fork(oscar_cache *c, int32_t src, int32_t dst, const int32_t *wt, const int32_t *packed,
+                       const int32_t *table, int32_t n_blocks) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     oscar_status rc = copy_slot(c, src, dst, wt, 0, 0);
@@ -534,14 +552,17 @@ oscar_status cuda_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n
     return OSCAR_OK;
 }
 
-oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k, const void *v) {
+oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k, const void *v,
+                               int32_t packed_blocks) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     oscar_status rc = sync_all(c);
     if (rc != OSCAR_OK) return rc;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
-    /* an imported sequence starts healthy */
+    /* an imported sequence starts healthy, with its layers' packed counts */
     OSCAR_CK(c, cudaMemset(S->failed + slot, 0, sizeof(int32_t)));
+    OSCAR_CK(c, cudaMemcpy(S->packed + (size_t)layer * c->cfg.max_seqs + slot, &packed_blocks, sizeof(int32_t),
+                           cudaMemcpyHostToDevice));
     if (n <= 0) return sync_all(c);
     if (k) OSCAR_CK(c, cudaMemcpy(win_k(c, layer, slot), k, (size_t)n * rowb, cudaMemcpyHostToDevice));
     if (v)

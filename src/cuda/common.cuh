@@ -27,12 +27,16 @@ struct PackTask {
     int32_t pad;
 };
 
-/* Rows [r0, r1) of a window slot receive input rows in0 + r. */
+/* Rows [r0, r1) of a window slot receive stream tokens r + shift: old
+ * window row r + shift where that is < wb, else input row in0 + r + shift.
+ * (With a rollback lag old rows move down; the two ranges never overlap.) */
 struct WinTask {
     int64_t in0;
     int32_t slot;
     int32_t r0;
     int32_t r1;
+    int32_t shift;
+    int32_t wb;
     int32_t pad;
 };
 
@@ -62,6 +66,9 @@ struct SeqMeta {
     int table_by_slot;      /* 1: row = slot (library mirror), 0: row = index */
     int block_count;
     int max_seqs;
+    int32_t *packed;        /* [max_seqs] blocks packed in this layer (library state) */
+    int window_rows;        /* residual + rollback lag                         */
+    int lag;
 };
 
 /* Reads sequence i's metadata and checks it; an entry out of range makes
@@ -116,6 +123,7 @@ struct CudaState {
     size_t ws_bytes;
     int32_t *tables;         /* library block-table mirror [max_seqs][block_count] */
     int32_t *failed;         /* [max_seqs]                                */
+    int32_t *packed;         /* [layers][max_seqs] blocks packed          */
     int32_t *meta;           /* per-call metadata of the sequence API     */
     size_t meta_ints;
     PackTask *tasks;         /* append task lists built on the device     */

@@ -736,7 +736,9 @@ __global__ void __launch_bounds__(256) pack_none_kernel(AppendArgs A) {
     }
 }
 
-/* 3. Window rows from the input. */
+/* 3. The window after the append: rows [r0, r1) of the slot receive
+ * stream tokens r + shift, rotated and rounded from the input, or (with a
+ * rollback lag) moved down from older window rows. */
 template <int D>
 __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     const WinTask T = A.wtasks[blockIdx.x];
@@ -748,11 +750,20 @@ __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     uint8_t *vb = kb + A.wlb / 2;
     for (int r = T.r0 + blockIdx.z * 8 + w; r < T.r1; r += 8 * gridDim.z) {
         float x[E];
+        const int s = r + T.shift;
         const size_t o = ((size_t)r * A.hkv + h) * D + lane * E;
-        input_row<D>(A, false, T.in0 + r, h, lane, x);
-        st_row<E>(kb, A.w_dtype, o, x);
-        input_row<D>(A, true, T.in0 + r, h, lane, x);
-        st_row<E>(vb, A.w_dtype, o, x);
+        if (s < T.wb) {
+            const size_t so = ((size_t)s * A.hkv + h) * D + lane * E;
+            ld_row<E>(kb, A.w_dtype, so, x);
+            st_row<E>(kb, A.w_dtype, o, x);
+            ld_row<E>(vb, A.w_dtype, so, x);
+            st_row<E>(vb, A.w_dtype, o, x);
+        } else {
+            input_row<D>(A, false, T.in0 + s, h, lane, x);
+            st_row<E>(kb, A.w_dtype, o, x);
+            input_row<D>(A, true, T.in0 + s, h, lane, x);
+            st_row<E>(vb, A.w_dtype, o, x);
+        }
     }
 }
 
@@ -789,48 +800,49 @@ __global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32
     if (i >= C.n_seqs) return;
     AppendSeq s = append_seq(C, i);
     const int first = task0 ? task0[i] : i * per_seq;
-    const int wb = s.valid ? s.len_before % R : 0;
-    const int n_flush = s.valid ? (wb + s.n_new) / R : 0;
-    if (s.valid) {
-        if (n_flush > per_seq && !task0) s.valid = false;
-        if ((s.len / R) > C.meta.table_stride) s.valid = false;
-        for (int f = 0; f < n_flush && s.valid; f++) {
-            const int b = s.table[s.len_before / R + f];
-            if ((unsigned)b >= (unsigned)C.meta.block_count) s.valid = false;
-        }
-    }
     const int count = task0 ? (task0[i + 1] - first) : per_seq;
+    int p0 = 0, p1 = 0;
+    if (s.valid) {
+        /* a sequence that starts here starts with nothing packed */
+        p0 = s.len_before == 0 ? 0 : C.meta.packed[s.slot];
+        const int q = s.len >= C.meta.lag ? (s.len - C.meta.lag) / R : 0;
+        p1 = q > p0 ? q : p0;
+        if (p0 < 0 || s.len_before < p0 * R || s.len_before - p0 * R >= C.meta.window_rows) s.valid = false;
+        if (p1 - p0 > count || p1 > C.meta.table_stride) s.valid = false;
+        for (int f = p0; f < p1 && s.valid; f++)
+            if ((unsigned)s.table[f] >= (unsigned)C.meta.block_count) s.valid = false;
+    }
     if (!s.valid) {
-        report->bad_meta = 1;
         report->bad_first = i;
+        __threadfence_system();
+        report->bad_meta = 1;
         for (int f = 0; f < count; f++) tasks[first + f].block = -1;
         wtasks[i].r0 = 0, wtasks[i].r1 = 0, wtasks[i].slot = 0;
         return;
     }
     if (s.len_before == 0) failed[s.slot] = 0;
+    C.meta.packed[s.slot] = p1;
+    const int n_flush = p1 - p0, wb = s.len_before - p0 * R;
     for (int f = 0; f < count; f++) {
         PackTask T;
         T.input_row = s.row0;
-        T.block = f < n_flush ? s.table[s.len_before / R + f] : -1;
+        T.block = f < n_flush ? s.table[p0 + f] : -1;
         T.slot = s.slot;
         T.window_before = wb;
         T.stream0 = f * R;
-        T.table_idx = s.len_before / R + f;
+        T.table_idx = p0 + f;
         T.pad = 0;
         tasks[first + f] = T;
     }
+    /* the window afterwards: stream tokens [n_flush*R, wb + n_new) */
     WinTask W;
     W.slot = s.slot;
+    W.shift = n_flush * R;
+    W.wb = wb;
+    W.in0 = (int64_t)s.row0 - wb;
+    W.r0 = n_flush ? 0 : wb;
+    W.r1 = wb + s.n_new - n_flush * R;
     W.pad = 0;
-    if (n_flush) {
-        W.r0 = 0;
-        W.r1 = (wb + s.n_new) % R;
-        W.in0 = (int64_t)s.row0 + (int64_t)n_flush * R - wb;
-    } else {
-        W.r0 = wb;
-        W.r1 = wb + s.n_new;
-        W.in0 = (int64_t)s.row0 - wb;
-    }
     wtasks[i] = W;
 }
 
@@ -858,6 +870,7 @@ __global__ void finite_kernel(AppendCall C, const void *k, const void *v, int ro
     if (__syncthreads_or(bad) && threadIdx.x == 0) {
         failed[s.slot] = 1;
         report->failed_slot[s.slot] = 1;
+        __threadfence_system();
         report->nonfinite = 1;
     }
 }
@@ -962,7 +975,7 @@ void oscar_cuda_task_capacity(const oscar_config *cfg, size_t *tasks, size_t *wt
      * spare per sequence; batch API: per sequence the flushes of
      * OSCAR_MAX_Q_LEN new tokens after R-1 window tokens */
     const size_t R = (size_t)cfg->residual;
-    const size_t per_seq = (R - 1 + OSCAR_MAX_Q_LEN) / R;
+    const size_t per_seq = (R - 1 + (size_t)cfg->rollback_tokens + OSCAR_MAX_Q_LEN) / R;
     size_t a = (size_t)cfg->block_count + (size_t)cfg->max_seqs;
     size_t b = (size_t)cfg->max_seqs * per_seq;
     *tasks = a > b ? a : b;
@@ -978,7 +991,7 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
     CudaState *S = cuda_state(c);
     const oscar_layout *L = &c->lay;
     const int R = L->residual;
-    const int per_seq = (R - 1 + C.max_new) / R;
+    const int per_seq = (R - 1 + C.meta.lag + C.max_new) / R;
     if (!task0) n_tasks = C.n_seqs * per_seq;
     if ((size_t)n_tasks > S->max_tasks || (size_t)C.n_seqs > S->max_wtasks)
         return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
@@ -1020,7 +1033,7 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
     A.rotate = L->rotate;
     A.rotate_v = L->rotate_v;
     A.scale_keys = L->scale_keys;
-    const int max_wrows = C.max_new < R - 1 ? C.max_new : R - 1;
+    const int max_wrows = C.meta.window_rows;
     switch (L->d) {
     case 64: return launch_append_d<64>(c, A, n_tasks, C.n_seqs, max_wrows, st);
     case 128: return launch_append_d<128>(c, A, n_tasks, C.n_seqs, max_wrows, st);
