@@ -319,6 +319,16 @@ oscar_status oscar_append(oscar_cache *cache, int layer, int n_seqs, const int32
                           oscar_dtype dtype, void *stream);
 
 /*
+ * oscar_append for one shard of a tensor-parallel model: key_head_sumsq is
+ * [sum(n_tokens), key_heads_total] fp32 (host memory for CPU, device for
+ * CUDA), every shard's per-head key sums of squares of the new rows gathered
+ * in head order (oscar_key_sumsq, then an all-gather). See oscar_batch.
+ */
+oscar_status oscar_append_with_key_sums(oscar_cache *cache, int layer, int n_seqs, const int32_t *seq_ids,
+                                        const int32_t *n_tokens, const void *k, const void *v, oscar_dtype dtype,
+                                        const float *key_head_sumsq, int key_heads_total, void *stream);
+
+/*
  * Decode attention for `n_seqs` sequences over everything appended to `layer`.
  *   q:   [n_seqs, q_len, num_q_heads, head_dim] in q_dtype (post-RoPE).
  *   out: [n_seqs, q_len, num_q_heads, head_dim] in out_dtype.
@@ -388,7 +398,29 @@ typedef struct oscar_batch {
     const int32_t *seq_lens;
     const int32_t *window_slots;
     const int32_t *block_tables;
+    /* Tensor parallelism (append only; NULL / 0 otherwise): the per-head key
+     * sums of squares of this step's new rows from every shard, gathered in
+     * head order: fp32 [num_seqs * tokens_per_seq, key_heads_total], this
+     * shard's own heads included (oscar_key_sumsq gives them). The token
+     * norm is then computed over all key_heads_total heads exactly as one
+     * cache holding every head computes it, bit for bit. */
+    const float *key_head_sumsq;
+    int32_t key_heads_total;
 } oscar_batch;
+
+/*
+ * Tensor parallelism, phase 1: the per-head sums of squares of n_rows new
+ * key rows ([n_rows, num_kv_heads, head_dim] in dtype) as the cache will
+ * store them (rotated, rounded to the window dtype), fp32
+ * [n_rows, num_kv_heads] into out (backend memory). The caller all-gathers
+ * them across the shards (NCCL, torch.distributed, MPI) into
+ * [n_rows, total heads] in head order and passes that to oscar_batch_append
+ * as key_head_sumsq. Stream-ordered, capturable. Without it (a shard
+ * appending with key_head_sumsq = NULL) each shard normalises keys over its
+ * own heads only: a valid cache of its own, but not the single-GPU one.
+ */
+oscar_status oscar_key_sumsq(oscar_cache *cache, int64_t n_rows, const void *k, oscar_dtype dtype, float *out,
+                             void *stream);
 
 /*
  * Appends tokens_per_seq new tokens to each sequence of the batch in one

@@ -78,7 +78,9 @@ static int parse_stream(const unsigned char *b, size_t n, const tl_geom *g, stre
     off += (size_t)s->n_blocks * s->L * g->LB;
     for (uint32_t l = 0; l < s->L; l++) {
         s->win_off[l] = off;
+        /* K rows, V rows, then one fp32 key sum of squares per token */
         off += 2 * (size_t)(s->tokens[l] - s->packed[l] * s->R) * g->hkv * g->d * g->w;
+        off += 4 * (size_t)(s->tokens[l] - s->packed[l] * s->R);
     }
     off += 8;
     s->size = off;
@@ -339,6 +341,30 @@ static void check_stream_contents(const tl_geom *g, const unsigned char *b, cons
                 }
                 free(got);
             }
+            /* each window token's sum of squares, from its stored K row:
+             * per head a sequential fp32 sum, then the heads in order */
+            const unsigned char *ssp = wv + nbytes;
+            float *krow = malloc(sizeof(float) * (size_t)row);
+            int64_t ss_bad = 0;
+            for (int64_t t = 0; t < wt; t++) {
+                tl_decode(wk + (size_t)t * row * es, g->W, krow, row);
+                float total = 0.0f;
+                for (int h = 0; h < hkv; h++) {
+                    float hs = 0.0f;
+                    for (int c = 0; c < d; c++) {
+                        const float sq = krow[h * d + c] * krow[h * d + c];
+                        hs = hs + sq;
+                    }
+                    total = total + hs;
+                }
+                const uint32_t u = tl_rd32(ssp + 4 * (size_t)t);
+                float got;
+                memcpy(&got, &u, 4);
+                ss_bad += memcmp(&got, &total, 4) != 0;
+            }
+            CHECKF(ss_bad == 0, "%s layer %d: %lld of %lld window sums of squares differ from the stored K rows'",
+                   what, l, (long long)ss_bad, (long long)wt);
+            free(krow);
         }
         free(norms);
         free(rk);
@@ -601,7 +627,7 @@ static void test_import_mismatch(void) {
 static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_t *size) {
     const int d = g->d, hkv = g->hkv, R = g->R;
     const int64_t row = (int64_t)hkv * d, T = ref->T, nb = T / R, wt = T % R;
-    size_t n = HDR + 16 + (size_t)nb * g->LB + 2 * (size_t)wt * row * g->w + 8;
+    size_t n = HDR + 16 + (size_t)nb * g->LB + 2 * (size_t)wt * row * g->w + 4 * (size_t)wt + 8;
     unsigned char *b = calloc(n, 1); /* rollback_tokens 0 and the reserved word stay 0 */
     memcpy(b, "OSCARSEQ", 8);
     uint32_t f[12] = {2, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
@@ -654,6 +680,26 @@ static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_
     tl_encode(ref->xk + nb * R * row, g->W, p, wt * row);
     p += (size_t)wt * row * g->w;
     tl_encode(ref->xv + nb * R * row, g->W, p, wt * row);
+    p += (size_t)wt * row * g->w;
+    /* the window tokens' key sums of squares (FORMAT.md), from the rounded K */
+    {
+        float *kr = malloc(sizeof(float) * (size_t)row);
+        unsigned char *kw = malloc((size_t)row * g->w);
+        for (int64_t t = 0; t < wt; t++) {
+            tl_encode(ref->xk + (nb * R + t) * row, g->W, kw, row);
+            tl_decode(kw, g->W, kr, row);
+            float total = 0.0f;
+            for (int h = 0; h < hkv; h++) {
+                float hs = 0.0f;
+                for (int c = 0; c < d; c++) hs = hs + kr[h * d + c] * kr[h * d + c];
+                total = total + hs;
+            }
+            uint32_t u;
+            memcpy(&u, &total, 4);
+            tl_wr32(p + 4 * (size_t)t, u);
+        }
+        free(kr), free(kw);
+    }
     tl_wr64(b + n - 8, tl_fnv1a(b, n - 8));
     free(plane);
     *size = n;
@@ -852,14 +898,26 @@ static void test_corrupt_streams(void) {
     /* a version-1 stream (56-byte header, tokens only; packed = tokens / R)
      * of the same sequence imports and re-exports as this version-2 one */
     {
-        const uint32_t L = tl_rd32(good + 28);
-        const size_t body = n - HDR - 16 * (size_t)L; /* blocks, windows, checksum */
-        unsigned char *v1 = malloc(56 + 8 * (size_t)L + body);
+        /* version 1: no packed counts, and the windows carry no sums of
+         * squares (the importer computes them from the K rows) */
+        const uint32_t L = tl_rd32(good + 28), R = tl_rd32(good + 40), nb = tl_rd32(good + 52);
+        const size_t rowb = (size_t)tl_rd32(good + 20) * tl_rd32(good + 24) *
+                            (tl_rd32(good + 44) == OSCAR_DTYPE_F32 ? 4 : 2);
+        unsigned char *v1 = malloc(n);
         memcpy(v1, good, 56);
         tl_wr32(v1 + 8, 1);
-        for (uint32_t l = 0; l < L; l++) tl_wr64(v1 + 56 + 8 * (size_t)l, tl_rd64(good + HDR + 16 * (size_t)l));
-        memcpy(v1 + 56 + 8 * (size_t)L, good + HDR + 16 * (size_t)L, body);
-        const size_t n1 = 56 + 8 * (size_t)L + body;
+        size_t o1 = 56, o2 = HDR + 16 * (size_t)L;
+        for (uint32_t l = 0; l < L; l++, o1 += 8) tl_wr64(v1 + o1, tl_rd64(good + HDR + 16 * (size_t)l));
+        const size_t blocks = (size_t)nb * L * f.g.LB;
+        memcpy(v1 + o1, good + o2, blocks);
+        o1 += blocks, o2 += blocks;
+        for (uint32_t l = 0; l < L; l++) {
+            const uint64_t t = tl_rd64(good + HDR + 16 * (size_t)l), p = tl_rd64(good + HDR + 16 * (size_t)l + 8);
+            const size_t kv = 2 * (size_t)(t - p * R) * rowb;
+            memcpy(v1 + o1, good + o2, kv);
+            o1 += kv, o2 += kv + 4 * (size_t)(t - p * R);
+        }
+        const size_t n1 = o1 + 8;
         tl_fix_checksum(v1, n1);
         int32_t id = -1;
         CHECK_OK(oscar_seq_import(f.c, v1, n1, &id));

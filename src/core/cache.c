@@ -130,6 +130,9 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
     lay->lag = cfg->rollback_tokens;
     lay->window_rows = cfg->residual + cfg->rollback_tokens;
     lay->window_layer_bytes = 2 * (size_t)lay->window_rows * (size_t)lay->hkv * d * (size_t)lay->window_esize;
+    lay->window_ss_offset = lay->window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
+    lay->windows_bytes = lay->window_ss_offset + (size_t)lay->window_rows * sizeof(float) * (size_t)cfg->num_layers *
+                                                     (size_t)cfg->max_seqs;
 }
 
 oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
@@ -180,7 +183,7 @@ oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
     oscar_layout_init(&lay, c);
     /* Keep every byte offset of the pool and the windows inside int64. */
     double pool = (double)lay.layer_block_bytes * c->num_layers * c->block_count;
-    double win = (double)lay.window_layer_bytes * c->num_layers * c->max_seqs;
+    double win = (double)lay.windows_bytes;
     if (pool > 0x1p60 || win > 0x1p60)
         return errbuf_set(eb, en, E, "pool of %d blocks x %d layers (%.3g bytes) is too large",
                           c->block_count, c->num_layers, pool + win);
@@ -503,7 +506,17 @@ oscar_status oscar_seq_block_table(const oscar_cache *c, int32_t id, int32_t *ta
 
 oscar_status oscar_append(oscar_cache *c, int layer, int n_seqs, const int32_t *ids, const int32_t *n_tokens,
                           const void *k, const void *v, oscar_dtype dtype, void *stream) {
+    return oscar_append_with_key_sums(c, layer, n_seqs, ids, n_tokens, k, v, dtype, NULL, 0, stream);
+}
+
+oscar_status oscar_append_with_key_sums(oscar_cache *c, int layer, int n_seqs, const int32_t *ids,
+                                        const int32_t *n_tokens, const void *k, const void *v, oscar_dtype dtype,
+                                        const float *key_head_sumsq, int key_heads_total, void *stream) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (key_head_sumsq && (key_heads_total < c->cfg.num_kv_heads || key_heads_total > 65536))
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "append: key_heads_total %d must be in %d..65536",
+                               key_heads_total, c->cfg.num_kv_heads);
+    if (!key_head_sumsq) key_heads_total = 0;
     if (c->cfg.caller_metadata)
         return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "%s: this cache was created with caller_metadata = 1; use the batch API", "append");
     const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
@@ -597,7 +610,7 @@ oscar_status oscar_append(oscar_cache *c, int layer, int n_seqs, const int32_t *
         }
         off += jobs[i].n_flush;
     }
-    st = c->ops->append(c, layer, jobs, n_seqs, rows, k, v, dtype, stream);
+    st = c->ops->append(c, layer, jobs, n_seqs, rows, k, v, dtype, key_head_sumsq, key_heads_total, stream);
     if (st != OSCAR_OK) goto done; /* blocks were only looked at, not taken */
     c->n_free -= n_taken;
     for (int i = 0; i < n_seqs; i++) {
@@ -720,6 +733,12 @@ static oscar_status check_batch_host(oscar_cache *c, int layer, const oscar_batc
                                (int)b->block_table_stride, b->max_seq_len / c->cfg.residual);
     if (!b->seq_lens || !b->window_slots || !b->block_tables)
         return oscar_set_error(c, E, "%s: seq_lens, window_slots or block_tables is NULL", what);
+    if (b->key_head_sumsq && (b->key_heads_total < c->cfg.num_kv_heads || b->key_heads_total > 65536))
+        return oscar_set_error(c, E, "%s: key_heads_total %d must be in num_kv_heads (%d) .. 65536", what,
+                               (int)b->key_heads_total, c->cfg.num_kv_heads);
+    if (!b->key_head_sumsq && b->key_heads_total != 0)
+        return oscar_set_error(c, E, "%s: key_heads_total is %d but key_head_sumsq is NULL", what,
+                               (int)b->key_heads_total);
     return c->ops->poll(c);
 }
 
@@ -759,6 +778,18 @@ oscar_status oscar_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int64_t n
     if (n_tokens < 0) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "slot_copy: n_tokens is negative");
     if (src == dst) return OSCAR_OK;
     return c->ops->slot_copy(c, src, dst, n_tokens, stream);
+}
+
+oscar_status oscar_key_sumsq(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, float *out,
+                             void *stream) {
+    if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (n_rows < 0 || n_rows > (int64_t)INT32_MAX)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "key_sumsq: n_rows %lld is out of range", (long long)n_rows);
+    if (n_rows == 0) return OSCAR_OK;
+    if (!k || !out) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "key_sumsq: k or out is NULL");
+    if ((int)dtype < 0 || (int)dtype > 2)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "key_sumsq: dtype %d is not valid", (int)dtype);
+    return c->ops->key_sumsq(c, n_rows, k, dtype, out, stream);
 }
 
 oscar_status oscar_poll(oscar_cache *c) {

@@ -44,7 +44,14 @@ static inline uint32_t get_code(const uint8_t *tile, int chunk_bytes, int bits, 
     return (x >> bit) & ((1u << bits) - 1u);
 }
 
-void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, uint8_t *dst, float *scratch) {
+float oscar_row_sumsq(const oscar_layout *L, const float *row) {
+    float hs[1024]; /* num_kv_heads <= 1024 (oscar_config_validate) */
+    for (int h = 0; h < L->hkv; h++) hs[h] = oscar_head_sumsq(row + (size_t)h * L->d, L->d);
+    return oscar_sum_heads(hs, L->hkv);
+}
+
+void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, const float *token_ss, uint8_t *dst,
+                      float *scratch) {
     const int R = L->residual, d = L->d, H = L->hkv;
     const size_t row = (size_t)H * d;
     if (!L->quantised) {
@@ -69,8 +76,7 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, u
         const float *x = xk + t * row;
         float s = 1.0f;
         if (L->scale_keys) {
-            float ss = 0.0f;
-            for (size_t i = 0; i < row; i++) ss += x[i] * x[i];
+            const float ss = token_ss ? token_ss[t] : oscar_row_sumsq(L, x);
             s = sqrtf(ss);
             if (!(s > 0.0f) || isinf(s)) s = 1.0f;
             norms[t] = s;

@@ -9,8 +9,13 @@ extern "C" {
 
 /* Packs one layer block from R tokens of window values converted to fp32:
  * xk, xv are [R][Hkv][d] (rotated when the method rotates, not yet scaled).
- * scratch holds R*Hkv*d floats. Writes layer_block_bytes bytes to dst. */
-void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, uint8_t *dst, float *scratch);
+ * token_ss [R]: each token's key sum of squares (oscar_sum_heads of the
+ * per-head sums; from all heads under tensor parallelism); NULL computes
+ * it from xk. scratch holds R*Hkv*d floats. Writes layer_block_bytes bytes. */
+void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, const float *token_ss, uint8_t *dst,
+                      float *scratch);
+/* The token sum of squares of one rounded, rotated key row [Hkv][d]. */
+float oscar_row_sumsq(const oscar_layout *L, const float *row);
 
 /* Dequantises head h of a layer block: k_out, v_out [R][d] in the stored
  * (rotated, norm-divided) space; norms_out [R] (1 when the method has none). */

@@ -40,6 +40,10 @@ typedef struct oscar_layout {
     size_t norms_bytes;    /* R*4 or 0                                */
     size_t layer_block_bytes;
     size_t window_layer_bytes; /* K+V of one slot, one layer          */
+    /* The windows region: [layer][slot] K+V slots, then per [layer][slot]
+     * window_rows fp32 token sums of squares (see oscar_token_sumsq). */
+    size_t window_ss_offset;
+    size_t windows_bytes;
 } oscar_layout;
 
 void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg);
@@ -96,9 +100,11 @@ typedef struct oscar_backend_ops {
     void (*destroy)(oscar_cache *c);
     /* Returns OSCAR_E_NONFINITE without writing anything if check is set
      * and any K/V value is NaN/Inf. */
+    /* key_head_sumsq: NULL, or [total_rows][key_heads_total] per-head key
+     * sums of squares gathered from every tensor-parallel shard. */
     oscar_status (*append)(oscar_cache *c, int layer, const oscar_append_job *jobs, int n_jobs,
                            int64_t total_rows, const void *k, const void *v, oscar_dtype dtype,
-                           void *stream);
+                           const float *key_head_sumsq, int key_heads_total, void *stream);
     oscar_status (*attention)(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs,
                               int q_len, const void *q, oscar_dtype q_dtype, void *out,
                               oscar_dtype out_dtype, float softmax_scale, void *stream);
@@ -112,10 +118,11 @@ typedef struct oscar_backend_ops {
     oscar_status (*read_block)(oscar_cache *c, int layer, int32_t block, void *host);
     oscar_status (*write_block)(oscar_cache *c, int layer, int32_t block, const void *host);
     oscar_status (*read_window)(oscar_cache *c, int layer, int32_t slot, int32_t n_tokens,
-                                void *k_host, void *v_host);
+                                void *k_host, void *v_host, float *ss_host);
     /* Also records that `packed_blocks` blocks of the layer are packed. */
     oscar_status (*write_window)(oscar_cache *c, int layer, int32_t slot, int32_t n_tokens,
-                                 const void *k_host, const void *v_host, int32_t packed_blocks);
+                                 const void *k_host, const void *v_host, const float *ss_host,
+                                 int32_t packed_blocks);
     /* Called after import wrote a new sequence's table (may be NULL). */
     oscar_status (*set_table)(oscar_cache *c, int32_t slot, const int32_t *table, int32_t n_blocks);
     /* The batch API (caller metadata in backend memory). The core has
@@ -133,6 +140,10 @@ typedef struct oscar_backend_ops {
     /* Memory a configuration needs (no cache yet). */
     oscar_status (*requirements)(const oscar_config *cfg, oscar_memory_requirements *out, char *errbuf,
                                  size_t errbuf_size);
+    /* The batch API's first tensor-parallel phase: per-head key sums of
+     * squares of n_rows rows (k in backend memory, out [n_rows][Hkv]). */
+    oscar_status (*key_sumsq)(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, float *out,
+                              void *stream);
 } oscar_backend_ops;
 
 extern const oscar_backend_ops oscar_cpu_backend_ops;
@@ -179,6 +190,16 @@ oscar_status oscar_set_error(oscar_cache *c, oscar_status status, const char *fm
     ;
 
 /* ---- shared numerics (src/core/numerics.c) ---- */
+
+/* Sum of squares of a token's key over its KV heads, the quantity whose
+ * square root is the token norm (docs/FORMAT.md): per head a sequential
+ * fp32 sum over the d channels (each product and sum rounded), then a
+ * sequential fp32 sum of the per-head sums in head order. A tensor-parallel
+ * shard holding some heads computes its heads' sums; the caller gathers all
+ * heads' sums, and this order makes every shard's result the same bits as
+ * one cache holding every head. */
+float oscar_head_sumsq(const float *x, int d);
+float oscar_sum_heads(const float *head_sums, int n_heads);
 
 /* In-place normalised FWHT of n floats (n power of two). */
 void oscar_fwht(float *x, int n);

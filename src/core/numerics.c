@@ -110,6 +110,19 @@ void oscar_from_f32(const float *src, void *dst, oscar_dtype dtype, int64_t n) {
     }
 }
 
+/* (internal.h: the order is part of the format's definition of the norm) */
+float oscar_head_sumsq(const float *x, int d) {
+    float s = 0.0f;
+    for (int i = 0; i < d; i++) s += x[i] * x[i];
+    return s;
+}
+
+float oscar_sum_heads(const float *head_sums, int n_heads) {
+    float s = 0.0f;
+    for (int h = 0; h < n_heads; h++) s += head_sums[h];
+    return s;
+}
+
 void oscar_fwht(float *x, int n) {
     for (int h = 1; h < n; h <<= 1) {
         for (int i = 0; i < n; i += 2 * h) {

@@ -2,6 +2,7 @@
  * docs/FORMAT.md that moves a sequence between caches and backends. */
 #include "format.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -95,7 +96,7 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
     if (end > packed) {
         int32_t wn = (int32_t)(T - packed);
         size_t half = L->window_layer_bytes / 2;
-        if ((st = c->ops->read_window(c, layer, s, wn, wk, wk + half)) != OSCAR_OK) goto done;
+        if ((st = c->ops->read_window(c, layer, s, wn, wk, wk + half, NULL)) != OSCAR_OK) goto done;
         for (int64_t t = start > packed ? start : packed; t < end; t++) {
             int r = (int)(t - packed);
             for (int h = 0; h < H; h++) {
@@ -132,7 +133,8 @@ static void stream_sizes(const oscar_cache *c, int version, const int64_t *token
     }
     *n_blocks = (int32_t)nb;
     *total = header_bytes(version) + per_layer_bytes(version) * (size_t)L->layers +
-             (size_t)nb * L->layers * L->layer_block_bytes + 2 * (size_t)wrows * L->hkv * L->d * L->window_esize + 8;
+             (size_t)nb * L->layers * L->layer_block_bytes + 2 * (size_t)wrows * L->hkv * L->d * L->window_esize +
+             (version >= 2 ? 4 * (size_t)wrows : 0) + 8;
 }
 
 oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t buffer_size, size_t *size) {
@@ -183,20 +185,29 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
         }
     size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
     uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
-    if (!wk) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
+    float *ss = (float *)malloc(sizeof(float) * (size_t)L->window_rows);
+    if (!wk || !ss) {
+        free(wk), free(ss);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
+    }
     for (int l = 0; l < L->layers; l++) {
         int32_t wn = (int32_t)(q->tokens[l] - (int64_t)q->packed[l] * L->residual);
         if (wn == 0) continue;
-        if ((st = c->ops->read_window(c, l, s, wn, wk, wk + L->window_layer_bytes / 2)) != OSCAR_OK) {
-            free(wk);
+        if ((st = c->ops->read_window(c, l, s, wn, wk, wk + L->window_layer_bytes / 2, ss)) != OSCAR_OK) {
+            free(wk), free(ss);
             return st;
         }
         memcpy(p + off, wk, (size_t)wn * rowb);
         off += (size_t)wn * rowb;
         memcpy(p + off, wk + L->window_layer_bytes / 2, (size_t)wn * rowb);
         off += (size_t)wn * rowb;
+        for (int32_t t = 0; t < wn; t++, off += 4) {
+            uint32_t u;
+            memcpy(&u, &ss[t], 4);
+            put32(p + off, u);
+        }
     }
-    free(wk);
+    free(wk), free(ss);
     put64(p + off, fnv1a(p, off));
     *size = total;
     return OSCAR_OK;
@@ -242,6 +253,7 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     int32_t *packed = (int32_t *)malloc(sizeof(int32_t) * (size_t)L->layers);
     oscar_status st = OSCAR_OK;
     int32_t *table = NULL;
+    float *ss = NULL, *rowf = NULL;
     int slot = -1;
     if (!tokens || !packed64 || !packed) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
@@ -302,12 +314,36 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes)
             if (packed[l] > i && (st = c->ops->write_block(c, l, table[i], p + off)) != OSCAR_OK) goto fail;
     size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
+    ss = (float *)malloc(sizeof(float) * (size_t)L->window_rows);
+    rowf = (float *)malloc(sizeof(float) * (size_t)L->hkv * L->d);
+    if (!ss || !rowf) {
+        st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
+        goto fail;
+    }
     for (int l = 0; l < L->layers; l++) {
         int32_t wn = (int32_t)(tokens[l] - packed64[l] * L->residual);
-        if ((st = c->ops->write_window(c, l, slot, wn, p + off, p + off + (size_t)wn * rowb, packed[l])) != OSCAR_OK)
-            goto fail;
+        const uint8_t *wkp = p + off, *wvp = p + off + (size_t)wn * rowb;
         off += 2 * (size_t)wn * rowb;
+        for (int32_t t = 0; t < wn; t++) {
+            if (version >= 2) {
+                const uint32_t u = get32(p + off + 4 * (size_t)t);
+                memcpy(&ss[t], &u, 4);
+                /* a norm the stream carries must be one a packer could use */
+                if (!(ss[t] >= 0.0f) || isinf(ss[t])) {
+                    st = oscar_set_error(c, F, "seq_import: layer %d window token %d has sum of squares %g", l, (int)t,
+                                         (double)ss[t]);
+                    goto fail;
+                }
+            } else { /* version 1 kept no sums: these are the local heads' */
+                oscar_to_f32(wkp + (size_t)t * rowb, (oscar_dtype)L->window_dtype, rowf, (int64_t)L->hkv * L->d);
+                ss[t] = oscar_row_sumsq(L, rowf);
+            }
+        }
+        if (version >= 2) off += 4 * (size_t)wn;
+        if ((st = c->ops->write_window(c, l, slot, wn, wkp, wvp, ss, packed[l])) != OSCAR_OK) goto fail;
     }
+    free(ss), free(rowf);
+    ss = rowf = NULL;
     if (c->ops->set_table && (st = c->ops->set_table(c, slot, table, nb)) != OSCAR_OK) goto fail;
     /* Everything is written; only now does the pool change. */
     c->n_free -= nb;
@@ -326,6 +362,8 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     free(packed64);
     return OSCAR_OK;
 fail:
+    free(ss);
+    free(rowf);
     free(tokens);
     free(packed64);
     free(packed);

@@ -36,6 +36,12 @@ static uint8_t *window_v(oscar_cache *c, int layer, int32_t slot) {
     return window_k(c, layer, slot) + c->lay.window_layer_bytes / 2;
 }
 
+/* The window's token sums of squares (window_rows floats). */
+static float *window_ss(oscar_cache *c, int layer, int32_t slot) {
+    return (float *)(ST(c)->windows + c->lay.window_ss_offset) +
+           ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * (size_t)c->lay.window_rows;
+}
+
 static int thread_count(const oscar_cache *c) {
     return c->cfg.num_threads > 0 ? c->cfg.num_threads : omp_get_max_threads();
 }
@@ -47,7 +53,7 @@ static void *alloc64(size_t n) {
 
 static void sizes(const oscar_config *cfg, const oscar_layout *L, size_t *pool, size_t *win) {
     *pool = L->layer_block_bytes * (size_t)cfg->num_layers * (size_t)cfg->block_count;
-    *win = L->window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
+    *win = L->windows_bytes;
 }
 
 static uint8_t *region(cpu_state *s, void *given, size_t bytes, int *owned) {
@@ -122,7 +128,8 @@ static int all_finite(const void *p, oscar_dtype dt, int64_t n) {
 }
 
 static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job *jobs, int n_jobs, int64_t rows,
-                               const void *k, const void *v, oscar_dtype dtype, void *stream) {
+                               const void *k, const void *v, oscar_dtype dtype, const float *tp_sumsq,
+                               int tp_heads, void *stream) {
     const oscar_layout *L = &c->lay;
     const int d = L->d, R = L->residual;
     const size_t row = (size_t)L->hkv * d, es = (size_t)L->window_esize, in_es = (size_t)oscar_dtype_size(dtype);
@@ -138,11 +145,14 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
     /* Every buffer is taken before the first byte of the cache is written,
      * so running out of memory leaves the cache as it was. */
     uint8_t *staged = (uint8_t *)malloc(2 * (size_t)(rows ? rows : 1) * row * es);
+    float *ss_new = (float *)malloc(sizeof(float) * (size_t)(rows ? rows : 1));
     float *rowbuf = (float *)malloc(sizeof(float) * row * 2 * (size_t)nt);
-    float *packbuf = n_pairs ? (float *)malloc(sizeof(float) * (size_t)R * row * 3 * (size_t)nt) : NULL;
+    /* per thread: K, V, scratch [R][row] and the block's token sums [R] */
+    const size_t pack_floats = (size_t)R * row * 3 + (size_t)R;
+    float *packbuf = n_pairs ? (float *)malloc(sizeof(float) * pack_floats * (size_t)nt) : NULL;
     int64_t *pair_job = n_pairs ? (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)n_pairs) : NULL;
-    if (!staged || !rowbuf || (n_pairs && (!packbuf || !pair_job))) {
-        free(staged), free(rowbuf), free(packbuf), free(pair_job);
+    if (!staged || !ss_new || !rowbuf || (n_pairs && (!packbuf || !pair_job))) {
+        free(staged), free(ss_new), free(rowbuf), free(packbuf), free(pair_job);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "append: out of host memory");
     }
     uint8_t *staged_v = staged + (size_t)rows * row * es;
@@ -160,6 +170,14 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
         }
         oscar_from_f32(xk, staged + (size_t)r * row * es, (oscar_dtype)L->window_dtype, (int64_t)row);
         oscar_from_f32(xv, staged_v + (size_t)r * row * es, (oscar_dtype)L->window_dtype, (int64_t)row);
+        /* the token's key sum of squares, over the stored (rounded) values,
+         * or over every shard's heads as the caller gathered them */
+        if (tp_sumsq) {
+            ss_new[r] = oscar_sum_heads(tp_sumsq + (size_t)r * tp_heads, tp_heads);
+        } else {
+            oscar_to_f32(staged + (size_t)r * row * es, (oscar_dtype)L->window_dtype, xk, (int64_t)row);
+            ss_new[r] = oscar_row_sumsq(L, xk);
+        }
     }
 
     /* 2. Quantise every block that fills up. */
@@ -173,24 +191,27 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
     for (int64_t p = 0; p < n_pairs; p++) {
         const oscar_append_job *j = &jobs[pair_job[2 * p]];
         int f = (int)pair_job[2 * p + 1];
-        float *xk = packbuf + (size_t)omp_get_thread_num() * R * row * 3, *xv = xk + (size_t)R * row,
-              *scratch = xv + (size_t)R * row;
+        float *xk = packbuf + (size_t)omp_get_thread_num() * pack_floats, *xv = xk + (size_t)R * row,
+              *scratch = xv + (size_t)R * row, *ss = scratch + (size_t)R * row;
         const uint8_t *wk = window_k(c, layer, j->seq_slot), *wv = window_v(c, layer, j->seq_slot);
+        const float *wss = window_ss(c, layer, j->seq_slot);
         for (int t = 0; t < R; t++) {
             int64_t sidx = (int64_t)f * R + t; /* index in window ++ new tokens */
             const uint8_t *srck, *srcv;
             if (sidx < j->window_before) {
                 srck = wk + (size_t)sidx * row * es;
                 srcv = wv + (size_t)sidx * row * es;
+                ss[t] = wss[sidx];
             } else {
                 int64_t r = j->input_row + sidx - j->window_before;
                 srck = staged + (size_t)r * row * es;
                 srcv = staged_v + (size_t)r * row * es;
+                ss[t] = ss_new[r];
             }
             oscar_to_f32(srck, (oscar_dtype)L->window_dtype, xk + (size_t)t * row, (int64_t)row);
             oscar_to_f32(srcv, (oscar_dtype)L->window_dtype, xv + (size_t)t * row, (int64_t)row);
         }
-        oscar_pack_block(L, xk, xv, layer_block(c, layer, j->flush_blocks[f]), scratch);
+        oscar_pack_block(L, xk, xv, ss, layer_block(c, layer, j->flush_blocks[f]), scratch);
     }
 
     /* 3. The tokens left over become the window: stream tokens
@@ -201,11 +222,13 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
         const oscar_append_job *j = &jobs[i];
         const int64_t shift = (int64_t)j->n_flush * R;
         uint8_t *wk = window_k(c, layer, j->seq_slot), *wv = window_v(c, layer, j->seq_slot);
+        float *wss = window_ss(c, layer, j->seq_slot);
         int64_t from_window = j->window_before - shift; /* old rows that stay */
         if (from_window < 0) from_window = 0;
         if (shift > 0 && from_window > 0) {
             memmove(wk, wk + (size_t)shift * row * es, (size_t)from_window * row * es);
             memmove(wv, wv + (size_t)shift * row * es, (size_t)from_window * row * es);
+            memmove(wss, wss + shift, (size_t)from_window * sizeof(float));
         }
         const int64_t dst = j->n_flush ? from_window : j->window_before;
         const int64_t keep = j->window_after - dst;
@@ -213,9 +236,10 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
         if (keep > 0) {
             memcpy(wk + (size_t)dst * row * es, staged + (size_t)src * row * es, (size_t)keep * row * es);
             memcpy(wv + (size_t)dst * row * es, staged_v + (size_t)src * row * es, (size_t)keep * row * es);
+            memcpy(wss + dst, ss_new + src, (size_t)keep * sizeof(float));
         }
     }
-    free(staged), free(rowbuf), free(packbuf), free(pair_job);
+    free(staged), free(ss_new), free(rowbuf), free(packbuf), free(pair_job);
     return OSCAR_OK;
 }
 
@@ -649,6 +673,7 @@ static oscar_status cpu_fork(oscar_cache *c, int32_t src, int32_t dst, const int
     for (int l = 0; l < c->cfg.num_layers; l++) {
         memcpy(window_k(c, l, dst), window_k(c, l, src), (size_t)wt[l] * rowb);
         memcpy(window_k(c, l, dst) + half, window_k(c, l, src) + half, (size_t)wt[l] * rowb);
+        memcpy(window_ss(c, l, dst), window_ss(c, l, src), (size_t)wt[l] * sizeof(float));
     }
     return OSCAR_OK;
 }
@@ -663,7 +688,9 @@ static oscar_status cpu_write_block(oscar_cache *c, int layer, int32_t b, const 
     return OSCAR_OK;
 }
 
-static oscar_status cpu_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v) {
+static oscar_status cpu_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v,
+                                    float *ss) {
+    if (ss) memcpy(ss, window_ss(c, layer, slot), (size_t)n * sizeof(float));
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     memcpy(k, window_k(c, layer, slot), (size_t)n * rowb);
     memcpy(v, window_v(c, layer, slot), (size_t)n * rowb);
@@ -671,7 +698,8 @@ static oscar_status cpu_read_window(oscar_cache *c, int layer, int32_t slot, int
 }
 
 static oscar_status cpu_write_window(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k,
-                                     const void *v, int32_t packed_blocks) {
+                                     const void *v, const float *ss, int32_t packed_blocks) {
+    memcpy(window_ss(c, layer, slot), ss, (size_t)n * sizeof(float));
     ST(c)->packed[(size_t)layer * c->cfg.max_seqs + slot] = packed_blocks;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     memcpy(window_k(c, layer, slot), k, (size_t)n * rowb);
@@ -746,7 +774,8 @@ static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batc
         j->first_flush_index = (int32_t)p0;
         j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + p0;
     }
-    st = cpu_append(c, layer, jobs, b->num_seqs, (int64_t)b->num_seqs * n, k, v, dtype, stream);
+    st = cpu_append(c, layer, jobs, b->num_seqs, (int64_t)b->num_seqs * n, k, v, dtype, b->key_head_sumsq,
+                    b->key_heads_total, stream);
     if (st == OSCAR_OK)
         for (int i = 0; i < b->num_seqs; i++)
             ST(c)->packed[(size_t)layer * c->cfg.max_seqs + jobs[i].seq_slot] =
@@ -793,8 +822,32 @@ static oscar_status cpu_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int6
         const size_t n = (size_t)(n_tokens - (int64_t)p * c->cfg.residual);
         memcpy(window_k(c, l, dst), window_k(c, l, src), n * rowb);
         memcpy(window_v(c, l, dst), window_v(c, l, src), n * rowb);
+        memcpy(window_ss(c, l, dst), window_ss(c, l, src), n * sizeof(float));
         packed[(size_t)l * c->cfg.max_seqs + dst] = p;
     }
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_key_sumsq(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, float *out,
+                                  void *stream) {
+    const oscar_layout *L = &c->lay;
+    const size_t row = (size_t)L->hkv * L->d, in_es = (size_t)oscar_dtype_size(dtype);
+    float *x = (float *)malloc(sizeof(float) * row);
+    uint8_t *w = (uint8_t *)malloc(row * (size_t)L->window_esize);
+    if (!x || !w) {
+        free(x), free(w);
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "key_sumsq: out of host memory");
+    }
+    for (int64_t r = 0; r < n_rows; r++) {
+        /* exactly what append stores: rotated, rounded to the window dtype */
+        oscar_to_f32((const uint8_t *)k + (size_t)r * row * in_es, dtype, x, (int64_t)row);
+        for (int h = 0; h < L->hkv; h++)
+            if (L->rotate) oscar_fwht(x + (size_t)h * L->d, L->d);
+        oscar_from_f32(x, w, (oscar_dtype)L->window_dtype, (int64_t)row);
+        oscar_to_f32(w, (oscar_dtype)L->window_dtype, x, (int64_t)row);
+        for (int h = 0; h < L->hkv; h++) out[(size_t)r * L->hkv + h] = oscar_head_sumsq(x + (size_t)h * L->d, L->d);
+    }
+    free(x), free(w);
     return OSCAR_OK;
 }
 
@@ -805,5 +858,5 @@ const oscar_backend_ops oscar_cpu_backend_ops = {
     "cpu",           cpu_init,           cpu_destroy,         cpu_append,    cpu_attention,
     cpu_fork,        cpu_read_block,     cpu_write_block,     cpu_read_window, cpu_write_window,
     NULL,            cpu_batch_append,   cpu_batch_attention, cpu_slot_copy, cpu_poll,
-    cpu_sync,        cpu_requirements,
+    cpu_sync,        cpu_requirements,   cpu_key_sumsq,
 };

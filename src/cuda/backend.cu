@@ -53,8 +53,8 @@ struct DeviceScope {
 /* ---- workspace layout ---------------------------------------------------- */
 
 struct WorkspaceLayout {
-    size_t partials, tables, failed, packed, meta, tasks, wtasks, total;
-    size_t meta_ints, max_tasks, max_wtasks;
+    size_t partials, tables, failed, packed, meta, tasks, wtasks, ss_new, total;
+    size_t meta_ints, max_tasks, max_wtasks, ss_cap;
 };
 
 WorkspaceLayout workspace_layout(const oscar_config *cfg, const oscar_layout *L, int sm_count) {
@@ -77,6 +77,14 @@ WorkspaceLayout workspace_layout(const oscar_config *cfg, const oscar_layout *L,
     o += align_up(W.max_tasks * sizeof(PackTask));
     W.wtasks = o;
     o += align_up(W.max_wtasks * sizeof(WinTask));
+    /* new rows of one append: the sequence API can fill the pool and every
+     * window in one call; the batch API appends up to OSCAR_MAX_Q_LEN rows
+     * per sequence */
+    W.ss_new = o;
+    const size_t a = (size_t)cfg->block_count * (size_t)cfg->residual + (size_t)cfg->max_seqs * (size_t)L->window_rows;
+    const size_t b = (size_t)cfg->max_seqs * OSCAR_MAX_Q_LEN;
+    W.ss_cap = a > b ? a : b;
+    o += align_up(W.ss_cap * sizeof(float));
     W.total = o;
     return W;
 }
@@ -245,7 +253,7 @@ oscar_status cuda_init(oscar_cache *c, const oscar_memory_source *mem) {
         if (st != OSCAR_OK) goto fail;
         const WorkspaceLayout W = workspace_layout(cfg, L, S->sm_count);
         const size_t pool_bytes = L->layer_block_bytes * (size_t)cfg->num_layers * (size_t)cfg->block_count;
-        const size_t windows_bytes = L->window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
+        const size_t windows_bytes = L->windows_bytes;
         INIT_CK(region_alloc(S, &S->pool_r, mem ? mem->pool : nullptr, pool_bytes));
         INIT_CK(region_alloc(S, &S->windows_r, mem ? mem->windows : nullptr, windows_bytes));
         INIT_CK(region_alloc(S, &S->ws_r, mem ? mem->workspace : nullptr, W.total));
@@ -258,6 +266,9 @@ oscar_status cuda_init(oscar_cache *c, const oscar_memory_source *mem) {
         S->ws_bytes = W.tables - W.partials;
         S->tables = cfg->caller_metadata ? nullptr : (int32_t *)(S->ws_r.ptr + W.tables);
         S->failed = (int32_t *)(S->ws_r.ptr + W.failed);
+        S->ss_new = (float *)(S->ws_r.ptr + W.ss_new);
+        S->ss_cap = W.ss_cap;
+        S->win_ss = (float *)(S->windows + L->window_ss_offset);
         S->packed = (int32_t *)(S->ws_r.ptr + W.packed);
         S->meta = (int32_t *)(S->ws_r.ptr + W.meta);
         S->meta_ints = W.meta_ints;
@@ -362,7 +373,8 @@ SeqMeta library_meta(oscar_cache *c, int layer, const int32_t *lens, const int32
 /* ---- the sequence API ------------------------------------------------------ */
 
 oscar_status cuda_append(oscar_cache *c, int layer, const oscar_append_job *jobs, int n_jobs, int64_t total_rows,
-                         const void *k, const void *v, oscar_dtype dtype, void *stream) {
+                         const void *k, const void *v, oscar_dtype dtype, const float *tp, int tp_heads,
+                         void *stream) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     cudaStream_t st = (cudaStream_t)stream;
@@ -398,6 +410,8 @@ oscar_status cuda_append(oscar_cache *c, int layer, const oscar_append_job *jobs
     C.row0 = d_row0;
     C.uniform_new = 0;
     C.max_new = max_new;
+    C.tp = tp;
+    C.tp_heads = tp_heads;
     C.n_seqs = n_jobs;
     C.total_rows = total_rows;
     return oscar_cuda_append_call_tasks(c, layer, C, d_task0, n_tasks, k, v, dtype, st);
@@ -449,6 +463,8 @@ oscar_status cuda_batch_append(oscar_cache *c, int layer, const oscar_batch *b, 
     C.row0 = nullptr;
     C.uniform_new = b->tokens_per_seq;
     C.max_new = b->tokens_per_seq;
+    C.tp = b->key_head_sumsq;
+    C.tp_heads = b->key_heads_total;
     C.n_seqs = b->num_seqs;
     C.total_rows = (int64_t)b->num_seqs * b->tokens_per_seq;
     return oscar_cuda_append_call_tasks(c, layer, C, nullptr, 0, k, v, dtype, (cudaStream_t)stream);
@@ -464,6 +480,10 @@ oscar_status cuda_batch_attention(oscar_cache *c, int layer, const oscar_batch *
 
 uint8_t *win_k(oscar_cache *c, int layer, int32_t slot) {
     return cuda_state(c)->windows + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_layer_bytes;
+}
+
+float *win_ss(oscar_cache *c, int layer, int32_t slot) {
+    return cuda_state(c)->win_ss + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_rows;
 }
 
 /* Window rows of every layer (rows[l] each, or the whole slot), the
@@ -482,6 +502,8 @@ oscar_status copy_slot(oscar_cache *c, int32_t src, int32_t dst, const int32_t *
         if (n <= 0) continue;
         OSCAR_CK(c, cudaMemcpyAsync(win_k(c, l, dst), win_k(c, l, src), (size_t)n * rowb, cudaMemcpyDeviceToDevice, st));
         OSCAR_CK(c, cudaMemcpyAsync(win_k(c, l, dst) + half, win_k(c, l, src) + half, (size_t)n * rowb,
+                                    cudaMemcpyDeviceToDevice, st));
+        OSCAR_CK(c, cudaMemcpyAsync(win_ss(c, l, dst), win_ss(c, l, src), (size_t)n * sizeof(float),
                                     cudaMemcpyDeviceToDevice, st));
     }
     OSCAR_CK(c, cudaMemcpyAsync(S->failed + dst, S->failed + src, sizeof(int32_t), cudaMemcpyDeviceToDevice, st));
@@ -538,7 +560,7 @@ oscar_status cuda_write_block(oscar_cache *c, int layer, int32_t block, const vo
     return sync_all(c);
 }
 
-oscar_status cuda_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v) {
+oscar_status cuda_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v, float *ss) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     oscar_status rc = sync_all(c);
@@ -549,11 +571,12 @@ oscar_status cuda_read_window(oscar_cache *c, int layer, int32_t slot, int32_t n
     if (v)
         OSCAR_CK(c, cudaMemcpy(v, win_k(c, layer, slot) + c->lay.window_layer_bytes / 2, (size_t)n * rowb,
                                cudaMemcpyDeviceToHost));
+    if (ss) OSCAR_CK(c, cudaMemcpy(ss, win_ss(c, layer, slot), (size_t)n * sizeof(float), cudaMemcpyDeviceToHost));
     return OSCAR_OK;
 }
 
 oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k, const void *v,
-                               int32_t packed_blocks) {
+                               const float *ss, int32_t packed_blocks) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     oscar_status rc = sync_all(c);
@@ -564,6 +587,7 @@ oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t 
     OSCAR_CK(c, cudaMemcpy(S->packed + (size_t)layer * c->cfg.max_seqs + slot, &packed_blocks, sizeof(int32_t),
                            cudaMemcpyHostToDevice));
     if (n <= 0) return sync_all(c);
+    if (ss) OSCAR_CK(c, cudaMemcpy(win_ss(c, layer, slot), ss, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));
     if (k) OSCAR_CK(c, cudaMemcpy(win_k(c, layer, slot), k, (size_t)n * rowb, cudaMemcpyHostToDevice));
     if (v)
         OSCAR_CK(c, cudaMemcpy(win_k(c, layer, slot) + c->lay.window_layer_bytes / 2, v, (size_t)n * rowb,
@@ -591,17 +615,24 @@ oscar_status cuda_requirements(const oscar_config *cfg, oscar_memory_requirement
     oscar_layout_init(&L, cfg);
     const WorkspaceLayout W = workspace_layout(cfg, &L, sm);
     out->pool_bytes = L.layer_block_bytes * (size_t)cfg->num_layers * (size_t)cfg->block_count;
-    out->window_bytes = L.window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
+    out->window_bytes = L.windows_bytes;
     out->workspace_bytes = W.total;
     out->alignment = kAlign;
     return OSCAR_OK;
+}
+
+oscar_status cuda_key_sumsq(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, float *out,
+                           void *stream) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
+    return oscar_cuda_row_sumsq(c, n_rows, k, dtype, nullptr, 0, out, nullptr, (cudaStream_t)stream);
 }
 
 const oscar_backend_ops cuda_ops = {
     "cuda",          cuda_init,        cuda_destroy,     cuda_append,       cuda_attention,
     cuda_fork,       cuda_read_block,  cuda_write_block, cuda_read_window,  cuda_write_window,
     cuda_set_table,  cuda_batch_append, cuda_batch_attention, cuda_slot_copy, cuda_poll,
-    cuda_sync,       cuda_requirements,
+    cuda_sync,       cuda_requirements, cuda_key_sumsq,
 };
 
 } // namespace

@@ -124,6 +124,9 @@ struct CudaState {
     int32_t *tables;         /* library block-table mirror [max_seqs][block_count] */
     int32_t *failed;         /* [max_seqs]                                */
     int32_t *packed;         /* [layers][max_seqs] blocks packed          */
+    float *win_ss;           /* [layers][max_seqs][window_rows] in windows */
+    float *ss_new;           /* an append call's new rows' sums of squares */
+    size_t ss_cap;
     int32_t *meta;           /* per-call metadata of the sequence API     */
     size_t meta_ints;
     PackTask *tasks;         /* append task lists built on the device     */
@@ -147,6 +150,8 @@ struct AppendCall {
     const int32_t *row0;     /* NULL: sequence i starts at row i*uniform_new */
     int uniform_new;
     int max_new;             /* bound on n_new (sizes the task lists)     */
+    const float *tp;         /* gathered per-head key sums (tensor parallel) or NULL */
+    int tp_heads;
     int n_seqs;
     int64_t total_rows;
 };
@@ -160,6 +165,10 @@ oscar_status oscar_cuda_attention_call(oscar_cache *c, int layer, const SeqMeta 
                                        int q_len, const void *q, oscar_dtype q_dtype, void *out,
                                        oscar_dtype out_dtype, float softmax_scale, cudaStream_t st);
 oscar_status oscar_cuda_kernels_init(oscar_cache *c);
+/* Per-head (head_out [rows][hkv]) and per-token (ss_out [rows]) key sums of
+ * squares of new rows; tp: token sums from gathered shard sums instead. */
+oscar_status oscar_cuda_row_sumsq(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, const float *tp,
+                                  int tp_heads, float *head_out, float *ss_out, cudaStream_t st);
 /* Bytes of attention partials the workspace holds (independent of the call). */
 size_t oscar_cuda_partials_bytes(const oscar_layout *L, int sm_count);
 /* Most pack tasks one append call of the batch API or the sequence API can

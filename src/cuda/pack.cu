@@ -13,6 +13,9 @@ namespace {
 struct AppendArgs {
     uint8_t *pool_layer;
     uint8_t *win_layer;
+    float *win_ss;         /* the layer's window token sums of squares [slot][W] */
+    const float *ss_new;   /* the call's new rows' sums of squares [row]         */
+    int W;                 /* window rows per slot                               */
     const int32_t *failed; /* [max_seqs]: 1 = write nothing for this slot */
     const void *k;
     const void *v;
@@ -153,49 +156,69 @@ __device__ __forceinline__ void stream_row(const AppendArgs &A, const PackTask &
     }
 }
 
-/* 1. Token norms. The sum runs in the CPU's order (heads, then channels,
- * sequentially, product and sum each rounded to fp32) so that both backends
- * store the same bits: lane j < NORM_TPW of a warp sums token j from a
- * shared-memory copy of each head's rotated, rounded row; the warp computes
- * those rows (FWHT across lanes) one after the other. */
-constexpr int NORM_WARPS = 4, NORM_TPW = 8;
-template <int D>
-__global__ void __launch_bounds__(32 * NORM_WARPS) norm_kernel(AppendArgs A) {
-    extern __shared__ float nsm[];
+/* A stream token's key sum of squares: kept in the window for old tokens,
+ * computed for the call's new rows by row_sumsq_kernel (or gathered from
+ * every tensor-parallel shard). Its root is the token norm (FORMAT.md). */
+__device__ __forceinline__ float token_ss(const AppendArgs &A, const PackTask &T, int sidx) {
+    if (sidx < T.window_before) return A.win_ss[(size_t)T.slot * A.W + sidx];
+    return A.ss_new[T.input_row + (sidx - T.window_before)];
+}
+
+__device__ __forceinline__ float norm_of(float ss) {
+    float sn = sqrtf(ss);
+    if (!(sn > 0.0f) || isinf(sn)) sn = 1.0f;
+    return sn;
+}
+
+/* 1. Token norms of a block (for the unfused pack kernel). */
+__global__ void __launch_bounds__(128) norm_kernel(AppendArgs A) {
     const PackTask T = A.tasks[blockIdx.x];
     if (skip_task(A, T)) return;
+    float *norms = (float *)(A.pool_layer + (size_t)T.block * A.LB + (size_t)A.hkv * A.head_bytes);
+    for (int t = threadIdx.x; t < A.R; t += blockDim.x) norms[t] = norm_of(token_ss(A, T, T.stream0 + t));
+}
+
+/* Per-head sums of squares of new key rows as the window stores them
+ * (rotated, rounded), each a sequential fp32 sum over the channels, and the
+ * token's sum over heads in head order (internal.h, oscar_head_sumsq): one
+ * CTA per row, one warp per head. With tp set, the token sums come from the
+ * caller's gathered per-head sums of every shard instead. */
+template <int D>
+__global__ void __launch_bounds__(256) row_sumsq_kernel(const void *k, int dtype, int hkv, int rotate, int w_dtype,
+                                                        const float *tp, int tp_heads, float *head_out,
+                                                        float *ss_out) {
+    extern __shared__ float rsm[]; /* [8][D] rows, then [hkv] head sums */
+    constexpr int E = D / 32;
+    const int64_t row = blockIdx.x;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    constexpr int E = D / 32, LD = D + 1;
-    float *xs = nsm + (size_t)w * NORM_TPW * LD;
-    const int t0 = (blockIdx.y * NORM_WARPS + w) * NORM_TPW;
-    if (t0 >= A.R) return;
-    const int n = min(NORM_TPW, A.R - t0);
-    float ss = 0.0f;
-    for (int h = 0; h < A.hkv; h++) {
-        float x[NORM_TPW][E];
+    float *hs = rsm + 8 * D;
+    if (!tp || head_out) {
+        float *buf = rsm + w * D;
+        for (int h = w; h < hkv; h += 8) {
+            float x[E];
+            ld_row<E>(k, dtype, ((size_t)row * hkv + h) * D + (size_t)lane * E, x);
+            if (rotate) oscar_warp_fwht<D>(x, lane);
 #pragma unroll
-        for (int j = 0; j < NORM_TPW; j++)
-            if (j < n) stream_load<D>(A, T, false, T.stream0 + t0 + j, h, lane, x[j]);
-#pragma unroll
-        for (int j = 0; j < NORM_TPW; j++) {
-            if (j < n) {
-                stream_finish<D>(A, T, false, T.stream0 + t0 + j, lane, x[j]);
-#pragma unroll
-                for (int i = 0; i < E; i++) xs[j * LD + lane * E + i] = x[j][i];
+            for (int i = 0; i < E; i++) buf[lane * E + i] = oscar_round_to(x[i], w_dtype);
+            __syncwarp();
+            if (lane == 0) {
+                float s = 0.0f;
+                for (int c = 0; c < D; c++) s = __fadd_rn(s, __fmul_rn(buf[c], buf[c]));
+                hs[h] = s;
+                if (head_out) head_out[(size_t)row * hkv + h] = s;
             }
+            __syncwarp();
         }
-        __syncwarp();
-        if (lane < n) {
-            const float *row = xs + lane * LD;
-            for (int c = 0; c < D; c++) ss = __fadd_rn(ss, __fmul_rn(row[c], row[c]));
-        }
-        __syncwarp();
     }
-    if (lane < n) {
-        float sn = sqrtf(ss);
-        if (!(sn > 0.0f) || isinf(sn)) sn = 1.0f;
-        float *norms = (float *)(A.pool_layer + (size_t)T.block * A.LB + (size_t)A.hkv * A.head_bytes);
-        norms[t0 + lane] = sn;
+    __syncthreads();
+    if (threadIdx.x == 0 && ss_out) {
+        float s = 0.0f;
+        if (tp) {
+            for (int h = 0; h < tp_heads; h++) s = __fadd_rn(s, tp[(size_t)row * tp_heads + h]);
+        } else {
+            for (int h = 0; h < hkv; h++) s = __fadd_rn(s, hs[h]);
+        }
+        ss_out[row] = s;
     }
 }
 
@@ -506,26 +529,11 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
     }
     __syncthreads();
 
-    /* P2: warp 0 token norms (CPU order: heads, then channels); others V */
+    /* P2: warp 0 token norms (from the sums of squares); others V */
     const bool sk = A.scale_keys != 0;
     if (sk && w == 0) {
         if (lane < TOK) {
-            const uint32_t *row = Ks + (size_t)lane * G.ROWW;
-            float ss = 0.0f;
-            for (int h = 0; h < H; h++) {
-                for (int c = 0; c < NWD; c++) {
-                    const uint32_t *p = row + h * G.HS + c * FCS;
-#pragma unroll
-                    for (int i = 0; i < 16; i++) {
-                        const uint32_t v2 = p[i];
-                        const float a = w16_to_f32<WBF16>(v2 & 0xffffu), b = w16_to_f32<WBF16>(v2 >> 16);
-                        ss = __fadd_rn(ss, __fmul_rn(a, a));
-                        ss = __fadd_rn(ss, __fmul_rn(b, b));
-                    }
-                }
-            }
-            float sn = sqrtf(ss);
-            if (!(sn > 0.0f) || isinf(sn)) sn = 1.0f;
+            const float sn = norm_of(token_ss(A, T, T.stream0 + tok0 + lane));
             snorm[lane] = sn;
             gnorms[tok0 + lane] = sn;
         }
@@ -752,6 +760,10 @@ __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
         float x[E];
         const int s = r + T.shift;
         const size_t o = ((size_t)r * A.hkv + h) * D + lane * E;
+        if (h == 0 && lane == 0) {
+            float *ss = A.win_ss + (size_t)T.slot * A.W;
+            ss[r] = s < T.wb ? ss[s] : A.ss_new[T.in0 + s];
+        }
         if (s < T.wb) {
             const size_t so = ((size_t)s * A.hkv + h) * D + lane * E;
             ld_row<E>(kb, A.w_dtype, so, x);
@@ -892,9 +904,7 @@ oscar_status launch_append_d(oscar_cache *c, const AppendArgs &A, int n_tasks, i
                 OSCAR_CK_LAUNCH(c, "fused_pack_kernel");
             } else {
             if (L->scale_keys) {
-                const size_t nsmem = (size_t)NORM_WARPS * NORM_TPW * (D + 1) * sizeof(float);
-                const int per = NORM_WARPS * NORM_TPW;
-                norm_kernel<D><<<dim3(n_tasks, (A.R + per - 1) / per), 32 * NORM_WARPS, nsmem, st>>>(A);
+                norm_kernel<<<n_tasks, 128, 0, st>>>(A);
                 OSCAR_CK_LAUNCH(c, "norm_kernel");
             }
             const int NG = D / A.Gv;
@@ -982,6 +992,25 @@ void oscar_cuda_task_capacity(const oscar_config *cfg, size_t *tasks, size_t *wt
     *wtasks = (size_t)cfg->max_seqs;
 }
 
+oscar_status oscar_cuda_row_sumsq(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, const float *tp,
+                                  int tp_heads, float *head_out, float *ss_out, cudaStream_t st) {
+    const oscar_layout *L = &c->lay;
+    if (n_rows <= 0) return OSCAR_OK;
+    const size_t smem = ((size_t)8 * L->d + (size_t)L->hkv) * sizeof(float);
+    const unsigned grid = (unsigned)n_rows;
+    if (L->d == 64)
+        row_sumsq_kernel<64><<<grid, 256, smem, st>>>(k, (int)dtype, L->hkv, L->rotate, L->window_dtype, tp, tp_heads,
+                                                     head_out, ss_out);
+    else if (L->d == 128)
+        row_sumsq_kernel<128><<<grid, 256, smem, st>>>(k, (int)dtype, L->hkv, L->rotate, L->window_dtype, tp, tp_heads,
+                                                      head_out, ss_out);
+    else
+        row_sumsq_kernel<256><<<grid, 256, smem, st>>>(k, (int)dtype, L->hkv, L->rotate, L->window_dtype, tp, tp_heads,
+                                                      head_out, ss_out);
+    OSCAR_CK_LAUNCH(c, "row_sumsq_kernel");
+    return OSCAR_OK;
+}
+
 /* Builds the task lists on the device and launches the append kernels.
  * task0 (device, n_seqs + 1 entries) gives each sequence's first task
  * (sequence API: exact counts); NULL sizes every sequence for max_new. */
@@ -997,6 +1026,7 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
         return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
                                "append: %d pack tasks for %d sequences exceed the workspace's %zu / %zu", n_tasks,
                                C.n_seqs, S->max_tasks, S->max_wtasks);
+    oscar_status rc;
     build_tasks_kernel<<<(C.n_seqs + 127) / 128, 128, 0, st>>>(C, R, per_seq, task0, S->tasks, S->wtasks, S->failed,
                                                                S->report);
     OSCAR_CK_LAUNCH(c, "build_tasks_kernel");
@@ -1009,9 +1039,19 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
                                                                              S->failed, S->report);
         OSCAR_CK_LAUNCH(c, "finite_kernel");
     }
+    if (C.total_rows > 0) {
+        if ((size_t)C.total_rows > S->ss_cap)
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "append: %lld rows exceed the workspace's %zu",
+                                   (long long)C.total_rows, S->ss_cap);
+        rc = oscar_cuda_row_sumsq(c, C.total_rows, k, dtype, C.tp, C.tp_heads, nullptr, S->ss_new, st);
+        if (rc != OSCAR_OK) return rc;
+    }
     AppendArgs A;
     A.pool_layer = S->pool + (size_t)layer * c->cfg.block_count * L->layer_block_bytes;
     A.win_layer = S->windows + (size_t)layer * c->cfg.max_seqs * L->window_layer_bytes;
+    A.win_ss = S->win_ss + (size_t)layer * c->cfg.max_seqs * L->window_rows;
+    A.ss_new = S->ss_new;
+    A.W = L->window_rows;
     A.failed = S->failed;
     A.k = k;
     A.v = v;
