@@ -1,7 +1,7 @@
 /*
  * bench_gpu.c - decode attention and append/pack timings of the CUDA backend.
  *
- *   bench_gpu [out.jsonl]
+ *   bench_gpu [out.jsonl]     (OSCAR_BENCH_ONLY=append|decode|variants|engine narrows it)
  *
  * Decode: Hq=32, Hkv=8, R=128, Gk=Gv=32, one query per sequence, caches
  * filled by the append kernel itself. Each timing is the median of >= 30
@@ -11,16 +11,39 @@
  * layer block of the batch (codes, parameters, norms) + window rows.
  * Append: 128K tokens of one sequence (8 KV heads, d=128, bf16 input) into
  * an empty cache, check_finite = 0; bytes = input read + blocks written.
+ * Engine (OSCAR_BENCH_ONLY=engine): Qwen3-8B shape (Hq=32, Hkv=8, d=128,
+ * oscar 2-bit, bf16, check_finite = 1), B = 1, 8, 32 sequences of 32K
+ * tokens, one layer:
+ *  - kind "engine_host": host wall time of one call (median, p90, max over
+ *    200 calls) of oscar_batch_append / oscar_batch_attention (batch API,
+ *    caller_metadata = 1) and oscar_append / oscar_attention (sequence API),
+ *    one token per sequence. The stream is held by a blocking host function
+ *    while the calls are made (rounds of 25), so the GPU is never waiting
+ *    for the host and each call only enqueues: the time is the library's
+ *    own host cost.
+ *  - kind "engine_graph": one decode step of the layer (batch append +
+ *    batch attention), GPU time from CUDA events, median of 50 reps:
+ *    "eager_us" launched call by call from an otherwise idle host;
+ *    "graph_us" the same two calls captured once in a CUDA graph and
+ *    replayed; "kernels_us" the device time of the kernels themselves
+ *    (events around each call, enqueued behind a held stream so no launch
+ *    gap is counted), split into "append_kernels_us" and
+ *    "attention_kernels_us"; and the ratios eager/graph, graph/kernels,
+ *    eager/kernels.
  * One JSON object per line goes to stdout and to the file.
  */
+#define _POSIX_C_SOURCE 200809L
+
 #include "oscar.h"
 
 #include <cuda_runtime_api.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define CK(x)                                                                                          \
     do {                                                                                               \
@@ -226,6 +249,298 @@ static void bench_append(const char *tag, int d, int bits, oscar_method m, oscar
     oscar_cache_destroy(c);
 }
 
+/* ---- the engine API: host cost per call, eager launches vs a CUDA graph ---- */
+
+static void emit(const char *line) {
+    printf("%s\n", line);
+    if (g_out) fprintf(g_out, "%s\n", line);
+    fflush(stdout);
+}
+
+static double now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
+}
+
+static int cmpd(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Sorts x; the p-quantile (nearest rank). */
+static double quantile(double *x, int n, double p) {
+    qsort(x, (size_t)n, sizeof(double), cmpd);
+    int i = (int)ceil(p * n) - 1;
+    if (i < 0) i = 0;
+    if (i >= n) i = n - 1;
+    return x[i];
+}
+
+static atomic_int g_hold_release, g_hold_timeouts;
+
+/* Blocks its stream until released (or 2 s pass, counted as a timeout: a
+ * call that waited for the device). */
+static void CUDART_CB hold_fn(void *arg) {
+    (void)arg;
+    const double t0 = now_us();
+    while (!atomic_load(&g_hold_release)) {
+        if (now_us() - t0 > 2e6) {
+            atomic_fetch_add(&g_hold_timeouts, 1);
+            return;
+        }
+        struct timespec ts = {0, 20000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+static void hold(cudaStream_t s) {
+    atomic_store(&g_hold_release, 0);
+    CK(cudaLaunchHostFunc(s, hold_fn, NULL));
+}
+
+static void release(cudaStream_t s) {
+    atomic_store(&g_hold_release, 1);
+    CK(cudaStreamSynchronize(s));
+}
+
+enum { ENG_BATCH_APPEND, ENG_BATCH_ATTENTION, ENG_SEQ_APPEND, ENG_SEQ_ATTENTION, ENG_CALLS };
+static const char *const eng_call_name[ENG_CALLS] = {"batch_append", "batch_attention", "append", "attention"};
+
+typedef struct engine_rig {
+    int B, ctx, max_len, stride;
+    oscar_cache *cb, *cs;      /* batch API (caller_metadata = 1), sequence API */
+    oscar_batch dec;           /* decode batch of cb: 1 token per sequence     */
+    int32_t *ids, *ones;       /* cs's sequences                               */
+    int32_t *d_lens, *d_slots, *d_tables;
+    void *k1, *v1, *q, *o;     /* one decode step's inputs and output          */
+    cudaStream_t s;
+} engine_rig;
+
+static oscar_status eng_call(engine_rig *E, int which) {
+    switch (which) {
+    case ENG_BATCH_APPEND: return oscar_batch_append(E->cb, 0, &E->dec, E->k1, E->v1, OSCAR_DTYPE_BF16, E->s);
+    case ENG_BATCH_ATTENTION:
+        return oscar_batch_attention(E->cb, 0, &E->dec, E->q, OSCAR_DTYPE_BF16, E->o, OSCAR_DTYPE_BF16, 0.0f, E->s);
+    case ENG_SEQ_APPEND:
+        return oscar_append(E->cs, 0, E->B, E->ids, E->ones, E->k1, E->v1, OSCAR_DTYPE_BF16, E->s);
+    default:
+        return oscar_attention(E->cs, 0, E->B, E->ids, 1, E->q, OSCAR_DTYPE_BF16, E->o, OSCAR_DTYPE_BF16, 0.0f, E->s);
+    }
+}
+
+static oscar_cache *eng_cache(int which, const engine_rig *E) {
+    return which == ENG_SEQ_APPEND || which == ENG_SEQ_ATTENTION ? E->cs : E->cb;
+}
+
+static void bench_engine(int B, int ctx, void *kin, void *vin, size_t kin_elems) {
+    const int hkv = 8, hq = 32, d = 128, R = 128, chunk = OSCAR_MAX_Q_LEN;
+    engine_rig E;
+    memset(&E, 0, sizeof E);
+    E.B = B;
+    E.ctx = ctx;
+    E.max_len = ctx + 1;
+    /* room for the decode tokens the sequence API appends (~210) */
+    E.stride = ctx / R + 4;
+    if ((size_t)B * chunk * hkv * d > kin_elems) {
+        fprintf(stderr, "bench_engine: input buffer too small for B=%d\n", B);
+        exit(2);
+    }
+    oscar_config cfg = base_cfg(d, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16);
+    cfg.check_finite = 1; /* what an engine runs with now that the check is asynchronous */
+    cfg.max_seqs = B;
+    cfg.block_count = B * E.stride + 1;
+    oscar_config cfgb = cfg;
+    cfgb.caller_metadata = 1;
+    char err[256];
+    OK(NULL, oscar_cache_create(&cfgb, &E.cb, err, sizeof err));
+    OK(NULL, oscar_cache_create(&cfg, &E.cs, err, sizeof err));
+    CK(cudaStreamCreate(&E.s));
+    const cudaStream_t s = E.s;
+
+    /* device metadata: sequence i in slot i, blocks i*stride .. */
+    int32_t *h_tables = malloc(sizeof(int32_t) * (size_t)B * E.stride), *h_slots = malloc(sizeof(int32_t) * B);
+    int32_t *h_lens = malloc(sizeof(int32_t) * B);
+    E.ids = malloc(sizeof(int32_t) * B);
+    E.ones = malloc(sizeof(int32_t) * B);
+    int32_t *n_chunk = malloc(sizeof(int32_t) * B);
+    for (int i = 0; i < B; i++) {
+        h_slots[i] = i;
+        E.ones[i] = 1;
+        for (int j = 0; j < E.stride; j++) h_tables[(size_t)i * E.stride + j] = i * E.stride + j;
+        OK(E.cs, oscar_seq_add(E.cs, &E.ids[i]));
+    }
+    CK(cudaMalloc((void **)&E.d_lens, sizeof(int32_t) * B));
+    CK(cudaMalloc((void **)&E.d_slots, sizeof(int32_t) * B));
+    CK(cudaMalloc((void **)&E.d_tables, sizeof(int32_t) * (size_t)B * E.stride));
+    CK(cudaMemcpy(E.d_slots, h_slots, sizeof(int32_t) * B, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(E.d_tables, h_tables, sizeof(int32_t) * (size_t)B * E.stride, cudaMemcpyHostToDevice));
+
+    /* fill both caches with ctx tokens per sequence, OSCAR_MAX_Q_LEN at a time */
+    for (int pos = 0; pos < ctx; pos += chunk) {
+        const int n = ctx - pos < chunk ? ctx - pos : chunk;
+        for (int i = 0; i < B; i++) h_lens[i] = pos + n, n_chunk[i] = n;
+        CK(cudaStreamSynchronize(s));
+        CK(cudaMemcpy(E.d_lens, h_lens, sizeof(int32_t) * B, cudaMemcpyHostToDevice));
+        oscar_batch bf;
+        memset(&bf, 0, sizeof bf);
+        bf.num_seqs = B, bf.tokens_per_seq = n, bf.max_seq_len = E.max_len, bf.block_table_stride = E.stride;
+        bf.seq_lens = E.d_lens, bf.window_slots = E.d_slots, bf.block_tables = E.d_tables;
+        OK(E.cb, oscar_batch_append(E.cb, 0, &bf, kin, vin, OSCAR_DTYPE_BF16, s));
+        OK(E.cs, oscar_append(E.cs, 0, B, E.ids, n_chunk, kin, vin, OSCAR_DTYPE_BF16, s));
+    }
+    OK(E.cb, oscar_synchronize(E.cb, s));
+    OK(E.cs, oscar_synchronize(E.cs, s));
+    /* decode: every batch-API step appends token ctx (seq_len ctx + 1) again */
+    for (int i = 0; i < B; i++) h_lens[i] = ctx + 1;
+    CK(cudaMemcpy(E.d_lens, h_lens, sizeof(int32_t) * B, cudaMemcpyHostToDevice));
+    memset(&E.dec, 0, sizeof E.dec);
+    E.dec.num_seqs = B, E.dec.tokens_per_seq = 1, E.dec.max_seq_len = E.max_len, E.dec.block_table_stride = E.stride;
+    E.dec.seq_lens = E.d_lens, E.dec.window_slots = E.d_slots, E.dec.block_tables = E.d_tables;
+    E.k1 = kin;
+    E.v1 = vin;
+    E.q = rand_dev((size_t)B * hq * d, OSCAR_DTYPE_BF16);
+    CK(cudaMalloc(&E.o, (size_t)B * hq * d * 2));
+    char line[768];
+
+    /* (a) host time per call, the stream held so that calls only enqueue */
+    {
+        enum { ROUNDS = 8, PER_ROUND = 25, N = ROUNDS * PER_ROUND };
+        double t[N];
+        for (int which = 0; which < ENG_CALLS; which++) {
+            oscar_cache *c = eng_cache(which, &E);
+            for (int w = 0; w < 5; w++) OK(c, eng_call(&E, which));
+            OK(c, oscar_synchronize(c, s));
+            atomic_store(&g_hold_timeouts, 0);
+            for (int r = 0; r < ROUNDS; r++) {
+                hold(s);
+                for (int j = 0; j < PER_ROUND; j++) {
+                    const double t0 = now_us();
+                    const oscar_status st = eng_call(&E, which);
+                    t[r * PER_ROUND + j] = now_us() - t0;
+                    if (st != OSCAR_OK) {
+                        release(s);
+                        OK(c, st);
+                    }
+                }
+                release(s);
+            }
+            OK(c, oscar_synchronize(c, s));
+            const double med = quantile(t, N, 0.5), p90 = quantile(t, N, 0.9), mx = t[N - 1];
+            snprintf(line, sizeof line,
+                     "{\"kind\":\"engine_host\",\"tag\":\"engine\",\"B\":%d,\"ctx\":%d,\"d\":%d,\"bits\":2,"
+                     "\"method\":\"oscar\",\"dtype\":\"bf16\",\"api\":\"%s\",\"call\":\"%s\",\"us_median\":%.2f,"
+                     "\"us_p90\":%.2f,\"us_max\":%.2f,\"calls\":%d,\"hold_timeouts\":%d}",
+                     B, ctx, d, which < ENG_SEQ_APPEND ? "batch" : "sequence", eng_call_name[which], med, p90, mx, N,
+                     atomic_load(&g_hold_timeouts));
+            emit(line);
+        }
+    }
+
+    /* (b) one layer's decode step: eager, kernels only, CUDA graph */
+    {
+        enum { WARM = 10, REPS = 50 };
+        float te[REPS], ta[REPS], tb[REPS], tk[REPS], tg[REPS];
+        cudaEvent_t e0, e1, e2;
+        CK(cudaEventCreate(&e0));
+        CK(cudaEventCreate(&e1));
+        CK(cudaEventCreate(&e2));
+        /* eager: the host launches the two calls while the GPU waits */
+        for (int it = 0; it < WARM + REPS; it++) {
+            CK(cudaEventRecord(e0, s));
+            OK(E.cb, eng_call(&E, ENG_BATCH_APPEND));
+            OK(E.cb, eng_call(&E, ENG_BATCH_ATTENTION));
+            CK(cudaEventRecord(e1, s));
+            CK(cudaEventSynchronize(e1));
+            if (it >= WARM) CK(cudaEventElapsedTime(&te[it - WARM], e0, e1));
+        }
+        /* kernels: everything enqueued behind a held stream, then run back to back */
+        atomic_store(&g_hold_timeouts, 0);
+        for (int it = 0; it < WARM + REPS; it++) {
+            hold(s);
+            CK(cudaEventRecord(e0, s));
+            OK(E.cb, eng_call(&E, ENG_BATCH_APPEND));
+            CK(cudaEventRecord(e1, s));
+            OK(E.cb, eng_call(&E, ENG_BATCH_ATTENTION));
+            CK(cudaEventRecord(e2, s));
+            release(s);
+            if (it >= WARM) {
+                CK(cudaEventElapsedTime(&ta[it - WARM], e0, e1));
+                CK(cudaEventElapsedTime(&tb[it - WARM], e1, e2));
+                tk[it - WARM] = ta[it - WARM] + tb[it - WARM];
+            }
+        }
+        OK(E.cb, oscar_synchronize(E.cb, s));
+        /* graph: captured once, replayed */
+        cudaGraph_t graph = NULL;
+        cudaGraphExec_t exec = NULL;
+        char graph_err[256] = "";
+        cudaError_t ce = cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+        if (ce != cudaSuccess) {
+            snprintf(graph_err, sizeof graph_err, "cudaStreamBeginCapture: %s", cudaGetErrorString(ce));
+        } else {
+            const oscar_status s1 = eng_call(&E, ENG_BATCH_APPEND);
+            const oscar_status s2 = eng_call(&E, ENG_BATCH_ATTENTION);
+            ce = cudaStreamEndCapture(s, &graph);
+            if (s1 != OSCAR_OK || s2 != OSCAR_OK)
+                snprintf(graph_err, sizeof graph_err, "during capture: append %s, attention %s: %s",
+                         oscar_status_name(s1), oscar_status_name(s2), oscar_last_error(E.cb));
+            else if (ce != cudaSuccess)
+                snprintf(graph_err, sizeof graph_err, "cudaStreamEndCapture: %s", cudaGetErrorString(ce));
+            else if ((ce = cudaGraphInstantiate(&exec, graph, 0)) != cudaSuccess)
+                snprintf(graph_err, sizeof graph_err, "cudaGraphInstantiate: %s", cudaGetErrorString(ce));
+        }
+        (void)cudaGetLastError();
+        for (char *p = graph_err; *p; p++)
+            if (*p == '"' || *p == '\\' || (unsigned char)*p < 0x20) *p = '\'';
+        float g_med = NAN;
+        if (!graph_err[0]) {
+            CK(cudaGraphUpload(exec, s));
+            for (int it = 0; it < WARM + REPS; it++) {
+                CK(cudaEventRecord(e0, s));
+                CK(cudaGraphLaunch(exec, s));
+                CK(cudaEventRecord(e1, s));
+                CK(cudaEventSynchronize(e1));
+                if (it >= WARM) CK(cudaEventElapsedTime(&tg[it - WARM], e0, e1));
+            }
+            OK(E.cb, oscar_synchronize(E.cb, s));
+            g_med = median(tg, REPS) * 1e3f;
+        } else {
+            fprintf(stderr, "bench_engine B=%d: CUDA graph not measured: %s\n", B, graph_err);
+        }
+        if (exec) CK(cudaGraphExecDestroy(exec));
+        if (graph) CK(cudaGraphDestroy(graph));
+        const float e_med = median(te, REPS) * 1e3f, k_med = median(tk, REPS) * 1e3f;
+        const float a_med = median(ta, REPS) * 1e3f, b_med = median(tb, REPS) * 1e3f;
+        /* JSON has no NaN: what needs the graph is null when it was not measured */
+        char g_us[32], r_eg[32], r_gk[32];
+        snprintf(g_us, sizeof g_us, isfinite(g_med) ? "%.2f" : "null", g_med);
+        snprintf(r_eg, sizeof r_eg, isfinite(g_med) ? "%.3f" : "null", e_med / g_med);
+        snprintf(r_gk, sizeof r_gk, isfinite(g_med) ? "%.3f" : "null", g_med / k_med);
+        snprintf(line, sizeof line,
+                 "{\"kind\":\"engine_graph\",\"tag\":\"engine\",\"B\":%d,\"ctx\":%d,\"d\":%d,\"bits\":2,"
+                 "\"method\":\"oscar\",\"dtype\":\"bf16\",\"eager_us\":%.2f,\"graph_us\":%s,\"kernels_us\":%.2f,"
+                 "\"append_kernels_us\":%.2f,\"attention_kernels_us\":%.2f,\"eager_over_graph\":%s,"
+                 "\"graph_over_kernels\":%s,\"eager_over_kernels\":%.3f,\"reps\":%d,\"hold_timeouts\":%d%s%s%s}",
+                 B, ctx, d, e_med, g_us, k_med, a_med, b_med, r_eg, r_gk, e_med / k_med, REPS,
+                 atomic_load(&g_hold_timeouts), graph_err[0] ? ",\"graph_error\":\"" : "", graph_err[0] ? graph_err : "",
+                 graph_err[0] ? "\"" : "");
+        emit(line);
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+        cudaEventDestroy(e2);
+    }
+    CK(cudaFree(E.q));
+    CK(cudaFree(E.o));
+    CK(cudaFree(E.d_lens));
+    CK(cudaFree(E.d_slots));
+    CK(cudaFree(E.d_tables));
+    free(h_tables), free(h_slots), free(h_lens), free(n_chunk), free(E.ids), free(E.ones);
+    CK(cudaStreamDestroy(E.s));
+    oscar_cache_destroy(E.cb);
+    oscar_cache_destroy(E.cs);
+}
+
 int main(int argc, char **argv) {
     if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
         printf("SKIP: no CUDA device\n");
@@ -276,6 +591,10 @@ int main(int argc, char **argv) {
                 bench_decode(&var_cases[i], var_cases[i].dt == OSCAR_DTYPE_F16 ? kh : kb,
                              var_cases[i].dt == OSCAR_DTYPE_F16 ? vh : vb);
         }
+    }
+    if (!only || strstr(only, "engine")) {
+        const int bs[3] = {1, 8, 32};
+        for (int i = 0; i < 3; i++) bench_engine(bs[i], 32768, kb, vb, (size_t)T * 8 * 256);
     }
     CK(cudaFree(kb));
     CK(cudaFree(vb));

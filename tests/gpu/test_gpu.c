@@ -491,7 +491,7 @@ int main(int argc, char **argv) {
     if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
         printf("SKIP: no CUDA device (the CUDA backend is %s)\n",
                oscar_backend_available(OSCAR_BACKEND_CPU) ? "compiled, no device found" : "unavailable");
-        return 0;
+        return 77;
     }
     TL_RUN(test_nonfinite);
     TL_RUN(test_matrix);
