@@ -334,6 +334,30 @@ class OscarCache:
         self._seqs.append(sid.value)
         return sid.value
 
+    def truncate(self, seq_id: int, new_length: int) -> None:
+        """Exact rollback: every layer keeps min(its tokens, new_length) tokens.
+
+        The removed tokens must still be in the window (see the config's
+        rollback_tokens); otherwise InvalidArgumentError and nothing changes."""
+        self._check(self._lib.seq_truncate(self._handle(), int(seq_id), int(new_length)),
+                    "oscar_seq_truncate(%d, %d)" % (seq_id, new_length))
+
+    def poll(self) -> None:
+        """Raises what the device reported since the last poll, without a sync.
+
+        On the CUDA backend NaN/Inf input (check_finite) is found on the device:
+        the append returns, the sequence is marked failed (its attention rows
+        are NaN), and the next poll, synchronize, append or attention raises
+        NonFiniteError naming it. Free the failed sequence."""
+        self._check(self._lib.poll(self._handle()), "oscar_poll")
+
+    def synchronize(self) -> None:
+        """Waits for the current CUDA stream of the cache's device, then polls."""
+        stream = None
+        if self._cc.backend == _lib.BACKEND_CUDA:
+            stream = _tensor._torch().cuda.current_stream(self._cc.device).cuda_stream or None
+        self._check(self._lib.synchronize(self._handle(), stream), "oscar_synchronize")
+
     def free(self, seq_id: int) -> None:
         """Releases a sequence; its blocks return to the pool when no fork uses them."""
         self._check(self._lib.seq_free(self._handle(), int(seq_id)), "oscar_seq_free(%d)" % seq_id)

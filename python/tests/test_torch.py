@@ -238,10 +238,22 @@ def test_gpu_nonfinite_and_pool_errors():
     s = gc.add_seq()
     k, v = _kv(40, dev)
     k[5, 1, 7] = float("nan")
-    with pytest.raises(oscar.NonFiniteError):
-        gc.append(0, [s], None, k, v)
-    assert gc.info(s, 0).tokens == 0
+    # the CUDA backend checks on the device: the append returns, the sequence
+    # is failed, and the next synchronize (or poll, append, attention) says so
+    gc.append(0, [s], None, k, v)
+    with pytest.raises(oscar.NonFiniteError, match="sequence"):
+        gc.synchronize()
+    gc.poll()  # reported once
+    q = torch.randn(1, 1, 4, 64, device=dev)
+    out = gc.attention(0, [s], q)
+    assert torch.isnan(out).all()  # nothing quantised from NaN is attended to
+    gc.free(s)
+    s = gc.add_seq()
+    k, v = _kv(40, dev)
+    gc.append(0, [s], None, k, v)
+    gc.synchronize()
+    assert torch.isfinite(gc.attention(0, [s], q)).all()
     k, v = _kv(100, dev)
     with pytest.raises(oscar.PoolExhaustedError):
         gc.append(0, [s], None, k, v)
-    assert gc.info(s, 0).tokens == 0
+    assert gc.info(s, 0).tokens == 40

@@ -728,7 +728,7 @@ static oscar_status check_batch_host(oscar_cache *c, int layer, const oscar_batc
     if (b->max_seq_len < b->tokens_per_seq || b->max_seq_len > cap || b->max_seq_len > INT32_MAX - 1)
         return oscar_set_error(c, E, "%s: max_seq_len %d is outside tokens_per_seq %d .. %lld (the pool's capacity)",
                                what, (int)b->max_seq_len, (int)b->tokens_per_seq, (long long)cap);
-    if (b->block_table_stride < b->max_seq_len / c->cfg.residual || b->block_table_stride < 1)
+    if (b->block_table_stride < b->max_seq_len / c->cfg.residual || b->block_table_stride < 0)
         return oscar_set_error(c, E, "%s: block_table_stride %d is less than max_seq_len / R = %d", what,
                                (int)b->block_table_stride, b->max_seq_len / c->cfg.residual);
     if (!b->seq_lens || !b->window_slots || !b->block_tables)

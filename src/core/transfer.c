@@ -47,6 +47,9 @@ static oscar_status find_seq(oscar_cache *c, int32_t id, int *slot) {
 oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start, int64_t count, float *k_out,
                             float *v_out) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
+                               "seq_read: this cache was created with caller_metadata = 1; it has no sequences");
     if (layer < 0 || layer >= c->cfg.num_layers)
         return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_read: layer %d out of range", layer);
     int s;
@@ -140,6 +143,9 @@ static void stream_sizes(const oscar_cache *c, int version, const int64_t *token
 oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t buffer_size, size_t *size) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
     if (!size) return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_export: size is NULL");
+    if (c->cfg.caller_metadata)
+        return oscar_set_error(c, OSCAR_E_UNSUPPORTED,
+                               "seq_export: this cache was created with caller_metadata = 1; it has no sequences");
     int s;
     oscar_status st = find_seq(c, id, &s);
     if (st) return st;

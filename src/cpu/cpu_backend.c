@@ -20,6 +20,7 @@ typedef struct cpu_state {
     int own_pool, own_windows;
     const oscar_allocator *allocator;
     int32_t *packed;  /* [layer][slot] blocks packed (the batch API's state) */
+    int32_t *held;    /* [layer][slot] tokens written (lowering seq_len is a rollback) */
 } cpu_state;
 
 static cpu_state *ST(oscar_cache *c) { return (cpu_state *)c->backend_state; }
@@ -76,6 +77,7 @@ static void cpu_destroy(oscar_cache *c) {
     region_free(s, s->pool, s->pool_bytes, s->own_pool);
     region_free(s, s->windows, s->windows_bytes, s->own_windows);
     free(s->packed);
+    free(s->held);
     free(s);
     c->backend_state = NULL;
 }
@@ -88,8 +90,9 @@ static oscar_status cpu_init(oscar_cache *c, const oscar_memory_source *mem) {
     s->pool = region(s, mem ? mem->pool : NULL, s->pool_bytes, &s->own_pool);
     s->windows = region(s, mem ? mem->windows : NULL, s->windows_bytes, &s->own_windows);
     s->packed = (int32_t *)calloc((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
+    s->held = (int32_t *)calloc((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
     c->backend_state = s;
-    if (!s->pool || !s->windows || !s->packed) {
+    if (!s->pool || !s->windows || !s->packed || !s->held) {
         cpu_destroy(c);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "cannot allocate %.1f MiB of host memory for the pool",
                                (double)(s->pool_bytes + s->windows_bytes) / 1048576.0);
@@ -701,6 +704,7 @@ static oscar_status cpu_write_window(oscar_cache *c, int layer, int32_t slot, in
                                      const void *v, const float *ss, int32_t packed_blocks) {
     memcpy(window_ss(c, layer, slot), ss, (size_t)n * sizeof(float));
     ST(c)->packed[(size_t)layer * c->cfg.max_seqs + slot] = packed_blocks;
+    ST(c)->held[(size_t)layer * c->cfg.max_seqs + slot] = packed_blocks * c->cfg.residual + n;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     memcpy(window_k(c, layer, slot), k, (size_t)n * rowb);
     memcpy(window_v(c, layer, slot), v, (size_t)n * rowb);
@@ -740,10 +744,13 @@ static oscar_status check_batch(oscar_cache *c, int layer, const oscar_batch *b,
                                    "go below that (seq_lens[%d] = %d)",
                                    what, i, (int)slot, (long long)(p0 * R), i, (int)len);
         const int64_t p1 = appending ? oscar_packed_after(p0, len, R, lag) : p0;
-        if (!appending && len - p0 * R > R - 1 + lag)
+        /* the slot can only be read up to what was written to it */
+        const int64_t held = appending && before == 0 ? 0 : ST(c)->held[(size_t)layer * c->cfg.max_seqs + slot];
+        if (before > held)
             return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
-                                   "%s: seq_lens[%d] = %d is longer than slot %d holds (%lld tokens appended)", what,
-                                   i, (int)len, (int)slot, (long long)(p0 * R + R - 1 + lag));
+                                   "%s: seq_lens[%d] = %d, but slot %d holds %lld tokens in layer %d%s", what, i,
+                                   (int)len, (int)slot, (long long)held, layer,
+                                   appending ? " (an append's seq_len is the length after it)" : "");
         for (int64_t j = appending ? p0 : 0; j < p1; j++)
             if (row[j] < 0 || row[j] >= c->cfg.block_count)
                 return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
@@ -777,9 +784,11 @@ static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batc
     st = cpu_append(c, layer, jobs, b->num_seqs, (int64_t)b->num_seqs * n, k, v, dtype, b->key_head_sumsq,
                     b->key_heads_total, stream);
     if (st == OSCAR_OK)
-        for (int i = 0; i < b->num_seqs; i++)
+        for (int i = 0; i < b->num_seqs; i++) {
             ST(c)->packed[(size_t)layer * c->cfg.max_seqs + jobs[i].seq_slot] =
                 jobs[i].first_flush_index + jobs[i].n_flush;
+            ST(c)->held[(size_t)layer * c->cfg.max_seqs + jobs[i].seq_slot] = b->seq_lens[i];
+        }
     free(jobs);
     return st;
 }
@@ -824,6 +833,7 @@ static oscar_status cpu_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int6
         memcpy(window_v(c, l, dst), window_v(c, l, src), n * rowb);
         memcpy(window_ss(c, l, dst), window_ss(c, l, src), n * sizeof(float));
         packed[(size_t)l * c->cfg.max_seqs + dst] = p;
+        ST(c)->held[(size_t)l * c->cfg.max_seqs + dst] = (int32_t)n_tokens;
     }
     return OSCAR_OK;
 }

@@ -345,19 +345,17 @@ __device__ __forceinline__ SeqView seq_view(const AttnParams &P, int seq) {
     v.valid = (unsigned)v.slot < (unsigned)P.meta.max_seqs && v.len >= P.q_len;
     v.nblk = v.valid ? P.meta.packed[v.slot] : 0;
     v.valid = v.valid && v.nblk <= P.meta.table_stride && v.len - v.nblk * P.R >= 0 &&
-              v.len - v.nblk * P.R < P.meta.window_rows;
+              v.len - v.nblk * P.R < P.meta.window_rows && v.len <= P.meta.held[v.slot];
     if (!v.valid) v.slot = 0, v.len = 0, v.nblk = 0;
     v.wtok = v.len - v.nblk * P.R;
     v.table = P.meta.tables + (size_t)(P.meta.table_by_slot ? v.slot : seq) * P.meta.table_stride;
     return v;
 }
 
-/* A block id from the table; one out of range reads block 0 instead and is
- * reported (the caller's outputs for that call are then meaningless). */
+/* A block id from the table; one out of range reads block 0 instead (the
+ * merge kernel then writes NaN rows for the sequence and reports it). */
 __device__ __forceinline__ int checked_block(const AttnParams &P, int b) {
-    if ((unsigned)b < (unsigned)P.meta.block_count) return b;
-    P.report->bad_meta = 1;
-    return 0;
+    return (unsigned)b < (unsigned)P.meta.block_count ? b : 0;
 }
 
 template <int D, int BITS, int NT, bool DENSE, int FM>
@@ -1218,8 +1216,19 @@ __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Attn
     const int RPC = P.rpc, S = P.splits;
     /* a failed sequence (non-finite input) or bad metadata: NaN rows */
     const SeqView sv = seq_view(P, seq);
-    if (threadIdx.x == 0 && !sv.valid) P.report->bad_meta = 1, P.report->bad_first = seq;
-    const bool poison = !sv.valid || P.failed[sv.slot] != 0;
+    /* a block id out of range anywhere in the table (the attention kernel
+     * read block 0 instead) also poisons the rows: one pass over the
+     * sequence's table entries, nblk ints, by the whole CTA */
+    int bad_block = 0;
+    for (int j = threadIdx.x; j < sv.nblk; j += blockDim.x)
+        bad_block |= (unsigned)sv.table[j] >= (unsigned)P.meta.block_count;
+    bad_block = __syncthreads_or(bad_block);
+    if (threadIdx.x == 0 && (!sv.valid || bad_block)) {
+        P.report->bad_first = seq;
+        __threadfence_system();
+        P.report->bad_meta = 1;
+    }
+    const bool poison = !sv.valid || bad_block || P.failed[sv.slot] != 0;
     constexpr int E = D / 32;
     const size_t cta0 = ((size_t)zi * gridDim.y + blockIdx.y) * S;
     for (int r = warp; r < RPC; r += 8) {

@@ -53,7 +53,7 @@ struct DeviceScope {
 /* ---- workspace layout ---------------------------------------------------- */
 
 struct WorkspaceLayout {
-    size_t partials, tables, failed, packed, meta, tasks, wtasks, ss_new, total;
+    size_t partials, tables, failed, packed, held, meta, tasks, wtasks, ss_new, total;
     size_t meta_ints, max_tasks, max_wtasks, ss_cap;
 };
 
@@ -68,6 +68,8 @@ WorkspaceLayout workspace_layout(const oscar_config *cfg, const oscar_layout *L,
     W.failed = o;
     o += align_up((size_t)cfg->max_seqs * sizeof(int32_t));
     W.packed = o;
+    o += align_up((size_t)cfg->num_layers * (size_t)cfg->max_seqs * sizeof(int32_t));
+    W.held = o;
     o += align_up((size_t)cfg->num_layers * (size_t)cfg->max_seqs * sizeof(int32_t));
     W.meta = o;
     W.meta_ints = 5 * (size_t)cfg->max_seqs + 8;
@@ -270,6 +272,7 @@ oscar_status cuda_init(oscar_cache *c, const oscar_memory_source *mem) {
         S->ss_cap = W.ss_cap;
         S->win_ss = (float *)(S->windows + L->window_ss_offset);
         S->packed = (int32_t *)(S->ws_r.ptr + W.packed);
+        S->held = (int32_t *)(S->ws_r.ptr + W.held);
         S->meta = (int32_t *)(S->ws_r.ptr + W.meta);
         S->meta_ints = W.meta_ints;
         S->tasks = (PackTask *)(S->ws_r.ptr + W.tasks);
@@ -335,8 +338,9 @@ oscar_status cuda_poll(oscar_cache *c) {
     if (R->bad_meta) {
         R->bad_meta = 0;
         return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
-                               "an earlier batch call had a sequence entry out of range (batch index %d, or a block "
-                               "id outside 0..%d): that sequence was skipped and its outputs are NaN or meaningless",
+                               "an earlier batch call had metadata out of range for batch entry %d (window slot, "
+                               "seq_len, or a block id outside 0..%d): that sequence was skipped and its attention "
+                               "rows are NaN",
                                (int)R->bad_first, c->cfg.block_count - 1);
     }
     return OSCAR_OK;
@@ -352,6 +356,7 @@ oscar_status cuda_sync(oscar_cache *c, void *stream) {
 /* The layer's packed-block state and the window geometry. */
 void meta_layer(oscar_cache *c, int layer, SeqMeta *m) {
     m->packed = cuda_state(c)->packed + (size_t)layer * c->cfg.max_seqs;
+    m->held = cuda_state(c)->held + (size_t)layer * c->cfg.max_seqs;
     m->window_rows = c->lay.window_rows;
     m->lag = c->lay.lag;
 }
@@ -492,8 +497,9 @@ oscar_status copy_slot(oscar_cache *c, int32_t src, int32_t dst, const int32_t *
                        cudaStream_t st) {
     CudaState *S = cuda_state(c);
     for (int l = 0; l < c->cfg.num_layers; l++) {
-        int32_t *pk = S->packed + (size_t)l * c->cfg.max_seqs;
+        int32_t *pk = S->packed + (size_t)l * c->cfg.max_seqs, *hd = S->held + (size_t)l * c->cfg.max_seqs;
         OSCAR_CK(c, cudaMemcpyAsync(pk + dst, pk + src, sizeof(int32_t), cudaMemcpyDeviceToDevice, st));
+        OSCAR_CK(c, cudaMemcpyAsync(hd + dst, hd + src, sizeof(int32_t), cudaMemcpyDeviceToDevice, st));
     }
     const size_t half = c->lay.window_layer_bytes / 2;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
@@ -585,6 +591,9 @@ oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t 
     /* an imported sequence starts healthy, with its layers' packed counts */
     OSCAR_CK(c, cudaMemset(S->failed + slot, 0, sizeof(int32_t)));
     OSCAR_CK(c, cudaMemcpy(S->packed + (size_t)layer * c->cfg.max_seqs + slot, &packed_blocks, sizeof(int32_t),
+                           cudaMemcpyHostToDevice));
+    const int32_t held = packed_blocks * c->cfg.residual + n;
+    OSCAR_CK(c, cudaMemcpy(S->held + (size_t)layer * c->cfg.max_seqs + slot, &held, sizeof(int32_t),
                            cudaMemcpyHostToDevice));
     if (n <= 0) return sync_all(c);
     if (ss) OSCAR_CK(c, cudaMemcpy(win_ss(c, layer, slot), ss, (size_t)n * sizeof(float), cudaMemcpyHostToDevice));

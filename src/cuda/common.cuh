@@ -67,6 +67,7 @@ struct SeqMeta {
     int block_count;
     int max_seqs;
     int32_t *packed;        /* [max_seqs] blocks packed in this layer (library state) */
+    int32_t *held;          /* [max_seqs] tokens written to this layer (library state) */
     int window_rows;        /* residual + rollback lag                         */
     int lag;
 };
@@ -124,6 +125,7 @@ struct CudaState {
     int32_t *tables;         /* library block-table mirror [max_seqs][block_count] */
     int32_t *failed;         /* [max_seqs]                                */
     int32_t *packed;         /* [layers][max_seqs] blocks packed          */
+    int32_t *held;           /* [layers][max_seqs] tokens written         */
     float *win_ss;           /* [layers][max_seqs][window_rows] in windows */
     float *ss_new;           /* an append call's new rows' sums of squares */
     size_t ss_cap;

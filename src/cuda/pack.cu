@@ -820,6 +820,8 @@ __global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32
         const int q = s.len >= C.meta.lag ? (s.len - C.meta.lag) / R : 0;
         p1 = q > p0 ? q : p0;
         if (p0 < 0 || s.len_before < p0 * R || s.len_before - p0 * R >= C.meta.window_rows) s.valid = false;
+        /* the slot holds what was written to it: no reading past that */
+        if (s.len_before != 0 && s.len_before > C.meta.held[s.slot]) s.valid = false;
         if (p1 - p0 > count || p1 > C.meta.table_stride) s.valid = false;
         for (int f = p0; f < p1 && s.valid; f++)
             if ((unsigned)s.table[f] >= (unsigned)C.meta.block_count) s.valid = false;
@@ -834,6 +836,7 @@ __global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32
     }
     if (s.len_before == 0) failed[s.slot] = 0;
     C.meta.packed[s.slot] = p1;
+    C.meta.held[s.slot] = s.len;
     const int n_flush = p1 - p0, wb = s.len_before - p0 * R;
     for (int f = 0; f < count; f++) {
         PackTask T;

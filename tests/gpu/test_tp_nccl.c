@@ -144,6 +144,8 @@ static int rank_main(int rank, ncclUniqueId id, int parent) {
                                      sizeof(float) * LH, sizeof(float) * LH, n, cudaMemcpyDeviceToDevice, st));
             int32_t nt = n;
             OK(oscar_append_with_key_sums(c, l, 1, &seq, &nt, dk, dv, OSCAR_DTYPE_BF16, d_gath, HKV, st));
+            /* the pinned staging buffers are refilled for the next layer */
+            CU(cudaStreamSynchronize(st));
         }
     }
     OK(oscar_synchronize(c, st));
