@@ -93,9 +93,9 @@ static oscar_status cpu_init(oscar_cache *c, const oscar_memory_source *mem) {
     s->held = (int32_t *)calloc((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
     c->backend_state = s;
     if (!s->pool || !s->windows || !s->packed || !s->held) {
-        cpu_destroy(c);
-        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "cannot allocate %.1f MiB of host memory for the pool",
-                               (double)(s->pool_bytes + s->windows_bytes) / 1048576.0);
+        const double mib = (double)(s->pool_bytes + s->windows_bytes) / 1048576.0;
+        cpu_destroy(c); /* frees s */
+        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "cannot allocate %.1f MiB of host memory for the pool", mib);
     }
     /* Caller memory may hold anything; the library's own starts zeroed too,
      * so that both read the same. */
