@@ -192,9 +192,11 @@ oscar_status oscar_set_error(oscar_cache *c, oscar_status status, const char *fm
 /* ---- shared numerics (src/core/numerics.c) ---- */
 
 /* Sum of squares of a token's key over its KV heads, the quantity whose
- * square root is the token norm (docs/FORMAT.md): per head a sequential
- * fp32 sum over the d channels (each product and sum rounded), then a
- * sequential fp32 sum of the per-head sums in head order. A tensor-parallel
+ * square root is the token norm (docs/FORMAT.md): per head, 32 "lanes"
+ * each sum the squares of d/32 consecutive channels in order, then the
+ * lanes are combined by the xor butterfly s_l += s_(l^m), m = 16, 8, 4, 2,
+ * 1, and lane 0's value is the head's sum (each product and sum rounded to
+ * fp32); then a sequential fp32 sum of the per-head sums in head order. A tensor-parallel
  * shard holding some heads computes its heads' sums; the caller gathers all
  * heads' sums, and this order makes every shard's result the same bits as
  * one cache holding every head. */

@@ -110,11 +110,23 @@ void oscar_from_f32(const float *src, void *dst, oscar_dtype dtype, int64_t n) {
     }
 }
 
-/* (internal.h: the order is part of the format's definition of the norm) */
+/* (internal.h: the order is part of the format's definition of the norm,
+ * so that a GPU warp computes it with five shuffles and the CPU gets the
+ * same bits) */
 float oscar_head_sumsq(const float *x, int d) {
-    float s = 0.0f;
-    for (int i = 0; i < d; i++) s += x[i] * x[i];
-    return s;
+    float lane[32];
+    const int e = d / 32;
+    for (int l = 0; l < 32; l++) {
+        float s = 0.0f;
+        for (int i = 0; i < e; i++) s += x[l * e + i] * x[l * e + i];
+        lane[l] = s;
+    }
+    for (int m = 16; m >= 1; m >>= 1) {
+        float next[32];
+        for (int l = 0; l < 32; l++) next[l] = lane[l] + lane[l ^ m];
+        memcpy(lane, next, sizeof lane);
+    }
+    return lane[0];
 }
 
 float oscar_sum_heads(const float *head_sums, int n_heads) {

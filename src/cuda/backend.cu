@@ -73,7 +73,7 @@ WorkspaceLayout workspace_layout(const oscar_config *cfg, const oscar_layout *L,
     o += align_up((size_t)cfg->num_layers * (size_t)cfg->max_seqs * sizeof(int32_t));
     W.meta = o;
     W.meta_ints = 5 * (size_t)cfg->max_seqs + 8;
-    o += align_up(W.meta_ints * sizeof(int32_t));
+    o += 2 * align_up(W.meta_ints * sizeof(int32_t)); /* append, then attention */
     oscar_cuda_task_capacity(cfg, &W.max_tasks, &W.max_wtasks);
     W.tasks = o;
     o += align_up(W.max_tasks * sizeof(PackTask));
@@ -231,6 +231,7 @@ void free_state(CudaState *S) {
     region_free(S, &S->windows_r);
     region_free(S, &S->ws_r);
     if (S->report) cudaFreeHost(S->report);
+    free(S->h_scratch);
     free(S);
 }
 
@@ -274,7 +275,16 @@ oscar_status cuda_init(oscar_cache *c, const oscar_memory_source *mem) {
         S->packed = (int32_t *)(S->ws_r.ptr + W.packed);
         S->held = (int32_t *)(S->ws_r.ptr + W.held);
         S->meta = (int32_t *)(S->ws_r.ptr + W.meta);
+        S->meta_att = (int32_t *)(S->ws_r.ptr + W.meta + align_up(W.meta_ints * sizeof(int32_t)));
         S->meta_ints = W.meta_ints;
+        S->h_scratch = (int32_t *)malloc(3 * W.meta_ints * sizeof(int32_t));
+        if (!S->h_scratch) {
+            st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "CUDA backend: out of host memory");
+            goto fail;
+        }
+        S->h_app = S->h_scratch + W.meta_ints;
+        S->h_att = S->h_app + W.meta_ints;
+        S->h_app_n = S->h_att_n = -1;
         S->tasks = (PackTask *)(S->ws_r.ptr + W.tasks);
         S->wtasks = (WinTask *)(S->ws_r.ptr + W.wtasks);
         S->max_tasks = W.max_tasks;
@@ -377,6 +387,21 @@ SeqMeta library_meta(oscar_cache *c, int layer, const int32_t *lens, const int32
 
 /* ---- the sequence API ------------------------------------------------------ */
 
+/* Puts n ints into a metadata region unless it already holds them. */
+oscar_status upload_meta(oscar_cache *c, cudaStream_t st, int32_t *dst, const int32_t *src, long long n,
+                         int32_t *mirror, long long *mirror_n) {
+    if (*mirror_n == n && memcmp(mirror, src, sizeof(int32_t) * (size_t)n) == 0) return OSCAR_OK;
+    *mirror_n = -1;
+    Uploader up(c, st);
+    up.begin(dst);
+    for (long long i = 0; i < n; i++) up.put(src[i]);
+    oscar_status rc = up.finish();
+    if (rc != OSCAR_OK) return rc;
+    memcpy(mirror, src, sizeof(int32_t) * (size_t)n);
+    *mirror_n = n;
+    return OSCAR_OK;
+}
+
 oscar_status cuda_append(oscar_cache *c, int layer, const oscar_append_job *jobs, int n_jobs, int64_t total_rows,
                          const void *k, const void *v, oscar_dtype dtype, const float *tp, int tp_heads,
                          void *stream) {
@@ -386,29 +411,30 @@ oscar_status cuda_append(oscar_cache *c, int layer, const oscar_append_job *jobs
     /* metadata: lens, slots, n_new, row0 [n], task0 [n + 1] */
     int32_t *d_lens = S->meta, *d_slots = d_lens + n_jobs, *d_new = d_slots + n_jobs, *d_row0 = d_new + n_jobs,
             *d_task0 = d_row0 + n_jobs;
-    Uploader up(c, st);
-    up.begin(d_lens);
+    int32_t *h = S->h_scratch;
     int max_new = 0, n_tasks = 0;
     for (int i = 0; i < n_jobs; i++) {
         const int64_t before = (int64_t)jobs[i].first_flush_index * c->cfg.residual + jobs[i].window_before;
-        up.put((int32_t)(before + jobs[i].n_new));
+        h[i] = (int32_t)(before + jobs[i].n_new);
+        h[n_jobs + i] = jobs[i].seq_slot;
+        h[2 * n_jobs + i] = jobs[i].n_new;
+        h[3 * n_jobs + i] = (int32_t)jobs[i].input_row;
+        h[4 * n_jobs + i] = n_tasks;
+        n_tasks += jobs[i].n_flush;
         if (jobs[i].n_new > max_new) max_new = jobs[i].n_new;
     }
-    for (int i = 0; i < n_jobs; i++) up.put(jobs[i].seq_slot);
-    for (int i = 0; i < n_jobs; i++) up.put(jobs[i].n_new);
-    for (int i = 0; i < n_jobs; i++) up.put((int32_t)jobs[i].input_row);
-    for (int i = 0; i < n_jobs; i++) {
-        up.put(n_tasks);
-        n_tasks += jobs[i].n_flush;
-    }
-    up.put(n_tasks);
-    /* the new blocks go into the mirror before the task builder reads it */
-    for (int i = 0; i < n_jobs; i++)
-        for (int f = 0; f < jobs[i].n_flush; f++)
-            up.scatter(S->tables, jobs[i].seq_slot * c->cfg.block_count + jobs[i].first_flush_index + f,
-                       jobs[i].flush_blocks[f]);
-    oscar_status rc = up.finish();
+    h[5 * n_jobs] = n_tasks;
+    oscar_status rc = upload_meta(c, st, S->meta, h, 5LL * n_jobs + 1, S->h_app, &S->h_app_n);
     if (rc != OSCAR_OK) return rc;
+    /* the new blocks go into the mirror before the task builder reads it */
+    if (n_tasks > 0) {
+        Uploader up(c, st);
+        for (int i = 0; i < n_jobs; i++)
+            for (int f = 0; f < jobs[i].n_flush; f++)
+                up.scatter(S->tables, jobs[i].seq_slot * c->cfg.block_count + jobs[i].first_flush_index + f,
+                           jobs[i].flush_blocks[f]);
+        if ((rc = up.finish()) != OSCAR_OK) return rc;
+    }
     AppendCall C;
     C.meta = library_meta(c, layer, d_lens, d_slots);
     C.n_new = d_new;
@@ -428,16 +454,15 @@ oscar_status cuda_attention(oscar_cache *c, int layer, const oscar_attn_job *job
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     cudaStream_t st = (cudaStream_t)stream;
-    int32_t *d_lens = S->meta, *d_slots = d_lens + n_jobs;
-    Uploader up(c, st);
-    up.begin(d_lens);
+    int32_t *d_lens = S->meta_att, *d_slots = d_lens + n_jobs;
+    int32_t *h = S->h_scratch;
     int64_t max_len = 0;
     for (int i = 0; i < n_jobs; i++) {
-        up.put((int32_t)jobs[i].tokens);
+        h[i] = (int32_t)jobs[i].tokens;
+        h[n_jobs + i] = jobs[i].seq_slot;
         if (jobs[i].tokens > max_len) max_len = jobs[i].tokens;
     }
-    for (int i = 0; i < n_jobs; i++) up.put(jobs[i].seq_slot);
-    oscar_status rc = up.finish();
+    oscar_status rc = upload_meta(c, st, S->meta_att, h, 2LL * n_jobs, S->h_att, &S->h_att_n);
     if (rc != OSCAR_OK) return rc;
     return oscar_cuda_attention_call(c, layer, library_meta(c, layer, d_lens, d_slots), n_jobs, (int)max_len, q_len, q,
                                      q_dtype, out, out_dtype, softmax_scale, st);

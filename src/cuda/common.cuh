@@ -129,8 +129,14 @@ struct CudaState {
     float *win_ss;           /* [layers][max_seqs][window_rows] in windows */
     float *ss_new;           /* an append call's new rows' sums of squares */
     size_t ss_cap;
-    int32_t *meta;           /* per-call metadata of the sequence API     */
+    int32_t *meta;           /* per-call metadata of the sequence API: append */
+    int32_t *meta_att;       /* ... and attention                          */
     size_t meta_ints;
+    /* host copies of what the two regions hold (the upload is skipped when a
+     * call's metadata equals the last one's, as for every layer but the
+     * first of a decode step); n = -1: unknown */
+    int32_t *h_scratch, *h_app, *h_att;
+    long long h_app_n, h_att_n;
     PackTask *tasks;         /* append task lists built on the device     */
     WinTask *wtasks;
     size_t max_tasks, max_wtasks;

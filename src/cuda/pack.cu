@@ -179,44 +179,50 @@ __global__ void __launch_bounds__(128) norm_kernel(AppendArgs A) {
 }
 
 /* Per-head sums of squares of new key rows as the window stores them
- * (rotated, rounded), each a sequential fp32 sum over the channels, and the
- * token's sum over heads in head order (internal.h, oscar_head_sumsq): one
- * CTA per row, one warp per head. With tp set, the token sums come from the
- * caller's gathered per-head sums of every shard instead. */
+ * (rotated, rounded): one warp per (row, head), lanes summing their d/32
+ * channels in order, then the xor butterfly (internal.h, oscar_head_sumsq:
+ * the same bits as the CPU); then per row the heads in order. With tp set,
+ * the token sums come from the caller's gathered per-head sums of every
+ * shard instead. A CTA takes SUMSQ_ROWS rows. */
+constexpr int SUMSQ_ROWS = 8;
 template <int D>
-__global__ void __launch_bounds__(256) row_sumsq_kernel(const void *k, int dtype, int hkv, int rotate, int w_dtype,
-                                                        const float *tp, int tp_heads, float *head_out,
-                                                        float *ss_out) {
-    extern __shared__ float rsm[]; /* [8][D] rows, then [hkv] head sums */
+__global__ void __launch_bounds__(256) row_sumsq_kernel(const void *k, int dtype, int64_t n_rows, int hkv,
+                                                        int rotate, int w_dtype, const float *tp, int tp_heads,
+                                                        float *head_out, float *ss_out) {
+    extern __shared__ float hs[]; /* [SUMSQ_ROWS][hkv] */
     constexpr int E = D / 32;
-    const int64_t row = blockIdx.x;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    float *hs = rsm + 8 * D;
+    const int64_t row0 = (int64_t)blockIdx.x * SUMSQ_ROWS;
+    const int rows = (int)min((int64_t)SUMSQ_ROWS, n_rows - row0);
     if (!tp || head_out) {
-        float *buf = rsm + w * D;
-        for (int h = w; h < hkv; h += 8) {
+        for (int task = w; task < rows * hkv; task += 8) {
+            const int r = task / hkv, h = task - r * hkv;
+            const int64_t row = row0 + r;
             float x[E];
             ld_row<E>(k, dtype, ((size_t)row * hkv + h) * D + (size_t)lane * E, x);
             if (rotate) oscar_warp_fwht<D>(x, lane);
+            float s = 0.0f;
 #pragma unroll
-            for (int i = 0; i < E; i++) buf[lane * E + i] = oscar_round_to(x[i], w_dtype);
-            __syncwarp();
+            for (int i = 0; i < E; i++) {
+                const float v = oscar_round_to(x[i], w_dtype);
+                s = __fadd_rn(s, __fmul_rn(v, v));
+            }
+#pragma unroll
+            for (int m = 16; m >= 1; m >>= 1) s = __fadd_rn(s, __shfl_xor_sync(OSCAR_FULL_MASK, s, m));
             if (lane == 0) {
-                float s = 0.0f;
-                for (int c = 0; c < D; c++) s = __fadd_rn(s, __fmul_rn(buf[c], buf[c]));
-                hs[h] = s;
+                hs[r * hkv + h] = s;
                 if (head_out) head_out[(size_t)row * hkv + h] = s;
             }
-            __syncwarp();
         }
     }
     __syncthreads();
-    if (threadIdx.x == 0 && ss_out) {
+    if ((int)threadIdx.x < rows && ss_out) {
+        const int64_t row = row0 + threadIdx.x;
         float s = 0.0f;
         if (tp) {
             for (int h = 0; h < tp_heads; h++) s = __fadd_rn(s, tp[(size_t)row * tp_heads + h]);
         } else {
-            for (int h = 0; h < hkv; h++) s = __fadd_rn(s, hs[h]);
+            for (int h = 0; h < hkv; h++) s = __fadd_rn(s, hs[threadIdx.x * hkv + h]);
         }
         ss_out[row] = s;
     }
@@ -999,17 +1005,17 @@ oscar_status oscar_cuda_row_sumsq(oscar_cache *c, int64_t n_rows, const void *k,
                                   int tp_heads, float *head_out, float *ss_out, cudaStream_t st) {
     const oscar_layout *L = &c->lay;
     if (n_rows <= 0) return OSCAR_OK;
-    const size_t smem = ((size_t)8 * L->d + (size_t)L->hkv) * sizeof(float);
-    const unsigned grid = (unsigned)n_rows;
+    const size_t smem = (size_t)SUMSQ_ROWS * (size_t)L->hkv * sizeof(float);
+    const unsigned grid = (unsigned)((n_rows + SUMSQ_ROWS - 1) / SUMSQ_ROWS);
     if (L->d == 64)
-        row_sumsq_kernel<64><<<grid, 256, smem, st>>>(k, (int)dtype, L->hkv, L->rotate, L->window_dtype, tp, tp_heads,
-                                                     head_out, ss_out);
+        row_sumsq_kernel<64><<<grid, 256, smem, st>>>(k, (int)dtype, n_rows, L->hkv, L->rotate, L->window_dtype, tp,
+                                                     tp_heads, head_out, ss_out);
     else if (L->d == 128)
-        row_sumsq_kernel<128><<<grid, 256, smem, st>>>(k, (int)dtype, L->hkv, L->rotate, L->window_dtype, tp, tp_heads,
-                                                      head_out, ss_out);
+        row_sumsq_kernel<128><<<grid, 256, smem, st>>>(k, (int)dtype, n_rows, L->hkv, L->rotate, L->window_dtype, tp,
+                                                      tp_heads, head_out, ss_out);
     else
-        row_sumsq_kernel<256><<<grid, 256, smem, st>>>(k, (int)dtype, L->hkv, L->rotate, L->window_dtype, tp, tp_heads,
-                                                      head_out, ss_out);
+        row_sumsq_kernel<256><<<grid, 256, smem, st>>>(k, (int)dtype, n_rows, L->hkv, L->rotate, L->window_dtype, tp,
+                                                      tp_heads, head_out, ss_out);
     OSCAR_CK_LAUNCH(c, "row_sumsq_kernel");
     return OSCAR_OK;
 }

@@ -20,13 +20,14 @@ static const command commands[] = {
     {"run", oscar_cmd_run, "generate text with a GGUF Llama model, KV cache in oscar"},
     {"ppl", oscar_cmd_ppl, "perplexity, KL and top-1 agreement of a quantised cache against 16-bit"},
     {"tni", oscar_cmd_tni, "key token-norm statistics and a PNG plot per layer"},
+    {"bench-e2e", oscar_cmd_bench_e2e, "GPU decode steps of a Qwen3-8B-shaped model: oscar vs a bf16 cache"},
 };
 
 static void usage(FILE *f) {
     fprintf(f, "oscar %s - a 2-bit KV cache with the OScaR method\n\nusage: oscar <command> [options]\n\ncommands:\n",
             oscar_version());
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-        fprintf(f, "  %-9s %s\n", commands[i].name, commands[i].summary);
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
     fprintf(f, "\n`oscar <command> --help` describes a command's options.\n");
 }
 
