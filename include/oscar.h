@@ -12,7 +12,9 @@
  *    Creation failures write their message into the caller's buffer.
  *  - Sizes are explicit. Tensors are dense, row-major, C-contiguous.
  *  - The library keeps no global mutable state. Each oscar_cache is
- *    independent.
+ *    independent (CUDA: per-kernel shared-memory limits are device-wide
+ *    attributes; every cache sets them to the device's maximum, so caches of
+ *    different shapes coexist).
  *
  * Thread safety
  *  - A handle must not be used by two threads at once by calls that take a
@@ -40,9 +42,11 @@
  * What the CUDA backend promises an engine (docs/ENGINES.md)
  *  - append, attention, batch_append, batch_attention, slot_copy and poll
  *    never synchronise the host with the device, never wait on an event,
- *    never allocate or free memory and never copy through pageable host
- *    memory. They enqueue kernels on the caller's stream and return. They
- *    leave the caller's current device as they found it.
+ *    never allocate or free device or pinned memory and never copy through
+ *    pageable host memory. They enqueue kernels on the caller's stream and
+ *    return. They leave the caller's current device as they found it. (The
+ *    sequence API's append and attention build small job lists with host
+ *    malloc; the batch API allocates nothing at all.)
  *  - The batch calls can be captured in a CUDA graph (cudaStreamBeginCapture)
  *    and replayed: everything that changes between steps is read from the
  *    caller's device arrays when the kernels run.
@@ -239,9 +243,9 @@ const char *oscar_last_error(const oscar_cache *cache);
  * attention has reported a problem since the last poll; otherwise
  * OSCAR_E_NONFINITE (a sequence received NaN/Inf and is failed) or
  * OSCAR_E_INVALID_ARGUMENT (batch metadata out of range: that sequence's
- * work was skipped and its outputs are NaN), with the sequence ids (sequence
- * API) or batch slots (batch API) in the message. Each report is returned
- * once. Reads pinned host memory the kernels write; a report appears once
+ * work was skipped and its outputs are NaN). The message names the failed
+ * sequence ids (sequence API) or window slots (batch API), or one batch
+ * entry with bad metadata. Each report is returned once. Reads pinned host memory the kernels write; a report appears once
  * the kernel that found it has run. CPU backend: always OSCAR_OK (the CPU
  * checks synchronously).
  */
@@ -266,8 +270,11 @@ oscar_status oscar_seq_free(oscar_cache *cache, int32_t seq_id);
  * Exact rollback (speculative decoding): every layer of the sequence keeps
  * min(its tokens, new_length) tokens. The removed tokens must all still be
  * in the window (new_length >= packed_tokens of every layer), otherwise
- * OSCAR_E_INVALID_ARGUMENT and nothing changes. The cache is then
- * byte-for-byte what appending only the kept tokens would have made. With
+ * OSCAR_E_INVALID_ARGUMENT and nothing changes. Every kept token's bytes are
+ * then exactly what appending only the kept tokens would have made; since
+ * packing follows the longest length the sequence reached, a block may be
+ * packed earlier than it would have been (both caches agree again, byte for
+ * byte, once they have grown by R + rollback_tokens tokens). With
  * config.rollback_tokens = L, right after appending k <= L draft tokens on
  * top of accepted ones, any number of the drafts can be removed. Host-only:
  * no device work, no synchronisation.
@@ -366,8 +373,10 @@ oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64
  *   seq_lens:     int32 [num_seqs]: tokens each sequence holds in this layer
  *                 *after* this step's append (0 < seq_lens <= max_seq_len).
  *   window_slots: int32 [num_seqs]: the sequence's window slot, 0..max_seqs-1,
- *                 distinct within a batch. The slot holds the sequence's
- *                 unquantised tail (seq_len % R tokens) for every layer.
+ *                 distinct within a batch (the CPU backend rejects a repeated
+ *                 slot; on CUDA the two sequences' windows would mix). The
+ *                 slot holds the sequence's unquantised tail, tokens
+ *                 [P * R, seq_len), for every layer.
  *   block_tables: int32 [num_seqs, block_table_stride]: physical block ids
  *                 (0..block_count-1). Entries 0 .. seq_len / R - 1 must be
  *                 valid when the call runs; block j holds tokens
@@ -386,8 +395,13 @@ oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64
  * tokens still in the window); appending again then overwrites the removed
  * tokens. Blocks 0 .. P' - 1 must be valid in block_tables when an append
  * packs them (P' <= seq_len / R).
- * Entries out of range are found on the device: the sequence is skipped,
- * its outputs are NaN and oscar_poll reports OSCAR_E_INVALID_ARGUMENT.
+ * Entries out of range (a slot outside 0..max_seqs-1, a seq_len below its
+ * packed tokens or above what was written to the slot, a block id outside
+ * 0..block_count-1) are found on the device: the sequence is skipped, its
+ * attention rows are NaN and oscar_poll reports OSCAR_E_INVALID_ARGUMENT
+ * naming one such batch entry. The CPU backend checks them at once and
+ * returns the error. On CUDA max_seq_len only sizes the grid: a longer
+ * sequence is still attended correctly, with fewer splits than ideal.
  */
 typedef struct oscar_batch {
     int32_t num_seqs;           /* 1 .. max_seqs                                  */
@@ -435,9 +449,11 @@ oscar_status oscar_batch_append(oscar_cache *cache, int layer, const oscar_batch
 oscar_status oscar_batch_attention(oscar_cache *cache, int layer, const oscar_batch *batch, const void *q,
                                    oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float softmax_scale,
                                    void *stream);
-/* Copies the first n_tokens % R window tokens of every layer from slot src
- * to slot dst (a fork: the caller copies the block table row). Stream-ordered
- * on the CUDA backend, capturable. */
+/* Forks slot src into slot dst: the window tokens of every layer, the
+ * per-layer packed-block counts and (CUDA) the failed mark; the caller copies
+ * the block table row and shares its blocks. n_tokens is the source
+ * sequence's length (the CPU copies its window rows, CUDA the whole slot).
+ * Stream-ordered on the CUDA backend, capturable. */
 oscar_status oscar_slot_copy(oscar_cache *cache, int32_t src_slot, int32_t dst_slot, int64_t n_tokens,
                              void *stream);
 

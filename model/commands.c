@@ -4,6 +4,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "llama.h"
+#include "llama_gpu.h"
 #include "model_commands.h"
 #include "png.h"
 
@@ -67,13 +68,15 @@ static void usage(const char *cmd) {
                 "usage: oscar run --model M.gguf --prompt TEXT [--kv none|kivi|quarot|scale-only|oscar]\n"
                 "                 [--bits 2|4] [-n TOKENS] [--temp T] [--seed S] [--system TEXT] [--raw]\n"
                 "                 [--k-group G] [--v-group G] [--residual R] [--fold-v] [--threads N]\n"
+                "                 [--device cpu|cuda]\n"
                 "  Generates a reply (greedy unless --temp > 0) with the KV cache in oscar.\n"
+                "  --device cuda runs the whole model on the GPU (decode steps are CUDA graph replays).\n"
                 "  --raw skips the chat template; --ids also prints the generated token ids.\n");
     else if (strcmp(cmd, "ppl") == 0)
         fprintf(stderr,
                 "usage: oscar ppl --model M.gguf --text FILE [--ctx N] [--kv METHOD] [--bits 2|4] [--json]\n"
                 "                 [--windows K] [--chunk C] [--k-group G] [--v-group G] [--residual R]\n"
-                "                 [--fold-v] [--no-ref] [--dump PREFIX] [--threads N]\n"
+                "                 [--fold-v] [--no-ref] [--dump PREFIX] [--threads N] [--device cpu|cuda]\n"
                 "  Perplexity over non-overlapping windows of N tokens (default 1024). For a\n"
                 "  quantised cache it also runs the 16-bit cache and reports KL and top-1 agreement.\n"
                 "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n");
@@ -160,6 +163,12 @@ static int parse_opts(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--json")) o->json = 1;
         else if (!strcmp(a, "--no-ref")) o->no_ref = 1;
         else if (!strcmp(a, "--threads")) INTV(1, 1024, o->threads);
+        else if (!strcmp(a, "--device")) {
+            NEEDV();
+            if (!strcmp(v, "cpu")) o->cfg.backend = OSCAR_BACKEND_CPU;
+            else if (!strcmp(v, "cuda")) o->cfg.backend = OSCAR_BACKEND_CUDA;
+            else { die(cmd, "--device: cpu or cuda, not '%s'", v); return -1; }
+        }
         else if (!strcmp(a, "--layer")) INTV(0, 1 << 16, o->layer);
         else if (!strcmp(a, "--tokens")) INTV(2, 1 << 20, o->tni_tokens);
         else {
@@ -170,6 +179,10 @@ static int parse_opts(int argc, char **argv, opts *o) {
 #undef INTV
     }
     if (o->threads > 0) omp_set_num_threads(o->threads);
+    if (o->cfg.backend == OSCAR_BACKEND_CUDA && o->kv_f32) {
+        die(cmd, "--kv f32 is the CPU runner's own reference cache; with --device cuda use --kv none");
+        return -1;
+    }
     if (o->fold_v && o->cfg.method != OSCAR_METHOD_QUAROT && o->cfg.method != OSCAR_METHOD_OSCAR) {
         die(cmd, "--fold-v applies to the rotating methods (quarot, oscar), not '%s'",
             o->kv_f32 ? "f32" : oscar_method_name(o->cfg.method));
@@ -273,6 +286,19 @@ static void kv_usage(const llama_kv *kv, const llama_model *m, double *used, dou
     }
     oscar_memory_stats ms;
     oscar_seq_info info;
+#ifdef OSCAR_MODEL_GPU
+    if (kv->gpu) { /* batch API: no sequence ids; one layer's split follows from the length */
+        if (oscar_memory(llama_gpu_cache(kv->gpu), &ms) != OSCAR_OK) {
+            *used = *per_tok = NAN;
+            return;
+        }
+        const int64_t R = kv->residual > 0 ? kv->residual : 0;
+        const int64_t packed = R ? kv->len / R * R : 0;
+        *used = (double)packed * ms.packed_bytes_per_token + (double)(kv->len - packed) * ms.window_bytes_per_token;
+        *per_tok = ms.packed_bytes_per_token;
+        return;
+    }
+#endif
     if (oscar_memory(kv->oc, &ms) != OSCAR_OK || oscar_seq_info_get(kv->oc, kv->seq, 0, &info) != OSCAR_OK) {
         *used = *per_tok = NAN;
         return;

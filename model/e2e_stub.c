@@ -4,7 +4,7 @@
 
 #include "model_commands.h"
 
-#ifndef OSCAR_MODEL_GPU
+#ifndef OSCAR_MODEL_E2E
 int oscar_cmd_bench_e2e(int argc, char **argv) {
     (void)argc, (void)argv;
     fprintf(stderr, "bench-e2e: this oscar was built without the CUDA backend (nvcc not found or "

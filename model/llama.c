@@ -9,6 +9,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "llama.h"
+#include "llama_gpu.h"
 
 #include <math.h>
 #include <omp.h>
@@ -356,18 +357,27 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
     c.num_kv_heads = m->n_kv_heads;
     c.num_q_heads = m->n_heads;
     c.num_layers = m->n_layers;
-    c.backend = OSCAR_BACKEND_CPU;
     c.max_seqs = 1;
     c.rotate_values = m->v_folded ? 0 : 1;
     if (c.residual <= 0) c.residual = 128;
     c.block_count = (int)(max_tokens / c.residual + 2);
+    if (c.method != OSCAR_METHOD_NONE) kv->residual = c.residual;
+    if (c.backend == OSCAR_BACKEND_CUDA) {
+#ifdef OSCAR_MODEL_GPU
+        kv->gpu = llama_gpu_create(m, &c, max_tokens, err, n);
+        return kv->gpu ? 0 : -1;
+#else
+        seterr(err, n, "--device cuda: this oscar was built without the CUDA backend (nvcc not found)");
+        return -1;
+#endif
+    }
+    c.backend = OSCAR_BACKEND_CPU;
     char e2[256] = "";
     oscar_status st = oscar_cache_create(&c, &kv->oc, e2, sizeof e2);
     if (st != OSCAR_OK) {
         seterr(err, n, "cannot create the oscar cache: %s (%s)", e2, oscar_status_name(st));
         return -1;
     }
-    if (c.method != OSCAR_METHOD_NONE) kv->residual = c.residual;
     st = oscar_seq_add(kv->oc, &kv->seq);
     if (st != OSCAR_OK) {
         seterr(err, n, "oscar_seq_add: %s", oscar_last_error(kv->oc));
@@ -390,6 +400,12 @@ int llama_next_chunk(const llama_kv *kv, int64_t end, int max) {
 int llama_kv_reset(llama_kv *kv, char *err, size_t n) {
     kv->len = 0;
     if (kv->use_f32) return 0;
+#ifdef OSCAR_MODEL_GPU
+    if (kv->gpu) {
+        llama_gpu_reset(kv->gpu);
+        return 0;
+    }
+#endif
     oscar_status st = oscar_seq_free(kv->oc, kv->seq);
     if (st == OSCAR_OK) st = oscar_seq_add(kv->oc, &kv->seq);
     if (st != OSCAR_OK) {
@@ -400,6 +416,9 @@ int llama_kv_reset(llama_kv *kv, char *err, size_t n) {
 }
 
 void llama_kv_free(llama_kv *kv) {
+#ifdef OSCAR_MODEL_GPU
+    if (kv->gpu) llama_gpu_free(kv->gpu);
+#endif
     if (kv->oc) oscar_cache_destroy(kv->oc);
     free(kv->k);
     free(kv->v);
@@ -488,6 +507,14 @@ int llama_forward(const llama_model *m, llama_state *s, llama_kv *kv, const int3
                (long long)kv->cap);
         return -1;
     }
+#ifdef OSCAR_MODEL_GPU
+    if (kv->gpu) {
+        if (llama_gpu_forward(kv->gpu, tokens, T, n_logits, s->logits, s->key_hook, s->key_hook_ud, err, n) != 0)
+            return -1;
+        kv->len += T;
+        return 0;
+    }
+#endif
     const int dim = m->dim, kvd = m->n_kv_heads * m->head_dim;
     const int64_t pos0 = kv->len;
     for (int t = 0; t < T; t++) {

@@ -42,8 +42,12 @@ void llama_free(llama_model *m);
 
 /* The KV cache of one sequence: an oscar cache or, with use_f32, a plain
  * fp32 array (the runner's own reference, independent of the library). */
+struct llama_gpu;
+
 typedef struct llama_kv {
     int use_f32;
+    struct llama_gpu *gpu; /* the GPU runner (model/llama_gpu.h), which owns
+                              its own oscar cache, or NULL (CPU) */
     oscar_cache *oc;
     int32_t seq;
     float *k, *v;   /* f32: [layers][cap][kv_dim] */
@@ -66,7 +70,8 @@ int llama_next_chunk(const llama_kv *kv, int64_t end, int max);
 /* Creates a cache for one sequence of up to max_tokens tokens: with use_f32
  * the runner's own fp32 cache, else an oscar cache whose method, bits,
  * groups, residual and window dtype come from *cfg (NULL: defaults) and whose
- * shapes come from the model. */
+ * shapes come from the model. cfg->backend = OSCAR_BACKEND_CUDA runs the
+ * whole forward pass on the GPU (llama_gpu.h) with the cache there. */
 int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg, int use_f32,
                   int64_t max_tokens, char *err, size_t err_size);
 /* Drops all tokens (a new sequence). */

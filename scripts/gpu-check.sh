@@ -3,7 +3,9 @@
 # racecheck on the small tests), the benchmark and the BF16 peers, in one call.
 # Writes logs and tables under $OUT (default ./out):
 #   build.log  test_gpu.log  sanitizer.log  python.log  bench.jsonl  peers.jsonl  tables.md
-# STEPS selects steps (default "build test sanitize python bench peers").
+# STEPS selects steps (default "build test sanitize python bench peers"; also
+# "runner": the GPU model runner against the CPU runner, needs RUNNER_MODEL and
+# RUNNER_TEXT, e.g. from scripts/make-small-gguf.py; "e2e": oscar bench-e2e).
 # The test step runs test_gpu, test_engine_gpu and test_tp_nccl (two GPUs:
 # run on the nvidia-h200-x2 kind; it skips, exit 77, with one).
 # OSCAR_BENCH_ONLY (e.g. "decode" or "append") narrows the benchmark.
@@ -70,6 +72,21 @@ if has python; then
   OSCAR_LIBRARY="$PWD/$BUILD/liboscar.so" PYTHONDONTWRITEBYTECODE=1 timeout "${PY_TIMEOUT:-300}" \
     python3 -m pytest -q -rs -p no:cacheprovider python/tests -k gpu 2>&1 | tee "$OUT/python.log" | tail -15 || rc=1
   set +o pipefail
+fi
+
+if has runner; then
+  stamp runner
+  bash tests/gpu/check_runner.sh "$BUILD/oscar" "${RUNNER_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}" \
+    "${RUNNER_TEXT:-models/debian-policy.txt}" "$OUT/runner" 2>&1 | tee "$OUT/runner.log"
+  r=${PIPESTATUS[0]}
+  [ $r -eq 0 ] || [ $r -eq 77 ] || rc=1
+fi
+
+if has e2e; then
+  stamp e2e
+  timeout "${E2E_TIMEOUT:-500}" "$BUILD/oscar" bench-e2e --arch qwen3-8b --random ${E2E_ARGS:-} \
+    --json "$OUT/e2e.jsonl" > "$OUT/e2e.md" 2> "$OUT/e2e.log" || rc=1
+  cat "$OUT/e2e.md"; tail -3 "$OUT/e2e.log"
 fi
 
 if has bench; then

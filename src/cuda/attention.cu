@@ -1409,14 +1409,18 @@ oscar_status oscar_cuda_kernels_init(oscar_cache *c) {
         if (smem > S->smem_optin)
             return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "CUDA attention needs %zu bytes of shared memory", smem);
         attn_fn f = pick_kernel(L, nt);
-        OSCAR_CK(c, cudaFuncSetAttribute((const void *)f, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        /* The limit is an attribute of the kernel for the whole device, not of
+         * this cache: set it to the device's maximum, so that caches of other
+         * shapes created later (which need less) cannot lower it under us. */
+        const int limit = (int)S->smem_optin;
+        OSCAR_CK(c, cudaFuncSetAttribute((const void *)f, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
         int occ = 0;
         OSCAR_CK(c, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, f, 128, smem));
         S->occ[k] = occ > 0 ? occ : 1;
         if (nt == 1 && L->quantised && L->bits == 2 && L->d == 128)
             for (int fm = 1; fm <= 2; fm++)
                 OSCAR_CK(c, cudaFuncSetAttribute((const void *)pick_fast(fm),
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
     }
     extern oscar_status oscar_cuda_pack_init(oscar_cache * c);
     return oscar_cuda_pack_init(c);

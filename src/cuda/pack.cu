@@ -970,18 +970,20 @@ oscar_status oscar_cuda_pack_init(oscar_cache *c) {
                                "CUDA backend: k_group %d x head_dim %d needs %zu bytes of shared memory in the "
                                "pack kernel, the device allows %zu",
                                L->k_group, L->d, smem, S->smem_optin);
+    /* per-kernel limits are device-wide: the device's maximum, so that no
+     * later cache of another shape can lower them (attention.cu says why) */
+    const size_t limit = S->smem_optin;
     cudaError_t e = cudaSuccess;
-    if (L->d == 64) e = L->bits == 2 ? set_pack_smem<64, 2>(smem) : set_pack_smem<64, 4>(smem);
-    if (L->d == 128) e = L->bits == 2 ? set_pack_smem<128, 2>(smem) : set_pack_smem<128, 4>(smem);
-    if (L->d == 256) e = L->bits == 2 ? set_pack_smem<256, 2>(smem) : set_pack_smem<256, 4>(smem);
+    if (L->d == 64) e = L->bits == 2 ? set_pack_smem<64, 2>(limit) : set_pack_smem<64, 4>(limit);
+    if (L->d == 128) e = L->bits == 2 ? set_pack_smem<128, 2>(limit) : set_pack_smem<128, 4>(limit);
+    if (L->d == 256) e = L->bits == 2 ? set_pack_smem<256, 2>(limit) : set_pack_smem<256, 4>(limit);
     if (e != cudaSuccess)
         return oscar_set_error(c, OSCAR_E_BACKEND, "CUDA: cudaFuncSetAttribute(pack_kernel): %s",
                                cudaGetErrorString(e));
     if (fused_ok(L, S->smem_optin)) {
-        const size_t fs = fused_smem_bytes(L);
-        if (L->d == 64) e = set_fused_smem<64>(fs);
-        if (L->d == 128) e = set_fused_smem<128>(fs);
-        if (L->d == 256) e = set_fused_smem<256>(fs);
+        if (L->d == 64) e = set_fused_smem<64>(limit);
+        if (L->d == 128) e = set_fused_smem<128>(limit);
+        if (L->d == 256) e = set_fused_smem<256>(limit);
         if (e != cudaSuccess)
             return oscar_set_error(c, OSCAR_E_BACKEND, "CUDA: cudaFuncSetAttribute(fused_pack_kernel): %s",
                                    cudaGetErrorString(e));

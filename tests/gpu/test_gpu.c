@@ -485,6 +485,49 @@ static void test_nonfinite(void) {
     oscar_cache_destroy(ref);
 }
 
+/* Per-kernel shared-memory limits are device-wide: a cache created after
+ * another, with a shape that needs less shared memory, must not break the
+ * first one's kernels (regression: it once lowered the limit). */
+static void test_two_shapes(void) {
+    oscar_config big = tl_small_config(OSCAR_METHOD_OSCAR, 2, 128, 8, 32), small = big;
+    big.backend = small.backend = OSCAR_BACKEND_CUDA;
+    big.residual = 128;
+    small.num_kv_heads = 1, small.num_q_heads = 4, small.k_group = 16, small.v_group = 16, small.residual = 32;
+    oscar_cache *a = tl_create(&big), *b = tl_create(&small);
+    big.backend = OSCAR_BACKEND_CPU;
+    oscar_cache *ref = tl_create(&big);
+    if (!a || !b || !ref) return;
+    int32_t sa, sr;
+    CHECK_OK(oscar_seq_add(a, &sa));
+    CHECK_OK(oscar_seq_add(ref, &sr));
+    tl_rng r = tl_rng_for("two_shapes");
+    const int64_t T = 300, n = T * 8 * 128;
+    float *k = malloc(sizeof(float) * n), *v = malloc(sizeof(float) * n);
+    tl_gen_kv(&r, 0, k, v, T, 8, 128, OSCAR_DTYPE_BF16);
+    void *kd = to_device(k, n, OSCAR_DTYPE_BF16), *vd = to_device(v, n, OSCAR_DTYPE_BF16);
+    void *kh = malloc(2 * n), *vh = malloc(2 * n);
+    tl_encode(k, OSCAR_DTYPE_BF16, kh, n);
+    tl_encode(v, OSCAR_DTYPE_BF16, vh, n);
+    int32_t nt = (int32_t)T;
+    CHECK_OK(oscar_append(a, 0, 1, &sa, &nt, kd, vd, OSCAR_DTYPE_BF16, NULL));
+    CHECK_OK(oscar_append(ref, 0, 1, &sr, &nt, kh, vh, OSCAR_DTYPE_BF16, NULL));
+    CHECK_OK(oscar_synchronize(a, NULL));
+    float *q = malloc(sizeof(float) * 32 * 128), *o = malloc(sizeof(float) * 32 * 128), *orf = malloc(sizeof(float) * 32 * 128);
+    tl_fill_normal(&r, q, 32 * 128, 0.05);
+    void *qd = to_device(q, 32 * 128, OSCAR_DTYPE_F32), *od = NULL;
+    CUCHECK(cudaMalloc(&od, sizeof(float) * 32 * 128));
+    CHECK_OK(oscar_attention(a, 0, 1, &sa, 1, qd, OSCAR_DTYPE_F32, od, OSCAR_DTYPE_F32, 0.0f, NULL));
+    CUCHECK(cudaMemcpy(o, od, sizeof(float) * 32 * 128, cudaMemcpyDeviceToHost));
+    CHECK_OK(oscar_attention(ref, 0, 1, &sr, 1, q, OSCAR_DTYPE_F32, orf, OSCAR_DTYPE_F32, 0.0f, NULL));
+    const double e = rel_l2f(o, orf, 32 * 128);
+    CHECKF(e < 2e-3, "two shapes: the first cache after creating the second: rel err %.3g", e);
+    free(k), free(v), free(kh), free(vh), free(q), free(o), free(orf);
+    cudaFree(kd), cudaFree(vd), cudaFree(qd), cudaFree(od);
+    oscar_cache_destroy(a);
+    oscar_cache_destroy(b);
+    oscar_cache_destroy(ref);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--small")) g_small = 1;
@@ -494,6 +537,7 @@ int main(int argc, char **argv) {
         return 77;
     }
     TL_RUN(test_nonfinite);
+    TL_RUN(test_two_shapes);
     TL_RUN(test_matrix);
     printf("codes differing: %lld of %lld (%.2e); parameters differing: %lld of %lld; worst attention rel L2 %.3g\n",
            (long long)g_code_diffs, (long long)g_codes, g_codes ? (double)g_code_diffs / g_codes : 0.0,
