@@ -45,6 +45,7 @@ if has test; then
   : > "$OUT/test_gpu.log"
   run_test test_gpu
   run_test test_engine_gpu
+  run_test test_kv_bf16
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 run_test test_tp_nccl
 fi
 
@@ -53,11 +54,14 @@ if has sanitize; then
   {
     # racecheck is slow on the 40 graph replays: the engine test's other
     # parts run the same kernels (build_tasks, row_sumsq, window, merge)
-    for run in "test_gpu --small" "test_engine_gpu --small"; do
+    for run in "test_gpu --small" "test_engine_gpu --small" "test_kv_bf16 --small"; do
+      [ -x "$BUILD/tests/gpu/${run%% *}" ] || continue
       echo "== memcheck $run"; timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool memcheck --leak-check no $BUILD/tests/gpu/$run
       echo "memcheck ${run%% *} rc=$?"
     done
-    for run in "test_gpu --small" "test_engine_gpu --small --only nosync,noalloc,prefill,nonfinite,badmeta"; do
+    for run in "test_gpu --small" "test_engine_gpu --small --only nosync,noalloc,prefill,nonfinite,badmeta" \
+               "test_kv_bf16 --small"; do
+      [ -x "$BUILD/tests/gpu/${run%% *}" ] || continue
       echo "== racecheck $run"; timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool racecheck $BUILD/tests/gpu/$run
       echo "racecheck ${run%% *} rc=$?"
     done

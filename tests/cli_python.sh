@@ -2,7 +2,7 @@
 # The Python binding's tests (python/tests), run by ctest as
 #   bash tests/cli_python.sh <oscar-binary> <build-dir>
 # where <build-dir> is the tests' binary directory (build/tests); liboscar.so
-# is one level up. Exits 0 with a SKIP message when python3, numpy or pytest
+# is one level up. Exits 77 (ctest: Skipped) with a SKIP message when python3, numpy or pytest
 # are missing. Without torch/transformers/GPU the tests that need them skip.
 set -u
 
@@ -24,13 +24,13 @@ fi
 py=${PYTHON:-python3}
 if ! command -v "$py" >/dev/null 2>&1; then
     echo "cli_python: SKIP: $py not found, Python binding tests not run"
-    exit 0
+    exit 77
 fi
 for mod in numpy pytest; do
     if ! "$py" -c "import $mod" >/dev/null 2>&1; then
         echo "cli_python: SKIP: the Python module '$mod' is not installed" \
              "(pip install numpy pytest), Python binding tests not run"
-        exit 0
+        exit 77
     fi
 done
 
@@ -52,6 +52,6 @@ OSCAR_LIBRARY="$lib" PYTHONDONTWRITEBYTECODE=1 \
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "cli_python: SKIP: pytest collected no tests (exit code 5)"
-    exit 0
+    exit 77
 fi
 exit "$rc"

@@ -24,7 +24,10 @@ static const command commands[] = {
 };
 
 static void usage(FILE *f) {
-    fprintf(f, "oscar %s - a 2-bit KV cache with the OScaR method\n\nusage: oscar <command> [options]\n\ncommands:\n",
+    fprintf(f,
+            "oscar %s - a 2-bit KV cache with the OScaR method (arXiv 2605.19660: Canalized Rotation +\n"
+            "Omni-Token Scaling, training- and calibration-free; not Together AI's OSCAR, arXiv 2605.17757)\n\n"
+            "usage: oscar <command> [options]\n\ncommands:\n",
             oscar_version());
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
