@@ -35,6 +35,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "oscar.h"
+#include "kv_bf16.h"
 
 #include <cuda_runtime_api.h>
 #include <math.h>
@@ -541,6 +542,106 @@ static void bench_engine(int B, int ctx, void *kin, void *vin, size_t kin_elems)
     oscar_cache_destroy(E.cs);
 }
 
+/* ---- the BF16 paged KV cache baseline (model/gpu/kv_bf16.h) ----
+ * OSCAR_BENCH_ONLY=bf16kv (also part of the full run): kvbf16_attention at
+ * the shapes of the decode cases (Hq=32, Hkv=8, one query per sequence, the
+ * cuDNN peers of peers.py are measured at the same (B, ctx, d)), pages of 64
+ * tokens on shuffled blocks, random bf16 K/V filling the pool. One call per
+ * timing (split kernel + merge kernel when there are splits), CUDA events,
+ * median of 50 after 10 warm-up calls, rotating over several copies of the
+ * batch when one is smaller than 4x the L2, as bench_decode does. Bytes: the
+ * K and V rows of the batch, B * ctx * Hkv * d * 2 * 2. Records have kind
+ * "decode", tag "bf16kv", method "paged", bits 16, so that peers.py's table
+ * lists them beside cuDNN; "splits" is the split count the call used. */
+static void fill_random_bf16(void *dst, size_t n) {
+    const size_t pat = (size_t)1 << 22;
+    uint16_t *h = malloc(pat * 2);
+    for (size_t i = 0; i < pat; i++) h[i] = to_bf16(nrand());
+    const size_t first = n < pat ? n : pat;
+    CK(cudaMemcpy(dst, h, first * 2, cudaMemcpyHostToDevice));
+    /* then double the filled prefix on the device */
+    for (size_t done = first; done < n;) {
+        const size_t m = n - done < done ? n - done : done;
+        CK(cudaMemcpy((uint16_t *)dst + done, dst, m * 2, cudaMemcpyDeviceToDevice));
+        done += m;
+    }
+    free(h);
+}
+
+static void bench_bf16kv(int B, int ctx, int d) {
+    const int hkv = 8, hq = 32, bt = 64;
+    const double batch_bytes = (double)B * ctx * hkv * d * 2 * 2;
+    int sets = (int)ceil(4.0 * (double)g_l2 / batch_bytes);
+    if (sets < 1) sets = 1;
+    if (sets * B > 64) sets = B >= 64 ? 1 : 64 / B;
+    const int per_seq = (ctx + bt - 1) / bt, nseq = B * sets;
+    kvbf16_layout L = {1, hkv, hq, d, bt, nseq * per_seq};
+    const size_t pool_bytes = kvbf16_pool_bytes(&L);
+    void *pool = NULL, *ws = NULL, *o = NULL;
+    CK(cudaMalloc(&pool, pool_bytes));
+    fill_random_bf16(pool, pool_bytes / 2);
+    /* block tables: a shuffled permutation of the pool's blocks */
+    int32_t *tab = malloc(sizeof(int32_t) * (size_t)nseq * per_seq), *lens = malloc(sizeof(int32_t) * (size_t)nseq);
+    for (int i = 0; i < nseq * per_seq; i++) tab[i] = i;
+    for (int i = nseq * per_seq - 1; i > 0; i--) {
+        const int j = (int)(urand() * (i + 1)); /* 0 .. i */
+        const int32_t x = tab[i];
+        tab[i] = tab[j];
+        tab[j] = x;
+    }
+    for (int i = 0; i < nseq; i++) lens[i] = ctx;
+    int32_t *d_tab = NULL, *d_lens = NULL;
+    CK(cudaMalloc((void **)&d_tab, sizeof(int32_t) * (size_t)nseq * per_seq));
+    CK(cudaMalloc((void **)&d_lens, sizeof(int32_t) * (size_t)nseq));
+    CK(cudaMemcpy(d_tab, tab, sizeof(int32_t) * (size_t)nseq * per_seq, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_lens, lens, sizeof(int32_t) * (size_t)nseq, cudaMemcpyHostToDevice));
+    int sms = 0;
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const size_t ws_bytes = kvbf16_workspace_bytes(&L, 1, 2 * sms);
+    CK(cudaMalloc(&ws, ws_bytes));
+    const size_t qn = (size_t)B * hq * d;
+    void *q = rand_dev(qn, OSCAR_DTYPE_BF16);
+    CK(cudaMalloc(&o, qn * 2));
+    const int splits = kvbf16_attention_splits(&L, B, 1, ctx, ws_bytes);
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    const int warm = 10, reps = 50;
+    float t[64];
+    char err[256];
+    for (int it = 0; it < warm + reps; it++) {
+        const int s = it % sets;
+        CK(cudaEventRecord(e0, NULL));
+        const int st = kvbf16_attention(pool, &L, 0, B, 1, d_lens + (size_t)s * B, d_tab + (size_t)s * B * per_seq,
+                                        per_seq, ctx, q, o, 0.0f, ws, ws_bytes, NULL, err, sizeof err);
+        if (st != KVBF16_OK) {
+            fprintf(stderr, "kvbf16_attention B=%d ctx=%d d=%d: %s\n", B, ctx, d, err);
+            exit(3);
+        }
+        CK(cudaEventRecord(e1, NULL));
+        CK(cudaEventSynchronize(e1));
+        if (it >= warm) CK(cudaEventElapsedTime(&t[it - warm], e0, e1));
+    }
+    CK(cudaGetLastError());
+    const float ms_med = median(t, reps);
+    char line[512];
+    snprintf(line, sizeof line,
+             "{\"kind\":\"decode\",\"tag\":\"bf16kv\",\"B\":%d,\"ctx\":%d,\"d\":%d,\"bits\":16,\"method\":\"paged\","
+             "\"dtype\":\"bf16\",\"ms\":%.5f,\"bytes\":%.0f,\"GBps\":%.1f,\"sets\":%d,\"min_ms\":%.5f,\"splits\":%d,"
+             "\"block_tokens\":%d}",
+             B, ctx, d, ms_med, batch_bytes, batch_bytes / (ms_med * 1e-3) / 1e9, sets, t[0], splits, bt);
+    emit(line);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    CK(cudaFree(q));
+    CK(cudaFree(o));
+    CK(cudaFree(ws));
+    CK(cudaFree(d_tab));
+    CK(cudaFree(d_lens));
+    CK(cudaFree(pool));
+    free(tab), free(lens);
+}
+
 int main(int argc, char **argv) {
     if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
         printf("SKIP: no CUDA device\n");
@@ -595,6 +696,14 @@ int main(int argc, char **argv) {
     if (!only || strstr(only, "engine")) {
         const int bs[3] = {1, 8, 32};
         for (int i = 0; i < 3; i++) bench_engine(bs[i], 32768, kb, vb, (size_t)T * 8 * 256);
+    }
+    if (!only || strstr(only, "bf16kv")) {
+        /* the BF16 paged KV cache baseline at the decode cases' (B, ctx, d) */
+        const int bf_cases[][3] = {{1, 8192, 128},  {1, 32768, 128}, {1, 131072, 128}, {8, 32768, 128},
+                                   {8, 131072, 128}, {32, 32768, 128}, {8, 32768, 64},   {1, 131072, 64},
+                                   {8, 32768, 256},  {1, 131072, 256}};
+        for (size_t i = 0; i < sizeof bf_cases / sizeof bf_cases[0]; i++)
+            bench_bf16kv(bf_cases[i][0], bf_cases[i][1], bf_cases[i][2]);
     }
     CK(cudaFree(kb));
     CK(cudaFree(vb));

@@ -192,7 +192,11 @@ struct Kv {
             bl.num_layers = a.layers, bl.num_kv_heads = a.hkv, bl.num_q_heads = a.hq, bl.head_dim = a.d;
             bl.block_tokens = R, bl.num_blocks = blocks;
             const size_t pb = kvbf16_pool_bytes(&bl);
-            ws_bytes = kvbf16_workspace_bytes(&bl, B, 512);
+            /* the workspace holds split partials in tiles; 2 x SMs of them
+             * is what the kernel can use at any batch (kv_bf16.h) */
+            int sms = 132;
+            CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+            ws_bytes = kvbf16_workspace_bytes(&bl, 1, 2 * sms);
             CU(cudaMalloc(&pool, pb));
             CU(cudaMalloc(&ws, ws_bytes));
             bytes = pb + ws_bytes;

@@ -26,7 +26,7 @@
  * Requirements: head_dim 64, 128 or 256; block_tokens a power of two >= 16;
  * num_q_heads a multiple of num_kv_heads; the pool 16-byte aligned; q, out,
  * k, v 2-byte aligned (16-byte aligned k and v take the vector path).
- * Kernels are built for sm_90a (H100/H200).
+ * Kernels are built for sm_90a (H100/H200) and run on the current device.
  */
 #ifndef OSCAR_KV_BF16_H
 #define OSCAR_KV_BF16_H
@@ -61,7 +61,8 @@ size_t kvbf16_pool_bytes(const kvbf16_layout *L);
  * fewer splits; one call uses num_seqs * num_kv_heads * ceil(g * q_len / 16)
  * tiles per split. Capacity is counted in tiles: kvbf16_workspace_bytes(L,
  * 1, 2 * SM count) lets a single long sequence use every SM, and larger
- * batches need fewer splits. max_splits <= 0 means 64. */
+ * batches need fewer splits (at most 256 are used). max_splits <= 0 means
+ * 64. */
 size_t kvbf16_workspace_bytes(const kvbf16_layout *L, int max_seqs, int max_splits);
 
 /* Writes tokens_per_seq new rows per sequence into layer `layer`: k, v bf16
