@@ -258,8 +258,10 @@ struct Step {
     int nev = 0;
     std::vector<int> ev_cat;
 
+    int ev_cap = 0;
     void mark(cudaStream_t st, int cat) {
         if (!ev) return;
+        if (nev >= ev_cap) throw Fail{"internal: too few timing events"};
         CU(cudaEventRecord(ev[nev], st));
         ev_cat.push_back(cat);
         nev++;
@@ -388,9 +390,10 @@ Result run_case(const Model &m, KvKind kind, int bits, int B, int ctx, int reps,
         CB(cublasSetStream(blas, st));
         CB(cublasSetWorkspace(blas, blas_ws, blas_ws_bytes));
         /* one eager step, timed per category */
-        std::vector<cudaEvent_t> ev(8 * a.layers + 16);
+        std::vector<cudaEvent_t> ev(12 * a.layers + 16); /* 9 marks per layer */
         for (auto &e : ev) CU(cudaEventCreate(&e));
         s.ev = ev.data();
+        s.ev_cap = (int)ev.size();
         s.run(st);
         CU(cudaStreamSynchronize(st));
         double cat[3] = {0, 0, 0};
