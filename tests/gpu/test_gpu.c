@@ -135,7 +135,8 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
                             const char *what) {
     CHECKF(na == nb, "%s: export sizes %zu vs %zu", what, na, nb);
     if (na != nb) return;
-    const size_t hdr = 56 + 8 * (size_t)g->L;
+    /* stream version 2: 64-byte header, (tokens, packed blocks) per layer */
+    const size_t hdr = 64 + 16 * (size_t)g->L;
     CHECKF(memcmp(a, b, hdr) == 0, "%s: headers differ", what);
     const uint32_t n_blocks = tl_rd32(a + 52);
     const unsigned char *A = a + hdr, *B = b + hdr;
@@ -148,9 +149,9 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
     for (uint32_t i = 0; i < n_blocks; i++)
         for (int l = 0; l < g->L; l++) {
             const size_t off = ((size_t)i * g->L + l) * g->LB;
-            /* a layer that has not flushed block i is zeros in both */
-            const int64_t tok = (int64_t)tl_rd64(a + 56 + 8 * (size_t)l);
-            if ((int64_t)(i + 1) * g->R > tok) continue;
+            /* a layer that has not packed block i is zeros in both */
+            const int64_t packed = (int64_t)tl_rd64(a + 64 + 16 * (size_t)l + 8);
+            if ((int64_t)i >= packed) continue;
             const unsigned char *x = A + off, *y = B + off;
             if (!g->quant) {
                 for (size_t j = 0; j < g->LB; j++) raw_diff += x[j] != y[j];
@@ -177,7 +178,8 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
             if (g->scale) {
                 const float *sx = (const float *)(x + (size_t)g->hkv * g->head_bytes);
                 const float *sy = (const float *)(y + (size_t)g->hkv * g->head_bytes);
-                for (int t = 0; t < g->R; t++) norm_bad += fabs((double)sx[t] - sy[t]) > 4e-7 * fabs((double)sx[t]);
+                /* the sum of squares has one defined order (FORMAT.md): same bits */
+                for (int t = 0; t < g->R; t++) norm_bad += memcmp(&sx[t], &sy[t], 4) != 0;
             }
         }
     free(ca);
@@ -188,7 +190,7 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
     for (size_t j = wstart; j + 8 < na; j++) wdiff += a[j] != b[j];
     CHECKF(raw_diff == 0, "%s: %lld raw block bytes differ", what, (long long)raw_diff);
     CHECKF(wdiff == 0, "%s: %lld window bytes differ", what, (long long)wdiff);
-    CHECKF(norm_bad == 0, "%s: %lld token norms differ by more than 4e-7 relative", what, (long long)norm_bad);
+    CHECKF(norm_bad == 0, "%s: %lld token norms differ", what, (long long)norm_bad);
     CHECKF(code_far == 0, "%s: %lld codes differ by more than one level", what, (long long)code_far);
     CHECKF(code_diff <= codes / 200 + 2, "%s: %lld of %lld codes differ", what, (long long)code_diff,
            (long long)codes);
@@ -528,6 +530,59 @@ static void test_two_shapes(void) {
     oscar_cache_destroy(ref);
 }
 
+/* Speculative rounds on both backends through the sequence API with a
+ * rollback lag: drafts appended, attended, partly truncated, a bonus token;
+ * the streams must agree field by field and attention within 2e-3. */
+static void test_rollback(void) {
+    oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, 128, 2, 8);
+    cfg.residual = 64;
+    cfg.rollback_tokens = 6;
+    cfg.num_layers = 2;
+    pair P;
+    if (!make_pair(&P, cfg)) {
+        free_pair(&P);
+        return;
+    }
+    int32_t sc, sg;
+    CHECK_OK(oscar_seq_add(P.cpu, &sc));
+    CHECK_OK(oscar_seq_add(P.gpu, &sg));
+    tl_rng r = tl_rng_for("gpu rollback");
+    const int hkv = 2, d = 128, hq = 8, rounds = g_small ? 12 : 60;
+    float *k = malloc(sizeof(float) * 100 * hkv * d), *v = malloc(sizeof(float) * 100 * hkv * d);
+    float *q = malloc(sizeof(float) * 8 * hq * d), *oc = malloc(sizeof(float) * 8 * hq * d),
+          *og = malloc(sizeof(float) * 8 * hq * d);
+    int64_t len = 0;
+    int32_t n = 70;
+    tl_gen_kv(&r, 1, k, v, n, hkv, d, OSCAR_DTYPE_BF16);
+    for (int l = 0; l < 2; l++) both_append(&P, l, 1, &sc, &sg, &n, k, v, OSCAR_DTYPE_BF16);
+    len = n;
+    for (int i = 0; i < rounds; i++) {
+        int32_t kd = tl_randint(&r, 1, 6);
+        tl_gen_kv(&r, i % 3, k, v, kd, hkv, d, OSCAR_DTYPE_BF16);
+        for (int l = 0; l < 2; l++) both_append(&P, l, 1, &sc, &sg, &kd, k, v, OSCAR_DTYPE_BF16);
+        tl_fill_normal(&r, q, (int64_t)kd * hq * d, 0.1);
+        CHECK_OK(tl_attention(P.cpu, 1, 1, &sc, kd, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, oc, hq, d));
+        CHECK_OK(gpu_attention(P.gpu, 1, 1, &sg, kd, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, og, hq, d));
+        check_attn("rollback drafts", og, oc, (int64_t)kd * hq * d);
+        const int acc = tl_randint(&r, 0, kd);
+        CHECK_OK(oscar_seq_truncate(P.cpu, sc, len + acc));
+        CHECK_OK(oscar_seq_truncate(P.gpu, sg, len + acc));
+        len += acc;
+        int32_t one = 1;
+        tl_gen_kv(&r, 0, k, v, 1, hkv, d, OSCAR_DTYPE_BF16);
+        for (int l = 0; l < 2; l++) both_append(&P, l, 1, &sc, &sg, &one, k, v, OSCAR_DTYPE_BF16);
+        len++;
+        tl_fill_normal(&r, q, hq * d, 0.1);
+        CHECK_OK(tl_attention(P.cpu, 0, 1, &sc, 1, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, oc, hq, d));
+        CHECK_OK(gpu_attention(P.gpu, 0, 1, &sg, 1, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, og, hq, d));
+        check_attn("rollback decode", og, oc, hq * d);
+    }
+    CHECK_OK(oscar_synchronize(P.gpu, NULL));
+    compare_seq(&P, sc, sg, "rollback walk");
+    free(k), free(v), free(q), free(oc), free(og);
+    free_pair(&P);
+}
+
 int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--small")) g_small = 1;
@@ -538,6 +593,7 @@ int main(int argc, char **argv) {
     }
     TL_RUN(test_nonfinite);
     TL_RUN(test_two_shapes);
+    TL_RUN(test_rollback);
     TL_RUN(test_matrix);
     printf("codes differing: %lld of %lld (%.2e); parameters differing: %lld of %lld; worst attention rel L2 %.3g\n",
            (long long)g_code_diffs, (long long)g_codes, g_codes ? (double)g_code_diffs / g_codes : 0.0,
