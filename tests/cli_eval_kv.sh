@@ -68,6 +68,10 @@ npy(f"{d}/q3heads.npy", "<f4", "(2, 3, 64)", b"\0" * (4 * 2 * 3 * 64))
 npy(f"{d}/zero.npy", "<f4", "(0, 2, 64)", b"")
 npy(f"{d}/ok130.npy", "<f4", "(130, 2, 64)", struct.pack("<f", 0.5) * n)
 open(f"{d}/garbage.npy", "wb").write(b"not a numpy file at all")
+# regressions: a shape whose product overflows int64 before the size check,
+# and a 1 TiB header over a tiny file (nothing may be allocated for it)
+npy(f"{d}/overflow.npy", "<f4", "(68719476736, 1099511627776, 1099511627776)", b"")
+npy(f"{d}/huge.npy", "<f4", "(65536, 16, 65536)", b"\0" * 64)
 EOF
 expect_fail() {  # expect_fail "<what>" <pattern in stderr> args...
   local what=$1 pat=$2; shift 2
@@ -81,6 +85,8 @@ K=$DIR/K.npy V=$DIR/V.npy Q=$DIR/Q.npy
 expect_fail "float64 K" "float32" --k $DIR/f64.npy --v $V --q $Q
 expect_fail "rank-2 K" "rank" --k $DIR/rank2.npy --v $V --q $Q
 expect_fail "truncated K" "truncated" --k $DIR/short.npy --v $V --q $Q
+expect_fail "shape overflowing int64" "too large" --k $DIR/overflow.npy --v $V --q $Q
+expect_fail "64 GiB header over 64 bytes" "truncated" --k $DIR/huge.npy --v $V --q $Q
 expect_fail "over-long K" "longer" --k $DIR/long.npy --v $V --q $Q
 expect_fail "Fortran K" "fortran" --k $DIR/fortran.npy --v $V --q $Q
 expect_fail "NaN in K" "NaN" --k $DIR/nan.npy --v $DIR/ok130.npy --q $Q

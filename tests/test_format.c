@@ -894,6 +894,34 @@ static void test_corrupt_streams(void) {
         tl_fix_checksum(buf, n);
         try_import(f.c, f.seq, &base, buf, n, 1, crafted[i].what);
     }
+    /* regressions: block contents a packer cannot write, checksum fixed:
+     * a NaN scale, a negative scale, a NaN token norm */
+    {
+        const size_t blocks = HDR + 16 * (size_t)f.g.L;
+        const struct {
+            size_t off;
+            uint32_t val;
+            int wide;
+            const char *what;
+        } bad[] = {
+            {blocks + 2 * f.g.codes_bytes, 0x7e00u, 0, "NaN scale in block 0"},
+            {blocks + 2 * f.g.codes_bytes, 0xbc00u, 0, "negative scale in block 0"},
+            {blocks + 2 * f.g.codes_bytes + 2, 0x7c00u, 0, "Inf lo in block 0"},
+            {blocks + (size_t)f.g.hkv * f.g.head_bytes, 0x7fc00000u, 1, "NaN token norm in block 0"},
+            {blocks + (size_t)f.g.hkv * f.g.head_bytes + 4, 0u, 1, "zero token norm in block 0"},
+        };
+        for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+            memcpy(buf, good, n);
+            if (bad[i].wide) {
+                tl_wr32(buf + bad[i].off, bad[i].val);
+            } else {
+                buf[bad[i].off] = (unsigned char)(bad[i].val & 0xff);
+                buf[bad[i].off + 1] = (unsigned char)(bad[i].val >> 8);
+            }
+            tl_fix_checksum(buf, n);
+            try_import(f.c, f.seq, &base, buf, n, 1, bad[i].what);
+        }
+    }
     /* a changed window value with the checksum recomputed per FORMAT.md is
      * a valid stream */
     memcpy(buf, good, n);

@@ -123,6 +123,47 @@ done:
     return st;
 }
 
+/* A block's contents as a packer can write them: fp16 (scale, lo) pairs
+ * finite with scale >= 0, token norms finite and > 0; for method none every
+ * stored value finite. Returns 0 or a message. */
+static const char *check_block(const oscar_layout *L, const uint8_t *b) {
+    const int R = L->residual;
+    if (!L->quantised) {
+        const size_t n = L->layer_block_bytes / (size_t)L->window_esize;
+        for (size_t i = 0; i < n; i++) {
+            if (L->window_esize == 4) {
+                const uint32_t u = get32(b + 4 * i);
+                if ((u & 0x7f800000u) == 0x7f800000u) return "a stored value is NaN or Inf";
+            } else {
+                const uint32_t h = (uint32_t)b[2 * i] | (uint32_t)b[2 * i + 1] << 8;
+                const uint32_t m = L->window_dtype == OSCAR_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
+                if ((h & m) == m) return "a stored value is NaN or Inf";
+            }
+        }
+        return NULL;
+    }
+    for (int h = 0; h < L->hkv; h++) {
+        const uint8_t *p = b + (size_t)h * L->head_bytes + 2 * L->codes_bytes;
+        const size_t pairs = (L->kparams_bytes + L->vparams_bytes) / 4;
+        for (size_t i = 0; i < pairs; i++) {
+            const uint32_t sc = (uint32_t)p[4 * i] | (uint32_t)p[4 * i + 1] << 8;
+            const uint32_t lo = (uint32_t)p[4 * i + 2] | (uint32_t)p[4 * i + 3] << 8;
+            if ((sc & 0x7c00u) == 0x7c00u || (lo & 0x7c00u) == 0x7c00u) return "a (scale, lo) pair is NaN or Inf";
+            if ((sc & 0x8000u) && (sc & 0x7fffu)) return "a scale is negative";
+        }
+    }
+    if (L->scale_keys) {
+        const uint8_t *nm = b + (size_t)L->hkv * L->head_bytes;
+        for (int t = 0; t < R; t++) {
+            const uint32_t u = get32(nm + 4 * (size_t)t);
+            float s;
+            memcpy(&s, &u, 4);
+            if (!(s > 0.0f) || isinf(s)) return "a token norm is not a positive finite number";
+        }
+    }
+    return NULL;
+}
+
 static size_t header_bytes(int version) { return version == 1 ? HEADER_V1 : HEADER_V2; }
 static size_t per_layer_bytes(int version) { return version == 1 ? 8 : 16; }
 
@@ -316,6 +357,16 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     }
     for (int32_t i = 0; i < nb; i++) table[i] = c->free_list[c->n_free - 1 - i];
     size_t off = hb + plb * (size_t)L->layers;
+    /* every block's contents first: nothing is written unless all are valid */
+    for (int32_t i = 0; i < nb; i++)
+        for (int l = 0; l < L->layers; l++) {
+            const char *why = packed[l] > i ? check_block(L, p + off + ((size_t)i * L->layers + l) * L->layer_block_bytes)
+                                            : NULL;
+            if (why) {
+                st = oscar_set_error(c, F, "seq_import: block %d of layer %d: %s", (int)i, l, why);
+                goto fail;
+            }
+        }
     for (int32_t i = 0; i < nb; i++)
         for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes)
             if (packed[l] > i && (st = c->ops->write_block(c, l, table[i], p + off)) != OSCAR_OK) goto fail;

@@ -107,6 +107,13 @@ int npy_read_f32(const char *path, npy_array *out, char *err, size_t errn) {
             return fail(err, errn, path, "shape has too many dimensions or a huge extent");
         }
         out->shape[out->ndim++] = v;
+        /* checked before multiplying: count <= 2^36 and v <= 2^40 would
+         * overflow int64 */
+        if (v != 0 && count > (1ll << 36) / v) {
+            free(hdr);
+            fclose(f);
+            return fail(err, errn, path, "array too large");
+        }
         count *= v;
         if (count > (1ll << 36)) {
             free(hdr);
@@ -119,6 +126,23 @@ int npy_read_f32(const char *path, npy_array *out, char *err, size_t errn) {
     }
     free(hdr);
     out->count = count;
+    /* the file must hold the data before anything is allocated for it */
+    {
+        const long here = ftell(f);
+        long end = -1;
+        if (here >= 0 && fseek(f, 0, SEEK_END) == 0) end = ftell(f);
+        if (end < 0 || fseek(f, here, SEEK_SET) != 0) {
+            fclose(f);
+            return fail(err, errn, path, "cannot seek in the file");
+        }
+        if ((long long)(end - here) < count * 4) {
+            char msg[128];
+            snprintf(msg, sizeof msg, "truncated: header says %lld floats, file holds %lld bytes of data",
+                     (long long)count, (long long)(end - here));
+            fclose(f);
+            return fail(err, errn, path, msg);
+        }
+    }
     out->data = (float *)malloc(count ? (size_t)count * 4 : 4);
     if (!out->data) {
         fclose(f);
