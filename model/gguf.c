@@ -58,6 +58,10 @@ static uint64_t rget(reader *r, int n, const char *what) {
     return v;
 }
 
+/* A key for "%.*s" in a message: at most 200 bytes shown, so a length past
+ * INT_MAX never turns into a negative precision. */
+#define KEYP(s) (int)((s).len > 200 ? 200 : (s).len), (s).ptr
+
 static gguf_str rstr(reader *r, const char *what) {
     gguf_str s = {0, 0};
     uint64_t len = rget(r, 8, what);
@@ -107,13 +111,11 @@ static void read_value(reader *r, gguf_kv *kv) {
         } else {
             int es = scalar_size(kv->arr_type);
             if (es == 0) {
-                rfail(r, "metadata '%.*s': unsupported array element type %u", (int)kv->key.len,
-                      kv->key.ptr, kv->arr_type);
+                rfail(r, "metadata '%.*s': unsupported array element type %u", KEYP(kv->key), kv->arr_type);
                 return;
             }
             if (kv->arr_n > (r->size - r->pos) / (uint64_t)es) {
-                rfail(r, "truncated file: array '%.*s' of %llu elements", (int)kv->key.len,
-                      kv->key.ptr, (unsigned long long)kv->arr_n);
+                rfail(r, "truncated file: array '%.*s' of %llu elements", KEYP(kv->key), (unsigned long long)kv->arr_n);
                 return;
             }
             r->pos += (size_t)(kv->arr_n * (uint64_t)es);
@@ -121,8 +123,12 @@ static void read_value(reader *r, gguf_kv *kv) {
     } else if (scalar_size(t)) {
         read_scalar(r, t, kv);
     } else {
-        rfail(r, "metadata '%.*s': unknown value type %u", (int)kv->key.len, kv->key.ptr, t);
+        rfail(r, "metadata '%.*s': unknown value type %u", KEYP(kv->key), t);
     }
+}
+
+static int cmp_tensor_name(const void *a, const void *b) {
+    return strcmp((*(const gguf_tensor *const *)a)->name, (*(const gguf_tensor *const *)b)->name);
 }
 
 const char *ggml_type_name(uint32_t type) {
@@ -453,6 +459,22 @@ gguf_file *gguf_open(const char *path, char *err, size_t err_size) {
             break;
         }
         t->n_bytes = t->n_elements / be * bb;
+    }
+    /* two tensors of one name would shadow each other in gguf_find_tensor */
+    if (!r.failed && f->n_tensors > 1) {
+        const gguf_tensor **by_name = malloc(sizeof *by_name * (size_t)f->n_tensors);
+        if (!by_name) {
+            rfail(&r, "out of memory");
+        } else {
+            for (uint64_t i = 0; i < f->n_tensors; i++) by_name[i] = &f->tensors[i];
+            qsort(by_name, (size_t)f->n_tensors, sizeof *by_name, cmp_tensor_name);
+            for (uint64_t i = 1; i < f->n_tensors; i++)
+                if (strcmp(by_name[i - 1]->name, by_name[i]->name) == 0) {
+                    rfail(&r, "tensor '%s' appears twice", by_name[i]->name);
+                    break;
+                }
+            free(by_name);
+        }
     }
     if (!r.failed) {
         uint64_t data_start = (r.pos + f->alignment - 1) / f->alignment * f->alignment;
