@@ -459,8 +459,49 @@ static void test_pool_reuse(void) {
     oscar_cache_destroy(c);
 }
 
+/* Sequence ids live in a hash table that is rebuilt as freed ids pile up:
+ * 20000 add/free cycles through 8 slots, with a few long-lived sequences,
+ * must keep every live id found, every freed id gone and ids unique. */
+static void test_id_churn(void) {
+    oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, 64, 2, 4);
+    cfg.max_seqs = 8;
+    oscar_cache *c = tl_create(&cfg);
+    if (!c) return;
+    tl_rng r = tl_rng_for("id_churn");
+    int32_t live[8];
+    int n = 0, bad = 0;
+    int32_t last = -1;
+    for (int it = 0; it < 20000; it++) {
+        if (n < 8 && (n < 3 || tl_randint(&r, 0, 1))) {
+            int32_t id;
+            if (oscar_seq_add(c, &id) != OSCAR_OK) { bad++; continue; }
+            bad += id <= last; /* ids grow: never reused */
+            last = id;
+            live[n++] = id;
+        } else {
+            const int k = tl_randint(&r, 3 < n ? 3 : 0, n - 1); /* the first 3 live long */
+            const int32_t gone = live[k];
+            bad += oscar_seq_free(c, gone) != OSCAR_OK;
+            live[k] = live[--n];
+            oscar_seq_info info;
+            bad += oscar_seq_info_get(c, gone, 0, &info) != OSCAR_E_NOT_FOUND;
+        }
+        if (it % 97 == 0)
+            for (int i = 0; i < n; i++) {
+                oscar_seq_info info;
+                bad += oscar_seq_info_get(c, live[i], 0, &info) != OSCAR_OK;
+            }
+    }
+    oscar_memory_stats m;
+    CHECK_OK(oscar_memory(c, &m));
+    CHECK(m.seqs_live == n);
+    CHECKF(bad == 0, "id churn: %d lookups or ids wrong", bad);
+    oscar_cache_destroy(c);
+}
+
 int main(void) {
     printf("oscar %s, test_paged\n", oscar_version());
+    TL_RUN(test_id_churn);
     TL_RUN(test_many_sequences);
     TL_RUN(test_fork);
     TL_RUN(test_fork_unequal_layers);

@@ -252,12 +252,23 @@ oscar_status oscar_cache_create_with_memory(const oscar_config *cfg, const oscar
     c->seqs = (oscar_seq *)calloc((size_t)cfg->max_seqs, sizeof(oscar_seq));
     c->block_refs = (int32_t *)calloc((size_t)cfg->block_count, sizeof(int32_t));
     c->free_list = (int32_t *)malloc((size_t)cfg->block_count * sizeof(int32_t));
-    if (!c->seqs || !c->block_refs || !c->free_list) {
+    uint32_t cap = 16;
+    while (cap < 2u * (uint32_t)cfg->max_seqs) cap *= 2;
+    c->id_mask = cap - 1;
+    c->id_keys = (int32_t *)malloc(sizeof(int32_t) * cap);
+    c->id_slots = (int32_t *)malloc(sizeof(int32_t) * cap);
+    c->free_slots = (int32_t *)malloc(sizeof(int32_t) * (size_t)cfg->max_seqs);
+    c->stamp = (uint32_t *)calloc((size_t)cfg->max_seqs, sizeof(uint32_t));
+    if (!c->seqs || !c->block_refs || !c->free_list || !c->id_keys || !c->id_slots || !c->free_slots || !c->stamp) {
         oscar_cache_destroy(c);
         return errbuf_set(eb, en, OSCAR_E_OUT_OF_MEMORY, "out of host memory for %d sequence slots / %d blocks",
                           cfg->max_seqs, cfg->block_count);
     }
     for (int i = 0; i < cfg->max_seqs; i++) c->seqs[i].id = -1;
+    for (uint32_t i = 0; i < cap; i++) c->id_keys[i] = -1;
+    /* pop order hands out slot 0 first */
+    for (int i = 0; i < cfg->max_seqs; i++) c->free_slots[i] = cfg->max_seqs - 1 - i;
+    c->n_free_slots = cfg->max_seqs;
     /* Pop order hands out block 0 first, which keeps small caches easy to read. */
     for (int i = 0; i < cfg->block_count; i++) c->free_list[i] = cfg->block_count - 1 - i;
     c->n_free = cfg->block_count;
@@ -286,6 +297,10 @@ void oscar_cache_destroy(oscar_cache *c) {
     free(c->seqs);
     free(c->block_refs);
     free(c->free_list);
+    free(c->id_keys);
+    free(c->id_slots);
+    free(c->free_slots);
+    free(c->stamp);
     free(c);
 }
 
@@ -302,17 +317,58 @@ const char *oscar_last_error(const oscar_cache *c) { return c ? c->err : "cache 
 
 /* ---- sequences ---------------------------------------------------------- */
 
+static uint32_t id_hash(int32_t id) { return (uint32_t)id * 2654435761u; }
+
 int oscar_find_seq_slot(const oscar_cache *c, int32_t id) {
     if (id < 0) return -1;
-    for (int i = 0; i < c->cfg.max_seqs; i++)
-        if (c->seqs[i].id == id) return i;
+    uint32_t h = id_hash(id) & c->id_mask;
+    for (uint32_t n = 0; n <= c->id_mask; n++, h = (h + 1) & c->id_mask) {
+        if (c->id_keys[h] == id) return c->id_slots[h];
+        if (c->id_keys[h] == -1) return -1;
+    }
     return -1;
 }
 
+/* Ids are never reused, so deleted entries pile up; past 3/4 of the table
+ * it is rebuilt from the live sequences (amortised O(1) per call). */
+static void id_rebuild(oscar_cache *c) {
+    for (uint32_t i = 0; i <= c->id_mask; i++) c->id_keys[i] = -1;
+    c->id_used = 0;
+    for (int s = 0; s < c->cfg.max_seqs; s++) {
+        const int32_t id = c->seqs[s].id;
+        if (id < 0) continue;
+        uint32_t h = id_hash(id) & c->id_mask;
+        while (c->id_keys[h] != -1) h = (h + 1) & c->id_mask;
+        c->id_keys[h] = id;
+        c->id_slots[h] = s;
+        c->id_used++;
+    }
+}
+
 int oscar_free_seq_slot(const oscar_cache *c) {
-    for (int i = 0; i < c->cfg.max_seqs; i++)
-        if (c->seqs[i].id < 0) return i;
-    return -1;
+    return c->n_free_slots > 0 ? c->free_slots[c->n_free_slots - 1] : -1;
+}
+
+void oscar_seq_attach(oscar_cache *c, int slot, int32_t id) {
+    c->n_free_slots--; /* slot is the top of the stack (oscar_free_seq_slot) */
+    if (4 * (c->id_used + 1) > 3 * (c->id_mask + 1)) id_rebuild(c);
+    c->seqs[slot].id = id;
+    uint32_t h = id_hash(id) & c->id_mask;
+    while (c->id_keys[h] != -1) h = (h + 1) & c->id_mask;
+    c->id_keys[h] = id;
+    c->id_slots[h] = slot;
+    c->id_used++;
+}
+
+void oscar_seq_detach(oscar_cache *c, int slot) {
+    const int32_t id = c->seqs[slot].id;
+    for (uint32_t h = id_hash(id) & c->id_mask;; h = (h + 1) & c->id_mask)
+        if (c->id_keys[h] == id) {
+            c->id_keys[h] = -2; /* a tombstone keeps later probes going */
+            break;
+        }
+    c->seqs[slot].id = -1;
+    c->free_slots[c->n_free_slots++] = slot;
 }
 
 static oscar_status lookup(oscar_cache *c, int32_t id, int *slot) {
@@ -354,7 +410,7 @@ oscar_status oscar_seq_add(oscar_cache *c, int32_t *seq_id) {
     free(q->packed);
     q->tokens = tokens;
     q->packed = packed;
-    q->id = oscar_new_seq_id(c);
+    oscar_seq_attach(c, s, oscar_new_seq_id(c));
     *seq_id = q->id;
     return OSCAR_OK;
 }
@@ -376,7 +432,7 @@ oscar_status oscar_seq_free(oscar_cache *c, int32_t seq_id) {
     if (st) return st;
     oscar_seq *q = &c->seqs[s];
     release_blocks(c, q);
-    q->id = -1;
+    oscar_seq_detach(c, s);
     return OSCAR_OK;
 }
 
@@ -470,7 +526,7 @@ oscar_status oscar_seq_fork(oscar_cache *c, int32_t src, int32_t *new_id) {
     b->table_cap = a->n_blocks;
     b->n_blocks = a->n_blocks;
     b->tokens = tokens;
-    b->id = oscar_new_seq_id(c);
+    oscar_seq_attach(c, d, oscar_new_seq_id(c));
     *new_id = b->id;
     return OSCAR_OK;
 }
@@ -548,11 +604,15 @@ oscar_status oscar_append_with_key_sums(oscar_cache *c, int layer, int n_seqs, c
             goto done;
         }
         if ((st = lookup(c, ids[i], &slots[i])) != OSCAR_OK) goto done;
-        for (int j = 0; j < i; j++)
-            if (slots[j] == slots[i]) {
-                st = oscar_set_error(c, E, "append: sequence %d appears twice", (int)ids[i]);
-                goto done;
-            }
+        if (i == 0 && ++c->stamp_now == 0) { /* the stamps wrapped: start over */
+            memset(c->stamp, 0, sizeof(uint32_t) * (size_t)c->cfg.max_seqs);
+            c->stamp_now = 1;
+        }
+        if (c->stamp[slots[i]] == c->stamp_now) {
+            st = oscar_set_error(c, E, "append: sequence %d appears twice", (int)ids[i]);
+            goto done;
+        }
+        c->stamp[slots[i]] = c->stamp_now;
         const oscar_seq *q = &c->seqs[slots[i]];
         int64_t have = q->tokens[layer];
         if (have + n_tokens[i] > (int64_t)c->cfg.block_count * R + R - 1 + c->cfg.rollback_tokens) {

@@ -172,13 +172,26 @@ struct oscar_cache {
     int32_t *block_refs;        /* per block reference count               */
     int32_t *free_list;         /* stack of free block ids                 */
     int32_t n_free;
+    /* sequence lookups in O(1): id -> slot by open addressing (size a power
+     * of two >= 2 max_seqs; key -1 empty, -2 deleted), and a stack of free
+     * slots; per-slot stamps find repeated ids in one call */
+    int32_t *id_keys, *id_slots;
+    uint32_t id_mask, id_used; /* used: live + deleted entries */
+    int32_t *free_slots;
+    int32_t n_free_slots;
+    uint32_t *stamp;
+    uint32_t stamp_now;
     char err[512];
 };
 
 /* Slot of a live sequence id, or -1. */
 int oscar_find_seq_slot(const oscar_cache *c, int32_t id);
-/* A free slot, or -1. */
+/* A free slot (the next one oscar_seq_attach takes), or -1. */
 int oscar_free_seq_slot(const oscar_cache *c);
+/* Gives the free slot returned by oscar_free_seq_slot the id (the slot's
+ * other fields are the caller's to set), and takes it back. */
+void oscar_seq_attach(oscar_cache *c, int slot, int32_t id);
+void oscar_seq_detach(oscar_cache *c, int slot);
 /* A fresh id not used by any live sequence. */
 int32_t oscar_new_seq_id(oscar_cache *c);
 

@@ -414,7 +414,7 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     q->n_blocks = nb;
     q->tokens = tokens;
     q->packed = packed;
-    q->id = oscar_new_seq_id(c);
+    oscar_seq_attach(c, slot, oscar_new_seq_id(c));
     *seq_id = q->id;
     free(packed64);
     return OSCAR_OK;
