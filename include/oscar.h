@@ -69,6 +69,12 @@
 extern "C" {
 #endif
 
+/* The library is built with hidden visibility: what is declared between
+ * here and the matching pop is its whole exported interface. */
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
 #define OSCAR_VERSION_MAJOR 0
 #define OSCAR_VERSION_MINOR 2
 #define OSCAR_VERSION_PATCH 0
@@ -513,6 +519,10 @@ uint16_t oscar_f32_to_f16(float x);
 float oscar_f16_to_f32(uint16_t h);
 uint16_t oscar_f32_to_bf16(float x);
 float oscar_bf16_to_f32(uint16_t h);
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 #ifdef __cplusplus
 }

@@ -28,7 +28,8 @@ target_compile_options(oscar PRIVATE
   $<$<COMPILE_LANGUAGE:CUDA>:${_oscar_gencode}>
   $<$<COMPILE_LANGUAGE:CUDA>:-O3>
   $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr>
-  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-fPIC>)
+  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-fPIC>
+  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-fvisibility=hidden>)
 
 # The top-level warning flags are for the C compiler; give nvcc only the C
 # ones through -Xcompiler.
