@@ -142,6 +142,11 @@ int oscar_backend_available(oscar_backend backend);
  * and the window holds tokens [P' * R, n). Truncation never changes P.
  */
 typedef struct oscar_config {
+    size_t struct_size;        /* sizeof(oscar_config) as the caller compiled it;
+                                  oscar_config_default() sets it. A library
+                                  with a longer struct can then tell which
+                                  fields an older caller filled. Must equal
+                                  this header's sizeof(oscar_config) today.     */
     oscar_method method;       /* default OSCAR_METHOD_OSCAR                      */
     int bits;                  /* 2 or 4 (ignored for METHOD_NONE); default 2     */
     int head_dim;              /* 64, 128 or 256; default 128                     */

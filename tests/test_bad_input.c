@@ -98,6 +98,16 @@ static void test_bad_configs(void) {
     }
     CHECK_ST(NULL, oscar_config_validate(NULL, err, sizeof err), OSCAR_E_INVALID_ARGUMENT);
     {
+        /* a config not started from oscar_config_default(), or from another
+         * version of the header */
+        oscar_config z = base;
+        z.struct_size = 0;
+        expect_bad_config(&z, "struct_size 0");
+        z.struct_size = sizeof(oscar_config) - 4;
+        expect_bad_config(&z, "struct_size of an older header");
+        CHECK(oscar_config_default().struct_size == sizeof(oscar_config));
+    }
+    {
         oscar_cache *c = NULL;
         CHECK_ST(NULL, oscar_cache_create(NULL, &c, err, sizeof err), OSCAR_E_INVALID_ARGUMENT);
         CHECK(c == NULL);

@@ -38,6 +38,7 @@ BACKEND_CPU, BACKEND_CUDA = range(2)
 class Config(ctypes.Structure):
     # Every member is an int or an enum (an int on every ABI we target).
     _fields_ = [
+        ("struct_size", c_size_t),
         ("method", c_int),
         ("bits", c_int),
         ("head_dim", c_int),

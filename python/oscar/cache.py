@@ -110,6 +110,7 @@ class OscarConfig:
         c = _lib.Config()
         for f in dataclasses.fields(self):
             setattr(c, f.name, 0)
+        c.struct_size = ctypes.sizeof(_lib.Config)
         c.method = _parse_method(self.method)
         c.window_dtype = _tensor.parse_dtype(self.window_dtype)
         c.backend = _parse_backend(self.backend)

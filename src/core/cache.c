@@ -52,6 +52,7 @@ int oscar_backend_available(oscar_backend b) {
 oscar_config oscar_config_default(void) {
     oscar_config c;
     memset(&c, 0, sizeof c);
+    c.struct_size = sizeof(oscar_config);
     c.method = OSCAR_METHOD_OSCAR;
     c.bits = 2;
     c.head_dim = 128;
@@ -138,6 +139,11 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
 oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
     const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
     if (!c) return errbuf_set(eb, en, E, "config is NULL");
+    if (c->struct_size != sizeof(oscar_config))
+        return errbuf_set(eb, en, E,
+                          "config.struct_size is %zu, this library's oscar_config has %zu bytes: start from "
+                          "oscar_config_default() (it sets struct_size)",
+                          c->struct_size, sizeof(oscar_config));
     if ((int)c->method < 0 || (int)c->method > 4)
         return errbuf_set(eb, en, E, "method %d is not one of none, kivi, quarot, scale-only, oscar", (int)c->method);
     if (c->method != OSCAR_METHOD_NONE && c->bits != 2 && c->bits != 4)
