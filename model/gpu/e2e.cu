@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "check.cuh"
 #include "kernels.cuh"
 #include "kv_bf16.h"
 #include "oscar.h"
@@ -48,30 +49,11 @@ namespace {
 
 /* ---- errors ---------------------------------------------------------------- */
 
-struct Fail {
-    std::string msg;
-};
-
-#define CU(x)                                                                                          \
-    do {                                                                                               \
-        cudaError_t e_ = (x);                                                                          \
-        if (e_ != cudaSuccess) throw Fail{std::string(#x) + ": " + cudaGetErrorString(e_)};           \
-    } while (0)
-#define CB(x)                                                                                          \
-    do {                                                                                               \
-        cublasStatus_t e_ = (x);                                                                       \
-        if (e_ != CUBLAS_STATUS_SUCCESS) throw Fail{std::string(#x) + ": cuBLAS status " + std::to_string((int)e_)}; \
-    } while (0)
 #define OS(c, x)                                                                                       \
     do {                                                                                               \
         oscar_status s_ = (x);                                                                         \
         if (s_ != OSCAR_OK)                                                                            \
             throw Fail{std::string(#x) + ": " + oscar_status_name(s_) + ": " + oscar_last_error(c)};   \
-    } while (0)
-#define LAUNCH(what)                                                                                   \
-    do {                                                                                               \
-        cudaError_t e_ = cudaGetLastError();                                                           \
-        if (e_ != cudaSuccess) throw Fail{std::string("launch of ") + what + ": " + cudaGetErrorString(e_)}; \
     } while (0)
 
 /* ---- the model's shape ------------------------------------------------------ */

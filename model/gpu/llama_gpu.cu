@@ -25,6 +25,8 @@
 #include <string>
 #include <vector>
 
+#include "check.cuh"
+
 extern "C" {
 #include "gguf.h"
 #include "llama_gpu.h"
@@ -32,25 +34,6 @@ extern "C" {
 
 namespace {
 
-struct Fail {
-    std::string msg;
-};
-
-#define CU(x)                                                                                          \
-    do {                                                                                               \
-        cudaError_t e_ = (x);                                                                          \
-        if (e_ != cudaSuccess) throw Fail{std::string(#x) + ": " + cudaGetErrorString(e_)};           \
-    } while (0)
-#define CB(x)                                                                                          \
-    do {                                                                                               \
-        cublasStatus_t e_ = (x);                                                                       \
-        if (e_ != CUBLAS_STATUS_SUCCESS) throw Fail{std::string(#x) + ": cuBLAS status " + std::to_string((int)e_)}; \
-    } while (0)
-#define LAUNCH(what)                                                                                   \
-    do {                                                                                               \
-        cudaError_t e_ = cudaGetLastError();                                                           \
-        if (e_ != cudaSuccess) throw Fail{std::string("launch of ") + what + ": " + cudaGetErrorString(e_)}; \
-    } while (0)
 
 /* ---- the CPU runner's small steps, on the GPU ------------------------------ */
 

@@ -146,7 +146,6 @@ struct Uploader {
     UploadChunk u;
     ScatterChunk s;
     oscar_status rc = OSCAR_OK;
-    int32_t *next = nullptr; /* where the next contiguous int goes */
 
     Uploader(oscar_cache *c_, cudaStream_t st_) : c(c_), st(st_) {
         u.n = 0;
@@ -159,7 +158,6 @@ struct Uploader {
         flush();
         u.dst = dst;
         u.n = 0;
-        next = dst;
     }
     void put(int32_t x) {
         if (u.n == kUploadInts) {
@@ -168,7 +166,6 @@ struct Uploader {
             u.dst = d;
         }
         u.v[u.n++] = x;
-        next++;
     }
     void scatter(int32_t *base, int32_t idx, int32_t val) {
         if (s.n > 0 && (s.base != base || s.n == kUploadInts / 2)) flush_scatter();

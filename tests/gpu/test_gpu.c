@@ -396,15 +396,6 @@ static void test_matrix(void) {
     }
 }
 
-static double rel_l2f(const float *a, const float *b, int64_t n) {
-    double num = 0.0, den = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
-        den += (double)b[i] * b[i];
-    }
-    return den > 0.0 ? sqrt(num / den) : sqrt(num);
-}
-
 /* NaN input with check_finite = 1. The CUDA backend checks on the device:
  * the append returns OSCAR_OK, the sequence is marked failed (nothing of it
  * is written, its attention rows are NaN), the next poll / sync / append
@@ -462,7 +453,7 @@ static void test_nonfinite(void) {
     for (int i = 0; i < hq * d; i++) nan_rows += isnan(o[i]);
     CHECKF(nan_rows == hq * d, "nonfinite: %d of %d outputs of the failed sequence are NaN", nan_rows, hq * d);
     CHECK_OK(oscar_attention(ref, 0, 1, &rid[1], 1, q + hq * d, OSCAR_DTYPE_F32, orf, OSCAR_DTYPE_F32, 0.0f, NULL));
-    double e = rel_l2f(o + hq * d, orf, hq * d);
+    double e = rel_l2(o + hq * d, orf, hq * d);
     CHECKF(e < 2e-3, "nonfinite: the healthy sequence of the same call: rel err %.3g", e);
     /* a report found on the device turns the next append into the error */
     CHECK_OK(oscar_append(c, 0, 1, &id[1], &nt[0], kbad, vd, OSCAR_DTYPE_F16, NULL));
@@ -478,7 +469,7 @@ static void test_nonfinite(void) {
     CHECK_OK(oscar_attention(c, 0, 1, &fresh, 1, qd, OSCAR_DTYPE_F32, od, OSCAR_DTYPE_F32, 0.0f, NULL));
     CUCHECK(cudaMemcpy(o, od, sizeof(float) * hq * d, cudaMemcpyDeviceToHost));
     CHECK_OK(oscar_attention(ref, 0, 1, &rid[0], 1, q, OSCAR_DTYPE_F32, orf, OSCAR_DTYPE_F32, 0.0f, NULL));
-    e = rel_l2f(o, orf, hq * d);
+    e = rel_l2(o, orf, hq * d);
     CHECKF(e < 2e-3, "nonfinite: a fresh sequence in the failed slot: rel err %.3g", e);
     CHECK_OK(oscar_synchronize(c, NULL));
     free(k), free(v), free(kh), free(vh), free(q), free(o), free(orf);
@@ -521,7 +512,7 @@ static void test_two_shapes(void) {
     CHECK_OK(oscar_attention(a, 0, 1, &sa, 1, qd, OSCAR_DTYPE_F32, od, OSCAR_DTYPE_F32, 0.0f, NULL));
     CUCHECK(cudaMemcpy(o, od, sizeof(float) * 32 * 128, cudaMemcpyDeviceToHost));
     CHECK_OK(oscar_attention(ref, 0, 1, &sr, 1, q, OSCAR_DTYPE_F32, orf, OSCAR_DTYPE_F32, 0.0f, NULL));
-    const double e = rel_l2f(o, orf, 32 * 128);
+    const double e = rel_l2(o, orf, 32 * 128);
     CHECKF(e < 2e-3, "two shapes: the first cache after creating the second: rel err %.3g", e);
     free(k), free(v), free(kh), free(vh), free(q), free(o), free(orf);
     cudaFree(kd), cudaFree(vd), cudaFree(qd), cudaFree(od);
