@@ -28,6 +28,7 @@ typedef struct opts {
     int kv_f32;           /* --kv f32: the runner's own fp32 cache */
     oscar_config cfg;
     int fold_v;
+    int gpu_weights_f32; /* --gpu-weights f32 */
     int n_predict;
     float temp;
     unsigned long long seed;
@@ -68,15 +69,17 @@ static void usage(const char *cmd) {
                 "usage: oscar run --model M.gguf --prompt TEXT [--kv none|kivi|quarot|scale-only|oscar]\n"
                 "                 [--bits 2|4] [-n TOKENS] [--temp T] [--seed S] [--system TEXT] [--raw]\n"
                 "                 [--k-group G] [--v-group G] [--residual R] [--fold-v] [--threads N]\n"
-                "                 [--device cpu|cuda]\n"
+                "                 [--device cpu|cuda] [--gpu-weights bf16|f32]\n"
                 "  Generates a reply (greedy unless --temp > 0) with the KV cache in oscar.\n"
-                "  --device cuda runs the whole model on the GPU (decode steps are CUDA graph replays).\n"
+                "  --device cuda runs the whole model on the GPU (decode steps are CUDA graph replays),\n"
+                "  with the weights as bf16 (default) or f32 (--gpu-weights f32: the CPU's numbers).\n"
                 "  --raw skips the chat template; --ids also prints the generated token ids.\n");
     else if (strcmp(cmd, "ppl") == 0)
         fprintf(stderr,
                 "usage: oscar ppl --model M.gguf --text FILE [--ctx N] [--kv METHOD] [--bits 2|4] [--json]\n"
                 "                 [--windows K] [--chunk C] [--k-group G] [--v-group G] [--residual R]\n"
                 "                 [--fold-v] [--no-ref] [--dump PREFIX] [--threads N] [--device cpu|cuda]\n"
+                "                 [--gpu-weights bf16|f32]\n"
                 "  Perplexity over non-overlapping windows of N tokens (default 1024). For a\n"
                 "  quantised cache it also runs the 16-bit cache and reports KL and top-1 agreement.\n"
                 "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n");
@@ -169,6 +172,12 @@ static int parse_opts(int argc, char **argv, opts *o) {
             else if (!strcmp(v, "cuda")) o->cfg.backend = OSCAR_BACKEND_CUDA;
             else { die(cmd, "--device: cpu or cuda, not '%s'", v); return -1; }
         }
+        else if (!strcmp(a, "--gpu-weights")) {
+            NEEDV();
+            if (!strcmp(v, "bf16")) o->gpu_weights_f32 = 0;
+            else if (!strcmp(v, "f32")) o->gpu_weights_f32 = 1;
+            else { die(cmd, "--gpu-weights: bf16 or f32, not '%s'", v); return -1; }
+        }
         else if (!strcmp(a, "--layer")) INTV(0, 1 << 16, o->layer);
         else if (!strcmp(a, "--tokens")) INTV(2, 1 << 20, o->tni_tokens);
         else {
@@ -200,6 +209,7 @@ static llama_model *load_model(const char *cmd, const opts *o) {
     }
     llama_model *m = llama_load(o->model, o->fold_v, err, sizeof err);
     if (!m) die(cmd, "%s", err);
+    else m->gpu_weights_f32 = o->gpu_weights_f32;
     return m;
 }
 

@@ -127,8 +127,14 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
     }
     gguf_file *f = m->file;
     char *arch = gguf_get_string(f, "general.architecture");
-    if (!arch || strcmp(arch, "llama") != 0) {
-        seterr(err, n, "'%s': architecture '%s' is not supported (only 'llama')", path, arch ? arch : "(missing)");
+    if (arch && strcmp(arch, "llama") == 0) {
+        m->arch = LLAMA_ARCH_LLAMA;
+    } else if (arch && strcmp(arch, "qwen3") == 0) {
+        m->arch = LLAMA_ARCH_QWEN3;
+        m->rope_neox = 1;
+    } else {
+        seterr(err, n, "'%s': architecture '%s' is not supported (only 'llama' and 'qwen3')", path,
+               arch ? arch : "(missing)");
         free(arch);
         llama_free(m);
         return NULL;
@@ -208,6 +214,10 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
 #define T(name) (snprintf(nm, sizeof nm, "blk.%d." name ".weight", l), nm)
         if (!(L->attn_norm = bind_vec(f, T("attn_norm"), m->dim, err, n))) goto fail;
         if (!(L->ffn_norm = bind_vec(f, T("ffn_norm"), m->dim, err, n))) goto fail;
+        if (m->arch == LLAMA_ARCH_QWEN3) {
+            if (!(L->q_norm = bind_vec(f, T("attn_q_norm"), m->head_dim, err, n))) goto fail;
+            if (!(L->k_norm = bind_vec(f, T("attn_k_norm"), m->head_dim, err, n))) goto fail;
+        }
         if (bind_mat(f, T("attn_q"), qd, m->dim, &L->wq, err, n) != 0 ||
             bind_mat(f, T("attn_k"), kvd, m->dim, &L->wk, err, n) != 0 ||
             bind_mat(f, T("attn_v"), kvd, m->dim, &L->wv, err, n) != 0 ||
@@ -316,19 +326,21 @@ static void rmsnorm(float *out, const float *x, const float *w, int T, int dim, 
 }
 
 /* Llama GGUFs store Q/K permuted by the converter so that the rotation pairs
- * are adjacent elements (2i, 2i+1): llama.cpp's "normal" RoPE. */
+ * are adjacent elements (2i, 2i+1): llama.cpp's "normal" RoPE. Qwen3 GGUFs
+ * keep Hugging Face's layout, whose pairs are (i, i + rope_dim/2) ("neox"). */
 static void rope(const llama_model *m, float *x, int T, int n_heads, int64_t pos0) {
     const int d = m->head_dim, half = m->rope_dim / 2;
+    const int stride = m->rope_neox ? 1 : 2, partner = m->rope_neox ? half : 1;
     for (int t = 0; t < T; t++) {
         double pos = (double)(pos0 + t);
         for (int i = 0; i < half; i++) {
             double a = pos * m->rope_freq[i];
             float c = (float)cos(a), s = (float)sin(a);
             for (int h = 0; h < n_heads; h++) {
-                float *p = x + ((int64_t)t * n_heads + h) * d + 2 * i;
-                float x0 = p[0], x1 = p[1];
+                float *p = x + ((int64_t)t * n_heads + h) * d + stride * i;
+                float x0 = p[0], x1 = p[partner];
                 p[0] = x0 * c - x1 * s;
-                p[1] = x0 * s + x1 * c;
+                p[partner] = x0 * s + x1 * c;
             }
         }
     }
@@ -364,7 +376,8 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
     if (c.method != OSCAR_METHOD_NONE) kv->residual = c.residual;
     if (c.backend == OSCAR_BACKEND_CUDA) {
 #ifdef OSCAR_MODEL_GPU
-        kv->gpu = llama_gpu_create(m, &c, max_tokens, err, n);
+        kv->gpu = llama_gpu_create(m, &c, max_tokens, m->gpu_weights_f32 ? LLAMA_GPU_WEIGHTS_F32 : LLAMA_GPU_WEIGHTS_BF16,
+                                   err, n);
         return kv->gpu ? 0 : -1;
 #else
         seterr(err, n, "--device cuda: this oscar was built without the CUDA backend (nvcc not found)");
@@ -531,6 +544,10 @@ int llama_forward(const llama_model *m, llama_state *s, llama_kv *kv, const int3
         matmul(s->q, s->xb, &L->wq, T);
         matmul(s->k, s->xb, &L->wk, T);
         matmul(s->v, s->xb, &L->wv, T);
+        if (L->q_norm) { /* Qwen3: each head's q and k RMS-normalised (in place) */
+            rmsnorm(s->q, s->q, L->q_norm, T * m->n_heads, m->head_dim, m->eps);
+            rmsnorm(s->k, s->k, L->k_norm, T * m->n_kv_heads, m->head_dim, m->eps);
+        }
         rope(m, s->q, T, m->n_heads, pos0);
         rope(m, s->k, T, m->n_kv_heads, pos0);
         if (s->key_hook) s->key_hook(s->key_hook_ud, l, pos0, T, s->k);

@@ -21,19 +21,30 @@ typedef struct qmat {
 
 typedef struct llama_layer {
     const float *attn_norm, *ffn_norm;
+    const float *q_norm, *k_norm; /* Qwen3: per-head RMSNorm weights [head_dim], else NULL */
     qmat wq, wk, wv, wo, wgate, wup, wdown;
 } llama_layer;
+
+/* The architectures the runner knows (general.architecture). */
+typedef enum llama_arch {
+    LLAMA_ARCH_LLAMA, /* SmolLM2, Llama: Q/K rows permuted for adjacent-pair RoPE */
+    LLAMA_ARCH_QWEN3  /* per-head q/k RMSNorm before RoPE; RoPE on (i, i + d/2) pairs */
+} llama_arch;
 
 typedef struct llama_model {
     gguf_file *file;
     tokenizer *tok;
     char *name;
+    llama_arch arch;
     int n_layers, dim, n_heads, n_kv_heads, head_dim, ffn_dim, vocab, ctx_max, rope_dim;
+    int rope_neox; /* 1: RoPE rotates (i, i + rope_dim/2) (Qwen3), 0: (2i, 2i + 1) (Llama GGUFs) */
     float eps, rope_base;
     const float *out_norm;
     qmat embed, output;
     llama_layer *layers;
     int v_folded; /* H folded into W_v / W_o at load time */
+    int gpu_weights_f32; /* --device cuda: 1 keeps fp32 weight matrices on the GPU (default bf16);
+                            set before llama_kv_init */
     double *rope_freq; /* rope_dim/2 inverse frequencies */
 } llama_model;
 

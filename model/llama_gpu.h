@@ -4,11 +4,13 @@
  * the KV cache in oscar's CUDA backend (batch API, one sequence). Decode
  * steps (one token) after the first are replays of one CUDA graph.
  *
- * Weights are dequantised at load into fp32 device matrices and the GEMMs
- * run through cuBLAS in fp32 (no TF32): the runner is the correctness twin
- * of the CPU runner for the small GGUF models we ship (SmolLM2-135M), and
- * reproduces its logits to float rounding. The end-to-end speed benchmark
- * (`oscar bench-e2e`, model/gpu/e2e.cu) runs bf16 weights.
+ * Weights are dequantised at load into bf16 device matrices (default) or
+ * fp32 ones, and the GEMMs run through cuBLAS with fp32 accumulation (no
+ * TF32). With fp32 weights the runner is the correctness twin of the CPU
+ * runner and reproduces its logits to float rounding; bf16 weights halve
+ * the memory and the bytes read per step. Architectures: those of llama.c
+ * (Llama, Qwen3). The end-to-end speed benchmark (`oscar bench-e2e`,
+ * model/gpu/e2e.cu) runs bf16 weights and activations.
  */
 #ifndef OSCAR_MODEL_LLAMA_GPU_H
 #define OSCAR_MODEL_LLAMA_GPU_H
@@ -19,12 +21,17 @@
 
 typedef struct llama_gpu llama_gpu;
 
+typedef enum llama_gpu_weights {
+    LLAMA_GPU_WEIGHTS_BF16 = 0, /* default */
+    LLAMA_GPU_WEIGHTS_F32 = 1
+} llama_gpu_weights;
+
 /* 1 if this build has the GPU runner and a usable device. */
 int llama_gpu_available(void);
 /* Uploads the model and creates the KV cache from *cfg (its backend is
  * ignored: CUDA). NULL with a message on failure. */
-llama_gpu *llama_gpu_create(const llama_model *m, const oscar_config *cfg, int64_t max_tokens, char *err,
-                            size_t err_size);
+llama_gpu *llama_gpu_create(const llama_model *m, const oscar_config *cfg, int64_t max_tokens,
+                            llama_gpu_weights weights, char *err, size_t err_size);
 /* As llama_forward: n tokens at positions len .. len + n - 1; logits of the
  * last n_logits tokens into logits (host, [n_logits][vocab]); keys to the
  * hook (host copies) if given. Returns 0, or -1 with a message. */

@@ -167,6 +167,7 @@ static int write_plot(const char *path, const float *k, int64_t T, int hkv, int 
 typedef struct tni_args {
     const char *model, *text, *png;
     int layer, tokens, k_group, bits, residual, threads;
+    int cuda; /* --device cuda: the keys come from the GPU runner */
 } tni_args;
 
 static int tni_parse(int argc, char **argv, tni_args *a) {
@@ -185,10 +186,20 @@ static int tni_parse(int argc, char **argv, tni_args *a) {
             fprintf(stderr,
                     "usage: oscar tni --model M.gguf --text FILE [--layer L] [--png out.png] [--tokens N]\n"
                     "                 [--k-group G] [--bits 2|4] [--residual R] [--threads N]\n"
+                    "                 [--device cpu|cuda]\n"
                     "  Per-layer statistics of key token norms before and after Canalized Rotation and\n"
                     "  Omni-Token Scaling, the sink tokens, and a PNG of layer L's keys (default: the\n"
                     "  layer with the worst imbalance).\n");
             return 2;
+        }
+        if (!strcmp(o, "--device")) {
+            if (!v || (strcmp(v, "cpu") && strcmp(v, "cuda"))) {
+                fprintf(stderr, "oscar tni: --device: cpu or cuda\n");
+                return -1;
+            }
+            a->cuda = !strcmp(v, "cuda");
+            i++;
+            continue;
         }
         if (!strcmp(o, "--model") || !strcmp(o, "-m") || !strcmp(o, "--text") || !strcmp(o, "--png")) {
             if (!v) { fprintf(stderr, "oscar tni: %s needs a value\n", o); return -1; }
@@ -261,8 +272,19 @@ int oscar_cmd_tni(int argc, char **argv) {
     ks.k = malloc((size_t)m->n_layers * T * kvd * sizeof(float));
     ls = calloc((size_t)m->n_layers, sizeof *ls);
     norms = malloc((size_t)m->n_layers * T * sizeof(float));
-    if (!ks.k || !ls || !norms || llama_kv_init(&kv, m, NULL, 1, T, err, sizeof err) != 0 || llama_state_init(&st, m, 64) != 0) {
+    if (!ks.k || !ls || !norms || llama_state_init(&st, m, 64) != 0) {
         fprintf(stderr, "oscar tni: out of memory\n");
+        goto out;
+    }
+    /* the keys are observed before the cache: the CPU runner's own fp32
+     * cache, or on the GPU a 16-bit oscar cache with fp32 weights (the
+     * CPU's numbers to float rounding) */
+    oscar_config gcfg = oscar_config_default();
+    gcfg.method = OSCAR_METHOD_NONE;
+    gcfg.backend = OSCAR_BACKEND_CUDA;
+    m->gpu_weights_f32 = 1;
+    if (llama_kv_init(&kv, m, a.cuda ? &gcfg : NULL, a.cuda ? 0 : 1, T, err, sizeof err) != 0) {
+        fprintf(stderr, "oscar tni: %s\n", err);
         goto out;
     }
     st.key_hook = keep_keys;

@@ -5,7 +5,8 @@
 #   build.log  test_gpu.log  sanitizer.log  python.log  bench.jsonl  peers.jsonl  tables.md
 # STEPS selects steps (default "build test sanitize python bench peers"; also
 # "runner": the GPU model runner against the CPU runner, needs RUNNER_MODEL and
-# RUNNER_TEXT, e.g. from scripts/make-small-gguf.py; "e2e": oscar bench-e2e).
+# RUNNER_TEXT, e.g. from scripts/make-small-gguf.py, and RUNNER_QWEN3, a
+# Qwen3-architecture GGUF from scripts/make-qwen3-gguf.py; "e2e": oscar bench-e2e).
 # The test step runs test_gpu, test_engine_gpu and test_tp_nccl (two GPUs:
 # run on the nvidia-h200-x2 kind; it skips, exit 77, with one).
 # OSCAR_BENCH_ONLY (e.g. "decode" or "append") narrows the benchmark.
@@ -81,7 +82,7 @@ fi
 if has runner; then
   stamp runner
   bash tests/gpu/check_runner.sh "$BUILD/oscar" "${RUNNER_MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}" \
-    "${RUNNER_TEXT:-models/debian-policy.txt}" "$OUT/runner" 2>&1 | tee "$OUT/runner.log"
+    "${RUNNER_TEXT:-models/debian-policy.txt}" "$OUT/runner" "${RUNNER_QWEN3:-}" 2>&1 | tee "$OUT/runner.log"
   r=${PIPESTATUS[0]}
   [ $r -eq 0 ] || [ $r -eq 77 ] || rc=1
 fi

@@ -120,4 +120,22 @@ elif python3 -c 'import numpy, gguf' 2>/dev/null; then
 else
     echo "cli_model: numpy/gguf not installed (pip install numpy gguf), logits check skipped"
 fi
+
+# 7. the Qwen3 architecture (per-head q/k RMSNorm, neox RoPE, head_dim != dim/heads,
+#    untied output) on a random-weight model with the real tokenizer, against numpy;
+#    the 2-bit cache runs on it too
+if [ $SLOW = 1 ]; then
+    echo "cli_model: sanitizer build, Qwen3 numpy check left to the normal build"
+elif python3 -c 'import numpy, gguf' 2>/dev/null; then
+    python3 "$ROOT/scripts/make-qwen3-gguf.py" "$MODEL" "$WORK/qwen3.gguf" --untied >/dev/null \
+        || fail "make-qwen3-gguf.py"
+    python3 "$ROOT/tests/model/check_logits.py" --oscar "$BIN" --model "$WORK/qwen3.gguf" --text "$TEXT" \
+        --tokens 64 --gen 8 || fail "Qwen3 logits check against numpy"
+    "$BIN" ppl --model "$WORK/qwen3.gguf" --text "$TEXT" --ctx 256 --windows 1 --kv oscar --bits 2 --residual 32 \
+        --json > "$WORK/qwen3_ppl.json" || fail "ppl on the Qwen3 model"
+    grep -q '"kl_mean"' "$WORK/qwen3_ppl.json" || fail "Qwen3 ppl: no KL in the JSON"
+    rm -f "$WORK/qwen3.gguf"
+else
+    echo "cli_model: numpy/gguf not installed, Qwen3 check skipped"
+fi
 echo "cli_model: PASS"

@@ -1,21 +1,28 @@
 /*
  * llama_gpu.cu - llama_forward (model/llama.c) on the GPU: the same steps,
- * one kernel or one cuBLAS call each, in fp32, with the KV cache in oscar's
- * CUDA backend through the batch API (one sequence, window slot 0, blocks
- * 0, 1, 2, ... in order). See model/llama_gpu.h.
+ * one kernel or one cuBLAS call each, with the KV cache in oscar's CUDA
+ * backend through the batch API (one sequence, window slot 0, blocks 0, 1,
+ * 2, ... in order). See model/llama_gpu.h.
  *
  *   x = embed[tokens]
  *   for each layer:
- *     xb = rmsnorm(x) * attn_norm;  q|k|v = xb @ Wqkv^T;  rope(q, k)
+ *     xb = rmsnorm(x) * attn_norm;  q|k|v = xb @ Wqkv^T
+ *     [Qwen3: q, k = per-head rmsnorm(q) * q_norm, rmsnorm(k) * k_norm];  rope(q, k)
  *     oscar_batch_append(k, v);  att = oscar_batch_attention(q)
  *     x += att @ Wo^T
  *     xb = rmsnorm(x) * ffn_norm;  x += (silu(xb @ Wg^T) * (xb @ Wu^T)) @ Wd^T
  *   logits = (rmsnorm(x) * out_norm) @ Wout^T     (the last n_logits rows)
  *
+ * Activations are fp32. Weights are bf16 (default: half the memory and
+ * bytes per step) or fp32 (LLAMA_GPU_WEIGHTS_F32: the correctness twin of
+ * the CPU runner, equal to float rounding); a bf16 GEMM rounds its fp32
+ * input rows to bf16 first and accumulates in fp32.
+ *
  * A decode call (one token, one logit row) is captured once as a CUDA graph
  * that also advances the sequence length; later decode calls replay it.
  */
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <math.h>
@@ -56,29 +63,54 @@ __global__ void rmsnorm_kernel(const float *x, const float *w, float *out, int d
     for (int i = threadIdx.x; i < dim; i += blockDim.x) out[(size_t)blockIdx.x * dim + i] = xr[i] * s * w[i];
 }
 
-/* the qkv GEMM's rows [T][q | k | v] into q [T][Hq][d], k, v [T][Hkv][d],
- * with llama.cpp's "normal" RoPE on adjacent pairs of q and k at position
- * len - T + t (len = the sequence length after this call) */
-__global__ void split_rope_kernel(const float *qkv, const int32_t *len, const double *freq, int rope_half, int T,
-                                  int hq, int hkv, int d, float *q, float *k, float *v) {
+/* The qkv GEMM's rows [T][q | k | v] into q [T][Hq][d], k, v [T][Hkv][d].
+ * Qwen3 first RMS-normalises each q and k head (qn, kn: weights [d], as
+ * llama.c's rmsnorm: double sum, s = 1/sqrt(ss/d + eps), x * s * w). Then
+ * RoPE at position len - T + t (len = the sequence length after this call)
+ * on the pairs (c, c ^ 1) (Llama GGUFs) or (c, c + rope_half) (neox, Qwen3),
+ * for c < 2 * rope_half. One warp per head; the row goes through shared
+ * memory so that a lane can read its RoPE partner. */
+constexpr int SPLIT_WARPS = 8, SPLIT_MAX_D = 256;
+__global__ void __launch_bounds__(SPLIT_WARPS * 32)
+    split_norm_rope_kernel(const float *qkv, const int32_t *len, const double *freq, int rope_half, int neox,
+                           const float *qn, const float *kn, float eps, int T, int hq, int hkv, int d, float *q,
+                           float *k, float *v) {
+    __shared__ float row[SPLIT_WARPS][SPLIT_MAX_D];
     const int t = blockIdx.x, nh = hq + 2 * hkv;
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const double pos = (double)(len[0] - T + t);
-    for (int i = threadIdx.x; i < nh * d; i += blockDim.x) {
-        const int head = i / d, c = i - head * d;
-        const float x = qkv[(size_t)t * nh * d + i];
-        float y = x;
-        if (head < hq + hkv && (c >> 1) < rope_half) {
-            const double a = pos * freq[c >> 1];
-            const float cs = (float)cos(a), sn = (float)sin(a);
-            const float other = qkv[(size_t)t * nh * d + (i ^ 1)];
-            y = (c & 1) ? other * sn + x * cs : x * cs - other * sn;
+    for (int head = blockIdx.y * SPLIT_WARPS + w; head < nh; head += gridDim.y * SPLIT_WARPS) {
+        const float *src = qkv + ((size_t)t * nh + head) * d;
+        const bool is_q = head < hq, is_k = !is_q && head < hq + hkv;
+        float *r = row[w];
+        for (int c = lane; c < d; c += 32) r[c] = src[c];
+        __syncwarp();
+        if (qn && (is_q || is_k)) {
+            double ss = 0.0;
+            for (int c = lane; c < d; c += 32) ss += (double)r[c] * r[c];
+            for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            const float s = (float)(1.0 / sqrt(ss / d + eps));
+            const float *wn = is_q ? qn : kn;
+            __syncwarp();
+            for (int c = lane; c < d; c += 32) r[c] = r[c] * s * wn[c];
+            __syncwarp();
         }
-        if (head < hq)
-            q[((size_t)t * hq + head) * d + c] = y;
-        else if (head < hq + hkv)
-            k[((size_t)t * hkv + head - hq) * d + c] = y;
-        else
-            v[((size_t)t * hkv + head - hq - hkv) * d + c] = y;
+        float *dst = is_q ? q + ((size_t)t * hq + head) * d
+                          : is_k ? k + ((size_t)t * hkv + head - hq) * d : v + ((size_t)t * hkv + head - hq - hkv) * d;
+        for (int c = lane; c < d; c += 32) {
+            float y = r[c];
+            if ((is_q || is_k) && c < 2 * rope_half) {
+                /* i: the frequency index; first: c is the pair's first element */
+                const int i = neox ? (c < rope_half ? c : c - rope_half) : (c >> 1);
+                const bool first = neox ? c < rope_half : (c & 1) == 0;
+                const int other = neox ? (first ? c + rope_half : c - rope_half) : (c ^ 1);
+                const double a = pos * freq[i];
+                const float cs = (float)cos(a), sn = (float)sin(a);
+                y = first ? r[c] * cs - r[other] * sn : r[other] * sn + r[c] * cs;
+            }
+            dst[c] = y;
+        }
+        __syncwarp();
     }
 }
 
@@ -103,6 +135,11 @@ __global__ void embed_f32_kernel(const int32_t *tokens, const float *table, floa
 
 __global__ void advance_one_kernel(int32_t *len) { len[0] += 1; }
 
+__global__ void to_bf16_kernel(const float *x, __nv_bfloat16 *y, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16_rn(x[i]);
+}
+
 } // namespace
 
 struct llama_gpu {
@@ -111,9 +148,12 @@ struct llama_gpu {
     cublasHandle_t blas = nullptr;
     cudaStream_t st = nullptr;
     std::vector<void *> allocs;
-    float *embed = nullptr, *wout = nullptr, *out_norm = nullptr;
+    bool bf16 = true; /* weight matrices as bf16 (else fp32) */
+    float *embed = nullptr, *out_norm = nullptr;
+    void *wout = nullptr;
     struct Layer {
-        float *attn_norm, *ffn_norm, *wqkv, *wo, *wgu, *wd;
+        float *attn_norm, *ffn_norm, *q_norm, *k_norm;
+        void *wqkv, *wo, *wgu, *wd; /* bf16 or fp32 [rows][cols] */
     };
     std::vector<Layer> layers;
     double *freq = nullptr;
@@ -124,6 +164,7 @@ struct llama_gpu {
     float *x = nullptr, *xb = nullptr, *qkv = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *att = nullptr,
           *xo = nullptr, *gu = nullptr, *hb = nullptr, *logits = nullptr;
     void *blas_ws = nullptr;
+    __nv_bfloat16 *x16 = nullptr; /* a bf16 GEMM's input rows */
     cudaGraphExec_t decode = nullptr;
 
     template <class T> T *alloc(size_t n) {
@@ -148,11 +189,23 @@ struct llama_gpu {
         CU(cudaMemcpy(d, h.data(), sizeof(float) * h.size(), cudaMemcpyHostToDevice));
         return d;
     }
-    float *upload_mats(std::initializer_list<const qmat *> ws) {
+    float *upload_mats_f32(std::initializer_list<const qmat *> ws) {
         std::vector<float> h;
         int64_t r = 0;
         for (const qmat *w : ws) dequant(w, h, r), r += w->rows;
         return upload(h);
+    }
+    /* the matrices stacked by rows, as the runner's weight dtype */
+    void *upload_mats(std::initializer_list<const qmat *> ws) {
+        std::vector<float> h;
+        int64_t r = 0;
+        for (const qmat *w : ws) dequant(w, h, r), r += w->rows;
+        if (!bf16) return upload(h);
+        std::vector<__nv_bfloat16> b(h.size());
+        for (size_t i = 0; i < h.size(); i++) b[i] = __float2bfloat16_rn(h[i]);
+        __nv_bfloat16 *d = alloc<__nv_bfloat16>(b.size());
+        CU(cudaMemcpy(d, b.data(), sizeof(__nv_bfloat16) * b.size(), cudaMemcpyHostToDevice));
+        return d;
     }
     float *upload_vec(const float *p, int n) { return upload(std::vector<float>(p, p + n)); }
 
@@ -167,11 +220,25 @@ struct llama_gpu {
         gu = alloc<float>((size_t)T * 2 * m->ffn_dim), hb = alloc<float>((size_t)T * m->ffn_dim);
         logits = alloc<float>((size_t)T * m->vocab);
         d_tokens = alloc<int32_t>(T);
+        if (bf16) {
+            size_t widest = (size_t)dim;
+            if ((size_t)m->n_heads * hd > widest) widest = (size_t)m->n_heads * hd;
+            if ((size_t)m->ffn_dim > widest) widest = (size_t)m->ffn_dim;
+            x16 = alloc<__nv_bfloat16>((size_t)T * widest);
+        }
         cap_rows = T;
     }
-    void gemm(const float *X, const float *W, float *Y, int N, int K, int T) {
+    /* Y[T][N] = X[T][K] @ W[N][K]^T, fp32 accumulation */
+    void gemm(const float *X, const void *W, float *Y, int N, int K, int T) {
         const float one = 1.0f, zero = 0.0f;
-        CB(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, K, X, K, &zero, Y, N));
+        if (!bf16) {
+            CB(cublasSgemm(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, (const float *)W, K, X, K, &zero, Y, N));
+            return;
+        }
+        to_bf16_kernel<<<256, 256, 0, st>>>(X, x16, (size_t)T * K);
+        LAUNCH("to_bf16");
+        CB(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, CUDA_R_16BF, K, x16, CUDA_R_16BF, K, &zero,
+                        Y, CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
     void check(oscar_status s, const char *what) {
         if (s != OSCAR_OK) throw Fail{std::string(what) + ": " + oscar_status_name(s) + ": " + oscar_last_error(oc)};
@@ -191,7 +258,9 @@ struct llama_gpu {
             const Layer &L = layers[l];
             rmsnorm_kernel<<<T, 256, 0, st>>>(x, L.attn_norm, xb, dim, m->eps);
             gemm(xb, L.wqkv, qkv, (hq + 2 * hkv) * hd, dim, T);
-            split_rope_kernel<<<T, 256, 0, st>>>(qkv, d_len, freq, m->rope_dim / 2, T, hq, hkv, hd, q, k, v);
+            split_norm_rope_kernel<<<dim3(T, 1), SPLIT_WARPS * 32, 0, st>>>(qkv, d_len, freq, m->rope_dim / 2,
+                                                                         m->rope_neox, L.q_norm, L.k_norm, m->eps,
+                                                                         T, hq, hkv, hd, q, k, v);
             LAUNCH("rmsnorm / rope");
             if (hook) {
                 std::vector<float> hk((size_t)T * hkv * hd);
@@ -231,23 +300,25 @@ struct llama_gpu {
 extern "C" int llama_gpu_available(void) { return oscar_backend_available(OSCAR_BACKEND_CUDA); }
 
 extern "C" llama_gpu *llama_gpu_create(const llama_model *m, const oscar_config *cfg_in, int64_t max_tokens,
-                                       char *err, size_t n) {
+                                       llama_gpu_weights weights, char *err, size_t n) {
     llama_gpu *g = new (std::nothrow) llama_gpu();
     if (!g) {
         snprintf(err, n, "out of host memory");
         return nullptr;
     }
     g->m = m;
+    g->bf16 = weights != LLAMA_GPU_WEIGHTS_F32;
     try {
+        if (m->head_dim > SPLIT_MAX_D) throw Fail{"head_dim " + std::to_string(m->head_dim) + " > 256"};
         if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) throw Fail{"no usable CUDA device (Hopper, sm_90a)"};
         CU(cudaStreamCreateWithFlags(&g->st, cudaStreamNonBlocking));
         CB(cublasCreate(&g->blas));
         CB(cublasSetStream(g->blas, g->st));
-        CB(cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH)); /* fp32, no TF32 */
+        CB(cublasSetMathMode(g->blas, CUBLAS_DEFAULT_MATH)); /* fp32 GEMMs: no TF32 */
         g->blas_ws = g->alloc<uint8_t>(32u << 20);
         CB(cublasSetWorkspace(g->blas, g->blas_ws, 32u << 20));
         /* weights */
-        g->embed = g->upload_mats({&m->embed});
+        g->embed = g->upload_mats_f32({&m->embed}); /* rows are copied, not multiplied */
         g->wout = g->upload_mats({&m->output});
         g->out_norm = g->upload_vec(m->out_norm, m->dim);
         for (int l = 0; l < m->n_layers; l++) {
@@ -255,6 +326,8 @@ extern "C" llama_gpu *llama_gpu_create(const llama_model *m, const oscar_config 
             llama_gpu::Layer G;
             G.attn_norm = g->upload_vec(L->attn_norm, m->dim);
             G.ffn_norm = g->upload_vec(L->ffn_norm, m->dim);
+            G.q_norm = L->q_norm ? g->upload_vec(L->q_norm, m->head_dim) : nullptr;
+            G.k_norm = L->k_norm ? g->upload_vec(L->k_norm, m->head_dim) : nullptr;
             G.wqkv = g->upload_mats({&L->wq, &L->wk, &L->wv});
             G.wo = g->upload_mats({&L->wo});
             G.wgu = g->upload_mats({&L->wgate, &L->wup});

@@ -4,9 +4,10 @@ numpy implementation of the same GGUF model.
 
 The reference reads the file with the PyPI `gguf` package (GGUFReader and
 gguf.quants.dequantize, not our C reader), undoes llama.cpp's Q/K row
-permutation and applies RoPE the Hugging Face way (rotate_half on the
-original layout), so it does not share the runner's RoPE convention. It runs
-in float64.
+permutation (Llama; Qwen3 files are not permuted) and applies RoPE the
+Hugging Face way (rotate_half on the original layout), so it does not share
+the runner's RoPE convention. Qwen3 adds the per-head q/k RMSNorm and a head
+dimension from attention.key_length. It runs in float64.
 
 Checks:
   1. logits of the first N tokens of a text, 16-bit oscar cache (--kv none)
@@ -44,12 +45,13 @@ class Ref:
         r = GGUFReader(path)
         self.r = r
         arch = field(r, "general.architecture")
+        self.arch = arch
         g = lambda k, d=None: field(r, f"{arch}.{k}") if f"{arch}.{k}" in r.fields else d
         self.n_layers = int(g("block_count"))
         self.dim = int(g("embedding_length"))
         self.n_heads = int(g("attention.head_count"))
         self.n_kv = int(g("attention.head_count_kv", self.n_heads))
-        self.hd = self.dim // self.n_heads
+        self.hd = int(g("attention.key_length", self.dim // self.n_heads))
         self.eps = float(g("attention.layer_norm_rms_epsilon"))
         self.base = float(g("rope.freq_base", 10000.0))
         self.t = {t.name: t for t in r.tensors}
@@ -93,11 +95,15 @@ class Ref:
         for l in range(self.n_layers):
             p = f"blk.{l}."
             h = self.rms(x, self.w(p + "attn_norm.weight"))
-            wq = self.unpermute(self.w(p + "attn_q.weight"), self.n_heads)
-            wk = self.unpermute(self.w(p + "attn_k.weight"), self.n_kv)
+            wq, wk = self.w(p + "attn_q.weight"), self.w(p + "attn_k.weight")
+            if self.arch == "llama":
+                wq, wk = self.unpermute(wq, self.n_heads), self.unpermute(wk, self.n_kv)
             q = (h @ wq.T).reshape(T, self.n_heads, self.hd)
             k = (h @ wk.T).reshape(T, self.n_kv, self.hd)
             v = (h @ self.w(p + "attn_v.weight").T).reshape(T, self.n_kv, self.hd)
+            if self.arch == "qwen3":  # RMSNorm of each head's q and k
+                q = self.rms(q, self.w(p + "attn_q_norm.weight"))
+                k = self.rms(k, self.w(p + "attn_k_norm.weight"))
             q, k = self.rope_hf(q, pos), self.rope_hf(k, pos)
             out = np.empty((T, self.n_heads, self.hd))
             for hh in range(self.n_heads):
