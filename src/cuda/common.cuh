@@ -23,8 +23,6 @@ struct PackTask {
     int32_t slot;          /* window slot / sequence slot                  */
     int32_t window_before; /* stream indices < this come from the window    */
     int32_t stream0;       /* first stream index of the block              */
-    int32_t table_idx;     /* index in the sequence's block table          */
-    int32_t pad;
 };
 
 /* Rows [r0, r1) of a window slot receive stream tokens r + shift: old

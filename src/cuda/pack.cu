@@ -178,54 +178,65 @@ __global__ void __launch_bounds__(128) norm_kernel(AppendArgs A) {
     for (int t = threadIdx.x; t < A.R; t += blockDim.x) norms[t] = norm_of(token_ss(A, T, T.stream0 + t));
 }
 
-/* Per-head sums of squares of new key rows as the window stores them
- * (rotated, rounded): one warp per (row, head), lanes summing their d/32
- * channels in order, then the xor butterfly (internal.h, oscar_head_sumsq:
- * the same bits as the CPU); then per row the heads in order. With tp set,
- * the token sums come from the caller's gathered per-head sums of every
- * shard instead. A CTA takes SUMSQ_ROWS rows. */
+/* One key row's sum of squares for head h as the window stores it
+ * (rotated, rounded): the warp's lanes sum their d/32 channels in order,
+ * then the xor butterfly (internal.h, oscar_head_sumsq: the same bits as the
+ * CPU). Every lane returns the sum. */
+template <int D>
+__device__ __forceinline__ float head_sumsq(const void *k, int dtype, int64_t row, int hkv, int h, int rotate,
+                                            int w_dtype, int lane) {
+    constexpr int E = D / 32;
+    float x[E];
+    ld_row<E>(k, dtype, ((size_t)row * hkv + h) * D + (size_t)lane * E, x);
+    if (rotate) oscar_warp_fwht<D>(x, lane);
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < E; i++) {
+        const float v = oscar_round_to(x[i], w_dtype);
+        s = __fadd_rn(s, __fmul_rn(v, v));
+    }
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) s = __fadd_rn(s, __shfl_xor_sync(OSCAR_FULL_MASK, s, m));
+    return s;
+}
+
+/* A token's sum of squares: its heads' sums in order, or with tensor
+ * parallelism the caller's gathered per-head sums of every shard. */
+__device__ __forceinline__ float token_sumsq(const float *head_ss, int hkv, const float *tp, int tp_heads, int64_t row) {
+    float s = 0.0f;
+    if (tp) {
+        for (int h = 0; h < tp_heads; h++) s = __fadd_rn(s, tp[(size_t)row * tp_heads + h]);
+    } else {
+        for (int h = 0; h < hkv; h++) s = __fadd_rn(s, head_ss[h]);
+    }
+    return s;
+}
+
+/* Per-head (head_out) and per-token (ss_out) key sums of squares of new
+ * rows: one warp per (row, head), then per row the heads in order. A CTA
+ * takes SUMSQ_ROWS rows. */
 constexpr int SUMSQ_ROWS = 8;
 template <int D>
 __global__ void __launch_bounds__(256) row_sumsq_kernel(const void *k, int dtype, int64_t n_rows, int hkv,
                                                         int rotate, int w_dtype, const float *tp, int tp_heads,
                                                         float *head_out, float *ss_out) {
     extern __shared__ float hs[]; /* [SUMSQ_ROWS][hkv] */
-    constexpr int E = D / 32;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     const int64_t row0 = (int64_t)blockIdx.x * SUMSQ_ROWS;
     const int rows = (int)min((int64_t)SUMSQ_ROWS, n_rows - row0);
     if (!tp || head_out) {
         for (int task = w; task < rows * hkv; task += 8) {
             const int r = task / hkv, h = task - r * hkv;
-            const int64_t row = row0 + r;
-            float x[E];
-            ld_row<E>(k, dtype, ((size_t)row * hkv + h) * D + (size_t)lane * E, x);
-            if (rotate) oscar_warp_fwht<D>(x, lane);
-            float s = 0.0f;
-#pragma unroll
-            for (int i = 0; i < E; i++) {
-                const float v = oscar_round_to(x[i], w_dtype);
-                s = __fadd_rn(s, __fmul_rn(v, v));
-            }
-#pragma unroll
-            for (int m = 16; m >= 1; m >>= 1) s = __fadd_rn(s, __shfl_xor_sync(OSCAR_FULL_MASK, s, m));
+            const float s = head_sumsq<D>(k, dtype, row0 + r, hkv, h, rotate, w_dtype, lane);
             if (lane == 0) {
                 hs[r * hkv + h] = s;
-                if (head_out) head_out[(size_t)row * hkv + h] = s;
+                if (head_out) head_out[(size_t)(row0 + r) * hkv + h] = s;
             }
         }
     }
     __syncthreads();
-    if ((int)threadIdx.x < rows && ss_out) {
-        const int64_t row = row0 + threadIdx.x;
-        float s = 0.0f;
-        if (tp) {
-            for (int h = 0; h < tp_heads; h++) s = __fadd_rn(s, tp[(size_t)row * tp_heads + h]);
-        } else {
-            for (int h = 0; h < hkv; h++) s = __fadd_rn(s, hs[threadIdx.x * hkv + h]);
-        }
-        ss_out[row] = s;
-    }
+    if ((int)threadIdx.x < rows && ss_out)
+        ss_out[row0 + threadIdx.x] = token_sumsq(hs + threadIdx.x * hkv, hkv, tp, tp_heads, row0 + threadIdx.x);
 }
 
 /* code = sc > 0 ? clamp(rint((x - l0) / sc), 0, Q) : 0 with the division in
@@ -808,14 +819,12 @@ __device__ __forceinline__ AppendSeq append_seq(const AppendCall &C, int i) {
     return s;
 }
 
-/* One thread per sequence: its flush tasks (block < 0 where it has fewer
- * than the list holds) and its window task. A sequence that starts here
- * (nothing before this append) clears its failed mark. Entries out of range
- * are reported and skipped: no task of theirs writes anything. */
-__global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32_t *task0, PackTask *tasks,
-                                   WinTask *wtasks, int32_t *failed, OscarReport *report) {
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= C.n_seqs) return;
+/* Sequence i's flush tasks (block < 0 where it has fewer than the list
+ * holds) and its window task. A sequence that starts here (nothing before
+ * this append) clears its failed mark. Entries out of range are reported
+ * and skipped: no task of theirs writes anything. */
+__device__ void build_seq_tasks(const AppendCall &C, int i, int R, int per_seq, const int32_t *task0,
+                                PackTask *tasks, WinTask *wtasks, int32_t *failed, OscarReport *report) {
     AppendSeq s = append_seq(C, i);
     const int first = task0 ? task0[i] : i * per_seq;
     const int count = task0 ? (task0[i + 1] - first) : per_seq;
@@ -851,8 +860,6 @@ __global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32
         T.slot = s.slot;
         T.window_before = wb;
         T.stream0 = f * R;
-        T.table_idx = p0 + f;
-        T.pad = 0;
         tasks[first + f] = T;
     }
     /* the window afterwards: stream tokens [n_flush*R, wb + n_new) */
@@ -867,17 +874,20 @@ __global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32
     wtasks[i] = W;
 }
 
-/* NaN/Inf in the new rows of a sequence marks it failed (after the builder
- * has cleared restarting slots, before the pack kernels read the mark). */
-__global__ void finite_kernel(AppendCall C, const void *k, const void *v, int row_elems, int dtype, int32_t *failed,
-                              OscarReport *report) {
-    const int i = blockIdx.y;
-    const AppendSeq s = append_seq(C, i);
-    if (!s.valid || s.n_new <= 0) return;
-    const int64_t n = (int64_t)s.n_new * row_elems, base = (int64_t)s.row0 * row_elems;
+/* One thread per sequence (large appends: the finite and sum-of-squares
+ * kernels follow). */
+__global__ void build_tasks_kernel(AppendCall C, int R, int per_seq, const int32_t *task0, PackTask *tasks,
+                                   WinTask *wtasks, int32_t *failed, OscarReport *report) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < C.n_seqs) build_seq_tasks(C, i, R, per_seq, task0, tasks, wtasks, failed, report);
+}
+
+/* 1 if any of n elements (K and V, dtype) from element base is NaN or Inf;
+ * the threads of `nthreads` stride over them. */
+__device__ __forceinline__ int any_nonfinite(const void *k, const void *v, int dtype, int64_t base, int64_t n,
+                                             int64_t first, int64_t stride) {
     int bad = 0;
-    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
-    for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += stride) {
+    for (int64_t j = first; j < n; j += stride) {
         const int64_t e = base + j;
         if (dtype == OSCAR_DTYPE_F32) {
             uint32_t a = ((const uint32_t *)k)[e], b = ((const uint32_t *)v)[e];
@@ -888,12 +898,64 @@ __global__ void finite_kernel(AppendCall C, const void *k, const void *v, int ro
             bad |= ((a & m) == m) | ((b & m) == m);
         }
     }
-    if (__syncthreads_or(bad) && threadIdx.x == 0) {
-        failed[s.slot] = 1;
-        report->failed_slot[s.slot] = 1;
-        __threadfence_system();
-        report->nonfinite = 1;
+    return bad;
+}
+
+__device__ __forceinline__ void mark_failed(int32_t *failed, OscarReport *report, int slot) {
+    failed[slot] = 1;
+    report->failed_slot[slot] = 1;
+    __threadfence_system();
+    report->nonfinite = 1;
+}
+
+/* The three steps before the pack of a small append (decode, speculative
+ * decoding: at most PROLOGUE_MAX_NEW new tokens per sequence) in one launch,
+ * one CTA per sequence, in the order of the three kernels they replace: the
+ * builder (thread 0), then the finiteness check, then the new rows' sums of
+ * squares (the same device functions, so the same bits). */
+constexpr int PROLOGUE_MAX_NEW = 16;
+template <int D>
+__global__ void __launch_bounds__(256)
+    append_prologue_kernel(AppendCall C, int R, int per_seq, const int32_t *task0, PackTask *tasks, WinTask *wtasks,
+                           int32_t *failed, OscarReport *report, const void *k, const void *v, int dtype,
+                           int check_finite, int hkv, int rotate, int w_dtype, float *ss_out) {
+    extern __shared__ float hs[]; /* [PROLOGUE_MAX_NEW][hkv] */
+    const int i = blockIdx.x;
+    if (threadIdx.x == 0) build_seq_tasks(C, i, R, per_seq, task0, tasks, wtasks, failed, report);
+    __syncthreads(); /* the builder's failed-mark reset comes before the check */
+    const AppendSeq s = append_seq(C, i);
+    if (!s.valid || s.n_new <= 0) return;
+    const int rows = min(s.n_new, PROLOGUE_MAX_NEW);
+    if (check_finite) {
+        const int64_t row_elems = (int64_t)hkv * D;
+        const int bad = any_nonfinite(k, v, dtype, (int64_t)s.row0 * row_elems, (int64_t)rows * row_elems,
+                                      threadIdx.x, blockDim.x);
+        if (__syncthreads_or(bad) && threadIdx.x == 0) mark_failed(failed, report, s.slot);
     }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    if (!C.tp) {
+        for (int task = w; task < rows * hkv; task += 8) {
+            const int r = task / hkv, h = task - r * hkv;
+            const float x = head_sumsq<D>(k, dtype, (int64_t)s.row0 + r, hkv, h, rotate, w_dtype, lane);
+            if (lane == 0) hs[r * hkv + h] = x;
+        }
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < rows)
+        ss_out[s.row0 + threadIdx.x] =
+            token_sumsq(hs + threadIdx.x * hkv, hkv, C.tp, C.tp_heads, (int64_t)s.row0 + threadIdx.x);
+}
+
+/* NaN/Inf in the new rows of a sequence marks it failed (after the builder
+ * has cleared restarting slots, before the pack kernels read the mark). */
+__global__ void finite_kernel(AppendCall C, const void *k, const void *v, int row_elems, int dtype, int32_t *failed,
+                              OscarReport *report) {
+    const int i = blockIdx.y;
+    const AppendSeq s = append_seq(C, i);
+    if (!s.valid || s.n_new <= 0) return;
+    const int bad = any_nonfinite(k, v, dtype, (int64_t)s.row0 * row_elems, (int64_t)s.n_new * row_elems,
+                                  (int64_t)blockIdx.x * blockDim.x + threadIdx.x, (int64_t)gridDim.x * blockDim.x);
+    if (__syncthreads_or(bad) && threadIdx.x == 0) mark_failed(failed, report, s.slot);
 }
 
 template <int D>
@@ -1038,6 +1100,23 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
                                "append: %d pack tasks for %d sequences exceed the workspace's %zu / %zu", n_tasks,
                                C.n_seqs, S->max_tasks, S->max_wtasks);
     oscar_status rc;
+    if ((size_t)C.total_rows > S->ss_cap)
+        return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "append: %lld rows exceed the workspace's %zu",
+                               (long long)C.total_rows, S->ss_cap);
+    if (C.max_new <= PROLOGUE_MAX_NEW) {
+        /* one launch for builder + finiteness + sums of squares */
+        const size_t smem = (size_t)PROLOGUE_MAX_NEW * L->hkv * sizeof(float);
+        const int cf = c->cfg.check_finite;
+#define OSCAR_PROLOGUE(D_)                                                                                      \
+    append_prologue_kernel<D_><<<C.n_seqs, 256, smem, st>>>(C, R, per_seq, task0, S->tasks, S->wtasks, S->failed, \
+                                                            S->report, k, v, (int)dtype, cf, L->hkv, L->rotate,   \
+                                                            L->window_dtype, S->ss_new)
+        if (L->d == 64) OSCAR_PROLOGUE(64);
+        else if (L->d == 128) OSCAR_PROLOGUE(128);
+        else OSCAR_PROLOGUE(256);
+#undef OSCAR_PROLOGUE
+        OSCAR_CK_LAUNCH(c, "append_prologue_kernel");
+    } else {
     build_tasks_kernel<<<(C.n_seqs + 127) / 128, 128, 0, st>>>(C, R, per_seq, task0, S->tasks, S->wtasks, S->failed,
                                                                S->report);
     OSCAR_CK_LAUNCH(c, "build_tasks_kernel");
@@ -1051,11 +1130,9 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
         OSCAR_CK_LAUNCH(c, "finite_kernel");
     }
     if (C.total_rows > 0) {
-        if ((size_t)C.total_rows > S->ss_cap)
-            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "append: %lld rows exceed the workspace's %zu",
-                                   (long long)C.total_rows, S->ss_cap);
         rc = oscar_cuda_row_sumsq(c, C.total_rows, k, dtype, C.tp, C.tp_heads, nullptr, S->ss_new, st);
         if (rc != OSCAR_OK) return rc;
+    }
     }
     AppendArgs A;
     A.pool_layer = S->pool + (size_t)layer * c->cfg.block_count * L->layer_block_bytes;
