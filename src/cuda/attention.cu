@@ -344,10 +344,10 @@ __device__ __forceinline__ SeqView seq_view(const AttnParams &P, int seq) {
     v.len = P.meta.lens[seq];
     v.valid = (unsigned)v.slot < (unsigned)P.meta.max_seqs && v.len >= P.q_len;
     v.nblk = v.valid ? P.meta.packed[v.slot] : 0;
-    v.valid = v.valid && v.nblk <= P.meta.table_stride && v.len - v.nblk * P.R >= 0 &&
-              v.len - v.nblk * P.R < P.meta.window_rows && v.len <= P.meta.held[v.slot];
+    v.valid = v.valid && v.nblk <= P.meta.table_stride && v.len - v.nblk * P.lay.R >= 0 &&
+              v.len - v.nblk * P.lay.R < P.meta.window_rows && v.len <= P.meta.held[v.slot];
     if (!v.valid) v.slot = 0, v.len = 0, v.nblk = 0;
-    v.wtok = v.len - v.nblk * P.R;
+    v.wtok = v.len - v.nblk * P.lay.R;
     v.table = P.meta.tables + (size_t)(P.meta.table_by_slot ? v.slot : seq) * P.meta.table_stride;
     return v;
 }
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
     const int seq = P.seq_base + zi;
     const SeqView sv = seq_view(P, seq);
     const int slot = sv.slot, nblk = sv.nblk, wtok = sv.wtok;
-    const long long tokens = (long long)nblk * P.R + wtok;
+    const long long tokens = (long long)nblk * P.lay.R + wtok;
 
     uint8_t *wreg = smem + (size_t)warp * P.warp_region;
     uint64_t *mbar = (uint64_t *)(smem + P.off_mbar) + warp * NSTAGE;
@@ -411,7 +411,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         float x[D / 32];
 #pragma unroll
         for (int i = 0; i < D / 32; i++) x[i] = qf[r * D + lane * (D / 32) + i];
-        if (P.rotate) oscar_warp_fwht<D>(x, lane);
+        if (P.lay.rotate) oscar_warp_fwht<D>(x, lane);
         float mx = 0.0f;
 #pragma unroll
         for (int i = 0; i < D / 32; i++) {
@@ -525,18 +525,18 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         int cb_ = ib, ccc = icc;
         /* per-warp constants of the copies: byte offsets inside a layer
          * block (32 bits), shared addresses of the stages and barriers */
-        const uint32_t o_kc = (uint32_t)((long long)h * P.head_bytes);
-        const uint32_t o_vc = o_kc + (uint32_t)P.codes_bytes;
-        const uint32_t o_kp = o_vc + (uint32_t)P.codes_bytes;
-        const uint32_t o_vp = o_kp + (uint32_t)P.kparams_bytes;
-        const uint32_t o_nm = (uint32_t)((long long)P.hkv * P.head_bytes);
+        const uint32_t o_kc = (uint32_t)((long long)h * P.lay.head_bytes);
+        const uint32_t o_vc = o_kc + (uint32_t)P.lay.codes_bytes;
+        const uint32_t o_kp = o_vc + (uint32_t)P.lay.codes_bytes;
+        const uint32_t o_vp = o_kp + (uint32_t)P.lay.kparams_bytes;
+        const uint32_t o_nm = (uint32_t)((long long)P.lay.hkv * P.lay.head_bytes);
         const uint32_t s_base = smem_u32(wreg), b_base = smem_u32(mbar);
         auto issue = [&](int i) {
             const int b = ib, cc = icc;
             if (++icc == P.cpb) icc = 0, ib++;
             const uint32_t tok0 = (uint32_t)cc * CHUNK;
-            const uint32_t ntok = min((uint32_t)CHUNK, (uint32_t)P.R - tok0); /* 32 or 64 */
-            const uint8_t *blk = P.pool_layer + (size_t)__shfl_sync(OSCAR_FULL_MASK, checked_block(P, table[b]), 0) * P.LB;
+            const uint32_t ntok = min((uint32_t)CHUNK, (uint32_t)P.lay.R - tok0); /* 32 or 64 */
+            const uint8_t *blk = P.pool_layer + (size_t)__shfl_sync(OSCAR_FULL_MASK, checked_block(P, table[b]), 0) * P.lay.LB;
             const uint32_t sa = s_base + (uint32_t)(i % NSTAGE) * (uint32_t)P.stage_bytes;
             const uint32_t bar = b_base + (uint32_t)(i % NSTAGE) * 8u;
             const uint32_t gf = tok0 >> P.gk_shift, gl = (tok0 + ntok - 1) >> P.gk_shift;
@@ -561,9 +561,9 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             const int b = cb_, cc = ccc;
             if (++ccc == P.cpb) ccc = 0, cb_++;
             const int tok0 = cc * CHUNK;
-            const int ntiles = min(CHUNK, P.R - tok0) / 16; /* 2 or 4 */
+            const int ntiles = min(CHUNK, P.lay.R - tok0) / 16; /* 2 or 4 */
             const int gf = tok0 >> P.gk_shift;
-            const int tb = b * P.R + tok0;
+            const int tb = b * P.lay.R + tok0;
             const float *nm = (const float *)(st + P.nm_off);
             const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
 
@@ -762,7 +762,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         }
         __syncwarp();
     } else if constexpr (!DENSE) {
-        const int NCG = D / P.Gv;
+        const int NCG = D / P.lay.Gv;
         const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
         RowInfo ri[NT][2];
 #pragma unroll
@@ -799,24 +799,24 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             const int ci = cw0 + i;
             const int b = ci / P.cpb, cc = ci - b * P.cpb;
             const int tok0 = cc * CHUNK;
-            const int ntok = min(CHUNK, P.R - tok0);
+            const int ntok = min(CHUNK, P.lay.R - tok0);
             const int pb = checked_block(P, table[b]);
-            const uint8_t *blk = P.pool_layer + (size_t)pb * P.LB;
-            const uint8_t *head = blk + (size_t)h * P.head_bytes;
+            const uint8_t *blk = P.pool_layer + (size_t)pb * P.lay.LB;
+            const uint8_t *head = blk + (size_t)h * P.lay.head_bytes;
             uint8_t *st = wreg + (size_t)(i % NSTAGE) * P.stage_bytes;
             uint64_t *bar = &mbar[i % NSTAGE];
-            const int gf = tok0 / P.Gk, gl = (tok0 + ntok - 1) / P.Gk;
+            const int gf = tok0 / P.lay.Gk, gl = (tok0 + ntok - 1) / P.lay.Gk;
             const uint32_t bc = (uint32_t)(ntok / 16) * TILE_BYTES;
             const uint32_t bkp = (uint32_t)(gl - gf + 1) * D * 4;
             const uint32_t bvp = (uint32_t)ntok * NCG * 4;
-            const uint32_t bnm = P.scale_keys ? (uint32_t)ntok * 4 : 0u;
+            const uint32_t bnm = P.lay.scale_keys ? (uint32_t)ntok * 4 : 0u;
             fence_proxy_async();
             mbar_expect_tx(bar, 2 * bc + bkp + bvp + bnm);
             bulk_g2s(st + P.kc_off, head + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
-            bulk_g2s(st + P.vc_off, head + P.codes_bytes + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
-            bulk_g2s(st + P.kp_off, head + 2 * P.codes_bytes + (size_t)gf * D * 4, bkp, bar);
-            bulk_g2s(st + P.vp_off, head + 2 * P.codes_bytes + P.kparams_bytes + (size_t)tok0 * NCG * 4, bvp, bar);
-            if (bnm) bulk_g2s(st + P.nm_off, blk + (size_t)P.hkv * P.head_bytes + (size_t)tok0 * 4, bnm, bar);
+            bulk_g2s(st + P.vc_off, head + P.lay.codes_bytes + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
+            bulk_g2s(st + P.kp_off, head + 2 * P.lay.codes_bytes + (size_t)gf * D * 4, bkp, bar);
+            bulk_g2s(st + P.vp_off, head + 2 * P.lay.codes_bytes + P.lay.kparams_bytes + (size_t)tok0 * NCG * 4, bvp, bar);
+            if (bnm) bulk_g2s(st + P.nm_off, blk + (size_t)P.lay.hkv * P.lay.head_bytes + (size_t)tok0 * 4, bnm, bar);
         };
         if (lane == 0)
             for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue(i);
@@ -828,9 +828,9 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             const int ci = cw0 + it;
             const int b = ci / P.cpb, cc = ci - b * P.cpb;
             const int tok0 = cc * CHUNK;
-            const int ntiles = min(CHUNK, P.R - tok0) / 16;
-            const int gf = tok0 / P.Gk;
-            const int tb = b * P.R + tok0;
+            const int ntiles = min(CHUNK, P.lay.R - tok0) / 16;
+            const int gf = tok0 / P.lay.Gk;
+            const int tb = b * P.lay.R + tok0;
             const float *nm = (const float *)(st + P.nm_off);
             const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
 
@@ -874,7 +874,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             auto finish = [&](auto TL_, const float (&c)[NT][4], const float (&cl)[NT][4]) {
                 constexpr int tl = decltype(TL_)::value;
                 const int r0 = 16 * tl + g;
-                const float s0 = P.scale_keys ? nm[r0] : 1.0f, s1 = P.scale_keys ? nm[r0 + 8] : 1.0f;
+                const float s0 = P.lay.scale_keys ? nm[r0] : 1.0f, s1 = P.lay.scale_keys ? nm[r0 + 8] : 1.0f;
                 const int T0 = tb + r0, T1 = T0 + 8;
                 if (tb + 16 * tl + 15 <= first_lim) { /* no causal mask in this tile */
 #pragma unroll
@@ -898,8 +898,8 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
                 constexpr int ta = 2 * decltype(TP_)::value, tbb = ta + 1;
                 if (ta < ntiles) {
                     const bool hb = tbb < ntiles;
-                    const int ga = (tok0 + 16 * ta) / P.Gk;
-                    const int gb = hb ? (tok0 + 16 * tbb) / P.Gk : ga;
+                    const int ga = (tok0 + 16 * ta) / P.lay.Gk;
+                    const int gb = hb ? (tok0 + 16 * tbb) / P.lay.Gk : ga;
                     if (ga != cur) set_group(ga);
                     const bool same = hb && gb == ga;
                     uint32_t wa[NW], wsa[NW], wb[NW], wsb[NW];
@@ -1119,7 +1119,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
                 const int cg = g + 8 * (i >> 1), r = nt * 8 + 2 * t + (i & 1);
                 if (cg < NCG) {
                     const float v = loacc[nt][i];
-                    for (int cc = 0; cc < P.Gv; cc++) O[r * D + cg * P.Gv + cc] += v;
+                    for (int cc = 0; cc < P.lay.Gv; cc++) O[r * D + cg * P.lay.Gv + cc] += v;
                 }
             }
         if (g == 0) {
@@ -1143,11 +1143,11 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         for (int ci = cw0; ci < cw1; ci++) {
             const int b = ci / P.cpb, cc = ci - b * P.cpb;
             const int tok0 = cc * CHUNK;
-            const int ntok = min(CHUNK, P.R - tok0);
-            const uint8_t *head = P.pool_layer + (size_t)checked_block(P, table[b]) * P.LB + (size_t)h * P.head_bytes;
-            const uint8_t *kb = head + (size_t)tok0 * D * P.w_esize;
-            const uint8_t *vb = head + ((size_t)P.R + tok0) * D * P.w_esize;
-            dense_tokens<D, RPC>(ds, kb, vb, D, P.w_dtype, ntok, (long long)b * P.R + tok0, qf, limr, P.sm_log2,
+            const int ntok = min(CHUNK, P.lay.R - tok0);
+            const uint8_t *head = P.pool_layer + (size_t)checked_block(P, table[b]) * P.lay.LB + (size_t)h * P.lay.head_bytes;
+            const uint8_t *kb = head + (size_t)tok0 * D * P.lay.w_esize;
+            const uint8_t *vb = head + ((size_t)P.lay.R + tok0) * D * P.lay.w_esize;
+            dense_tokens<D, RPC>(ds, kb, vb, D, P.lay.w_dtype, ntok, (long long)b * P.lay.R + tok0, qf, limr, P.sm_log2,
                                  pbuf, lane);
         }
         dense_merge<D, RPC>(ds, O, wm, wl, lane);
@@ -1159,9 +1159,9 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         if (w1 > w0) {
             DenseState<D, RPC> ds;
             dense_init<D, RPC>(ds);
-            const uint8_t *kb = P.win_layer + (size_t)slot * P.wlb + ((size_t)w0 * P.hkv + h) * D * P.w_esize;
-            const uint8_t *vb = kb + P.wlb / 2;
-            dense_tokens<D, RPC>(ds, kb, vb, (long long)P.hkv * D, P.w_dtype, w1 - w0, (long long)nblk * P.R + w0, qf,
+            const uint8_t *kb = P.win_layer + (size_t)slot * P.lay.wlb + ((size_t)w0 * P.lay.hkv + h) * D * P.lay.w_esize;
+            const uint8_t *vb = kb + P.lay.wlb / 2;
+            dense_tokens<D, RPC>(ds, kb, vb, (long long)P.lay.hkv * D, P.lay.w_dtype, w1 - w0, (long long)nblk * P.lay.R + w0, qf,
                                  limr, P.sm_log2, pbuf, lane);
             dense_merge<D, RPC>(ds, O, wm, wl, lane);
         }
@@ -1262,7 +1262,7 @@ __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Attn
         const float inv = poison ? __int_as_float(0x7fc00000) : L > 0.0f ? 1.0f / L : 0.0f;
 #pragma unroll
         for (int i = 0; i < E; i++) o[i] = poison ? inv : o[i] * inv;
-        if (P.rotate_v) oscar_warp_fwht<D>(o, lane);
+        if (P.lay.rotate_v) oscar_warp_fwht<D>(o, lane);
         const int qi = gr / P.g, hj = gr - qi * P.g;
         const size_t base = (((size_t)seq * P.q_len + qi) * P.hq + (size_t)h * P.g + hj) * D + lane * E;
 #pragma unroll
@@ -1448,34 +1448,21 @@ oscar_status oscar_cuda_attention_call(oscar_cache *c, int layer, const SeqMeta 
     P.failed = S->failed;
     P.report = S->report;
     P.meta = meta;
-    P.LB = (long long)L->layer_block_bytes;
-    P.head_bytes = (long long)L->head_bytes;
-    P.codes_bytes = (long long)L->codes_bytes;
-    P.kparams_bytes = (long long)L->kparams_bytes;
-    P.wlb = (long long)L->window_layer_bytes;
+    P.lay = S->dlay;
     P.q_dtype = (int)q_dtype;
     P.out_dtype = (int)out_dtype;
-    P.w_dtype = L->window_dtype;
-    P.w_esize = L->window_esize;
-    P.R = L->residual;
-    P.Gk = L->k_group;
-    P.Gv = L->v_group;
     int sh = 0;
     while ((16 << sh) < L->v_group) sh++;
     P.gv_shift = sh;
     sh = 0;
     while ((1 << sh) < L->k_group) sh++;
     P.gk_shift = sh; /* exact only for power-of-two Gk: used by the fast kernel only */
-    P.hkv = L->hkv;
     P.hq = L->hq;
     P.g = g;
     P.q_len = q_len;
     P.rows = rows;
     P.qchunks = (rows + RPC - 1) / RPC;
     P.cpb = (L->residual + CHUNK - 1) / CHUNK;
-    P.rotate = L->rotate;
-    P.rotate_v = L->rotate_v;
-    P.scale_keys = L->scale_keys;
     if (!(softmax_scale > 0.0f)) softmax_scale = 1.0f / sqrtf((float)D);
     P.sm_log2 = softmax_scale * 1.4426950408889634f;
 

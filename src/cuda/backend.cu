@@ -240,6 +240,7 @@ oscar_status cuda_init(oscar_cache *c, const oscar_memory_source *mem) {
     c->backend_state = S;
     S->device = cfg->device;
     S->allocator = mem ? mem->allocator : nullptr;
+    S->dlay = oscar_cuda_device_layout(L);
     oscar_status st;
     DeviceScope scope;
 #define INIT_CK(call)                                                                                  \

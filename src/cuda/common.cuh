@@ -38,6 +38,41 @@ struct WinTask {
     int32_t pad;
 };
 
+/* ---- the packed layout as the kernels read it --------------------------- */
+
+/* docs/FORMAT.md's layout of one cache, filled once from oscar_layout and
+ * shared by the append and attention kernels' parameters. */
+struct DeviceLayout {
+    long long LB;            /* bytes of one block in one layer              */
+    long long head_bytes;    /* bytes of one KV head in a block              */
+    long long codes_bytes;   /* key (or value) codes of one head             */
+    long long kparams_bytes; /* key (scale, lo) pairs of one head            */
+    long long wlb;           /* bytes of one window slot in one layer (K, V) */
+    int R, Gk, Gv, hkv, levels;
+    int w_dtype, w_esize;    /* window element type and size                 */
+    int rotate, rotate_v, scale_keys;
+};
+
+static inline DeviceLayout oscar_cuda_device_layout(const oscar_layout *L) {
+    DeviceLayout d;
+    d.LB = (long long)L->layer_block_bytes;
+    d.head_bytes = (long long)L->head_bytes;
+    d.codes_bytes = (long long)L->codes_bytes;
+    d.kparams_bytes = (long long)L->kparams_bytes;
+    d.wlb = (long long)L->window_layer_bytes;
+    d.R = L->residual;
+    d.Gk = L->k_group;
+    d.Gv = L->v_group;
+    d.hkv = L->hkv;
+    d.levels = L->levels;
+    d.w_dtype = L->window_dtype;
+    d.w_esize = L->window_esize;
+    d.rotate = L->rotate;
+    d.rotate_v = L->rotate_v;
+    d.scale_keys = L->scale_keys;
+    return d;
+}
+
 /* ---- attention launch parameters (passed by value) --------------------- */
 #define OSCAR_ATTN_WARPS 4
 #define OSCAR_ATTN_CHUNK 64 /* tokens per pipeline stage */
@@ -87,10 +122,9 @@ struct AttnParams {
     const int32_t *failed;      /* [max_seqs] 1 = sequence failed         */
     OscarReport *report;
     SeqMeta meta;
-    long long LB, head_bytes, codes_bytes, kparams_bytes, wlb;
-    int q_dtype, out_dtype, w_dtype, w_esize;
-    int R, Gk, Gv, gv_shift, hkv, hq, g, q_len, rows, rpc, qchunks, splits, cpb;
-    int rotate, rotate_v, scale_keys;
+    DeviceLayout lay;
+    int q_dtype, out_dtype;
+    int gv_shift, hq, g, q_len, rows, rpc, qchunks, splits, cpb;
     int stage_bytes, kc_off, vc_off, kp_off, vp_off, nm_off, warp_region;
     int off_mbar, off_qf, off_qinv, off_qexp, off_m, off_l, off_pbuf, off_qfrag, off_qbias;
     int gk_shift;               /* log2(Gk) (fast kernel: Gk a power of two) */
@@ -114,6 +148,7 @@ struct CudaState {
     int sm_count;
     size_t smem_optin;
     const oscar_allocator *allocator; /* NULL: cudaMalloc */
+    DeviceLayout dlay;       /* the kernels' view of c->lay                */
     Region pool_r, windows_r, ws_r;
     uint8_t *pool;
     uint8_t *windows;

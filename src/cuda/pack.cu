@@ -21,9 +21,8 @@ struct AppendArgs {
     const void *v;
     const PackTask *tasks;
     const WinTask *wtasks;
-    long long LB, head_bytes, codes_bytes, kparams_bytes, wlb;
-    int in_dtype, w_dtype, w_esize;
-    int R, Gk, Gv, hkv, levels, rotate, rotate_v, scale_keys;
+    DeviceLayout lay;
+    int in_dtype;
 };
 
 /* Empty entries of the task list (the batch API sizes it for the most
@@ -113,10 +112,10 @@ template <int D>
 __device__ __forceinline__ void input_row(const AppendArgs &A, bool is_v, int64_t row, int h, int lane,
                                           float (&x)[D / 32]) {
     constexpr int E = D / 32;
-    ld_row<E>(is_v ? A.v : A.k, A.in_dtype, ((size_t)row * A.hkv + h) * D + (size_t)lane * E, x);
-    if (is_v ? A.rotate_v : A.rotate) oscar_warp_fwht<D>(x, lane);
+    ld_row<E>(is_v ? A.v : A.k, A.in_dtype, ((size_t)row * A.lay.hkv + h) * D + (size_t)lane * E, x);
+    if (is_v ? A.lay.rotate_v : A.lay.rotate) oscar_warp_fwht<D>(x, lane);
 #pragma unroll
-    for (int i = 0; i < E; i++) x[i] = oscar_round_to(x[i], A.w_dtype);
+    for (int i = 0; i < E; i++) x[i] = oscar_round_to(x[i], A.lay.w_dtype);
 }
 
 /* stream_row in two halves, so that a warp can issue several rows' loads
@@ -127,11 +126,11 @@ __device__ __forceinline__ void stream_load(const AppendArgs &A, const PackTask 
                                             int lane, float (&x)[D / 32]) {
     constexpr int E = D / 32;
     if (sidx < T.window_before) {
-        const uint8_t *base = A.win_layer + (size_t)T.slot * A.wlb + (is_v ? A.wlb / 2 : 0);
-        ld_row<E>(base, A.w_dtype, ((size_t)sidx * A.hkv + h) * D + (size_t)lane * E, x);
+        const uint8_t *base = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+        ld_row<E>(base, A.lay.w_dtype, ((size_t)sidx * A.lay.hkv + h) * D + (size_t)lane * E, x);
     } else {
         const int64_t row = T.input_row + (sidx - T.window_before);
-        ld_row<E>(is_v ? A.v : A.k, A.in_dtype, ((size_t)row * A.hkv + h) * D + (size_t)lane * E, x);
+        ld_row<E>(is_v ? A.v : A.k, A.in_dtype, ((size_t)row * A.lay.hkv + h) * D + (size_t)lane * E, x);
     }
 }
 
@@ -139,9 +138,9 @@ template <int D>
 __device__ __forceinline__ void stream_finish(const AppendArgs &A, const PackTask &T, bool is_v, int sidx, int lane,
                                               float (&x)[D / 32]) {
     if (sidx < T.window_before) return;
-    if (is_v ? A.rotate_v : A.rotate) oscar_warp_fwht<D>(x, lane);
+    if (is_v ? A.lay.rotate_v : A.lay.rotate) oscar_warp_fwht<D>(x, lane);
 #pragma unroll
-    for (int i = 0; i < D / 32; i++) x[i] = oscar_round_to(x[i], A.w_dtype);
+    for (int i = 0; i < D / 32; i++) x[i] = oscar_round_to(x[i], A.lay.w_dtype);
 }
 
 template <int D>
@@ -149,8 +148,8 @@ __device__ __forceinline__ void stream_row(const AppendArgs &A, const PackTask &
                                            int lane, float (&x)[D / 32]) {
     constexpr int E = D / 32;
     if (sidx < T.window_before) {
-        const uint8_t *base = A.win_layer + (size_t)T.slot * A.wlb + (is_v ? A.wlb / 2 : 0);
-        ld_row<E>(base, A.w_dtype, ((size_t)sidx * A.hkv + h) * D + (size_t)lane * E, x);
+        const uint8_t *base = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+        ld_row<E>(base, A.lay.w_dtype, ((size_t)sidx * A.lay.hkv + h) * D + (size_t)lane * E, x);
     } else {
         input_row<D>(A, is_v, T.input_row + (sidx - T.window_before), h, lane, x);
     }
@@ -174,8 +173,8 @@ __device__ __forceinline__ float norm_of(float ss) {
 __global__ void __launch_bounds__(128) norm_kernel(AppendArgs A) {
     const PackTask T = A.tasks[blockIdx.x];
     if (skip_task(A, T)) return;
-    float *norms = (float *)(A.pool_layer + (size_t)T.block * A.LB + (size_t)A.hkv * A.head_bytes);
-    for (int t = threadIdx.x; t < A.R; t += blockDim.x) norms[t] = norm_of(token_ss(A, T, T.stream0 + t));
+    float *norms = (float *)(A.pool_layer + (size_t)T.block * A.lay.LB + (size_t)A.lay.hkv * A.lay.head_bytes);
+    for (int t = threadIdx.x; t < A.lay.R; t += blockDim.x) norms[t] = norm_of(token_ss(A, T, T.stream0 + t));
 }
 
 /* One key row's sum of squares for head h as the window stores it
@@ -262,7 +261,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     const PackTask T = A.tasks[blockIdx.x];
     if (skip_task(A, T)) return;
     const int h = blockIdx.y, gi = blockIdx.z;
-    const int Gk = A.Gk, Gv = A.Gv, NG = D / Gv, Q = A.levels;
+    const int Gk = A.lay.Gk, Gv = A.lay.Gv, NG = D / Gv, Q = A.lay.levels;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     constexpr int E = D / 32;
     constexpr int LD = D + 1;             /* padded rows: no bank conflicts */
@@ -275,9 +274,9 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     float *vin = vsc + (size_t)Gk * NG;   /* [Gk][NG] */
     float *vl0 = vin + (size_t)Gk * NG;   /* [Gk][NG] */
 
-    uint8_t *blk = A.pool_layer + (size_t)T.block * A.LB;
-    uint8_t *head = blk + (size_t)h * A.head_bytes;
-    const float *norms = (const float *)(blk + (size_t)A.hkv * A.head_bytes);
+    uint8_t *blk = A.pool_layer + (size_t)T.block * A.lay.LB;
+    uint8_t *head = blk + (size_t)h * A.lay.head_bytes;
+    const float *norms = (const float *)(blk + (size_t)A.lay.hkv * A.lay.head_bytes);
 
     for (int j0 = w; j0 < Gk; j0 += 16) {
         /* two tokens per step, K and V: four rows' loads in flight */
@@ -289,7 +288,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
                 const int t = gi * Gk + j;
                 stream_load<D>(A, T, false, T.stream0 + t, h, lane, xk[u]);
                 stream_load<D>(A, T, true, T.stream0 + t, h, lane, xv[u]);
-                sn[u] = A.scale_keys ? norms[t] : 1.0f;
+                sn[u] = A.lay.scale_keys ? norms[t] : 1.0f;
             }
         }
 #pragma unroll
@@ -298,7 +297,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
             if (j < Gk) {
                 const int t = gi * Gk + j;
                 stream_finish<D>(A, T, false, T.stream0 + t, lane, xk[u]);
-                if (A.scale_keys) {
+                if (A.lay.scale_keys) {
 #pragma unroll
                     for (int i = 0; i < E; i++) xk[u][i] = __fdiv_rn(xk[u][i], sn[u]);
                 }
@@ -312,8 +311,8 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     }
     __syncthreads();
 
-    uint16_t *kp = (uint16_t *)(head + 2 * A.codes_bytes);
-    uint16_t *vp = (uint16_t *)(head + 2 * A.codes_bytes + A.kparams_bytes);
+    uint16_t *kp = (uint16_t *)(head + 2 * A.lay.codes_bytes);
+    uint16_t *vp = (uint16_t *)(head + 2 * A.lay.codes_bytes + A.lay.kparams_bytes);
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
         float lo = Ks[c], hi = lo;
         for (int j = 1; j < Gk; j++) {
@@ -353,7 +352,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     constexpr int P = 16 / BITS;      /* pairs per word       */
     const int tiles = Gk / 16, tile0 = gi * Gk / 16;
     const int total = tiles * 32 * NW;
-    uint32_t *kc = (uint32_t *)head, *vc = (uint32_t *)(head + A.codes_bytes);
+    uint32_t *kc = (uint32_t *)head, *vc = (uint32_t *)(head + A.lay.codes_bytes);
     for (int wi = threadIdx.x; wi < total; wi += blockDim.x) {
         const int tl = wi / (32 * NW), rem = wi - tl * 32 * NW;
         const int wd = rem >> 5, l = rem & 31; /* lanes of a warp: consecutive l */
@@ -398,10 +397,10 @@ struct FusedGeom {
 
 __device__ __forceinline__ FusedGeom fused_geom(const AppendArgs &A, int D) {
     FusedGeom G;
-    G.TOK = A.Gk;
-    G.NT = A.Gk / 16;
+    G.TOK = A.lay.Gk;
+    G.NT = A.lay.Gk / 16;
     G.HS = (D / 32) * FCS;
-    G.ROWW = A.hkv * G.HS + 1; /* odd: distinct banks across tokens */
+    G.ROWW = A.lay.hkv * G.HS + 1; /* odd: distinct banks across tokens */
     return G;
 }
 
@@ -440,10 +439,10 @@ __device__ __forceinline__ void fused_load(const AppendArgs &A, const PackTask &
     const int sidx = T.stream0 + tok;
     if (sidx >= T.window_before) {
         const int64_t row = T.input_row + (sidx - T.window_before);
-        ld_row<32>(is_v ? A.v : A.k, A.in_dtype, ((size_t)row * A.hkv + h) * D + (size_t)wd * 32, x);
+        ld_row<32>(is_v ? A.v : A.k, A.in_dtype, ((size_t)row * A.lay.hkv + h) * D + (size_t)wd * 32, x);
     } else {
-        const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.wlb + (is_v ? A.wlb / 2 : 0);
-        ld_row<32>(wbase, A.w_dtype, ((size_t)sidx * A.hkv + h) * D + (size_t)wd * 32, x);
+        const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+        ld_row<32>(wbase, A.lay.w_dtype, ((size_t)sidx * A.lay.hkv + h) * D + (size_t)wd * 32, x);
     }
 }
 
@@ -453,8 +452,8 @@ __device__ __forceinline__ void fused_finish(const AppendArgs &A, const PackTask
                                              int h, int wd, float (&x)[32]) {
     const int sidx = T.stream0 + tok;
     const bool inp = sidx >= T.window_before;
-    const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.wlb + (is_v ? A.wlb / 2 : 0);
-    const size_t widx = ((size_t)sidx * A.hkv + h) * D + (size_t)wd * 32;
+    const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+    const size_t widx = ((size_t)sidx * A.lay.hkv + h) * D + (size_t)wd * 32;
     if (rot) {
 #pragma unroll
         for (int hh = 1; hh < 32; hh <<= 1) {
@@ -479,7 +478,7 @@ __device__ __forceinline__ void fused_finish(const AppendArgs &A, const PackTask
         const float norm = (float)(1.0 / sqrt((double)D));
 #pragma unroll
         for (int i = 0; i < 32; i++) x[i] *= norm;
-        if (!inp) ld_row<32>(wbase, A.w_dtype, widx, x); /* window rows are final already */
+        if (!inp) ld_row<32>(wbase, A.lay.w_dtype, widx, x); /* window rows are final already */
     }
 #pragma unroll
     for (int i = 0; i < 32; i++) x[i] = w16_to_f32<WBF16>(f32_to_w16<WBF16>(x[i]));
@@ -508,7 +507,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
     const FusedGeom G = fused_geom(A, D);
     constexpr int NWD = D / 32; /* 32-bit words per lane chunk at 2 bits = 32-channel chunks */
     constexpr int LPR = D / 32, RPW = 32 / LPR;
-    const int H = A.hkv, TOK = G.TOK, NT = G.NT, Q = A.levels, Gv = A.Gv, NG = D / Gv;
+    const int H = A.lay.hkv, TOK = G.TOK, NT = G.NT, Q = A.lay.levels, Gv = A.lay.Gv, NG = D / Gv;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     uint32_t *Ks = fsm;                                         /* [TOK][ROWW] words (16-bit pairs) */
     uint16_t *Vh = (uint16_t *)(Ks + (size_t)TOK * G.ROWW);     /* [H][NT][32][NWD][4] */
@@ -517,8 +516,8 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
     float *pl0 = pin + H * D;
     float *snorm = pl0 + H * D; /* [TOK] */
 
-    uint8_t *blk = A.pool_layer + (size_t)T.block * A.LB;
-    float *gnorms = (float *)(blk + (size_t)H * A.head_bytes);
+    uint8_t *blk = A.pool_layer + (size_t)T.block * A.lay.LB;
+    float *gnorms = (float *)(blk + (size_t)H * A.lay.head_bytes);
     const int tok0 = gi * TOK; /* first token of the group in the block */
     const int wd = lane % LPR, rj = lane / LPR;
     const int ngroups = H * TOK / RPW; /* row groups: RPW consecutive tokens of one head */
@@ -537,7 +536,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             if (u == 1 && !two) break;
             float(&x)[32] = u ? xb : xa;
             const int h = u ? hb : ha, tok = u ? tokb : toka;
-            fused_finish<D, WBF16>(A, T, false, A.rotate != 0, tok0 + tok, h, wd, x);
+            fused_finish<D, WBF16>(A, T, false, A.lay.rotate != 0, tok0 + tok, h, wd, x);
             uint32_t *dst = Ks + (size_t)tok * G.ROWW + h * G.HS + wd * FCS;
 #pragma unroll
             for (int i = 0; i < 16; i++)
@@ -547,7 +546,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
     __syncthreads();
 
     /* P2: warp 0 token norms (from the sums of squares); others V */
-    const bool sk = A.scale_keys != 0;
+    const bool sk = A.lay.scale_keys != 0;
     if (sk && w == 0) {
         if (lane < TOK) {
             const float sn = norm_of(token_ss(A, T, T.stream0 + tok0 + lane));
@@ -568,7 +567,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             if (u == 1 && !two) break;
             float(&x)[32] = u ? xb : xa;
             const int h = u ? hb : ha, tok = u ? tokb : toka;
-            fused_finish<D, WBF16>(A, T, true, A.rotate_v != 0, tok0 + tok, h, wd, x);
+            fused_finish<D, WBF16>(A, T, true, A.lay.rotate_v != 0, tok0 + tok, h, wd, x);
             /* parameters of the (one or two) value groups this lane holds */
             float lo0 = x[0], hi0 = x[0], lo1 = x[16], hi1 = x[16];
 #pragma unroll
@@ -587,7 +586,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
                 for (int m = 1; m < Gv / 32; m <<= 1) minmax_xor(lo0, hi0, m, (wd & m) != 0);
                 lo1 = lo0, hi1 = hi0;
             }
-            uint16_t *vp = (uint16_t *)(blk + (size_t)h * A.head_bytes + 2 * A.codes_bytes + A.kparams_bytes);
+            uint16_t *vp = (uint16_t *)(blk + (size_t)h * A.lay.head_bytes + 2 * A.lay.codes_bytes + A.lay.kparams_bytes);
             uint32_t *vpw = (uint32_t *)vp + (size_t)(tok0 + tok) * NG;
             float sc[2], inv[2], l0[2];
 #pragma unroll
@@ -661,7 +660,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             pin[h * D + c + k] = sc > 0.0f ? __frcp_rn(sc) : 0.0f;
             pl0[h * D + c + k] = __half2float(__ushort_as_half(lo16));
         }
-        uint32_t *kp = (uint32_t *)(blk + (size_t)h * A.head_bytes + 2 * A.codes_bytes);
+        uint32_t *kp = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + 2 * A.lay.codes_bytes);
         *(uint2 *)(kp + (size_t)gi * D + c) = make_uint2(pw[0], pw[1]);
     }
     /* P3b: value code words from the patterns, one thread per (head, tile, lane) */
@@ -675,7 +674,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             const uint32_t e0 = (p.x | (p.x >> 16)) & 0xffffu, e1 = (p.y | (p.y >> 16)) & 0xffffu;
             wv[q] = e0 | (e1 << 16);
         }
-        uint32_t *vc = (uint32_t *)(blk + (size_t)h * A.head_bytes + A.codes_bytes) +
+        uint32_t *vc = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + A.lay.codes_bytes) +
                        ((size_t)(gi * NT + Tt) * 32 + l) * NWD;
         if constexpr (NWD % 4 == 0) {
 #pragma unroll
@@ -703,7 +702,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             }
         }
         const uint32_t *p = Ks + h * G.HS + cw * FCS + t;
-        uint32_t *kc = (uint32_t *)(blk + (size_t)h * A.head_bytes) + (size_t)(gi * NT + Tt) * 32 * NWD + cw;
+        uint32_t *kc = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes) + (size_t)(gi * NT + Tt) * 32 * NWD + cw;
 #pragma unroll 2
         for (int g = 0; g < 8; g++) {
             uint32_t word = 0;
@@ -750,14 +749,14 @@ __global__ void __launch_bounds__(256) pack_none_kernel(AppendArgs A) {
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     constexpr int E = D / 32;
-    uint8_t *head = A.pool_layer + (size_t)T.block * A.LB + (size_t)h * A.head_bytes;
-    uint8_t *vbase = head + (size_t)A.R * D * A.w_esize;
-    for (int t = w; t < A.R; t += 8) {
+    uint8_t *head = A.pool_layer + (size_t)T.block * A.lay.LB + (size_t)h * A.lay.head_bytes;
+    uint8_t *vbase = head + (size_t)A.lay.R * D * A.lay.w_esize;
+    for (int t = w; t < A.lay.R; t += 8) {
         float x[E];
         stream_row<D>(A, T, false, T.stream0 + t, h, lane, x);
-        st_row<E>(head, A.w_dtype, (size_t)t * D + lane * E, x);
+        st_row<E>(head, A.lay.w_dtype, (size_t)t * D + lane * E, x);
         stream_row<D>(A, T, true, T.stream0 + t, h, lane, x);
-        st_row<E>(vbase, A.w_dtype, (size_t)t * D + lane * E, x);
+        st_row<E>(vbase, A.lay.w_dtype, (size_t)t * D + lane * E, x);
     }
 }
 
@@ -771,27 +770,27 @@ __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     constexpr int E = D / 32;
-    uint8_t *kb = A.win_layer + (size_t)T.slot * A.wlb;
-    uint8_t *vb = kb + A.wlb / 2;
+    uint8_t *kb = A.win_layer + (size_t)T.slot * A.lay.wlb;
+    uint8_t *vb = kb + A.lay.wlb / 2;
     for (int r = T.r0 + blockIdx.z * 8 + w; r < T.r1; r += 8 * gridDim.z) {
         float x[E];
         const int s = r + T.shift;
-        const size_t o = ((size_t)r * A.hkv + h) * D + lane * E;
+        const size_t o = ((size_t)r * A.lay.hkv + h) * D + lane * E;
         if (h == 0 && lane == 0) {
             float *ss = A.win_ss + (size_t)T.slot * A.W;
             ss[r] = s < T.wb ? ss[s] : A.ss_new[T.in0 + s];
         }
         if (s < T.wb) {
-            const size_t so = ((size_t)s * A.hkv + h) * D + lane * E;
-            ld_row<E>(kb, A.w_dtype, so, x);
-            st_row<E>(kb, A.w_dtype, o, x);
-            ld_row<E>(vb, A.w_dtype, so, x);
-            st_row<E>(vb, A.w_dtype, o, x);
+            const size_t so = ((size_t)s * A.lay.hkv + h) * D + lane * E;
+            ld_row<E>(kb, A.lay.w_dtype, so, x);
+            st_row<E>(kb, A.lay.w_dtype, o, x);
+            ld_row<E>(vb, A.lay.w_dtype, so, x);
+            st_row<E>(vb, A.lay.w_dtype, o, x);
         } else {
             input_row<D>(A, false, T.in0 + s, h, lane, x);
-            st_row<E>(kb, A.w_dtype, o, x);
+            st_row<E>(kb, A.lay.w_dtype, o, x);
             input_row<D>(A, true, T.in0 + s, h, lane, x);
-            st_row<E>(vb, A.w_dtype, o, x);
+            st_row<E>(vb, A.lay.w_dtype, o, x);
         }
     }
 }
@@ -966,7 +965,7 @@ oscar_status launch_append_d(oscar_cache *c, const AppendArgs &A, int n_tasks, i
         if (L->quantised) {
             if (fused_ok(L, cuda_state(c)->smem_optin) && ((((uintptr_t)A.k) | ((uintptr_t)A.v)) & 15) == 0) {
                 const size_t fsmem = fused_smem_bytes(L);
-                dim3 fgrid(n_tasks, A.R / A.Gk);
+                dim3 fgrid(n_tasks, A.lay.R / A.lay.Gk);
                 if (L->window_dtype == OSCAR_DTYPE_BF16) {
                     fused_pack_kernel<D, true><<<fgrid, 256, fsmem, st>>>(A);
                 } else {
@@ -978,9 +977,9 @@ oscar_status launch_append_d(oscar_cache *c, const AppendArgs &A, int n_tasks, i
                 norm_kernel<<<n_tasks, 128, 0, st>>>(A);
                 OSCAR_CK_LAUNCH(c, "norm_kernel");
             }
-            const int NG = D / A.Gv;
-            size_t smem = ((size_t)2 * A.Gk * (D + 1) + 3 * D + (size_t)3 * A.Gk * NG) * sizeof(float);
-            dim3 grid(n_tasks, A.hkv, A.R / A.Gk);
+            const int NG = D / A.lay.Gv;
+            size_t smem = ((size_t)2 * A.lay.Gk * (D + 1) + 3 * D + (size_t)3 * A.lay.Gk * NG) * sizeof(float);
+            dim3 grid(n_tasks, A.lay.hkv, A.lay.R / A.lay.Gk);
             if (L->bits == 2) {
                 pack_kernel<D, 2><<<grid, 256, smem, st>>>(A);
             } else {
@@ -989,7 +988,7 @@ oscar_status launch_append_d(oscar_cache *c, const AppendArgs &A, int n_tasks, i
             OSCAR_CK_LAUNCH(c, "pack_kernel");
             }
         } else {
-            pack_none_kernel<D><<<dim3(n_tasks, A.hkv), 256, 0, st>>>(A);
+            pack_none_kernel<D><<<dim3(n_tasks, A.lay.hkv), 256, 0, st>>>(A);
             OSCAR_CK_LAUNCH(c, "pack_none_kernel");
         }
     }
@@ -997,7 +996,7 @@ oscar_status launch_append_d(oscar_cache *c, const AppendArgs &A, int n_tasks, i
         int zs = (max_wrows + 7) / 8;
         if (zs < 1) zs = 1;
         if (zs > 16) zs = 16;
-        window_kernel<D><<<dim3(n_wtasks, A.hkv, zs), 256, 0, st>>>(A);
+        window_kernel<D><<<dim3(n_wtasks, A.lay.hkv, zs), 256, 0, st>>>(A);
         OSCAR_CK_LAUNCH(c, "window_kernel");
     }
     return OSCAR_OK;
@@ -1145,22 +1144,8 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
     A.v = v;
     A.tasks = S->tasks;
     A.wtasks = S->wtasks;
-    A.LB = (long long)L->layer_block_bytes;
-    A.head_bytes = (long long)L->head_bytes;
-    A.codes_bytes = (long long)L->codes_bytes;
-    A.kparams_bytes = (long long)L->kparams_bytes;
-    A.wlb = (long long)L->window_layer_bytes;
     A.in_dtype = (int)dtype;
-    A.w_dtype = L->window_dtype;
-    A.w_esize = L->window_esize;
-    A.R = L->residual;
-    A.Gk = L->k_group;
-    A.Gv = L->v_group;
-    A.hkv = L->hkv;
-    A.levels = L->levels;
-    A.rotate = L->rotate;
-    A.rotate_v = L->rotate_v;
-    A.scale_keys = L->scale_keys;
+    A.lay = S->dlay;
     const int max_wrows = C.meta.window_rows;
     switch (L->d) {
     case 64: return launch_append_d<64>(c, A, n_tasks, C.n_seqs, max_wrows, st);
