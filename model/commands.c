@@ -29,6 +29,7 @@ typedef struct opts {
     oscar_config cfg;
     int fold_v;
     int gpu_weights_f32; /* --gpu-weights f32 */
+    int score_from;      /* ppl: score only predictions made at window positions >= this */
     int n_predict;
     float temp;
     unsigned long long seed;
@@ -79,10 +80,12 @@ static void usage(const char *cmd) {
                 "usage: oscar ppl --model M.gguf --text FILE [--ctx N] [--kv METHOD] [--bits 2|4] [--json]\n"
                 "                 [--windows K] [--chunk C] [--k-group G] [--v-group G] [--residual R]\n"
                 "                 [--fold-v] [--no-ref] [--dump PREFIX] [--threads N] [--device cpu|cuda]\n"
-                "                 [--gpu-weights bf16|f32]\n"
+                "                 [--gpu-weights bf16|f32] [--score-from P | --score-second-half]\n"
                 "  Perplexity over non-overlapping windows of N tokens (default 1024). For a\n"
                 "  quantised cache it also runs the 16-bit cache and reports KL and top-1 agreement.\n"
-                "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n");
+                "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n"
+                "  --score-from P scores only the predictions made at positions >= P of each window;\n"
+                "  --score-second-half is P = N/2, the tokens llama.cpp's llama-perplexity scores.\n");
     else
         fprintf(stderr,
                 "usage: oscar tni --model M.gguf --text FILE [--layer L] [--png out.png] [--tokens N]\n"
@@ -164,6 +167,8 @@ static int parse_opts(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--chunk")) INTV(1, 4096, o->chunk);
         else if (!strcmp(a, "--windows")) INTV(1, 1 << 24, o->windows);
         else if (!strcmp(a, "--json")) o->json = 1;
+        else if (!strcmp(a, "--score-from")) INTV(0, 1 << 24, o->score_from);
+        else if (!strcmp(a, "--score-second-half")) o->score_from = -1; /* resolved once --ctx is known */
         else if (!strcmp(a, "--no-ref")) o->no_ref = 1;
         else if (!strcmp(a, "--threads")) INTV(1, 1024, o->threads);
         else if (!strcmp(a, "--device")) {
@@ -188,6 +193,11 @@ static int parse_opts(int argc, char **argv, opts *o) {
 #undef INTV
     }
     if (o->threads > 0) omp_set_num_threads(o->threads);
+    if (o->score_from < 0) o->score_from = o->ctx / 2;
+    if (o->score_from > 0 && o->score_from >= o->ctx - 1) {
+        die(cmd, "--score-from %d leaves nothing to score in windows of --ctx %d", o->score_from, o->ctx);
+        return -1;
+    }
     if (o->cfg.backend == OSCAR_BACKEND_CUDA && o->kv_f32) {
         die(cmd, "--kv f32 is the CPU runner's own reference cache; with --device cuda use --kv none");
         return -1;
@@ -573,6 +583,7 @@ int oscar_cmd_ppl(int argc, char **argv) {
             }
             if (dump_log && w == 0) fwrite(sq.logits, sizeof(float), (size_t)nt * m->vocab, dump_log);
             for (int t = 0; t < nt && p + t + 1 < o.ctx; t++) {
+                if (p + t < o.score_from) continue;
                 int target = wt[p + t + 1];
                 const float *lq = sq.logits + (int64_t)t * m->vocab;
                 int am_q;
@@ -626,8 +637,9 @@ int oscar_cmd_ppl(int argc, char **argv) {
         oscar_config_packed_bits(&c, &bpe);
     }
     double top1 = with_ref ? (double)agree / scored : 1.0;
-    printf("model %s | text %s | %lld windows x %d tokens, %lld scored | cache %s\n", m->name ? m->name : o.model,
-           o.text, (long long)n_win, o.ctx, (long long)scored, method_label(&o, lbl, sizeof lbl));
+    printf("model %s | text %s | %lld windows x %d tokens, %lld scored%s | cache %s\n", m->name ? m->name : o.model,
+           o.text, (long long)n_win, o.ctx, (long long)scored, o.score_from > 0 ? " (predictions from each window's position score_from on)" : "",
+           method_label(&o, lbl, sizeof lbl));
     printf("perplexity %.4f", ppl);
     if (with_ref)
         printf(" | 16-bit %.4f (%+.3f%%) | KL mean %.5f p99 %.5f max %.4f | top-1 agreement %.4f", ppl_ref,
@@ -642,14 +654,14 @@ int oscar_cmd_ppl(int argc, char **argv) {
     if (o.json) {
         char jn[256], jt[1024];
         printf("{\"model\":\"%s\",\"text\":\"%s\",\"method\":\"%s\",\"bits\":%d,\"k_group\":%d,\"v_group\":%d,"
-               "\"residual\":%d,\"fold_v\":%d,\"ctx\":%d,\"chunk\":%d,\"windows\":%lld,\"tokens\":%lld,"
+               "\"residual\":%d,\"fold_v\":%d,\"ctx\":%d,\"chunk\":%d,\"windows\":%lld,\"score_from\":%d,\"tokens\":%lld,"
                "\"ppl\":%.6f,\"ppl_ref\":%.6f,\"delta_ppl_pct\":%.4f,\"kl_mean\":%.6g,\"kl_p99\":%.6g,"
                "\"kl_max\":%.6g,\"top1_agree\":%.6f,\"kv_bytes_per_token\":%.2f,"
                "\"kv_bytes_per_token_fp16\":%.0f,\"bits_per_element\":%.4f,\"seconds\":%.1f,"
                "\"kl_top1pct_share\":%.4f,\"kl_by_window_fill\":[%.6g,%.6g,%.6g,%.6g]}\n",
                json_escape(m->name, jn, sizeof jn), json_escape(o.text, jt, sizeof jt), o.kv_f32 ? "f32" : oscar_method_name(o.cfg.method),
                quant ? o.cfg.bits : 16, o.cfg.k_group, o.cfg.v_group, o.cfg.residual, m->v_folded, o.ctx, chunk,
-               (long long)n_win, (long long)scored, ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1), kl_mean, kl_p99,
+               (long long)n_win, o.score_from, (long long)scored, ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1), kl_mean, kl_p99,
                kl_max, top1, per_tok, fp16_tok, isnan(bpe) ? 32.0 : bpe, elapsed, kl_top_share,
                kl_fill[0] / (n_fill[0] ? n_fill[0] : 1), kl_fill[1] / (n_fill[1] ? n_fill[1] : 1),
                kl_fill[2] / (n_fill[2] ? n_fill[2] : 1), kl_fill[3] / (n_fill[3] ? n_fill[3] : 1));

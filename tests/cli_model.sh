@@ -61,6 +61,28 @@ awk -v p="$(json_field ppl "$j")" -v r="$(json_field ppl_ref "$j")" -v k="$(json
     if (!(b > 0 && b < 23040 / 3)) { print "bad kv_bytes_per_token " b; exit 1 }
 }' || fail "ppl: implausible values"
 
+# 2b. --score-second-half scores what llama-perplexity scores: the predictions
+#     made at positions ctx/2 .. ctx-2 of each window; its perplexity equals
+#     the one computed here from the full window's dumped logits
+if [ $SLOW = 0 ] && python3 -c 'import numpy' 2>/dev/null; then
+    jh="$("$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx $CTX --windows 1 --kv f32 --score-second-half --json \
+        --dump "$WORK/half" 2>/dev/null | tail -n1)" || fail "ppl --score-second-half failed"
+    [ "$(json_field tokens "$jh")" = "$(( CTX - 1 - CTX / 2 ))" ] || fail "--score-second-half scored $(json_field tokens "$jh") tokens"
+    python3 - "$WORK/half" $CTX "$(json_field ppl "$jh")" <<'PY' || fail "--score-second-half perplexity"
+import sys, numpy as np
+pre, ctx, ppl = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+ids = np.fromfile(pre + ".tokens", dtype=np.int32)[:ctx]
+lg = np.fromfile(pre + ".logits", dtype=np.float32).reshape(ctx, -1).astype(np.float64)
+pos = np.arange(ctx // 2, ctx - 1)
+m = lg[pos].max(-1)
+lse = m + np.log(np.exp(lg[pos] - m[:, None]).sum(-1))
+want = float(np.exp(np.mean(lse - lg[pos, ids[pos + 1]])))
+print(f"--score-second-half: ppl {ppl} vs {want:.6f} from the dumped logits")
+sys.exit(0 if abs(ppl - want) <= 1e-4 * want else 1)
+PY
+fi
+"$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx 64 --score-from 63 >/dev/null 2>&1 && fail "--score-from ctx-1 was accepted"
+
 # 3. V rotation folded into W_v / W_o equals online rotation (normal build only:
 #    a sanitizer build is too slow for a second pair of runs)
 if [ $SLOW = 0 ]; then
