@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The full SmolLM2-135M on the GPU. The device machine is reached through a
+# 64 MiB transfer and the model is 98 MB, so it travels in two parts (gpuA/,
+# gpuB/: `split -b 47000000 -d models/SmolLM2-135M-Instruct.Q4_1.gguf`, with
+# gpuB/policy.txt = the first 120000 bytes of models/debian-policy.txt), in
+# two calls on a warm machine; this script joins them and runs:
+#  1. tests/gpu/check_runner.sh on the full model (GPU runner against the CPU
+#     runner on the same machine);
+#  2. the KL grid of docs/ACCURACY.md: `oscar ppl --device cuda --gpu-weights
+#     f32 --ctx 4096 --windows 4 --score-second-half` for each cache, the
+#     tokens llama.cpp's llama-perplexity scores (its side runs on the CPU:
+#     scripts/kl-llamacpp.sh).
+# usage: OUT=dir scripts/gpu-full-model.sh [BUILD_DIR]
+set -u
+cd "$(dirname "$0")/.."
+BUILD=${1:-build-gpu}
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+M=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+T=gpuB/policy.txt
+cat gpuA/smolpart_00 gpuB/smolpart_01 > "$M" || exit 1
+echo "model: $(sha256sum "$M" | cut -c1-16) ($(stat -c %s "$M") bytes)"
+rc=0
+bash tests/gpu/check_runner.sh "$BUILD/oscar" "$M" "$T" "$OUT/runner" 2>&1 | tee "$OUT/runner.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+: > "$OUT/kl.jsonl"
+for kv in "none" "oscar --bits 2" "oscar --bits 4" "kivi --bits 2" "quarot --bits 2" "scale-only --bits 2" \
+          "kivi --bits 4" "quarot --bits 4"; do
+  "$BUILD/oscar" ppl --device cuda --gpu-weights f32 --model "$M" --text "$T" --ctx 4096 --windows 4 \
+    --score-second-half --kv $kv --json 2> "$OUT/kl_err.log" | tail -n1 | tee -a "$OUT/kl.jsonl" || rc=1
+done
+exit $rc
