@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The full SmolLM2-135M on the GPU. The device machine is reached through a
-# 64 MiB transfer and the model is 98 MB, so it travels in two parts (gpuA/,
-# gpuB/: `split -b 47000000 -d models/SmolLM2-135M-Instruct.Q4_1.gguf`, with
+# 64 MiB transfer and the model is 98 MB, so it travels in two folders (gpuA/,
+# gpuB/: `split -b 47000000 -d models/SmolLM2-135M-Instruct.Q4_1.gguf`: part 00 in gpuA, 01 and 02 in gpuB, with
 # gpuB/policy.txt = the first 120000 bytes of models/debian-policy.txt), in
 # two calls on a warm machine; this script joins them and runs:
 #  1. tests/gpu/check_runner.sh on the full model (GPU runner against the CPU
@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 M=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
 T=gpuB/policy.txt
 A=gpuA/smolpart_00; [ -s "$A" ] || A=$BUILD/smolpart_00  # a carried folder does not outlive its call: call 1 copies part A into the build folder
-cat "$A" gpuB/smolpart_01 > "$M" || exit 1
+cat "$A" gpuB/smolpart_0[1-9] > "$M" || exit 1
 echo "model: $(sha256sum "$M" | cut -c1-16) ($(stat -c %s "$M") bytes)"
 rc=0
 bash tests/gpu/check_runner.sh "$BUILD/oscar" "$M" "$T" "$OUT/runner" 2>&1 | tee "$OUT/runner.log"
