@@ -118,13 +118,23 @@ else
   diff "$out/tni_cpu.txt" "$out/tni_cuda.txt" | head -6
   python3 - "$out/tni_cpu.txt" "$out/tni_cuda.txt" <<'PY' || fail=1
 import re, sys
-a = [float(x) for x in re.findall(r"-?\d+\.\d+", open(sys.argv[1]).read())]
-b = [float(x) for x in re.findall(r"-?\d+\.\d+", open(sys.argv[2]).read())]
-if len(a) != len(b):
+# a number agrees when within 1e-2 relative, or within one unit of its last
+# printed digit (0.043 vs 0.044: the keys differ in the 6th digit, the print
+# rounds them apart)
+ta = re.findall(r"-?\d+\.\d+", open(sys.argv[1]).read())
+tb = re.findall(r"-?\d+\.\d+", open(sys.argv[2]).read())
+if len(ta) != len(tb):
     print("FAIL: tni tables differ in shape"); sys.exit(1)
-worst = max((abs(x - y) / max(abs(x), 1e-3) for x, y in zip(a, b)), default=0.0)
-print(f"tni: {len(a)} numbers, worst relative difference {worst:.2e} (limit 1e-2)")
-sys.exit(0 if worst <= 1e-2 else 1)
+bad, worst = 0, 0.0
+for x, y in zip(ta, tb):
+    a, b = float(x), float(y)
+    ulp = 10.0 ** -len(x.split(".")[1])
+    rel = abs(a - b) / max(abs(a), 1e-3)
+    worst = max(worst, rel)
+    bad += rel > 1e-2 and abs(a - b) > 1.01 * ulp
+print(f"tni: {len(ta)} numbers, worst relative difference {worst:.2e}; {bad} differ by more than 1e-2 "
+      f"and one unit of the last printed digit")
+sys.exit(0 if bad == 0 else 1)
 PY
 fi
 [ $fail -eq 0 ] && echo "runner check: passed" || echo "runner check: FAILED"
