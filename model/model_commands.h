@@ -9,6 +9,7 @@
 int oscar_cmd_run(int argc, char **argv);
 int oscar_cmd_ppl(int argc, char **argv);
 int oscar_cmd_tni(int argc, char **argv);
+int oscar_cmd_niah(int argc, char **argv); /* passkey retrieval (model/niah.c) */
 /* The end-to-end GPU decode benchmark (model/gpu/e2e.cu; a stub that
  * explains itself when the CUDA backend is not built). */
 int oscar_cmd_bench_e2e(int argc, char **argv);

@@ -143,6 +143,21 @@ else
     echo "cli_model: numpy/gguf not installed (pip install numpy gguf), logits check skipped"
 fi
 
+# 6b. passkey retrieval: the 16-bit cache finds the key in 256-token prompts at
+#     both ends, and the control (no key in the prompt) scores 0 (the scorer
+#     does not reward guessing)
+if [ $SLOW = 0 ]; then
+    "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 256 --depths 0,100 --trials 1 --kv none \
+        --json "$WORK/niah.json" --png "$WORK/niah.png" > "$WORK/niah.txt" 2>&1 || fail "niah: $(cat "$WORK/niah.txt")"
+    cat "$WORK/niah.txt" | grep -v prompts
+    grep -q '"correct":1},{"length":256,"depth":100,"correct":1}' "$WORK/niah.json" || fail "niah: 16-bit missed the key"
+    [ -s "$WORK/niah.png" ] || fail "niah: no PNG"
+    "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 256 --depths 0,100 --trials 1 --kv none --control \
+        --json "$WORK/niah_control.json" > "$WORK/niah_control.txt" 2>&1 || fail "niah --control"
+    grep -q '"correct":1' "$WORK/niah_control.json" && fail "niah --control: a key was 'found' that was never given"
+    "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 10 >/dev/null 2>&1 && fail "niah: --lengths 10 accepted"
+fi
+
 # 7. the Qwen3 architecture (per-head q/k RMSNorm, neox RoPE, head_dim != dim/heads,
 #    untied output) on a random-weight model with the real tokenizer, against numpy;
 #    the 2-bit cache runs on it too
