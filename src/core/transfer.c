@@ -65,10 +65,10 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
     if (count == 0) return OSCAR_OK;
     const int R = L->residual, d = L->d, H = L->hkv;
     const size_t row = (size_t)H * d;
-    uint8_t *blk = (uint8_t *)malloc(L->layer_block_bytes);
-    float *kb = (float *)malloc(sizeof(float) * (size_t)R * d * 2 + sizeof(float) * R);
-    uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
-    float *tmp = (float *)malloc(sizeof(float) * (size_t)d);
+    uint8_t *blk = (uint8_t *)OSCAR_MALLOC(L->layer_block_bytes);
+    float *kb = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)R * d * 2 + sizeof(float) * R);
+    uint8_t *wk = (uint8_t *)OSCAR_MALLOC(L->window_layer_bytes);
+    float *tmp = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)d);
     if (!blk || !kb || !wk || !tmp) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_read: out of host memory");
         goto done;
@@ -192,7 +192,7 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     if (st) return st;
     const oscar_seq *q = &c->seqs[s];
     const oscar_layout *L = &c->lay;
-    int64_t *packed = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
+    int64_t *packed = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);
     if (!packed) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
     for (int l = 0; l < L->layers; l++) packed[l] = q->packed[l];
     int32_t nb;
@@ -231,8 +231,8 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
             }
         }
     size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
-    uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
-    float *ss = (float *)malloc(sizeof(float) * (size_t)L->window_rows);
+    uint8_t *wk = (uint8_t *)OSCAR_MALLOC(L->window_layer_bytes);
+    float *ss = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)L->window_rows);
     if (!wk || !ss) {
         free(wk), free(ss);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
@@ -295,9 +295,9 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     }
     if (size < hb + plb * (size_t)L->layers + 8)
         return oscar_set_error(c, F, "seq_import: stream truncated in the token counts");
-    int64_t *tokens = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
-    int64_t *packed64 = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
-    int32_t *packed = (int32_t *)malloc(sizeof(int32_t) * (size_t)L->layers);
+    int64_t *tokens = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);
+    int64_t *packed64 = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);
+    int32_t *packed = (int32_t *)OSCAR_MALLOC(sizeof(int32_t) * (size_t)L->layers);
     oscar_status st = OSCAR_OK;
     int32_t *table = NULL;
     float *ss = NULL, *rowf = NULL;
@@ -350,7 +350,7 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_import: all %d sequence slots are in use", c->cfg.max_seqs);
         goto fail;
     }
-    table = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb ? nb : 1));
+    table = (int32_t *)OSCAR_MALLOC(sizeof(int32_t) * (size_t)(nb ? nb : 1));
     if (!table) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
         goto fail;
@@ -371,8 +371,8 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes)
             if (packed[l] > i && (st = c->ops->write_block(c, l, table[i], p + off)) != OSCAR_OK) goto fail;
     size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
-    ss = (float *)malloc(sizeof(float) * (size_t)L->window_rows);
-    rowf = (float *)malloc(sizeof(float) * (size_t)L->hkv * L->d);
+    ss = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)L->window_rows);
+    rowf = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)L->hkv * L->d);
     if (!ss || !rowf) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
         goto fail;
