@@ -123,25 +123,28 @@ done:
     return st;
 }
 
+/* 1 if any of n values in the window dtype at p is NaN or Inf. */
+static int any_nonfinite(const oscar_layout *L, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (L->window_esize == 4) {
+            if ((get32(p + 4 * i) & 0x7f800000u) == 0x7f800000u) return 1;
+        } else {
+            const uint32_t h = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
+            const uint32_t m = L->window_dtype == OSCAR_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
+            if ((h & m) == m) return 1;
+        }
+    }
+    return 0;
+}
+
 /* A block's contents as a packer can write them: fp16 (scale, lo) pairs
  * finite with scale >= 0, token norms finite and > 0; for method none every
  * stored value finite. Returns 0 or a message. */
 static const char *check_block(const oscar_layout *L, const uint8_t *b) {
     const int R = L->residual;
-    if (!L->quantised) {
-        const size_t n = L->layer_block_bytes / (size_t)L->window_esize;
-        for (size_t i = 0; i < n; i++) {
-            if (L->window_esize == 4) {
-                const uint32_t u = get32(b + 4 * i);
-                if ((u & 0x7f800000u) == 0x7f800000u) return "a stored value is NaN or Inf";
-            } else {
-                const uint32_t h = (uint32_t)b[2 * i] | (uint32_t)b[2 * i + 1] << 8;
-                const uint32_t m = L->window_dtype == OSCAR_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
-                if ((h & m) == m) return "a stored value is NaN or Inf";
-            }
-        }
-        return NULL;
-    }
+    if (!L->quantised)
+        return any_nonfinite(L, b, L->layer_block_bytes / (size_t)L->window_esize) ? "a stored value is NaN or Inf"
+                                                                                    : NULL;
     for (int h = 0; h < L->hkv; h++) {
         const uint8_t *p = b + (size_t)h * L->head_bytes + 2 * L->codes_bytes;
         const size_t pairs = (L->kparams_bytes + L->vparams_bytes) / 4;
@@ -381,6 +384,12 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         int32_t wn = (int32_t)(tokens[l] - packed64[l] * L->residual);
         const uint8_t *wkp = p + off, *wvp = p + off + (size_t)wn * rowb;
         off += 2 * (size_t)wn * rowb;
+        /* window rows as append stores them: finite (found by tests/fuzz/fuzz_import.c: a NaN row was taken
+         * in and attention over it gave NaN) */
+        if (any_nonfinite(L, wkp, 2 * (size_t)wn * L->hkv * L->d)) {
+            st = oscar_set_error(c, F, "seq_import: layer %d: a window value is NaN or Inf", l);
+            goto fail;
+        }
         for (int32_t t = 0; t < wn; t++) {
             if (version >= 2) {
                 const uint32_t u = get32(p + off + 4 * (size_t)t);
