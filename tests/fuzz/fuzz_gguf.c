@@ -13,6 +13,7 @@
 #include "llama.h"
 #include "tokenizer.h"
 
+#include <math.h>
 #include <string.h>
 
 static void walk_file(const gguf_file *f) {
@@ -76,6 +77,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     llama_model *m = llama_load(path, 0, err, sizeof err);
     FUZZ_REQUIRE(m || err[0], "llama_load failed without a message");
     if (m) {
+        /* what the forward pass relies on (model/llama.c, llama_forward) */
+        FUZZ_REQUIRE(m->n_layers >= 1 && m->dim >= 1 && m->n_heads >= 1 && m->n_kv_heads >= 1 &&
+                         m->n_heads % m->n_kv_heads == 0 && m->head_dim >= 2 && m->rope_dim >= 2 &&
+                         m->rope_dim <= m->head_dim && m->rope_dim % 2 == 0 && m->ctx_max >= 1,
+                     "loaded a model of layers %d dim %d heads %d/%d head_dim %d rope_dim %d context %d", m->n_layers,
+                     m->dim, m->n_heads, m->n_kv_heads, m->head_dim, m->rope_dim, m->ctx_max);
+        FUZZ_REQUIRE(m->eps > 0.0f && m->eps < INFINITY && m->rope_base > 1.0f && m->rope_base < INFINITY,
+                     "loaded a model with RMS epsilon %g, RoPE base %g", (double)m->eps, (double)m->rope_base);
         static const char text[] = "the oscar <|im_start|>user\nna\xc3\xafve \xff 12";
         int32_t *ids = NULL;
         size_t n = 0, cap = 0;

@@ -51,7 +51,7 @@ def byte_alphabet():
     return [chr(c) for c in cps]
 
 
-def tiny_llama(n_layers=1, dim=8, heads=2, kv_heads=1, ffn=16, f16_embed=True):
+def tiny_llama(n_layers=1, dim=8, heads=2, kv_heads=1, ffn=16, f16_embed=True, extra=()):
     alpha = byte_alphabet()
     sp = alpha[ord(" ")]
     merges = [("t", "h"), ("th", "e"), (sp, "t"), (sp + "t", "h"), (sp + "th", "e"), ("i", "n"), ("e", "r"), ("o", "s"),
@@ -64,29 +64,33 @@ def tiny_llama(n_layers=1, dim=8, heads=2, kv_heads=1, ffn=16, f16_embed=True):
     tokens += specials
     vocab = len(tokens)
     head_dim = dim // heads
-    kvs = [
-        kv("general.architecture", T_STR, "llama"),
-        kv("general.name", T_STR, "oscar fuzz seed"),
-        kv("general.alignment", T_U32, 32),
-        kv("llama.block_count", T_U32, n_layers),
-        kv("llama.context_length", T_U32, 256),
-        kv("llama.embedding_length", T_U32, dim),
-        kv("llama.feed_forward_length", T_U32, ffn),
-        kv("llama.attention.head_count", T_U32, heads),
-        kv("llama.attention.head_count_kv", T_U32, kv_heads),
-        kv("llama.rope.freq_base", T_F32, 10000.0),
-        kv("llama.attention.layer_norm_rms_epsilon", T_F32, 1e-5),
-        kv("tokenizer.ggml.model", T_STR, "gpt2"),
-        kv("tokenizer.ggml.pre", T_STR, "smollm"),
-        kv("tokenizer.ggml.tokens", T_ARR, tokens, T_STR),
-        kv("tokenizer.ggml.token_type", T_ARR, types, T_I32),
-        kv("tokenizer.ggml.merges", T_ARR, [a + " " + b for a, b in merges], T_STR),
-        kv("tokenizer.ggml.bos_token_id", T_U32, vocab - 2),
-        kv("tokenizer.ggml.eos_token_id", T_U32, vocab - 1),
-        kv("tokenizer.ggml.add_bos_token", T_BOOL, 0),
-        kv("tokenizer.chat_template", T_STR,
+    meta = [
+        ("general.architecture", T_STR, "llama"),
+        ("general.name", T_STR, "oscar fuzz seed"),
+        ("general.alignment", T_U32, 32),
+        ("llama.block_count", T_U32, n_layers),
+        ("llama.context_length", T_U32, 256),
+        ("llama.embedding_length", T_U32, dim),
+        ("llama.feed_forward_length", T_U32, ffn),
+        ("llama.attention.head_count", T_U32, heads),
+        ("llama.attention.head_count_kv", T_U32, kv_heads),
+        ("llama.rope.freq_base", T_F32, 10000.0),
+        ("llama.attention.layer_norm_rms_epsilon", T_F32, 1e-5),
+        ("tokenizer.ggml.model", T_STR, "gpt2"),
+        ("tokenizer.ggml.pre", T_STR, "smollm"),
+        ("tokenizer.ggml.tokens", T_ARR, tokens, T_STR),
+        ("tokenizer.ggml.token_type", T_ARR, types, T_I32),
+        ("tokenizer.ggml.merges", T_ARR, [a + " " + b for a, b in merges], T_STR),
+        ("tokenizer.ggml.bos_token_id", T_U32, vocab - 2),
+        ("tokenizer.ggml.eos_token_id", T_U32, vocab - 1),
+        ("tokenizer.ggml.add_bos_token", T_BOOL, 0),
+        ("tokenizer.chat_template", T_STR,
            "{% for m in messages %}<|im_start|>{{m.role}}\n{{m.content}}<|im_end|>\n{% endfor %}"),
     ]
+    # overrides replace a key in place (a duplicate key would be another test)
+    override = {e[0]: e for e in extra}
+    kvs = [kv(*override.get(m[0], m)) for m in meta]
+    kvs += [kv(*e) for e in extra if e[0] not in {m[0] for m in meta}]
     tensors = [("token_embd.weight", [dim, vocab], GGML_F16 if f16_embed else GGML_F32),
                ("output_norm.weight", [dim], GGML_F32)]
     for l in range(n_layers):
@@ -153,6 +157,14 @@ def main():
     for name, t in texts.items():
         # first byte: options (bit 0: parse_special)
         write(os.path.join(out, "tokenizer/seeds", name), bytes([1 if "special" in name else 0]) + t)
+    # model metadata llama_load once took unchecked (tests/fuzz/README.md)
+    regress = os.path.join(out, "gguf/regressions")
+    write(os.path.join(regress, "rope-dimension-zero.gguf"), tiny_llama(extra=[("llama.rope.dimension_count", T_U32, 0)]))
+    write(os.path.join(regress, "rope-dimension-negative.gguf"),
+          tiny_llama(extra=[("llama.rope.dimension_count", T_U32, 0xFFFFFFFE)]))
+    write(os.path.join(regress, "context-length-zero.gguf"), tiny_llama(extra=[("llama.context_length", T_U32, 0)]))
+    write(os.path.join(regress, "rms-epsilon-nan.gguf"),
+          tiny_llama(extra=[("llama.attention.layer_norm_rms_epsilon", T_F32, float("nan"))]))
     write(os.path.join(out, "npy/seeds/vector.npy"), npy([7]))
     write(os.path.join(out, "npy/seeds/matrix-v2.npy"), npy([3, 5], version=2))
     write(os.path.join(out, "npy/seeds/kv-4d.npy"), npy([2, 3, 2, 4]))
