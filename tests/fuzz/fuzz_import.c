@@ -35,9 +35,18 @@ static unsigned char *export_of(oscar_cache *c, int32_t id, size_t *size) {
     return buf;
 }
 
+static void destroy_caches(void) {
+    for (int i = 0; i < FUZZ_IMPORT_CONFIGS; i++) {
+        oscar_cache_destroy(g_cache[i]);
+        free(g_resident_stream[i]);
+    }
+}
+
 /* One cache per shape, each holding a resident sequence of 23 tokens. */
 static oscar_cache *cache_for(int which) {
     if (g_cache[which]) return g_cache[which];
+    static int registered;
+    if (!registered++) atexit(destroy_caches);
     oscar_config cfg = fuzz_import_config(which);
     char err[256];
     FUZZ_REQUIRE(oscar_cache_create(&cfg, &g_cache[which], err, sizeof err) == OSCAR_OK, "create: %s", err);

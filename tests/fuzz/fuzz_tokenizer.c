@@ -25,6 +25,11 @@
 static gguf_file *g_file;
 static tokenizer *g_tok;
 
+static void unload(void) {
+    tok_free(g_tok);
+    gguf_close(g_file);
+}
+
 static void load_once(void) {
     if (g_tok) return;
     const char *path = getenv("OSCAR_FUZZ_TOKENIZER");
@@ -36,6 +41,7 @@ static void load_once(void) {
         fprintf(stderr, "fuzz_tokenizer: cannot load the vocabulary %s: %s\n", path, err);
         exit(2);
     }
+    atexit(unload);
 }
 
 typedef struct pieces {
