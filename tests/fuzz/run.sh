@@ -59,6 +59,8 @@ for h in "${harnesses[@]}"; do
   if [ $rc -ne 0 ]; then
     echo "FAIL: fuzz_$h (exit $rc) after $(( $(date +%s) - start )) s; the input is in $work/artifacts/$h-*"
     grep -E 'ERROR|fuzz property|SUMMARY|==[0-9]+==|#[0-9]+ 0x' "$log" | head -30 | sed 's/^/  /'
+    # a CI log is all that is left of a CI machine: the input itself, to reproduce
+    grep -E '^Base64: ' "$log" | tail -1 | cut -c1-4000 | sed 's/^/  input /'
     echo "  add it to tests/fuzz/$h/regressions/ once fixed (tests/fuzz/README.md)"
     status=1
   else
