@@ -15,14 +15,14 @@ harnesses=("$@")
 CC="${FUZZ_CC:-clang}"
 
 if ! command -v "$CC" >/dev/null 2>&1; then
-  echo "SKIP: $CC not found (Debian: apt-get install clang libclang-rt-14-dev)"
+  echo "SKIP: $CC not found (Debian: apt-get install clang libclang-rt-dev)"
   exit 77
 fi
 mkdir -p "$work/obj" "$work/artifacts"
 probe="$work/probe.c"
 printf '#include <stdint.h>\n#include <stddef.h>\nint LLVMFuzzerTestOneInput(const uint8_t *d, size_t n) { (void)d; (void)n; return 0; }\n' >"$probe"
 if ! "$CC" -fsanitize=fuzzer,address,undefined "$probe" -o "$work/probe" 2>"$work/probe.log"; then
-  echo "SKIP: $CC cannot link -fsanitize=fuzzer (the libFuzzer runtime is missing; Debian: libclang-rt-14-dev)"
+  echo "SKIP: $CC cannot link -fsanitize=fuzzer (the libFuzzer runtime is missing; Debian: libclang-rt-dev)"
   sed 's/^/  /' "$work/probe.log" | head -5
   exit 77
 fi
