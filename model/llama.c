@@ -150,20 +150,43 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
         }                                                                                       \
         dst = (int)v;                                                                           \
     } while (0)
+    /* Optional fields, when present, get the same bounds: a value cast to int
+     * unchecked could go negative (a negative rope.dimension_count passed the
+     * shape checks below and sized an allocation from it). */
+#define OPT_U32(key, dst, fallback)                                                             \
+    do {                                                                                        \
+        dst = (fallback);                                                                       \
+        if (get_u32_arch(f, arch, key, &v) == 0) {                                              \
+            if (v == 0 || v > (1u << 20)) {                                                     \
+                seterr(err, n, "'%s': metadata %s.%s = %u is out of range 1..%u", path, arch, key, \
+                       v, 1u << 20);                                                            \
+                free(arch);                                                                     \
+                llama_free(m);                                                                  \
+                return NULL;                                                                    \
+            }                                                                                   \
+            dst = (int)v;                                                                       \
+        }                                                                                       \
+    } while (0)
     NEED_U32("block_count", m->n_layers);
     NEED_U32("embedding_length", m->dim);
     NEED_U32("feed_forward_length", m->ffn_dim);
     NEED_U32("attention.head_count", m->n_heads);
-    m->n_kv_heads = m->n_heads;
-    if (get_u32_arch(f, arch, "attention.head_count_kv", &v) == 0) m->n_kv_heads = (int)v;
-    m->ctx_max = get_u32_arch(f, arch, "context_length", &v) == 0 ? (int)v : 2048;
-    m->head_dim = m->dim / m->n_heads;
-    if (get_u32_arch(f, arch, "attention.key_length", &v) == 0) m->head_dim = (int)v;
-    m->rope_dim = get_u32_arch(f, arch, "rope.dimension_count", &v) == 0 ? (int)v : m->head_dim;
+    OPT_U32("attention.head_count_kv", m->n_kv_heads, m->n_heads);
+    OPT_U32("context_length", m->ctx_max, 2048);
+    OPT_U32("attention.key_length", m->head_dim, m->dim / m->n_heads);
+    OPT_U32("rope.dimension_count", m->rope_dim, m->head_dim);
+#undef OPT_U32
     m->eps = 1e-5f;
     get_f32_arch(f, arch, "attention.layer_norm_rms_epsilon", &m->eps);
     m->rope_base = 10000.0f;
     get_f32_arch(f, arch, "rope.freq_base", &m->rope_base);
+    if (!(m->eps > 0.0f) || isinf(m->eps) || !(m->rope_base > 1.0f) || isinf(m->rope_base)) {
+        seterr(err, n, "'%s': RMS norm epsilon %g or RoPE base %g is not a usable number", path, (double)m->eps,
+               (double)m->rope_base);
+        free(arch);
+        llama_free(m);
+        return NULL;
+    }
     {
         char k[160];
         snprintf(k, sizeof k, "%s.rope.scaling.type", arch);

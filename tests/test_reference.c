@@ -223,70 +223,6 @@ static void test_hadamard_definition(void) {
 
 /* ---- comparison of read-back data with the reference --------------------- */
 
-typedef struct cmp_stats {
-    int64_t elems, mism, hard; /* hard: beyond one quantisation step */
-    double worst;
-} cmp_stats;
-
-/* Compares lib K or V ([T][hkv][d], original space) with the reference.
- * Packed tokens are compared in the quantised space (inverse rotation and
- * scaling done here in float64), window tokens in the original space. */
-static void compare_readback(const tl_geom *g, const tl_ref *ref, const float *lib, int is_v,
-                             cmp_stats *st) {
-    const int d = g->d, hkv = g->hkv;
-    const int64_t row = (int64_t)hkv * d;
-    double x[256];
-    const int rot = is_v ? g->rotv : g->rot;
-    for (int64_t t = 0; t < ref->T; t++)
-        for (int h = 0; h < hkv; h++) {
-            int64_t base = t * row + (int64_t)h * d;
-            int packed = g->quant && t < ref->packed;
-            if (!packed) {
-                const double *want = is_v ? ref->vrec + base : ref->krec + base;
-                double rms = 0.0;
-                for (int c = 0; c < d; c++) rms += want[c] * want[c];
-                rms = sqrt(rms / d);
-                for (int c = 0; c < d; c++) {
-                    double e = fabs((double)lib[base + c] - want[c]);
-                    /* window values: exact without rotation, fp32 FWHT error with */
-                    double tol = rot ? 1e-5 * rms + 1e-6 * fabs(want[c]) : 0.0;
-                    /* a rotated window value may be rounded to W differently
-                     * (fp32 FWHT vs float64): one ulp of W in the rotated space */
-                    if (rot) tol += tl_ulp(g->W, rms * sqrt((double)d)) * 1.01;
-                    st->elems++;
-                    if (!(e <= tol)) st->mism++;
-                    if (!(e <= tol + 1e-3 * (rms + 1e-30) + tl_ulp(g->W, rms * sqrt((double)d)) * 4)) st->hard++;
-                }
-                continue;
-            }
-            for (int c = 0; c < d; c++) x[c] = lib[base + c];
-            if (rot) tl_hadamard_ref(x, x, d);
-            double s = is_v ? 1.0 : ref->s[t];
-            const float *want = is_v ? ref->vdeq + base : ref->kdeq + base;
-            double nrm = 0.0;
-            for (int c = 0; c < d; c++) nrm += (double)want[c] * want[c];
-            nrm = sqrt(nrm / d);
-            for (int c = 0; c < d; c++) {
-                double got = x[c] / s;
-                double e = fabs(got - want[c]);
-                double tol = 1e-5 * nrm + 2e-6 * fabs(want[c]) + 1e-30;
-                /* one step of the group */
-                double step;
-                if (is_v) {
-                    size_t pi = ((size_t)t * hkv + h) * (d / g->gv) + (size_t)(c / g->gv);
-                    step = tl_f16_to_double(ref->vsc[pi]) + 2 * tl_ulp(OSCAR_DTYPE_F16, tl_f16_to_double(ref->vlo[pi]));
-                } else {
-                    size_t pi = (size_t)(t / g->gk) * row + (size_t)h * d + (size_t)c;
-                    step = tl_f16_to_double(ref->ksc[pi]) + 2 * tl_ulp(OSCAR_DTYPE_F16, tl_f16_to_double(ref->klo[pi]));
-                }
-                st->elems++;
-                if (!(e <= tol)) st->mism++;
-                if (!(e <= 1.01 * step + tol + (rot ? 0.02 * nrm : 0.0))) st->hard++;
-                if (!(e <= st->worst)) st->worst = e;
-            }
-        }
-}
-
 /* ---- the sweep ---------------------------------------------------------------- */
 
 typedef struct sweep_case {
@@ -342,9 +278,9 @@ static void run_case(const sweep_case *sc, tl_rng *r, int idx) {
         int64_t got = tl_read_all(c, seq, layer, hkv, d, &kl, &vl);
         CHECK(got == T);
         if (got == T) {
-            cmp_stats ks = {0, 0, 0, 0}, vs = {0, 0, 0, 0};
-            compare_readback(&g, &ref, kl, 0, &ks);
-            compare_readback(&g, &ref, vl, 1, &vs);
+            tl_cmp_stats ks = {0, 0, 0, 0}, vs = {0, 0, 0, 0};
+            tl_compare_readback(&g, &ref, kl, 0, &ks);
+            tl_compare_readback(&g, &ref, vl, 1, &vs);
             /* Without rotation the numerics are exact up to the last bit of
              * s; with rotation the window rounding of an fp32 FWHT may
              * differ from float64 in rare elements. */

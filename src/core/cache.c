@@ -250,21 +250,21 @@ oscar_status oscar_cache_create_with_memory(const oscar_config *cfg, const oscar
         if (mem->allocator && (!mem->allocator->alloc || !mem->allocator->free))
             return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "memory source: allocator needs alloc and free");
     }
-    oscar_cache *c = (oscar_cache *)calloc(1, sizeof *c);
+    oscar_cache *c = (oscar_cache *)OSCAR_CALLOC(1, sizeof *c);
     if (!c) return errbuf_set(eb, en, OSCAR_E_OUT_OF_MEMORY, "out of host memory for the cache handle");
     c->cfg = *cfg;
     oscar_layout_init(&c->lay, cfg);
     c->ops = ops;
-    c->seqs = (oscar_seq *)calloc((size_t)cfg->max_seqs, sizeof(oscar_seq));
-    c->block_refs = (int32_t *)calloc((size_t)cfg->block_count, sizeof(int32_t));
-    c->free_list = (int32_t *)malloc((size_t)cfg->block_count * sizeof(int32_t));
+    c->seqs = (oscar_seq *)OSCAR_CALLOC((size_t)cfg->max_seqs, sizeof(oscar_seq));
+    c->block_refs = (int32_t *)OSCAR_CALLOC((size_t)cfg->block_count, sizeof(int32_t));
+    c->free_list = (int32_t *)OSCAR_MALLOC((size_t)cfg->block_count * sizeof(int32_t));
     uint32_t cap = 16;
     while (cap < 2u * (uint32_t)cfg->max_seqs) cap *= 2;
     c->id_mask = cap - 1;
-    c->id_keys = (int32_t *)malloc(sizeof(int32_t) * cap);
-    c->id_slots = (int32_t *)malloc(sizeof(int32_t) * cap);
-    c->free_slots = (int32_t *)malloc(sizeof(int32_t) * (size_t)cfg->max_seqs);
-    c->stamp = (uint32_t *)calloc((size_t)cfg->max_seqs, sizeof(uint32_t));
+    c->id_keys = (int32_t *)OSCAR_MALLOC(sizeof(int32_t) * cap);
+    c->id_slots = (int32_t *)OSCAR_MALLOC(sizeof(int32_t) * cap);
+    c->free_slots = (int32_t *)OSCAR_MALLOC(sizeof(int32_t) * (size_t)cfg->max_seqs);
+    c->stamp = (uint32_t *)OSCAR_CALLOC((size_t)cfg->max_seqs, sizeof(uint32_t));
     if (!c->seqs || !c->block_refs || !c->free_list || !c->id_keys || !c->id_slots || !c->free_slots || !c->stamp) {
         oscar_cache_destroy(c);
         return errbuf_set(eb, en, OSCAR_E_OUT_OF_MEMORY, "out of host memory for %d sequence slots / %d blocks",
@@ -401,8 +401,8 @@ oscar_status oscar_seq_add(oscar_cache *c, int32_t *seq_id) {
     if (s < 0)
         return oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_add: all %d sequence slots are in use",
                                c->cfg.max_seqs);
-    int64_t *tokens = (int64_t *)calloc((size_t)c->cfg.num_layers, sizeof(int64_t));
-    int32_t *packed = (int32_t *)calloc((size_t)c->cfg.num_layers, sizeof(int32_t));
+    int64_t *tokens = (int64_t *)OSCAR_CALLOC((size_t)c->cfg.num_layers, sizeof(int64_t));
+    int32_t *packed = (int32_t *)OSCAR_CALLOC((size_t)c->cfg.num_layers, sizeof(int32_t));
     if (!tokens || !packed) {
         free(tokens), free(packed);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_add: out of host memory");
@@ -476,7 +476,7 @@ static oscar_status ensure_table(oscar_cache *c, oscar_seq *q, int64_t need) {
     int64_t cap = q->table_cap ? q->table_cap : 16;
     while (cap < need) cap *= 2;
     if (cap > c->cfg.block_count) cap = c->cfg.block_count;
-    int32_t *t = (int32_t *)realloc(q->table, (size_t)cap * sizeof(int32_t));
+    int32_t *t = (int32_t *)OSCAR_REALLOC(q->table, (size_t)cap * sizeof(int32_t));
     if (!t) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "out of host memory for a block table");
     q->table = t;
     q->table_cap = (int32_t)cap;
@@ -503,10 +503,10 @@ oscar_status oscar_seq_fork(oscar_cache *c, int32_t src, int32_t *new_id) {
         return oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_fork: all %d sequence slots are in use",
                                c->cfg.max_seqs);
     oscar_seq *b = &c->seqs[d];
-    int64_t *tokens = (int64_t *)malloc((size_t)c->cfg.num_layers * sizeof(int64_t));
-    int32_t *packed = (int32_t *)malloc((size_t)c->cfg.num_layers * sizeof(int32_t));
-    int32_t *wt = (int32_t *)malloc((size_t)c->cfg.num_layers * sizeof(int32_t));
-    int32_t *table = a->n_blocks ? (int32_t *)malloc((size_t)a->n_blocks * sizeof(int32_t)) : NULL;
+    int64_t *tokens = (int64_t *)OSCAR_MALLOC((size_t)c->cfg.num_layers * sizeof(int64_t));
+    int32_t *packed = (int32_t *)OSCAR_MALLOC((size_t)c->cfg.num_layers * sizeof(int32_t));
+    int32_t *wt = (int32_t *)OSCAR_MALLOC((size_t)c->cfg.num_layers * sizeof(int32_t));
+    int32_t *table = a->n_blocks ? (int32_t *)OSCAR_MALLOC((size_t)a->n_blocks * sizeof(int32_t)) : NULL;
     if (!tokens || !packed || !wt || (a->n_blocks && !table)) {
         free(tokens), free(packed), free(wt), free(table);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_fork: out of host memory");
@@ -594,8 +594,8 @@ oscar_status oscar_append_with_key_sums(oscar_cache *c, int layer, int n_seqs, c
     if ((int)dtype < 0 || (int)dtype > 2) return oscar_set_error(c, E, "append: dtype %d is not valid", (int)dtype);
     if (n_seqs > c->cfg.max_seqs)
         return oscar_set_error(c, E, "append: n_seqs %d exceeds max_seqs %d", n_seqs, c->cfg.max_seqs);
-    int *slots = (int *)malloc((size_t)n_seqs * sizeof(int));
-    oscar_append_job *jobs = (oscar_append_job *)calloc((size_t)n_seqs, sizeof *jobs);
+    int *slots = (int *)OSCAR_MALLOC((size_t)n_seqs * sizeof(int));
+    oscar_append_job *jobs = (oscar_append_job *)OSCAR_CALLOC((size_t)n_seqs, sizeof *jobs);
     int32_t *fresh = NULL;
     oscar_status st = OSCAR_OK;
     if (!slots || !jobs) {
@@ -660,7 +660,7 @@ oscar_status oscar_append_with_key_sums(oscar_cache *c, int layer, int n_seqs, c
      * fresh ones taken tentatively from the free list. */
     int64_t total_flush = 0;
     for (int i = 0; i < n_seqs; i++) total_flush += jobs[i].n_flush;
-    fresh = (int32_t *)malloc((size_t)(total_flush ? total_flush : 1) * sizeof(int32_t));
+    fresh = (int32_t *)OSCAR_MALLOC((size_t)(total_flush ? total_flush : 1) * sizeof(int32_t));
     if (!fresh) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "append: out of host memory");
         goto done;
@@ -723,7 +723,7 @@ oscar_status oscar_attention(oscar_cache *c, int layer, int n_seqs, const int32_
         oscar_status rep = c->ops->poll(c);
         if (rep != OSCAR_OK) return rep;
     }
-    oscar_attn_job *jobs = (oscar_attn_job *)malloc((size_t)n_seqs * sizeof *jobs);
+    oscar_attn_job *jobs = (oscar_attn_job *)OSCAR_MALLOC((size_t)n_seqs * sizeof *jobs);
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory");
     oscar_status st = OSCAR_OK;
     const int64_t R = c->cfg.residual;

@@ -18,6 +18,8 @@
 #include <stdarg.h>
 #include <stdbool.h>
 
+#include "alloc.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif

@@ -177,7 +177,7 @@ oscar_status oscar_fold_hadamard_wv(float *w_v, int num_kv_heads, int head_dim, 
     if (!w_v || num_kv_heads <= 0 || !is_pow2(head_dim) || head_dim > 65536 || in_features <= 0)
         return OSCAR_E_INVALID_ARGUMENT;
     /* W_v_h <- H W_v_h transforms each column of the head's [d, in] slice. */
-    float *col = (float *)malloc((size_t)head_dim * sizeof(float));
+    float *col = (float *)OSCAR_MALLOC((size_t)head_dim * sizeof(float));
     if (!col) return OSCAR_E_OUT_OF_MEMORY;
     for (int h = 0; h < num_kv_heads; h++) {
         float *slice = w_v + (int64_t)h * head_dim * in_features;

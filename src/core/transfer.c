@@ -65,10 +65,10 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
     if (count == 0) return OSCAR_OK;
     const int R = L->residual, d = L->d, H = L->hkv;
     const size_t row = (size_t)H * d;
-    uint8_t *blk = (uint8_t *)malloc(L->layer_block_bytes);
-    float *kb = (float *)malloc(sizeof(float) * (size_t)R * d * 2 + sizeof(float) * R);
-    uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
-    float *tmp = (float *)malloc(sizeof(float) * (size_t)d);
+    uint8_t *blk = (uint8_t *)OSCAR_MALLOC(L->layer_block_bytes);
+    float *kb = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)R * d * 2 + sizeof(float) * R);
+    uint8_t *wk = (uint8_t *)OSCAR_MALLOC(L->window_layer_bytes);
+    float *tmp = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)d);
     if (!blk || !kb || !wk || !tmp) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_read: out of host memory");
         goto done;
@@ -123,25 +123,28 @@ done:
     return st;
 }
 
+/* 1 if any of n values in the window dtype at p is NaN or Inf. */
+static int any_nonfinite(const oscar_layout *L, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (L->window_esize == 4) {
+            if ((get32(p + 4 * i) & 0x7f800000u) == 0x7f800000u) return 1;
+        } else {
+            const uint32_t h = (uint32_t)p[2 * i] | (uint32_t)p[2 * i + 1] << 8;
+            const uint32_t m = L->window_dtype == OSCAR_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
+            if ((h & m) == m) return 1;
+        }
+    }
+    return 0;
+}
+
 /* A block's contents as a packer can write them: fp16 (scale, lo) pairs
  * finite with scale >= 0, token norms finite and > 0; for method none every
  * stored value finite. Returns 0 or a message. */
 static const char *check_block(const oscar_layout *L, const uint8_t *b) {
     const int R = L->residual;
-    if (!L->quantised) {
-        const size_t n = L->layer_block_bytes / (size_t)L->window_esize;
-        for (size_t i = 0; i < n; i++) {
-            if (L->window_esize == 4) {
-                const uint32_t u = get32(b + 4 * i);
-                if ((u & 0x7f800000u) == 0x7f800000u) return "a stored value is NaN or Inf";
-            } else {
-                const uint32_t h = (uint32_t)b[2 * i] | (uint32_t)b[2 * i + 1] << 8;
-                const uint32_t m = L->window_dtype == OSCAR_DTYPE_BF16 ? 0x7f80u : 0x7c00u;
-                if ((h & m) == m) return "a stored value is NaN or Inf";
-            }
-        }
-        return NULL;
-    }
+    if (!L->quantised)
+        return any_nonfinite(L, b, L->layer_block_bytes / (size_t)L->window_esize) ? "a stored value is NaN or Inf"
+                                                                                    : NULL;
     for (int h = 0; h < L->hkv; h++) {
         const uint8_t *p = b + (size_t)h * L->head_bytes + 2 * L->codes_bytes;
         const size_t pairs = (L->kparams_bytes + L->vparams_bytes) / 4;
@@ -192,7 +195,7 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     if (st) return st;
     const oscar_seq *q = &c->seqs[s];
     const oscar_layout *L = &c->lay;
-    int64_t *packed = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
+    int64_t *packed = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);
     if (!packed) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
     for (int l = 0; l < L->layers; l++) packed[l] = q->packed[l];
     int32_t nb;
@@ -231,8 +234,8 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
             }
         }
     size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
-    uint8_t *wk = (uint8_t *)malloc(L->window_layer_bytes);
-    float *ss = (float *)malloc(sizeof(float) * (size_t)L->window_rows);
+    uint8_t *wk = (uint8_t *)OSCAR_MALLOC(L->window_layer_bytes);
+    float *ss = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)L->window_rows);
     if (!wk || !ss) {
         free(wk), free(ss);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
@@ -295,9 +298,9 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     }
     if (size < hb + plb * (size_t)L->layers + 8)
         return oscar_set_error(c, F, "seq_import: stream truncated in the token counts");
-    int64_t *tokens = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
-    int64_t *packed64 = (int64_t *)malloc(sizeof(int64_t) * (size_t)L->layers);
-    int32_t *packed = (int32_t *)malloc(sizeof(int32_t) * (size_t)L->layers);
+    int64_t *tokens = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);
+    int64_t *packed64 = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);
+    int32_t *packed = (int32_t *)OSCAR_MALLOC(sizeof(int32_t) * (size_t)L->layers);
     oscar_status st = OSCAR_OK;
     int32_t *table = NULL;
     float *ss = NULL, *rowf = NULL;
@@ -350,7 +353,7 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED, "seq_import: all %d sequence slots are in use", c->cfg.max_seqs);
         goto fail;
     }
-    table = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nb ? nb : 1));
+    table = (int32_t *)OSCAR_MALLOC(sizeof(int32_t) * (size_t)(nb ? nb : 1));
     if (!table) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
         goto fail;
@@ -371,8 +374,8 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         for (int l = 0; l < L->layers; l++, off += L->layer_block_bytes)
             if (packed[l] > i && (st = c->ops->write_block(c, l, table[i], p + off)) != OSCAR_OK) goto fail;
     size_t rowb = (size_t)L->hkv * L->d * L->window_esize;
-    ss = (float *)malloc(sizeof(float) * (size_t)L->window_rows);
-    rowf = (float *)malloc(sizeof(float) * (size_t)L->hkv * L->d);
+    ss = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)L->window_rows);
+    rowf = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)L->hkv * L->d);
     if (!ss || !rowf) {
         st = oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_import: out of host memory");
         goto fail;
@@ -381,6 +384,12 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         int32_t wn = (int32_t)(tokens[l] - packed64[l] * L->residual);
         const uint8_t *wkp = p + off, *wvp = p + off + (size_t)wn * rowb;
         off += 2 * (size_t)wn * rowb;
+        /* window rows as append stores them: finite (found by tests/fuzz/fuzz_import.c: a NaN row was taken
+         * in and attention over it gave NaN) */
+        if (any_nonfinite(L, wkp, 2 * (size_t)wn * L->hkv * L->d)) {
+            st = oscar_set_error(c, F, "seq_import: layer %d: a window value is NaN or Inf", l);
+            goto fail;
+        }
         for (int32_t t = 0; t < wn; t++) {
             if (version >= 2) {
                 const uint32_t u = get32(p + off + 4 * (size_t)t);

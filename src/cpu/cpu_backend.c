@@ -49,7 +49,7 @@ static int thread_count(const oscar_cache *c) {
 
 static void *alloc64(size_t n) {
     n = (n + 63) & ~(size_t)63;
-    return aligned_alloc(64, n ? n : 64);
+    return OSCAR_ALIGNED_ALLOC(64, n ? n : 64);
 }
 
 static void sizes(const oscar_config *cfg, const oscar_layout *L, size_t *pool, size_t *win) {
@@ -83,14 +83,14 @@ static void cpu_destroy(oscar_cache *c) {
 }
 
 static oscar_status cpu_init(oscar_cache *c, const oscar_memory_source *mem) {
-    cpu_state *s = (cpu_state *)calloc(1, sizeof *s);
+    cpu_state *s = (cpu_state *)OSCAR_CALLOC(1, sizeof *s);
     if (!s) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "out of host memory");
     s->allocator = mem ? mem->allocator : NULL;
     sizes(&c->cfg, &c->lay, &s->pool_bytes, &s->windows_bytes);
     s->pool = region(s, mem ? mem->pool : NULL, s->pool_bytes, &s->own_pool);
     s->windows = region(s, mem ? mem->windows : NULL, s->windows_bytes, &s->own_windows);
-    s->packed = (int32_t *)calloc((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
-    s->held = (int32_t *)calloc((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
+    s->packed = (int32_t *)OSCAR_CALLOC((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
+    s->held = (int32_t *)OSCAR_CALLOC((size_t)c->cfg.num_layers * (size_t)c->cfg.max_seqs, sizeof(int32_t));
     c->backend_state = s;
     if (!s->pool || !s->windows || !s->packed || !s->held) {
         const double mib = (double)(s->pool_bytes + s->windows_bytes) / 1048576.0;
@@ -147,13 +147,13 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
     for (int i = 0; i < n_jobs; i++) n_pairs += jobs[i].n_flush;
     /* Every buffer is taken before the first byte of the cache is written,
      * so running out of memory leaves the cache as it was. */
-    uint8_t *staged = (uint8_t *)malloc(2 * (size_t)(rows ? rows : 1) * row * es);
-    float *ss_new = (float *)malloc(sizeof(float) * (size_t)(rows ? rows : 1));
-    float *rowbuf = (float *)malloc(sizeof(float) * row * 2 * (size_t)nt);
+    uint8_t *staged = (uint8_t *)OSCAR_MALLOC(2 * (size_t)(rows ? rows : 1) * row * es);
+    float *ss_new = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)(rows ? rows : 1));
+    float *rowbuf = (float *)OSCAR_MALLOC(sizeof(float) * row * 2 * (size_t)nt);
     /* per thread: K, V, scratch [R][row] and the block's token sums [R] */
     const size_t pack_floats = (size_t)R * row * 3 + (size_t)R;
-    float *packbuf = n_pairs ? (float *)malloc(sizeof(float) * pack_floats * (size_t)nt) : NULL;
-    int64_t *pair_job = n_pairs ? (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)n_pairs) : NULL;
+    float *packbuf = n_pairs ? (float *)OSCAR_MALLOC(sizeof(float) * pack_floats * (size_t)nt) : NULL;
+    int64_t *pair_job = n_pairs ? (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * 2 * (size_t)n_pairs) : NULL;
     if (!staged || !ss_new || !rowbuf || (n_pairs && (!packbuf || !pair_job))) {
         free(staged), free(ss_new), free(rowbuf), free(packbuf), free(pair_job);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "append: out of host memory");
@@ -584,11 +584,11 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
      * every thread's block 64-byte aligned. */
     const size_t scratch_floats =
         ((size_t)nr_max * (X.max_tok + 5 * (size_t)d + X.ng) + d + 16 + 15) / 16 * 16;
-    attn_item *items = (attn_item *)malloc(sizeof(attn_item) * (size_t)(n_items ? n_items : 1));
-    float *qr = (float *)malloc(sizeof(float) * (size_t)n_jobs * q_len * hq * d);
-    float *part = (float *)malloc(sizeof(float) * (size_t)(n_items ? n_items : 1) * rows * (d + 2));
+    attn_item *items = (attn_item *)OSCAR_MALLOC(sizeof(attn_item) * (size_t)(n_items ? n_items : 1));
+    float *qr = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)n_jobs * q_len * hq * d);
+    float *part = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)(n_items ? n_items : 1) * rows * (d + 2));
     float *scratch = (float *)alloc64(sizeof(float) * scratch_floats * (size_t)nt);
-    float *orow = (float *)malloc(sizeof(float) * (size_t)d);
+    float *orow = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)d);
     if (!items || !qr || !part || !scratch || !orow) {
         free(items), free(qr), free(part), free(scratch), free(orow);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory for scratch");
@@ -764,7 +764,7 @@ static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batc
                                      oscar_dtype dtype, void *stream) {
     oscar_status st = check_batch(c, layer, b, 1, "batch_append");
     if (st != OSCAR_OK) return st;
-    oscar_append_job *jobs = (oscar_append_job *)calloc((size_t)b->num_seqs, sizeof *jobs);
+    oscar_append_job *jobs = (oscar_append_job *)OSCAR_CALLOC((size_t)b->num_seqs, sizeof *jobs);
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_append: out of host memory");
     const int R = c->cfg.residual, n = b->tokens_per_seq;
     for (int i = 0; i < b->num_seqs; i++) {
@@ -798,7 +798,7 @@ static oscar_status cpu_batch_attention(oscar_cache *c, int layer, const oscar_b
                                         void *stream) {
     oscar_status st = check_batch(c, layer, b, 0, "batch_attention");
     if (st != OSCAR_OK) return st;
-    oscar_attn_job *jobs = (oscar_attn_job *)calloc((size_t)b->num_seqs, sizeof *jobs);
+    oscar_attn_job *jobs = (oscar_attn_job *)OSCAR_CALLOC((size_t)b->num_seqs, sizeof *jobs);
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_attention: out of host memory");
     const int R = c->cfg.residual;
     for (int i = 0; i < b->num_seqs; i++) {
@@ -842,8 +842,8 @@ static oscar_status cpu_key_sumsq(oscar_cache *c, int64_t n_rows, const void *k,
                                   void *stream) {
     const oscar_layout *L = &c->lay;
     const size_t row = (size_t)L->hkv * L->d, in_es = (size_t)oscar_dtype_size(dtype);
-    float *x = (float *)malloc(sizeof(float) * row);
-    uint8_t *w = (uint8_t *)malloc(row * (size_t)L->window_esize);
+    float *x = (float *)OSCAR_MALLOC(sizeof(float) * row);
+    uint8_t *w = (uint8_t *)OSCAR_MALLOC(row * (size_t)L->window_esize);
     if (!x || !w) {
         free(x), free(w);
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "key_sumsq: out of host memory");

@@ -446,11 +446,16 @@ static float tl_ref_deq(int code, uint16_t sc16, uint16_t lo16) {
 
 void tl_ref_build(const tl_geom *g, const float *k, const float *v, int64_t T,
                   const float *s_override, tl_ref *o) {
+    tl_ref_build_packed(g, k, v, T, (T / g->R) * g->R, s_override, o);
+}
+
+void tl_ref_build_packed(const tl_geom *g, const float *k, const float *v, int64_t T, int64_t packed_tokens,
+                         const float *s_override, tl_ref *o) {
     memset(o, 0, sizeof *o);
     const int d = g->d, hkv = g->hkv;
     const int64_t row = (int64_t)hkv * d;
     o->T = T;
-    o->packed = (T / g->R) * g->R;
+    o->packed = packed_tokens;
     size_t nt = (size_t)(T > 0 ? T : 1) * (size_t)row;
     o->xk = calloc(nt, sizeof(float));
     o->xv = calloc(nt, sizeof(float));
@@ -538,6 +543,62 @@ void tl_ref_build(const tl_geom *g, const float *k, const float *v, int64_t T,
             for (int c = 0; c < d; c++) buf[c] = packed ? o->vdeq[base + c] : o->xv[base + c];
             if (g->rotv) tl_hadamard_ref(buf, buf, d);
             memcpy(o->vrec + base, buf, sizeof(double) * (size_t)d);
+        }
+}
+
+/* see testlib.h */
+void tl_compare_readback(const tl_geom *g, const tl_ref *ref, const float *lib, int is_v, tl_cmp_stats *st) {
+    const int d = g->d, hkv = g->hkv;
+    const int64_t row = (int64_t)hkv * d;
+    double x[256];
+    const int rot = is_v ? g->rotv : g->rot;
+    for (int64_t t = 0; t < ref->T; t++)
+        for (int h = 0; h < hkv; h++) {
+            int64_t base = t * row + (int64_t)h * d;
+            int packed = g->quant && t < ref->packed;
+            if (!packed) {
+                const double *want = is_v ? ref->vrec + base : ref->krec + base;
+                double rms = 0.0;
+                for (int c = 0; c < d; c++) rms += want[c] * want[c];
+                rms = sqrt(rms / d);
+                for (int c = 0; c < d; c++) {
+                    double e = fabs((double)lib[base + c] - want[c]);
+                    /* window values: exact without rotation, fp32 FWHT error with */
+                    double tol = rot ? 1e-5 * rms + 1e-6 * fabs(want[c]) : 0.0;
+                    /* a rotated window value may be rounded to W differently
+                     * (fp32 FWHT vs float64): one ulp of W in the rotated space */
+                    if (rot) tol += tl_ulp(g->W, rms * sqrt((double)d)) * 1.01;
+                    st->elems++;
+                    if (!(e <= tol)) st->mism++;
+                    if (!(e <= tol + 1e-3 * (rms + 1e-30) + tl_ulp(g->W, rms * sqrt((double)d)) * 4)) st->hard++;
+                }
+                continue;
+            }
+            for (int c = 0; c < d; c++) x[c] = lib[base + c];
+            if (rot) tl_hadamard_ref(x, x, d);
+            double s = is_v ? 1.0 : ref->s[t];
+            const float *want = is_v ? ref->vdeq + base : ref->kdeq + base;
+            double nrm = 0.0;
+            for (int c = 0; c < d; c++) nrm += (double)want[c] * want[c];
+            nrm = sqrt(nrm / d);
+            for (int c = 0; c < d; c++) {
+                double got = x[c] / s;
+                double e = fabs(got - want[c]);
+                double tol = 1e-5 * nrm + 2e-6 * fabs(want[c]) + 1e-30;
+                /* one step of the group */
+                double step;
+                if (is_v) {
+                    size_t pi = ((size_t)t * hkv + h) * (d / g->gv) + (size_t)(c / g->gv);
+                    step = tl_f16_to_double(ref->vsc[pi]) + 2 * tl_ulp(OSCAR_DTYPE_F16, tl_f16_to_double(ref->vlo[pi]));
+                } else {
+                    size_t pi = (size_t)(t / g->gk) * row + (size_t)h * d + (size_t)c;
+                    step = tl_f16_to_double(ref->ksc[pi]) + 2 * tl_ulp(OSCAR_DTYPE_F16, tl_f16_to_double(ref->klo[pi]));
+                }
+                st->elems++;
+                if (!(e <= tol)) st->mism++;
+                if (!(e <= 1.01 * step + tol + (rot ? 0.02 * nrm : 0.0))) st->hard++;
+                if (!(e <= st->worst)) st->worst = e;
+            }
         }
 }
 

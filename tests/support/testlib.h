@@ -160,7 +160,23 @@ typedef struct tl_ref {
  * summation order of s is not part of the format). */
 void tl_ref_build(const tl_geom *g, const float *k, const float *v, int64_t T,
                   const float *s_override, tl_ref *out);
+/* The same with an explicit number of packed tokens (a multiple of R, <= T):
+ * a cache packs by the rule of oscar_config (a rollback lag, truncation), not
+ * always floor(T / R) blocks. */
+void tl_ref_build_packed(const tl_geom *g, const float *k, const float *v, int64_t T, int64_t packed_tokens,
+                         const float *s_override, tl_ref *out);
 void tl_ref_free(tl_ref *r);
+
+/* Compares the library's read-back K or V ([T][hkv][d], original space, from
+ * oscar_seq_read) with the reference. Packed tokens are compared in the
+ * quantised space (inverse rotation and scaling in float64), window tokens
+ * in the original space. mism: elements beyond fp32 rounding; hard: beyond
+ * one quantisation step (a code flipped by a last-bit difference of s). */
+typedef struct tl_cmp_stats {
+    int64_t elems, mism, hard;
+    double worst;
+} tl_cmp_stats;
+void tl_compare_readback(const tl_geom *g, const tl_ref *ref, const float *lib, int is_v, tl_cmp_stats *st);
 /* Parameters of one group (step 6) from fp32 values. */
 void tl_ref_params(const float *x, int n, int stride, int Q, uint16_t *sc16, uint16_t *lo16);
 /* Step 7. */

@@ -27,7 +27,7 @@ static const char *dict_value(const char *hdr, const char *key) {
     return p;
 }
 
-int npy_read_f32(const char *path, npy_array *out, char *err, size_t errn) {
+static int read_f32(const char *path, npy_array *out, char *err, size_t errn) {
     memset(out, 0, sizeof *out);
     FILE *f = fopen(path, "rb");
     if (!f) return fail(err, errn, path, "cannot open file");
@@ -162,6 +162,16 @@ int npy_read_f32(const char *path, npy_array *out, char *err, size_t errn) {
         return fail(err, errn, path, "file is longer than its header says");
     }
     return 0;
+}
+
+/* npy.h promises an empty array on failure: the shape parsed before a later
+ * check failed (a truncated file, say) must not stay behind (found by
+ * tests/fuzz/fuzz_npy.c). */
+int npy_read_f32(const char *path, npy_array *out, char *err, size_t errn) {
+    if (read_f32(path, out, err, errn) == 0) return 0;
+    npy_free(out);
+    memset(out, 0, sizeof *out);
+    return -1;
 }
 
 int npy_write_f32(const char *path, const float *data, const int64_t *shape, int ndim, char *err, size_t errn) {
