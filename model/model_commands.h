@@ -12,5 +12,8 @@ int oscar_cmd_tni(int argc, char **argv);
 /* The end-to-end GPU decode benchmark (model/gpu/e2e.cu; a stub that
  * explains itself when the CUDA backend is not built). */
 int oscar_cmd_bench_e2e(int argc, char **argv);
+/* `oscar bench-e2e --device cpu|cuda` (model/e2e_cpu.c): the CPU runner on a
+ * GGUF model, or the GPU benchmark above. */
+int oscar_cmd_bench_e2e_device(int argc, char **argv);
 
 #endif
