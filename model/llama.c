@@ -258,8 +258,9 @@ enum { ROW_TILE = 32 }; /* rows per work item: ~11 KiB of Q4_1 weights, reused b
  * Runs the products of a group with one input x [T, cols] (Q, K and V; gate
  * and up) in one parallel region: the input is quantised to int8 blocks once
  * (for the quantised weights), then row tiles of all the group's matrices
- * are shared among the threads. So a decode step pays four regions per layer
- * (QKV, output, gate/up, down) instead of one per matrix, and no allocation.
+ * are shared among the threads. So a decode step pays four fork/joins per
+ * layer (QKV, output, gate/up, down; the attention adds the library's own)
+ * instead of one per matrix, and no allocation.
  */
 /* The activation blocks of the quantised products: 16-bit codes (results
  * within ~1e-5 of fp32 ones) unless OSCAR_ACT=q8 asks for llama.cpp's int8
@@ -284,9 +285,14 @@ static void matmul_group(const mm_job *jobs, int n_jobs, const float *x, int T, 
         first_tile[j] = tiles;
         tiles += (jobs[j].w->rows + ROW_TILE - 1) / ROW_TILE;
     }
+    /* A decode step's few rows are quantised here: a worksharing loop would
+     * cost a barrier inside the region for a microsecond of work. */
+    const int quantise_inside = need_q8 && T > 4;
+    if (need_q8 && !quantise_inside)
+        for (int t = 0; t < T; t++) qm_quantize(act, x + (int64_t)t * cols, (uint8_t *)xq + t * xq_row, cols);
 #pragma omp parallel
     {
-        if (need_q8) {
+        if (quantise_inside) {
 #pragma omp for schedule(static)
             for (int t = 0; t < T; t++) qm_quantize(act, x + (int64_t)t * cols, (uint8_t *)xq + t * xq_row, cols);
         }
