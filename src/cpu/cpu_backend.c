@@ -589,8 +589,12 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
         for (int r = 0; r < nr; r++) {
             double *o = S->dacc + (size_t)r * d;
             const float *a = S->acc + (size_t)r * d;
-            for (int i = 0; i < d; i++)
-                o[i] += (double)a[i] + (quant ? (double)S->vbias[(size_t)r * ng + i / L->v_group] : 0.0);
+            /* by group, so no integer division per channel (same sums, same order) */
+            const int vg = quant ? L->v_group : d;
+            for (int i0 = 0; i0 < d; i0 += vg) {
+                const double bias = quant ? (double)S->vbias[(size_t)r * ng + i0 / vg] : 0.0;
+                for (int i = i0; i < i0 + vg; i++) o[i] += (double)a[i] + bias;
+            }
         }
     }
     for (int r = 0; r < nr; r++) {
