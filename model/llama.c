@@ -10,6 +10,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "llama.h"
 #include "llama_gpu.h"
+#include "qmatmul.h"
 
 #include <math.h>
 #include <omp.h>
@@ -278,64 +279,72 @@ fail:
 
 /* ---- kernels ------------------------------------------------------------ */
 
-enum { ROW_TILE = 16 };
+/* One product of a group that shares its input: y[t, r] = sum_c x[t, c] W[r, c]. */
+typedef struct mm_job {
+    const qmat *w;
+    float *y;
+} mm_job;
+
+enum { ROW_TILE = 32 }; /* rows per work item: ~11 KiB of Q4_1 weights, reused by every token of the chunk */
 
 /*
- * y[t, r] = sum_c x[t, c] * W[r, c] for t < T. Row tiles are dequantised
- * into a per-thread buffer once and reused for every token; four tokens share
- * each pass over a weight row to cut loads.
+ * Runs the products of a group with one input x [T, cols] (Q, K and V; gate
+ * and up) in one parallel region: the input is quantised to int8 blocks once
+ * (for the quantised weights), then row tiles of all the group's matrices
+ * are shared among the threads. So a decode step pays four fork/joins per
+ * layer (QKV, output, gate/up, down; the attention adds the library's own)
+ * instead of one per matrix, and no allocation.
  */
-static void matmul(float *y, const float *x, const qmat *w, int T) {
-    const int64_t rows = w->rows, cols = w->cols;
-    const int64_t ntiles = (rows + ROW_TILE - 1) / ROW_TILE;
+/* The activation blocks of the quantised products: 16-bit codes (results
+ * within ~1e-5 of fp32 ones) unless OSCAR_ACT=q8 asks for llama.cpp's int8
+ * ones (faster; see qmatmul.h for why they are not the default). */
+static qm_act act_format(void) {
+    static int fmt = -1;
+    if (fmt < 0) {
+        const char *e = getenv("OSCAR_ACT");
+        fmt = e && strcmp(e, "q8") == 0 ? QM_ACT_Q8 : QM_ACT_Q16;
+    }
+    return (qm_act)fmt;
+}
+
+static void matmul_group(const mm_job *jobs, int n_jobs, const float *x, int T, void *xq) {
+    const int64_t cols = jobs[0].w->cols;
+    const qm_act act = act_format();
+    const size_t xq_row = qm_act_row_bytes(act, cols);
+    int need_q8 = 0;
+    int64_t tiles = 0, first_tile[8];
+    for (int j = 0; j < n_jobs; j++) {
+        need_q8 |= qm_wants_int_acts(jobs[j].w->type);
+        first_tile[j] = tiles;
+        tiles += (jobs[j].w->rows + ROW_TILE - 1) / ROW_TILE;
+    }
+    /* A decode step's few rows are quantised here: a worksharing loop would
+     * cost a barrier inside the region for a microsecond of work. */
+    const int quantise_inside = need_q8 && T > 4;
+    if (need_q8 && !quantise_inside)
+        for (int t = 0; t < T; t++) qm_quantize(act, x + (int64_t)t * cols, (uint8_t *)xq + t * xq_row, cols);
 #pragma omp parallel
     {
-        float *buf = w->type == GGML_T_F32 ? NULL : malloc((size_t)(ROW_TILE * cols) * sizeof(float));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t tile = 0; tile < ntiles; tile++) {
-            int64_t r0 = tile * ROW_TILE, nr = rows - r0 < ROW_TILE ? rows - r0 : ROW_TILE;
-            const float *wt;
-            if (w->type == GGML_T_F32) {
-                wt = (const float *)w->data + r0 * cols;
-            } else {
-                for (int64_t i = 0; i < nr; i++)
-                    ggml_dequantize_row(w->type, (const uint8_t *)w->data + (size_t)(r0 + i) * w->row_bytes,
-                                        buf + i * cols, cols);
-                wt = buf;
-            }
-            int t = 0;
-            for (; t + 4 <= T; t += 4) {
-                const float *x0 = x + (int64_t)t * cols, *x1 = x0 + cols, *x2 = x1 + cols, *x3 = x2 + cols;
-                for (int64_t i = 0; i < nr; i++) {
-                    const float *wr = wt + i * cols;
-                    float a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-                    for (int64_t c = 0; c < cols; c++) {
-                        float wv = wr[c];
-                        a0 += wv * x0[c];
-                        a1 += wv * x1[c];
-                        a2 += wv * x2[c];
-                        a3 += wv * x3[c];
-                    }
-                    y[(int64_t)t * rows + r0 + i] = a0;
-                    y[(int64_t)(t + 1) * rows + r0 + i] = a1;
-                    y[(int64_t)(t + 2) * rows + r0 + i] = a2;
-                    y[(int64_t)(t + 3) * rows + r0 + i] = a3;
-                }
-            }
-            for (; t < T; t++) {
-                const float *x0 = x + (int64_t)t * cols;
-                for (int64_t i = 0; i < nr; i++) {
-                    const float *wr = wt + i * cols;
-                    float a0 = 0;
-#pragma omp simd reduction(+ : a0)
-                    for (int64_t c = 0; c < cols; c++) a0 += wr[c] * x0[c];
-                    y[(int64_t)t * rows + r0 + i] = a0;
-                }
-            }
+        if (quantise_inside) {
+#pragma omp for schedule(static)
+            for (int t = 0; t < T; t++) qm_quantize(act, x + (int64_t)t * cols, (uint8_t *)xq + t * xq_row, cols);
         }
-        free(buf);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t tile = 0; tile < tiles; tile++) {
+            int j = n_jobs - 1;
+            while (first_tile[j] > tile) j--;
+            const qmat *w = jobs[j].w;
+            const int64_t r0 = (tile - first_tile[j]) * ROW_TILE;
+            const int64_t nr = w->rows - r0 < ROW_TILE ? w->rows - r0 : ROW_TILE;
+            qm_gemm(w->type, act, (const uint8_t *)w->data + (size_t)r0 * w->row_bytes, w->row_bytes, cols, nr,
+                    qm_wants_int_acts(w->type) ? (const void *)xq : (const void *)x, T, jobs[j].y + r0, w->rows);
+        }
     }
+}
+
+static void matmul(float *y, const float *x, const qmat *w, int T, void *xq) {
+    const mm_job job = {w, y};
+    matmul_group(&job, 1, x, T, xq);
 }
 
 static void rmsnorm(float *out, const float *x, const float *w, int T, int dim, float eps) {
@@ -349,16 +358,26 @@ static void rmsnorm(float *out, const float *x, const float *w, int T, int dim, 
 }
 
 /* Llama GGUFs store Q/K permuted by the converter so that the rotation pairs
+
  * are adjacent elements (2i, 2i+1): llama.cpp's "normal" RoPE. Qwen3 GGUFs
  * keep Hugging Face's layout, whose pairs are (i, i + rope_dim/2) ("neox"). */
-static void rope(const llama_model *m, float *x, int T, int n_heads, int64_t pos0) {
+static void rope_table(const llama_model *m, float *cs, int T, int64_t pos0) {
+    const int half = m->rope_dim / 2;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < half; i++) {
+            double a = (double)(pos0 + t) * m->rope_freq[i];
+            cs[((int64_t)t * half + i) * 2] = (float)cos(a);
+            cs[((int64_t)t * half + i) * 2 + 1] = (float)sin(a);
+        }
+}
+
+/* cs: the chunk's cos/sin pairs (rope_table), computed once for all layers. */
+static void rope(const llama_model *m, const float *cs, float *x, int T, int n_heads) {
     const int d = m->head_dim, half = m->rope_dim / 2;
     const int stride = m->rope_neox ? 1 : 2, partner = m->rope_neox ? half : 1;
     for (int t = 0; t < T; t++) {
-        double pos = (double)(pos0 + t);
         for (int i = 0; i < half; i++) {
-            double a = pos * m->rope_freq[i];
-            float c = (float)cos(a), s = (float)sin(a);
+            float c = cs[((int64_t)t * half + i) * 2], s = cs[((int64_t)t * half + i) * 2 + 1];
             for (int h = 0; h < n_heads; h++) {
                 float *p = x + ((int64_t)t * n_heads + h) * d + stride * i;
                 float x0 = p[0], x1 = p[partner];
@@ -519,7 +538,11 @@ int llama_state_init(llama_state *s, const llama_model *m, int max_chunk) {
     s->hb = malloc(T * m->ffn_dim * sizeof(float));
     s->hb2 = malloc(T * m->ffn_dim * sizeof(float));
     s->logits = malloc(T * m->vocab * sizeof(float));
-    if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->xo || !s->hb || !s->hb2 || !s->logits) {
+    size_t widest = (size_t)m->dim > qd ? (size_t)m->dim : qd;
+    if ((size_t)m->ffn_dim > widest) widest = (size_t)m->ffn_dim;
+    s->xq = malloc(T * (widest / QM_BLOCK + 1) * sizeof(act_q16)); /* the larger format */
+    s->rope_cs = malloc(T * (size_t)m->rope_dim * sizeof(float));
+    if (!s->xq || !s->rope_cs || !s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->xo || !s->hb || !s->hb2 || !s->logits) {
         llama_state_free(s);
         return -1;
     }
@@ -529,6 +552,7 @@ int llama_state_init(llama_state *s, const llama_model *m, int max_chunk) {
 void llama_state_free(llama_state *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v);
     free(s->att); free(s->xo); free(s->hb); free(s->hb2); free(s->logits);
+    free(s->xq); free(s->rope_cs);
     memset(s, 0, sizeof *s);
 }
 
@@ -561,18 +585,18 @@ int llama_forward(const llama_model *m, llama_state *s, llama_kv *kv, const int3
         ggml_dequantize_row(m->embed.type, (const uint8_t *)m->embed.data + (size_t)tokens[t] * m->embed.row_bytes,
                             s->x + (int64_t)t * dim, dim);
     }
+    rope_table(m, s->rope_cs, T, pos0);
     for (int l = 0; l < m->n_layers; l++) {
         const llama_layer *L = &m->layers[l];
         rmsnorm(s->xb, s->x, L->attn_norm, T, dim, m->eps);
-        matmul(s->q, s->xb, &L->wq, T);
-        matmul(s->k, s->xb, &L->wk, T);
-        matmul(s->v, s->xb, &L->wv, T);
+        const mm_job qkv[3] = {{&L->wq, s->q}, {&L->wk, s->k}, {&L->wv, s->v}};
+        matmul_group(qkv, 3, s->xb, T, s->xq);
         if (L->q_norm) { /* Qwen3: each head's q and k RMS-normalised (in place) */
             rmsnorm(s->q, s->q, L->q_norm, T * m->n_heads, m->head_dim, m->eps);
             rmsnorm(s->k, s->k, L->k_norm, T * m->n_kv_heads, m->head_dim, m->eps);
         }
-        rope(m, s->q, T, m->n_heads, pos0);
-        rope(m, s->k, T, m->n_kv_heads, pos0);
+        rope(m, s->rope_cs, s->q, T, m->n_heads);
+        rope(m, s->rope_cs, s->k, T, m->n_kv_heads);
         if (s->key_hook) s->key_hook(s->key_hook_ud, l, pos0, T, s->k);
         if (kv->use_f32) {
             size_t off = ((size_t)l * kv->cap + pos0) * kvd;
@@ -590,23 +614,23 @@ int llama_forward(const llama_model *m, llama_state *s, llama_kv *kv, const int3
                 return -1;
             }
         }
-        matmul(s->xo, s->att, &L->wo, T);
+        matmul(s->xo, s->att, &L->wo, T, s->xq);
         for (int64_t i = 0; i < (int64_t)T * dim; i++) s->x[i] += s->xo[i];
         rmsnorm(s->xb, s->x, L->ffn_norm, T, dim, m->eps);
-        matmul(s->hb, s->xb, &L->wgate, T);
-        matmul(s->hb2, s->xb, &L->wup, T);
+        const mm_job gate_up[2] = {{&L->wgate, s->hb}, {&L->wup, s->hb2}};
+        matmul_group(gate_up, 2, s->xb, T, s->xq);
         for (int64_t i = 0; i < (int64_t)T * m->ffn_dim; i++) {
             float g = s->hb[i];
             s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
         }
-        matmul(s->xo, s->hb, &L->wdown, T);
+        matmul(s->xo, s->hb, &L->wdown, T, s->xq);
         for (int64_t i = 0; i < (int64_t)T * dim; i++) s->x[i] += s->xo[i];
     }
     kv->len += T;
     if (n_logits > 0) {
         const float *xl = s->x + (int64_t)(T - n_logits) * dim;
         rmsnorm(s->xb, xl, m->out_norm, n_logits, dim, m->eps);
-        matmul(s->logits, s->xb, &m->output, n_logits);
+        matmul(s->logits, s->xb, &m->output, n_logits, s->xq);
     }
     return 0;
 }

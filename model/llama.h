@@ -95,6 +95,8 @@ typedef void (*llama_key_hook)(void *ud, int layer, int64_t pos0, int n, const f
 typedef struct llama_state {
     int max_chunk;
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *xo, *logits;
+    void *xq;          /* the input of a product as integer blocks (qmatmul.h) */
+    float *rope_cs;    /* [max_chunk][rope_dim/2] cos, sin of the chunk's positions */
     llama_key_hook key_hook;
     void *key_hook_ud;
 } llama_state;

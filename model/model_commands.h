@@ -13,5 +13,8 @@ int oscar_cmd_niah(int argc, char **argv); /* passkey retrieval (model/niah.c) *
 /* The end-to-end GPU decode benchmark (model/gpu/e2e.cu; a stub that
  * explains itself when the CUDA backend is not built). */
 int oscar_cmd_bench_e2e(int argc, char **argv);
+/* `oscar bench-e2e --device cpu|cuda` (model/e2e_cpu.c): the CPU runner on a
+ * GGUF model, or the GPU benchmark above. */
+int oscar_cmd_bench_e2e_device(int argc, char **argv);
 
 #endif

@@ -133,7 +133,17 @@ print(f"tni.png: {w}x{h}, decodes")
 PY
 fi
 
-# 6. logits against an independent numpy implementation
+# 6. bench-e2e --device cpu: every cache, prefill and two depths, a table row each
+out="$("$BIN" bench-e2e --device cpu --model "$MODEL" --bits 2,4 --depth 0,40 --gen 2 --pp 16 --reps 1 --threads 2)" \
+    || fail "bench-e2e --device cpu exited with $?"
+echo "$out" | tail -n 9
+for c in "none (16-bit)" "oscar-2" "oscar-4"; do
+    for t in "pp16" "tg2 @ d0" "tg2 @ d40"; do
+        echo "$out" | grep -q "^| $c | $t | [0-9]" || fail "bench-e2e: no row '$c | $t'"
+    done
+done
+
+# 7. logits against an independent numpy implementation
 if [ $SLOW = 1 ]; then
     echo "cli_model: sanitizer build, numpy logits check left to the normal build"
 elif python3 -c 'import numpy, gguf' 2>/dev/null; then

@@ -6,8 +6,38 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__F16C__)
+#if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+/* 8-wide half conversions with F16C, chosen at run time so that a portable
+ * build uses them too. The hardware rounds to nearest even like
+ * oscar_f32_to_f16 and converts halves exactly, so the bits do not depend on
+ * the path. */
+#define OSCAR_X86_F16C 1
+static int have_f16c(void) {
+    static int known = -1; /* a race writes the same value */
+    if (known < 0) known = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    return known;
+}
+
+__attribute__((target("avx,f16c"))) static int64_t f16_to_f32_f16c(const uint16_t *s, float *dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+    return i;
+}
+
+__attribute__((target("avx,f16c"))) static int64_t f32_to_f16_f16c(const float *src, uint16_t *d, int64_t n) {
+    /* Clamping first gives the saturating conversion of FORMAT.md. NaN
+     * passes through min/max as their second operand and stays NaN. */
+    const __m256 hi = _mm256_set1_ps(65504.0f), lo = _mm256_set1_ps(-65504.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(src + i);
+        x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+    }
+    return i;
+}
 #endif
 
 uint16_t oscar_f32_to_f16(float f) {
@@ -78,9 +108,8 @@ void oscar_to_f32(const void *src, oscar_dtype dtype, float *dst, int64_t n) {
     } else {
         const uint16_t *s = (const uint16_t *)src;
         int64_t i = 0;
-#if defined(__F16C__)
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i))));
+#ifdef OSCAR_X86_F16C
+        if (have_f16c()) i = f16_to_f32_f16c(s, dst, n);
 #endif
         for (; i < n; i++) dst[i] = oscar_f16_to_f32(s[i]);
     }
@@ -95,16 +124,8 @@ void oscar_from_f32(const float *src, void *dst, oscar_dtype dtype, int64_t n) {
     } else {
         uint16_t *d = (uint16_t *)dst;
         int64_t i = 0;
-#if defined(__F16C__)
-        /* Clamping first gives the saturating conversion of FORMAT.md; the
-         * hardware rounds to nearest even like oscar_f32_to_f16. NaN passes
-         * through min/max as their second operand and stays NaN. */
-        const __m256 hi = _mm256_set1_ps(65504.0f), lo = _mm256_set1_ps(-65504.0f);
-        for (; i + 8 <= n; i += 8) {
-            __m256 x = _mm256_loadu_ps(src + i);
-            x = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
-            _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
-        }
+#ifdef OSCAR_X86_F16C
+        if (have_f16c()) i = f32_to_f16_f16c(src, d, n);
 #endif
         for (; i < n; i++) d[i] = oscar_f32_to_f16(src[i]);
     }

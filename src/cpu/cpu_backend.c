@@ -13,6 +13,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The hot attention functions are compiled twice on x86-64: for AVX2+FMA
+ * (x86-64-v3) and for the baseline, and the loader picks one per CPU
+ * (ifunc), so a portable build (OSCAR_NATIVE=OFF) keeps 8-wide vectors.
+ * Results do not depend on the copy: C11 mode does not contract a * b + c
+ * into fma, and every copy does the same operations in the same order. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__AVX2__)
+#define CPU_DISPATCH __attribute__((target_clones("arch=x86-64-v3", "default")))
+/* the 8-wide helpers are always inlined, so their vector ABI never shows */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#else
+#define CPU_DISPATCH
+#endif
+
 typedef struct cpu_state {
     uint8_t *pool;    /* [layer][block] layer blocks                     */
     uint8_t *windows; /* [layer][slot] K [R][Hkv][d] then V [R][Hkv][d]  */
@@ -297,6 +310,29 @@ static inline __attribute__((always_inline)) v8f decode(v8u x, int shift, uint32
     return __builtin_convertvector((x >> shift) & mask, v8f) - (float)mask * 0.5f;
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* exp(x) for x <= 0, 8 at a time (Cephes expf: x = n ln2 + r, |r| <= ln2/2,
+ * degree-6 polynomial; within 2 ulp of expf). Below -87.3 it returns about
+ * 1e-38 instead of underflowing to 0, which no softmax sum notices. */
+static inline __attribute__((always_inline)) v8f exp_nonpositive(v8f x) {
+    const v8f lo = (v8f){0} - 87.3f;
+    const v8i small = x < lo;
+    x = (v8f)(((v8i)x & ~small) | ((v8i)lo & small));
+    const v8f fn = x * 1.44269504088896341f - 0.5f; /* x <= 0: trunc(x log2e - 0.5) rounds to nearest */
+    const v8i n = __builtin_convertvector(fn, v8i);
+    const v8f nf = __builtin_convertvector(n, v8f);
+    const v8f r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    v8f y = (v8f){0} + 1.9875691500E-4f;
+    y = y * r + 1.3981999507E-3f;
+    y = y * r + 8.3334519073E-3f;
+    y = y * r + 4.1665795894E-2f;
+    y = y * r + 1.6666665459E-1f;
+    y = y * r + 5.0000001201E-1f;
+    y = y * (r * r) + r + 1.0f;
+    return y * (v8f)((n + 127) << 23);
+}
+
 /* Logits of the R tokens of one quantised block for one KV head. P (pairs
  * per word) and NR (query rows) are compile-time constants at each call
  * site, so the accumulators live in registers. */
@@ -414,7 +450,7 @@ static inline __attribute__((always_inline)) void block_values_q(const oscar_lay
         ROW_CASE(5, CALL8, CALL4) ROW_CASE(6, CALL8, CALL4) ROW_CASE(7, CALL8, CALL4) ROW_CASE(8, CALL8, CALL4)       \
     }
 
-static void logits_q(const oscar_layout *L, const uint8_t *blk, int h, int nr, float *out, int64_t ld, float sm,
+CPU_DISPATCH static void logits_q(const oscar_layout *L, const uint8_t *blk, int h, int nr, float *out, int64_t ld, float sm,
                      attn_scratch *S, int P) {
 #define L8(n) block_logits_q(L, blk, h, out, ld, sm, S, 8, n)
 #define L4(n) block_logits_q(L, blk, h, out, ld, sm, S, 4, n)
@@ -423,7 +459,7 @@ static void logits_q(const oscar_layout *L, const uint8_t *blk, int h, int nr, f
 #undef L4
 }
 
-static void values_q(const oscar_layout *L, const uint8_t *blk, int h, const float *prob, int64_t ld, int nr,
+CPU_DISPATCH static void values_q(const oscar_layout *L, const uint8_t *blk, int h, const float *prob, int64_t ld, int nr,
                      attn_scratch *S, int P) {
 #define V8(n) block_values_q(L, blk, h, prob, ld, S, 8, n)
 #define V4(n) block_values_q(L, blk, h, prob, ld, S, 4, n)
@@ -447,7 +483,7 @@ typedef struct attn_ctx {
 
 /* Partial softmax of rows [r0, r0+nr) of one item. Writes, per row, the max
  * logit, the sum of exp and the unnormalised output (rotated space) to pres. */
-static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_item *itm, const float *qr_job,
+CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_item *itm, const float *qr_job,
                         int r0, int nr, attn_scratch *S, float *pres) {
     const oscar_layout *L = X->L;
     oscar_cache *c = X->c;
@@ -495,8 +531,20 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
         float *lr = S->logits + (size_t)r * ld;
         float m = -INFINITY;
         for (int64_t t = 0; t < limit; t++) m = lr[t] > m ? lr[t] : m;
+        /* exp 8 at a time, summed in 8 lanes; tokens past the causal limit get 0 */
+        v8f vsum = (v8f){0};
+        int64_t t = 0;
+        if (m > -INFINITY)
+            for (; t + 8 <= limit; t += 8) {
+                v8f v;
+                memcpy(&v, lr + t, sizeof v);
+                v = exp_nonpositive(v - m);
+                memcpy(lr + t, &v, sizeof v);
+                vsum += v;
+            }
         float sum = 0.0f;
-        for (int64_t t = 0; t < ntok; t++) {
+        for (int k = 0; k < 8; k++) sum += vsum[k];
+        for (; t < ntok; t++) {
             float p = (t < limit && m > -INFINITY) ? expf(lr[t] - m) : 0.0f;
             lr[t] = p;
             sum += p;
@@ -541,8 +589,12 @@ static void attend_rows(const attn_ctx *X, const oscar_attn_job *J, const attn_i
         for (int r = 0; r < nr; r++) {
             double *o = S->dacc + (size_t)r * d;
             const float *a = S->acc + (size_t)r * d;
-            for (int i = 0; i < d; i++)
-                o[i] += (double)a[i] + (quant ? (double)S->vbias[(size_t)r * ng + i / L->v_group] : 0.0);
+            /* by group, so no integer division per channel (same sums, same order) */
+            const int vg = quant ? L->v_group : d;
+            for (int i0 = 0; i0 < d; i0 += vg) {
+                const double bias = quant ? (double)S->vbias[(size_t)r * ng + i0 / vg] : 0.0;
+                for (int i = i0; i < i0 + vg; i++) o[i] += (double)a[i] + bias;
+            }
         }
     }
     for (int r = 0; r < nr; r++) {

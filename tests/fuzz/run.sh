@@ -32,7 +32,7 @@ flags=(-g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize
        -I"$root/tests/fuzz" -I"$root/tests/fuzz/omp_serial"
        -DOSCAR_FUZZ_TOKENIZER_GGUF="\"$root/tests/fuzz/tokenizer/tokenizer.gguf\"")
 # The code under test, once, instrumented for coverage (fuzzer-no-link).
-sources=("$root"/src/core/*.c "$root"/src/cpu/*.c "$root"/model/gguf.c "$root"/model/llama.c
+sources=("$root"/src/core/*.c "$root"/src/cpu/*.c "$root"/model/gguf.c "$root"/model/llama.c "$root"/model/qmatmul.c
          "$root"/model/tokenizer.c "$root"/model/unicode_tables.c "$root"/tools/oscar/npy.c)
 echo "building ${#sources[@]} sources with $("$CC" --version | head -1)"
 printf '%s\n' "${sources[@]}" | xargs -P "$(nproc 2>/dev/null || echo 2)" -I{} sh -c \

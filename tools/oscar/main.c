@@ -21,7 +21,8 @@ static const command commands[] = {
     {"ppl", oscar_cmd_ppl, "perplexity, KL and top-1 agreement of a quantised cache against 16-bit"},
     {"tni", oscar_cmd_tni, "key token-norm statistics and a PNG plot per layer"},
     {"niah", oscar_cmd_niah, "passkey retrieval (needle in a haystack) across lengths and depths"},
-    {"bench-e2e", oscar_cmd_bench_e2e, "GPU decode steps of a Qwen3-8B-shaped model: oscar vs a bf16 cache"},
+    {"bench-e2e", oscar_cmd_bench_e2e_device,
+     "end-to-end decode/prefill tokens/s: --device cpu (a GGUF model) or cuda (Qwen3-8B shape)"},
 };
 
 static void usage(FILE *f) {
