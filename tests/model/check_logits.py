@@ -240,7 +240,7 @@ def main():
         prompt = open(a.text, "rb").read()[:200].decode("utf-8", errors="ignore")
         out = subprocess.run([a.oscar, "run", "--model", a.model, "--prompt", prompt, "--raw", "--kv", "none",
                               "-n", str(a.gen), "--ids", "--ignore-eos"], check=True, capture_output=True,
-                             text=True).stdout
+                             encoding="utf-8", errors="replace").stdout  # a random model may print broken UTF-8
         pids = [int(x) for x in next(l for l in out.splitlines() if l.startswith("prompt_ids:")).split()[1:]]
         gids = [int(x) for x in next(l for l in out.splitlines() if l.startswith("ids:")).split()[1:]]
         seq = list(pids)
