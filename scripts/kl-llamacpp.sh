@@ -18,7 +18,7 @@ common=(-m "$model" -f "$text" -c 4096 --chunks 4 -t "$threads" -fa on)
 echo "llama-perplexity: $bin" >&2
 "$bin" "${common[@]}" -ctk f16 -ctv f16 --kl-divergence-base "$out/base.kld" > "$out/f16.log" 2>&1
 grep -E "Final estimate|tokenizing|tokens" "$out/f16.log" | tail -3
-for t in q8_0 q5_0 q4_1 q4_0; do
+for t in q4_0 q8_0 q5_0 q4_1; do
   "$bin" "${common[@]}" -ctk "$t" -ctv "$t" --kl-divergence-base "$out/base.kld" --kl-divergence > "$out/$t.log" 2>&1
   echo "== $t"; grep -E "Mean PPL|Mean +KLD|99.0%|Same top|Maximum KLD" "$out/$t.log" | head -8
 done
