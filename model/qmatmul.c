@@ -6,6 +6,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "qmatmul.h"
 #include "gguf.h"
+#include "cpu_features.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -236,7 +237,7 @@ int qm_level_available(qm_level level) {
     case QM_SCALAR: return 1;
 #ifdef QM_HAVE_X86
     case QM_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && oscar_x86_has_avx_f16c();
     case QM_AVX512:
         return qm_level_available(QM_AVX2) && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&

@@ -153,18 +153,20 @@ else
     echo "cli_model: numpy/gguf not installed (pip install numpy gguf), logits check skipped"
 fi
 
-# 6b. passkey retrieval: the 16-bit cache finds the key in 256-token prompts at
-#     both ends, and the control (no key in the prompt) scores 0 (the scorer
-#     does not reward guessing)
+# 6b. passkey retrieval: the 16-bit cache finds the key in most of six
+#     256-token prompts (the model's own limit: 90% over 10 on this text),
+#     and the control (no key in the prompt) scores 0 (the scorer does not
+#     reward guessing)
 if [ $SLOW = 0 ]; then
-    "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 256 --depths 0,100 --trials 1 --kv none \
+    "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 256 --depths 0,50,100 --trials 2 --kv none \
         --json "$WORK/niah.json" --png "$WORK/niah.png" > "$WORK/niah.txt" 2>&1 || fail "niah: $(cat "$WORK/niah.txt")"
-    cat "$WORK/niah.txt" | grep -v prompts
-    grep -q '"correct":1},{"length":256,"depth":100,"correct":1}' "$WORK/niah.json" || fail "niah: 16-bit missed the key"
+    grep -v prompts "$WORK/niah.txt"
+    found=$(grep -o '"correct":[0-9]*' "$WORK/niah.json" | awk -F: '{s += $2} END {print s + 0}')
+    [ "$found" -ge 4 ] || fail "niah: the 16-bit cache found the key in $found of 6 prompts"
     [ -s "$WORK/niah.png" ] || fail "niah: no PNG"
     "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 256 --depths 0,100 --trials 1 --kv none --control \
         --json "$WORK/niah_control.json" > "$WORK/niah_control.txt" 2>&1 || fail "niah --control"
-    grep -q '"correct":1' "$WORK/niah_control.json" && fail "niah --control: a key was 'found' that was never given"
+    grep -q '"correct":[1-9]' "$WORK/niah_control.json" && fail "niah --control: a key was 'found' that was never given"
     "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 10 >/dev/null 2>&1 && fail "niah: --lengths 10 accepted"
 fi
 

@@ -8,6 +8,8 @@
 #include <string.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "cpu_features.h"
 /* 8-wide half conversions with F16C, chosen at run time so that a portable
  * build uses them too. The hardware rounds to nearest even like
  * oscar_f32_to_f16 and converts halves exactly, so the bits do not depend on
@@ -15,7 +17,7 @@
 #define OSCAR_X86_F16C 1
 static int have_f16c(void) {
     static int known = -1; /* a race writes the same value */
-    if (known < 0) known = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+    if (known < 0) known = oscar_x86_has_avx_f16c();
     return known;
 }
 
