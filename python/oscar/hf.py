@@ -478,7 +478,10 @@ class OscarHFCache(Cache):
             if T > MAX_Q_LEN:
                 raise UnsupportedError("compiled steps take at most %d new tokens, got %d" % (MAX_Q_LEN, T))
             if attention_mask is not None:
-                torch._assert_async(attention_mask[:, -T:].all())
+                # With a message: the variant compilers keep (the bare one is dropped as dead code).
+                torch._assert_async(attention_mask[:, -T:].all(),
+                                    "oscar: a compiled step got padding among its new tokens; "
+                                    "run steps with padding eagerly")
             self._lens_dev[:B].add_(T)
             self._stale = True
             return ("all", T)
