@@ -36,7 +36,9 @@ tables, lengths and window slots, docs/ENGINES.md):
   blocks through the block table.
 - **torch.compile / CUDA graphs.** A decode step (one new token per row, every
   row real) runs without host work: the lengths are advanced on the device
-  and the ops read them when they run. ``is_compileable`` is True, so
+  and the ops read them when they run. The same holds for a step captured with
+  ``torch.cuda.graph`` (pass no attention mask, or one without padding). The
+  first forward (the prefill) runs eagerly. ``is_compileable`` is True, so
   ``generate`` compiles decode steps on CUDA by itself. In compiled steps a
   padding token among the new ones fails a device-side assert (eager steps
   handle it). Errors the device finds (non-finite K/V, a full cache) are
@@ -59,7 +61,28 @@ import warnings
 from typing import Optional
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+import transformers
+
+# Tested with transformers 5.17 (the GPU machines) and 5.24 (CI); the Cache,
+# AttentionInterface and AttentionMaskInterface hooks used here are 5.x APIs.
+SUPPORTED_TRANSFORMERS = ">=5.17,<6"
+
+
+def _check_transformers_version(version: str) -> None:
+    parts = version.split(".")
+    try:
+        major, minor = int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        raise ImportError("oscar.hf: cannot parse the transformers version %r" % version)
+    if major != 5 or minor < 17:
+        raise ImportError("oscar.hf supports transformers %s; this is transformers %s "
+                          "(pip install 'transformers%s')" % (SUPPORTED_TRANSFORMERS, version,
+                                                               SUPPORTED_TRANSFORMERS))
+
+
+_check_transformers_version(transformers.__version__)
+
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
 
 from . import OscarConfig, OscarPool
 from . import ops as _ops  # noqa: F401  (registers torch.ops.oscar.*)
@@ -465,7 +488,10 @@ class OscarHFCache(Cache):
         B, hq, T, _ = query.shape
         if self.pool is None:
             self._setup_pool(key, hq)
-        if self._rows == 0 and not torch.compiler.is_compiling():
+        if self._rows == 0:
+            if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
+                raise UnsupportedError("the first forward (the prefill) of an OscarHFCache must run "
+                                       "eagerly, outside torch.compile and CUDA graph capture")
             self._start_rows(B)
         if B != self._rows:
             raise InvalidArgumentError("batch of %d rows, the cache holds %d: reorder or select rows "
@@ -473,7 +499,8 @@ class OscarHFCache(Cache):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise UnsupportedError("oscar attention takes the 2-D padding mask only; got a %d-D mask"
                                    % attention_mask.dim())
-        if torch.compiler.is_compiling():
+        # is_compiling() first: dynamo must not trace the capture query.
+        if torch.compiler.is_compiling() or (query.is_cuda and torch.cuda.is_current_stream_capturing()):
             # No host work: every row appends its T new tokens; lengths advance on the device.
             if T > MAX_Q_LEN:
                 raise UnsupportedError("compiled steps take at most %d new tokens, got %d" % (MAX_Q_LEN, T))

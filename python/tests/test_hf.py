@@ -309,3 +309,12 @@ def test_old_names_are_deprecated_aliases():
         assert oscar.OscarCache is oscar.OscarPool
     with pytest.warns(DeprecationWarning):
         assert oscar.hf.OscarCache is oscar.hf.OscarHFCache
+
+
+def test_transformers_version_is_checked():
+    from oscar.hf import _check_transformers_version
+    for ok in ("5.17.0", "5.24.0", "5.99.1.dev0"):
+        _check_transformers_version(ok)
+    for bad in ("4.57.1", "5.16.2", "6.0.0"):
+        with pytest.raises(ImportError, match="supports transformers"):
+            _check_transformers_version(bad)
