@@ -3,9 +3,11 @@
 Search order for the shared object:
   1. the environment variable OSCAR_LIBRARY (a file, or a directory that
      holds liboscar.so);
-  2. the repository's build directory, ../build/liboscar.so relative to the
+  2. the copy bundled in the package, oscar/liboscar.so (an installed wheel:
+     `pip install ./python` builds it);
+  3. the repository's build directory, ../build/liboscar.so relative to the
      python/ folder that holds this package (the README's `make build`);
-  3. ctypes.util.find_library("oscar") (the system's library path).
+  4. ctypes.util.find_library("oscar") (the system's library path).
 """
 
 from __future__ import annotations
@@ -213,6 +215,7 @@ def _candidates() -> list:
             out.append(("OSCAR_LIBRARY", env))
         return out  # an explicit choice is never overridden silently
     here = os.path.dirname(os.path.abspath(__file__))
+    out.append(("bundled", os.path.join(here, _LIBNAME)))
     python_dir = os.path.dirname(here)
     for build in (os.path.join(python_dir, "..", "build"), os.path.join(python_dir, "build")):
         out.append(("build directory", os.path.normpath(os.path.join(build, _LIBNAME))))
