@@ -211,8 +211,10 @@ class OscarHFCache(Cache):
                                        "num_q_heads, num_kv_heads and head_dim)")
         if int(max_cache_len) < 1:
             raise InvalidArgumentError("max_cache_len must be >= 1, got %r" % (max_cache_len,))
-        self.max_cache_len = int(max_cache_len)
-        self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
+        # Stored under private names: transformers 5.17's Cache has read-only properties
+        # of the public ones (overridden below).
+        self._max_cache_len = int(max_cache_len)
+        self._max_batch_arg = None if max_batch_size is None else int(max_batch_size)
         self.tp_group = tp_group
         self._compileable = bool(compileable)
         tp = 1
@@ -259,7 +261,7 @@ class OscarHFCache(Cache):
                 "the model's attention has %d query heads and %d KV heads of dim %d on this rank; the "
                 "cache was built for %d, %d and %d" % (num_q_heads, hkv, d, spec["num_q_heads"],
                                                       spec["num_kv_heads"], spec["head_dim"]))
-        rows = self.max_batch_size or B
+        rows = self._max_batch_arg or B
         if B > rows:
             raise InvalidArgumentError("batch of %d rows, the cache holds max_batch_size = %d" % (B, rows))
         device = key_states.device
@@ -370,6 +372,20 @@ class OscarHFCache(Cache):
         return self.max_cache_len
 
     @property
+    def max_cache_len(self) -> int:
+        """Positions per row (padding included) the cache was created for."""
+        return self._max_cache_len
+
+    @property
+    def max_batch_size(self) -> int:
+        """Rows the pool holds (the first batch's size until the pool exists, if not given)."""
+        return getattr(self, "_max_rows", None) or self._max_batch_arg or self._rows
+
+    @property
+    def batch_size(self) -> int:
+        return self._rows
+
+    @property
     def is_compileable(self) -> bool:
         return self._compileable and self._tp == 1
 
@@ -401,6 +417,7 @@ class OscarHFCache(Cache):
         Exact: the removed tokens must still be in the window (``rollback_tokens``);
         otherwise UnsupportedError and nothing changes."""
         self._refresh()
+        max_length = int(max_length)   # transformers 5.17's assisted decoding passes a tensor
         if max_length == 0:
             return
         new_len = self._hf_len + max_length if max_length < 0 else max_length
