@@ -225,7 +225,7 @@ def test_chunked_prefill_over_4096_cpu():
 # ---- errors: nothing silent --------------------------------------------------------------
 
 def test_import_has_no_side_effects():
-    code = ("import transformers, oscar.hf\n"
+    code = ("import torch, transformers, oscar.hf\n"
             "from transformers import AttentionInterface\n"
             "from transformers.masking_utils import AttentionMaskInterface\n"
             "assert 'oscar' not in AttentionInterface._global_mapping\n"
