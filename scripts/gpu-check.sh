@@ -10,6 +10,8 @@
 # The test step runs test_gpu, test_engine_gpu and test_tp_nccl (two GPUs:
 # run on the nvidia-h200-x2 kind; it skips, exit 77, with one).
 # OSCAR_BENCH_ONLY (e.g. "decode" or "append") narrows the benchmark.
+# "hfbench" (not in the default): python/bench/bench_hf.py, transformers decode
+# steps, BF16 StaticCache against OscarHFCache, both compiled (bench_hf.json).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -71,12 +73,20 @@ if has sanitize; then
 fi
 
 if has python; then
-  # The Python binding's GPU tests (torch CUDA tensors, HF cache on the CUDA backend).
+  # The Python binding's GPU tests: torch CUDA tensors, the HF cache on the CUDA backend,
+  # compiled and CUDA-graph decode steps, and (two GPUs) tensor parallelism via torchrun.
   stamp python
   set -o pipefail
-  OSCAR_LIBRARY="$PWD/$BUILD/liboscar.so" PYTHONDONTWRITEBYTECODE=1 timeout "${PY_TIMEOUT:-300}" \
+  NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 \
+  OSCAR_LIBRARY="$PWD/$BUILD/liboscar.so" PYTHONDONTWRITEBYTECODE=1 timeout "${PY_TIMEOUT:-900}" \
     python3 -m pytest -q -rs -p no:cacheprovider python/tests -k gpu 2>&1 | tee "$OUT/python.log" | tail -15 || rc=1
   set +o pipefail
+fi
+
+if has hfbench; then
+  stamp hfbench
+  OSCAR_LIBRARY="$PWD/$BUILD/liboscar.so" PYTHONUNBUFFERED=1 timeout "${HFBENCH_TIMEOUT:-1800}" \
+    python3 python/bench/bench_hf.py --out "$OUT/bench_hf.json" || rc=1
 fi
 
 if has runner; then

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The Python binding's tests (python/tests), run by ctest as
 #   bash tests/cli_python.sh <oscar-binary> <build-dir>
+# OSCAR_PYTEST_FILES (set by cli_python_hf.sh and cli_python_compile.sh) picks
+# test files; without it every file except those two scripts' runs here, so
+# that each ctest test stays within its timeout.
 # where <build-dir> is the tests' binary directory (build/tests); liboscar.so
 # is one level up. Exits 77 (ctest: Skipped) with a SKIP message when python3, numpy or pytest
 # are missing. Without torch/transformers/GPU the tests that need them skip.
@@ -47,8 +50,15 @@ if [ -n "$preload" ]; then
     export ASAN_OPTIONS="${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0"
 fi
 cd "$here" || exit 1
+if [ -n "${OSCAR_PYTEST_FILES:-}" ]; then
+    # shellcheck disable=SC2206
+    selection=($OSCAR_PYTEST_FILES)
+else
+    selection=(python/tests --ignore=python/tests/test_hf.py --ignore=python/tests/test_compile.py
+               --ignore=python/tests/test_wheel.py)
+fi
 OSCAR_LIBRARY="$lib" PYTHONDONTWRITEBYTECODE=1 \
-    "$py" -m pytest -q -rs -p no:cacheprovider python/tests
+    "$py" -m pytest -q -rs -p no:cacheprovider "${selection[@]}"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "cli_python: SKIP: pytest collected no tests (exit code 5)"

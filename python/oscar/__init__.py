@@ -4,13 +4,17 @@ Python binding of liboscar.so through ctypes (no compile step). See
 python/README.md ("Use from Python").
 
     import oscar
-    cache = oscar.OscarCache(head_dim=64, num_kv_heads=2, num_q_heads=4, num_layers=1)
-    seq = cache.add_seq()
-    cache.append(0, [seq], None, k, v)          # k, v: [tokens, Hkv, d]
-    out = cache.attention(0, [seq], q)           # q: [1, 1, Hq, d]
+    pool = oscar.OscarPool(head_dim=64, num_kv_heads=2, num_q_heads=4, num_layers=1)
+    seq = pool.add_seq()
+    pool.append(0, [seq], None, k, v)            # k, v: [tokens, Hkv, d]
+    out = pool.attention(0, [seq], q)            # q: [1, 1, Hq, d]
 
-The Hugging Face cache lives in :mod:`oscar.hf` (imports torch and
-transformers): ``from oscar.hf import OscarHFCache``.
+Two classes, not to be confused:
+- :class:`oscar.OscarPool`: the paged pool (the C library's oscar_cache).
+- :class:`oscar.hf.OscarHFCache`: the transformers ``Cache`` built on it
+  (imports torch and transformers; call ``oscar.hf.register()`` first).
+torch custom ops for torch.compile and CUDA graphs: :mod:`oscar.ops`.
+(``oscar.OscarCache`` is a deprecated alias of ``OscarPool``.)
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ from . import cache as _cache_mod  # noqa: E402
 _cache_mod._lib_handle = _L
 
 from ._tensor import numpy_bf16, parse_dtype  # noqa: E402,F401
-from .cache import MemoryStats, OscarCache, OscarConfig, SeqInfo  # noqa: E402
+from .cache import MemoryStats, OscarConfig, OscarPool, SeqInfo  # noqa: E402
+
+OSCAR_MAX_Q_LEN = 4096
+"""Longest query piece of one attention call (include/oscar.h)."""
 
 
 def version() -> str:
@@ -107,8 +114,14 @@ def fold_hadamard_wo(w_o, num_q_heads: int, head_dim: int):
 
 
 def __getattr__(name):
+    if name == "OscarCache":
+        import warnings
+        warnings.warn("oscar.OscarCache is deprecated: the paged pool is oscar.OscarPool "
+                      "(the transformers Cache is oscar.hf.OscarHFCache)", DeprecationWarning,
+                      stacklevel=2)
+        return OscarPool
     # Lazy: the Hugging Face cache needs torch + transformers.
-    if name in ("OscarHFCache", "register_attention"):
+    if name in ("OscarHFCache", "register"):
         from . import hf
         return getattr(hf, name)
     raise AttributeError("module 'oscar' has no attribute %r" % name)
@@ -116,7 +129,7 @@ def __getattr__(name):
 
 __all__ = [
     "__version__", "version", "library_path", "status_name", "backend_available",
-    "OscarCache", "OscarConfig", "SeqInfo", "MemoryStats", "hadamard",
+    "OscarPool", "OscarConfig", "OSCAR_MAX_Q_LEN", "SeqInfo", "MemoryStats", "hadamard",
     "fold_hadamard_wv", "fold_hadamard_wo", "numpy_bf16", "parse_dtype",
     "OscarError", "InvalidArgumentError", "OutOfMemoryError", "PoolExhaustedError",
     "NonFiniteError", "UnsupportedError", "NotFoundError", "BackendError", "FormatError",

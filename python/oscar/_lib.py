@@ -3,9 +3,11 @@
 Search order for the shared object:
   1. the environment variable OSCAR_LIBRARY (a file, or a directory that
      holds liboscar.so);
-  2. the repository's build directory, ../build/liboscar.so relative to the
+  2. the copy bundled in the package, oscar/liboscar.so (an installed wheel:
+     `pip install ./python` builds it);
+  3. the repository's build directory, ../build/liboscar.so relative to the
      python/ folder that holds this package (the README's `make build`);
-  3. ctypes.util.find_library("oscar") (the system's library path).
+  4. ctypes.util.find_library("oscar") (the system's library path).
 """
 
 from __future__ import annotations
@@ -87,6 +89,40 @@ class MemoryStats(ctypes.Structure):
     ]
 
 
+class Batch(ctypes.Structure):
+    """struct oscar_batch: the batch API's per-call description (pointers are
+    backend memory: device pointers for CUDA, host pointers for CPU)."""
+    _fields_ = [
+        ("num_seqs", c_int32),
+        ("tokens_per_seq", c_int32),
+        ("max_seq_len", c_int32),
+        ("block_table_stride", c_int32),
+        ("seq_lens", c_void_p),
+        ("window_slots", c_void_p),
+        ("block_tables", c_void_p),
+        ("key_head_sumsq", c_void_p),
+        ("key_heads_total", c_int32),
+    ]
+
+
+class MemoryRequirements(ctypes.Structure):
+    _fields_ = [
+        ("pool_bytes", c_size_t),
+        ("window_bytes", c_size_t),
+        ("workspace_bytes", c_size_t),
+        ("alignment", c_size_t),
+    ]
+
+
+class MemorySource(ctypes.Structure):
+    _fields_ = [
+        ("pool", c_void_p),
+        ("windows", c_void_p),
+        ("workspace", c_void_p),
+        ("allocator", c_void_p),
+    ]
+
+
 # name: (restype, argtypes)
 _PROTOTYPES = {
     "oscar_version": (c_char_p, []),
@@ -118,6 +154,16 @@ _PROTOTYPES = {
     "oscar_memory": (c_int, [c_void_p, P(MemoryStats)]),
     "oscar_seq_export": (c_int, [c_void_p, c_int32, c_void_p, c_size_t, P(c_size_t)]),
     "oscar_seq_import": (c_int, [c_void_p, c_void_p, c_size_t, P(c_int32)]),
+    "oscar_memory_requirements_get": (c_int, [P(Config), P(MemoryRequirements), c_char_p, c_size_t]),
+    "oscar_cache_create_with_memory": (c_int, [P(Config), P(MemorySource), P(c_void_p), c_char_p,
+                                               c_size_t]),
+    "oscar_append_with_key_sums": (c_int, [c_void_p, c_int, c_int, c_void_p, c_void_p, c_void_p,
+                                           c_void_p, c_int, c_void_p, c_int, c_void_p]),
+    "oscar_key_sumsq": (c_int, [c_void_p, c_int64, c_void_p, c_int, c_void_p, c_void_p]),
+    "oscar_batch_append": (c_int, [c_void_p, c_int, P(Batch), c_void_p, c_void_p, c_int, c_void_p]),
+    "oscar_batch_attention": (c_int, [c_void_p, c_int, P(Batch), c_void_p, c_int, c_void_p, c_int,
+                                      c_float, c_void_p]),
+    "oscar_slot_copy": (c_int, [c_void_p, c_int32, c_int32, c_int64, c_void_p]),
     "oscar_hadamard": (c_int, [c_void_p, c_int64, c_int]),
     "oscar_fold_hadamard_wv": (c_int, [c_void_p, c_int, c_int, c_int64]),
     "oscar_fold_hadamard_wo": (c_int, [c_void_p, c_int64, c_int, c_int]),
@@ -169,6 +215,7 @@ def _candidates() -> list:
             out.append(("OSCAR_LIBRARY", env))
         return out  # an explicit choice is never overridden silently
     here = os.path.dirname(os.path.abspath(__file__))
+    out.append(("bundled", os.path.join(here, _LIBNAME)))
     python_dir = os.path.dirname(here)
     for build in (os.path.join(python_dir, "..", "build"), os.path.join(python_dir, "build")):
         out.append(("build directory", os.path.normpath(os.path.join(build, _LIBNAME))))

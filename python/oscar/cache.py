@@ -1,10 +1,16 @@
 """The paged KV-cache API: a block pool, sequences, append and attention.
 
-The shape follows what vLLM-style engines use: one :class:`OscarCache` is the
+The shape follows what vLLM-style engines use: one :class:`OscarPool` is the
 block pool of every layer; sequences are added, forked (prefix sharing: the
 packed blocks are shared, reference-counted) and freed; each sequence has a
 block table of int32 physical block ids; K/V of a batch of sequences are
 appended per layer; decode attention runs for a batch of queries.
+
+With ``caller_metadata=1`` the pool is driven by the batch API instead
+(:meth:`OscarPool.batch_append`, :meth:`OscarPool.batch_attention`,
+:meth:`OscarPool.slot_copy`): the caller owns block tables, lengths and window
+slots (docs/ENGINES.md). The Hugging Face ``Cache`` built on it is
+:class:`oscar.hf.OscarHFCache`.
 """
 
 from __future__ import annotations
@@ -93,6 +99,8 @@ class OscarConfig:
     device: Optional[int] = None
     num_threads: Optional[int] = None
     check_finite: Optional[int] = None
+    rollback_tokens: Optional[int] = None
+    caller_metadata: Optional[int] = None
 
     def __post_init__(self):
         d = lib().config_default()
@@ -103,7 +111,7 @@ class OscarConfig:
         self.method = _METHOD_NAMES.get(_parse_method(self.method), self.method)
         self.window_dtype = _DTYPE_SHORT.get(_tensor.parse_dtype(self.window_dtype), self.window_dtype)
         self.backend = _BACKEND_NAMES.get(_parse_backend(self.backend), self.backend)
-        for name in ("rotate_values", "check_finite"):
+        for name in ("rotate_values", "check_finite", "caller_metadata"):
             setattr(self, name, int(bool(getattr(self, name))))
 
     def to_c(self) -> _lib.Config:
@@ -116,7 +124,7 @@ class OscarConfig:
         c.backend = _parse_backend(self.backend)
         for name in ("bits", "head_dim", "num_kv_heads", "num_q_heads", "num_layers", "k_group",
                      "v_group", "residual", "rotate_values", "block_count", "max_seqs", "device",
-                     "num_threads", "check_finite"):
+                     "num_threads", "check_finite", "rollback_tokens", "caller_metadata"):
             val = getattr(self, name)
             try:
                 setattr(c, name, int(val))
@@ -136,6 +144,19 @@ class OscarConfig:
         st = lib().config_validate(ctypes.byref(c), buf, len(buf))
         if st != 0:
             raise make_error(st, _s(buf.value), "invalid oscar config")
+
+    def memory_requirements(self) -> dict:
+        """Bytes of backend memory the configuration needs, per region
+        (oscar_memory_requirements_get): ``{"pool", "windows", "workspace",
+        "alignment"}``."""
+        c = self.to_c()
+        out = _lib.MemoryRequirements()
+        buf = ctypes.create_string_buffer(512)
+        st = lib().memory_requirements_get(ctypes.byref(c), ctypes.byref(out), buf, len(buf))
+        if st != 0:
+            raise make_error(st, _s(buf.value), "oscar_memory_requirements_get")
+        return {"pool": out.pool_bytes, "windows": out.window_bytes,
+                "workspace": out.workspace_bytes, "alignment": out.alignment}
 
     def packed_bits(self) -> float:
         """Bits per K/V element of a full quantised block (codes + params + norms)."""
@@ -213,15 +234,27 @@ def _int32_view(x, name: str, ndim: int):
     return ptr, shape
 
 
-class OscarCache:
-    """A 2-bit OScaR KV cache: the block pool of every layer, and its sequences.
+class OscarPool:
+    """The paged 2-bit OScaR KV pool: the block pool of every layer, and its sequences.
 
-    ``OscarCache(config=None, **fields)``: ``fields`` override the config's
-    (see :class:`OscarConfig`), e.g. ``OscarCache(head_dim=64, num_kv_heads=2,
-    num_q_heads=4, num_layers=2, residual=32)``.
+    ``OscarPool(config=None, memory=None, **fields)``: ``fields`` override the
+    config's (see :class:`OscarConfig`), e.g. ``OscarPool(head_dim=64,
+    num_kv_heads=2, num_q_heads=4, num_layers=2, residual=32)``.
+
+    ``memory``: caller-owned backend memory (oscar_cache_create_with_memory),
+    a dict with any of ``"pool"``, ``"windows"``, ``"workspace"``: contiguous
+    torch uint8 tensors on the pool's device (CPU tensors for the CPU
+    backend), each at least :meth:`OscarConfig.memory_requirements` bytes and
+    aligned to its ``alignment``. The pool keeps references to them until
+    :meth:`close`. Missing regions are allocated by the library.
+
+    Not to be confused with :class:`oscar.hf.OscarHFCache`, the transformers
+    ``Cache`` built on this pool. (``oscar.OscarCache`` is a deprecated alias
+    of this class.)
     """
 
-    def __init__(self, config: Optional[OscarConfig] = None, **overrides):
+    def __init__(self, config: Optional[OscarConfig] = None, memory: Optional[dict] = None,
+                 **overrides):
         if config is None:
             config = OscarConfig(**overrides)
         elif overrides:
@@ -231,7 +264,14 @@ class OscarCache:
         buf = ctypes.create_string_buffer(512)
         self._h = None
         self._lib = lib()
-        st = self._lib.cache_create(ctypes.byref(c), ctypes.byref(handle), buf, len(buf))
+        self._memory = None
+        if memory is not None:
+            src = self._memory_source(config, memory)
+            st = self._lib.cache_create_with_memory(ctypes.byref(c), ctypes.byref(src),
+                                                    ctypes.byref(handle), buf, len(buf))
+            self._memory = dict(memory)
+        else:
+            st = self._lib.cache_create(ctypes.byref(c), ctypes.byref(handle), buf, len(buf))
         if st != 0:
             raise make_error(st, _s(buf.value), "cannot create oscar cache")
         self._h = handle
@@ -241,6 +281,37 @@ class OscarCache:
         self._config = OscarConfig.from_c(cc)
         self._seqs = []
 
+    @staticmethod
+    def _memory_source(config: OscarConfig, memory: dict) -> _lib.MemorySource:
+        unknown = set(memory) - {"pool", "windows", "workspace"}
+        if unknown:
+            raise InvalidArgumentError("memory: unknown regions %s (pool, windows, workspace)"
+                                       % sorted(unknown))
+        need = config.memory_requirements()
+        want_cuda = _parse_backend(config.backend) == _lib.BACKEND_CUDA
+        src = _lib.MemorySource()
+        for name in ("pool", "windows", "workspace"):
+            t = memory.get(name)
+            if t is None:
+                continue
+            if not _tensor.is_torch(t):
+                raise DTypeError("memory[%r]: expected a torch tensor, got %s" % (name, type(t).__name__))
+            if not t.is_contiguous():
+                raise ContiguityError("memory[%r]: tensor is not contiguous" % name)
+            nbytes = t.numel() * t.element_size()
+            if nbytes < need[name]:
+                raise ShapeError("memory[%r]: %d bytes, the configuration needs %d"
+                                 % (name, nbytes, need[name]))
+            if t.data_ptr() % need["alignment"]:
+                raise InvalidArgumentError("memory[%r]: address not aligned to %d bytes"
+                                           % (name, need["alignment"]))
+            if (t.device.type == "cuda") != want_cuda or (
+                    want_cuda and (t.device.index or 0) != int(config.device)):
+                raise DeviceError("memory[%r] is on %s but the pool uses %s" % (
+                    name, t.device, "cuda:%d" % int(config.device) if want_cuda else "the CPU"))
+            setattr(src, name, t.data_ptr())
+        return src
+
     # ---- lifetime ---------------------------------------------------------
     def close(self) -> None:
         """Frees the pool and every sequence. Idempotent."""
@@ -248,6 +319,7 @@ class OscarCache:
         if h is not None:
             self._lib.cache_destroy(h)
         self._seqs = []
+        self._memory = None
 
     def __del__(self):
         try:
@@ -282,6 +354,11 @@ class OscarCache:
         return dataclasses.replace(self._config)
 
     @property
+    def handle(self) -> int:
+        """The oscar_cache* as an int (what the torch custom ops in oscar.ops take)."""
+        return int(self._handle().value)
+
+    @property
     def backend(self) -> str:
         return self._config.backend
 
@@ -301,7 +378,7 @@ class OscarCache:
 
     def __repr__(self) -> str:
         c = self._config
-        return ("OscarCache(method=%s, bits=%d, layers=%d, Hq=%d, Hkv=%d, d=%d, R=%d, "
+        return ("OscarPool(method=%s, bits=%d, layers=%d, Hq=%d, Hkv=%d, d=%d, R=%d, "
                 "blocks=%d, backend=%s%s)" % (c.method, c.bits, c.num_layers, c.num_q_heads,
                                              c.num_kv_heads, c.head_dim, c.residual,
                                              c.block_count, self.device,

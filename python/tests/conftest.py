@@ -17,6 +17,15 @@ if PYTHON_DIR not in sys.path:
 
 np = pytest.importorskip("numpy", reason="numpy is not installed: the oscar binding tests need it")
 
+# torch before liboscar.so: a CUDA build of the library needs libcudart.so.13, and
+# whichever copy is loaded first serves the whole process. torch's own (from its
+# nvidia-* wheels) may be newer than the toolkit's the library was linked with; the
+# library runs on the newer one, torch may not run on the older one.
+try:
+    import torch  # noqa: F401
+except Exception:
+    pass
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs torch with CUDA and liboscar's CUDA backend")

@@ -91,7 +91,7 @@ def test_status_names_match_library():
 
 def test_invalid_config_raises_with_library_message():
     with pytest.raises(oscar.InvalidArgumentError) as ei:
-        oscar.OscarCache(small_config(head_dim=100))
+        oscar.OscarPool(small_config(head_dim=100))
     assert ei.value.status == errors.E_INVALID_ARGUMENT
     assert "head_dim" in str(ei.value) or "100" in str(ei.value)
     with pytest.raises(oscar.InvalidArgumentError):
@@ -106,11 +106,11 @@ def test_cuda_backend_without_cuda_is_unsupported():
     if oscar.backend_available("cuda"):
         pytest.skip("the CUDA backend is available here")
     with pytest.raises(oscar.UnsupportedError):
-        oscar.OscarCache(small_config(backend="cuda"))
+        oscar.OscarPool(small_config(backend="cuda"))
 
 
 def test_unknown_sequence_is_not_found():
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     with pytest.raises(oscar.NotFoundError) as ei:
         c.info(12345)
     assert ei.value.status_name == "OSCAR_E_NOT_FOUND" and ei.value.message
@@ -125,7 +125,7 @@ def test_unknown_sequence_is_not_found():
 
 
 def test_nonfinite_rejected_and_nothing_appended(rng):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     s = c.add_seq()
     k, v = kv(rng, 5)
     c.append(0, [s], [5], k, v)
@@ -142,7 +142,7 @@ def test_nonfinite_rejected_and_nothing_appended(rng):
 
 
 def test_pool_exhausted(rng):
-    c = oscar.OscarCache(small_config(block_count=2, max_seqs=2))
+    c = oscar.OscarPool(small_config(block_count=2, max_seqs=2))
     s = c.add_seq()
     k, v = kv(rng, 64)
     c.append(0, [s], [64], k, v)            # two full blocks
@@ -159,7 +159,7 @@ def test_pool_exhausted(rng):
 
 
 def test_library_side_argument_errors(rng):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     s = c.add_seq()
     k, v = kv(rng, 4)
     with pytest.raises(oscar.InvalidArgumentError) as ei:
@@ -175,7 +175,7 @@ def test_library_side_argument_errors(rng):
 
 
 def test_closed_cache_raises():
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     c.close()
     c.close()
     with pytest.raises(oscar.InvalidArgumentError):
@@ -185,7 +185,7 @@ def test_closed_cache_raises():
 # ---- python-side tensor checks -----------------------------------------------------
 
 def test_bad_dtype_shape_and_contiguity(rng):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     s = c.add_seq()
     k, v = kv(rng, 6)
     with pytest.raises(oscar.DTypeError) as ei:
@@ -249,7 +249,7 @@ def test_device_check_messages():
 # ---- zero copy ---------------------------------------------------------------------
 
 def test_inputs_are_passed_by_pointer(monkeypatch, rng):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     s = c.add_seq()
     k, v = kv(rng, 10)
     q = rng.standard_normal((1, 1, 4, 64)).astype(np.float32)
@@ -275,7 +275,7 @@ def test_inputs_are_passed_by_pointer(monkeypatch, rng):
 
 
 def test_output_written_in_place_and_matches_allocating_call(rng):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     s = c.add_seq()
     k, v = kv(rng, 50)
     c.append(1, [s], [50], k, v)
@@ -303,7 +303,7 @@ def test_output_written_in_place_and_matches_allocating_call(rng):
 @pytest.mark.parametrize("method", ["oscar", "kivi", "quarot", "scale-only", "none"])
 @pytest.mark.parametrize("window", ["f32", "f16"])
 def test_attention_matches_reference_over_dequantised_kv(rng, method, window):
-    c = oscar.OscarCache(small_config(method=method, window_dtype=window))
+    c = oscar.OscarPool(small_config(method=method, window_dtype=window))
     ids = c.add_seqs(3)
     lens = [70, 5, 33]           # packed + window, window only, one block + 1
     ks, vs = [], []
@@ -329,7 +329,7 @@ def test_attention_matches_reference_over_dequantised_kv(rng, method, window):
 
 
 def test_dequantised_kv_close_to_input_and_window_exact(rng):
-    c = oscar.OscarCache(small_config(window_dtype="f32"))
+    c = oscar.OscarPool(small_config(window_dtype="f32"))
     s = c.add_seq()
     k, v = kv(rng, 80)
     c.append(0, [s], [80], k, v)
@@ -351,7 +351,7 @@ def test_dequantised_kv_close_to_input_and_window_exact(rng):
 
 
 def test_method_none_f32_is_exact_attention(rng):
-    c = oscar.OscarCache(small_config(method="none", window_dtype="f32"))
+    c = oscar.OscarPool(small_config(method="none", window_dtype="f32"))
     s = c.add_seq()
     k, v = kv(rng, 100)
     c.append(0, [s], [100], k, v)
@@ -369,7 +369,7 @@ def test_oscar_attention_error_shrinks_with_bits(rng):
     ref = attention_reference(k, v, q[0])
     errs = {}
     for bits in (2, 4):
-        c = oscar.OscarCache(small_config(method="oscar", bits=bits, window_dtype="f32"))
+        c = oscar.OscarPool(small_config(method="oscar", bits=bits, window_dtype="f32"))
         s = c.add_seq()
         c.append(0, [s], [200], k, v)
         out = c.attention(0, [s], q)[0]
@@ -379,8 +379,8 @@ def test_oscar_attention_error_shrinks_with_bits(rng):
 
 def test_incremental_append_equals_prefill(rng):
     """A token gives the same block whether it arrived in a prefill or one by one."""
-    a = oscar.OscarCache(small_config(window_dtype="f16"))
-    b = oscar.OscarCache(small_config(window_dtype="f16"))
+    a = oscar.OscarPool(small_config(window_dtype="f16"))
+    b = oscar.OscarPool(small_config(window_dtype="f16"))
     sa, sb = a.add_seq(), b.add_seq()
     k, v = kv(rng, 75)
     a.append(0, [sa], [75], k, v)
@@ -393,7 +393,7 @@ def test_incremental_append_equals_prefill(rng):
 
 
 def test_f16_and_bf16_inputs_and_outputs(rng):
-    c = oscar.OscarCache(small_config(window_dtype="bf16"))
+    c = oscar.OscarPool(small_config(window_dtype="bf16"))
     s = c.add_seq()
     k, v = kv(rng, 40)
     c.append(0, [s], [40], k.astype(np.float16), v.astype(np.float16))
@@ -418,7 +418,7 @@ def test_f16_and_bf16_inputs_and_outputs(rng):
 
 def test_gqa_head_mapping(rng):
     """Query head j reads KV head j // (Hq/Hkv): queries equal within a group give equal outputs."""
-    c = oscar.OscarCache(small_config(num_q_heads=8, num_kv_heads=2))
+    c = oscar.OscarPool(small_config(num_q_heads=8, num_kv_heads=2))
     s = c.add_seq()
     k, v = kv(rng, 40)
     c.append(0, [s], [40], k, v)
@@ -432,7 +432,7 @@ def test_gqa_head_mapping(rng):
 # ---- the paged API ------------------------------------------------------------------------
 
 def test_block_tables_fork_free_and_memory(rng):
-    c = oscar.OscarCache(small_config(block_count=16, max_seqs=4))
+    c = oscar.OscarPool(small_config(block_count=16, max_seqs=4))
     m0 = c.memory()
     assert m0.blocks_total == 16 and m0.blocks_free == 16 and m0.blocks_used == 0
     assert m0.seqs_live == 0 and m0.seqs_max == 4 and m0.pool_bytes == 16 * m0.block_bytes
@@ -491,7 +491,7 @@ def test_block_tables_fork_free_and_memory(rng):
 
 
 def test_batch_append_with_zero_tokens_and_layers_independent(rng):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     ids = c.add_seqs(3)
     k, v = kv(rng, 45)
     c.append(1, ids, [40, 0, 5], k, v)
@@ -506,8 +506,8 @@ def test_batch_append_with_zero_tokens_and_layers_independent(rng):
 
 def test_export_import_round_trip(rng):
     cfg = small_config()
-    a = oscar.OscarCache(cfg)
-    b = oscar.OscarCache(cfg)
+    a = oscar.OscarPool(cfg)
+    b = oscar.OscarPool(cfg)
     s = a.add_seq()
     for layer in range(2):
         k, v = kv(rng, 77)
@@ -535,7 +535,7 @@ def test_export_import_round_trip(rng):
     with pytest.raises(oscar.FormatError):
         b.import_seq(bytes(bad))
     assert b.memory().seqs_live == 2
-    other = oscar.OscarCache(small_config(residual=64))
+    other = oscar.OscarPool(small_config(residual=64))
     with pytest.raises(oscar.FormatError):
         other.import_seq(blob)                  # different R
     assert other.memory().seqs_live == 0
@@ -545,13 +545,13 @@ def test_config_round_trip_and_defaults():
     d = oscar.OscarConfig()
     assert d.method == "oscar" and d.bits == 2 and d.head_dim == 128 and d.window_dtype == "f16"
     assert d.residual == 128 and d.backend == "cpu"
-    c = oscar.OscarCache(small_config(method="kivi", bits=4, window_dtype=np.float32))
+    c = oscar.OscarPool(small_config(method="kivi", bits=4, window_dtype=np.float32))
     cfg = c.config
     assert (cfg.method, cfg.bits, cfg.window_dtype, cfg.head_dim, cfg.residual) == ("kivi", 4, "f32", 64, 32)
     assert c.device == "cpu" and c.num_layers == 2 and "kivi" in repr(c)
     bits = small_config().packed_bits()
     assert 2.0 < bits < 3.5
-    with oscar.OscarCache(small_config()) as cc:
+    with oscar.OscarPool(small_config()) as cc:
         assert not cc.closed
     assert cc.closed
 
@@ -575,8 +575,8 @@ def test_hadamard_helper(rng):
 
 def test_folded_values_match_online_rotation(rng):
     """Offline fold (rotate_values=0, V arrives rotated, output in rotated space) == online."""
-    on = oscar.OscarCache(small_config(rotate_values=1, window_dtype="f32"))
-    off = oscar.OscarCache(small_config(rotate_values=0, window_dtype="f32"))
+    on = oscar.OscarPool(small_config(rotate_values=1, window_dtype="f32"))
+    off = oscar.OscarPool(small_config(rotate_values=0, window_dtype="f32"))
     s1, s2 = on.add_seq(), off.add_seq()
     k, v = kv(rng, 50)
     vr = v.copy()

@@ -1,257 +1,336 @@
-"""Hugging Face drop-in tests: a small randomly initialised Llama (no weights
-downloaded) generating with OscarHFCache against DynamicCache.
+"""oscar.hf.OscarHFCache against transformers' DynamicCache, on the CPU backend.
 
-Run on the GPU (CUDA backend) as the [gpu] variants and on the CPU as the
-[cpu] variants; skipped with a message when torch/transformers (or a GPU) are
-missing.  GPU only:  python3 -m pytest -q python/tests -k gpu
+Random-weight Llama/Qwen3 models built in the test (no downloads). Each mode
+of generate is checked two ways:
+- method "none" with an f32 window stores K/V exactly, so the oscar cache
+  must give DynamicCache's logits to float rounding even after blocks are
+  packed: this isolates the plumbing (padding, pieces, forks, rollback);
+- the 2-bit methods must match FakeQuantCache, an independent fake
+  quantisation of the same blocks, far more closely than they match the
+  unquantised DynamicCache (the quantisation error).
+The same checks run on the GPU in test_gpu_hf.py (check_* take the device).
 """
 
-import warnings
+import subprocess
+import sys
 
 import pytest
 
-from conftest import cuda_ready, import_or_skip
+from conftest import PYTHON_DIR, import_or_skip
 
 torch = import_or_skip("torch", "Hugging Face tests")
 transformers = import_or_skip("transformers", "Hugging Face tests")
 
 import oscar  # noqa: E402
-from oscar.hf import OscarHFCache, register_attention  # noqa: E402
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+import oscar.hf  # noqa: E402
+from oscar.hf import OscarHFCache  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from hfutil import (FakeQuantCache, cache_kwarg, forced_logits, generate, left_padded,  # noqa: E402
+                    make_pair, rel_err)
 
 pytestmark = [pytest.mark.hf,
               pytest.mark.filterwarnings("ignore::FutureWarning"),
-              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::UserWarning")]
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
-
-
-def _device(dev):
-    if dev == "cuda":
-        ok, why = cuda_ready()
-        if not ok:
-            pytest.skip("GPU test skipped: " + why)
-    return torch.device(dev)
+EXACT = {"cpu": 2e-5, "cuda": 2e-2}    # GPU kernels may use 16-bit MMA operands
 
 
-def make_model(device, dtype=torch.float32, attn="sdpa", seed=0, layers=2):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=64, max_position_embeddings=1024, rope_theta=10000.0)
-    cfg._attn_implementation = attn
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():   # larger weights than the default init: peaky, non-trivial attention
-        for name, p in model.named_parameters():
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
-    model = model.to(device=device, dtype=dtype).eval()
-    model.config._attn_implementation = attn
-    return model, cfg
+def _tol(device):
+    return EXACT[torch.device(device).type]
 
 
-def generate(model, ids, cache, n):
-    with torch.no_grad():
-        return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              past_key_values=cache, output_logits=True,
-                              return_dict_in_generate=True, pad_token_id=0)
+def assert_same_greedy(got, ref, device, got_logits=None, ref_logits=None, prompt=0):
+    """CPU: the same tokens (and logits to rounding). CUDA: the kernels round differently
+    (16-bit MMA operands), so a near-tie of a random model may flip a greedy token and
+    everything after it: the tokens must agree for at least half the new positions, and
+    the logits wherever the inputs still agree."""
+    n = got.shape[-1] - prompt
+    if torch.device(device).type == "cpu":
+        assert torch.equal(got, ref)
+        agree = n
+    else:
+        diff = (got[..., prompt:] != ref[..., prompt:]).reshape(-1, n).any(dim=0).nonzero()
+        agree = int(diff[0]) if len(diff) else n
+        assert torch.equal(got[..., :prompt], ref[..., :prompt]) and agree >= n // 2, (agree, n)
+    if got_logits is not None:
+        k = max(1, agree)
+        assert rel_err(got_logits[:k], ref_logits[:k]) < _tol(device)
 
 
-def forced_logits(model, tokens, cache, prompt_len):
-    """Prefill tokens[:, :prompt_len], then decode the rest one token at a time
-    (teacher forcing, so both caches see identical inputs). Returns [steps, B, V]."""
-    out = []
-    with torch.no_grad():
-        r = model(tokens[:, :prompt_len], past_key_values=cache, use_cache=True)
-        out.append(r.logits[:, -1])
-        for i in range(prompt_len, tokens.shape[1]):
-            r = model(tokens[:, i:i + 1], past_key_values=cache, use_cache=True)
-            out.append(r.logits[:, -1])
-    return torch.stack(out)
+# ---- checks shared with test_gpu_hf.py -------------------------------------------------
+
+def check_batch1_greedy(device):
+    ref, model, cfg = make_pair(device)
+    ids = torch.randint(1, 1000, (1, 40), generator=torch.Generator().manual_seed(1)).to(device)
+    r = generate(ref, ids, DynamicCache(config=cfg), 50)
+    cache = OscarHFCache(model.config, method="none", window_dtype="f32", residual=32, max_cache_len=128)
+    g = generate(model, ids, cache, 50)
+    assert_same_greedy(g.sequences, r.sequences, device, torch.stack(g.logits), torch.stack(r.logits), 40)
+    assert cache.seq_lengths == [89] and cache.get_seq_length() == 89
+    assert cache.pool.backend == torch.device(device).type
 
 
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-@pytest.mark.parametrize("dev", DEVICES)
-def test_hf_generate_exact_while_in_window(dev):
-    device = _device(dev)
-    model, cfg = make_model(device)
-    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1)).to(device)
-    ref = generate(model, ids, DynamicCache(config=cfg), 20)
-    cache = OscarHFCache(cfg, window_dtype="f32", residual=64)   # 29 tokens < R: all in the window
-    got = generate(model, ids, cache, 20)
-    assert torch.equal(got.sequences, ref.sequences)
-    assert len(got.logits) == len(ref.logits) == 20
-    for a, b in zip(got.logits, ref.logits):
-        assert torch.equal(a, b)
-    info = cache.oscar.info(cache.seq_ids[0], cfg.num_hidden_layers - 1)
-    assert info.tokens == 28 and info.packed_tokens == 0
-    assert cache.oscar.backend == ("cuda" if dev == "cuda" else "cpu")
-    assert cache.get_seq_length() == 28
-
-
-@pytest.mark.parametrize("dev", DEVICES)
-def test_hf_method_none_stays_exact_after_flush(dev):
-    """With no quantisation and an f32 window, flushed blocks read back exactly:
-    tests the flush/read plumbing of the drop-in bit for bit."""
-    device = _device(dev)
-    model, cfg = make_model(device)
-    tokens = torch.randint(0, 1000, (1, 90), generator=torch.Generator().manual_seed(2)).to(device)
-    ref = forced_logits(model, tokens, DynamicCache(config=cfg), 40)
-    cache = OscarHFCache(cfg, method="none", window_dtype="f32", residual=32)
-    got = forced_logits(model, tokens, cache, 40)
-    assert cache.oscar.info(cache.seq_ids[0], 0).packed_tokens == 64
-    assert torch.equal(got, ref)
-
-
-# ---- an independent fake-quant reference (docs/FORMAT.md numerics, in torch) ----------
-
-def _hadamard_matrix(d, device):
-    i = torch.arange(d)
-    bits = torch.bitwise_and(i[:, None], i[None, :])
-    pop = torch.zeros_like(bits)
-    for b in range(12):
-        pop += (bits >> b) & 1
-    return ((1 - 2 * (pop % 2)).to(torch.float32) / d ** 0.5).to(device)
-
-
-def _quant_groups(x, levels):
-    """Asymmetric min-max over the last axis with fp16-stored (scale, lo)."""
-    lo = x.amin(-1, keepdim=True)
-    hi = x.amax(-1, keepdim=True)
-    sc = ((hi - lo) / levels).half().float()
-    l0 = lo.half().float()
-    code = torch.where(sc > 0, torch.clamp(torch.round((x - l0) / sc), 0, levels),
-                       torch.zeros_like(x))
-    return l0 + code * sc
-
-
-def fake_quant_block(k, v, method, bits, gk=32, gv=32):
-    """k, v: [B, H, R, d] float32 (one block). Returns dequantised (k, v) in the original space."""
-    B, H, R, d = k.shape
-    L = float(2 ** bits - 1)
-    rot = method in ("quarot", "oscar")
-    scl = method in ("scale-only", "oscar")
-    Hm = _hadamard_matrix(d, k.device)
-    kr = k @ Hm if rot else k
-    vr = v @ Hm if rot else v
-    s = torch.ones(B, 1, R, 1, device=k.device)
-    if scl:
-        s = kr.pow(2).sum(dim=(1, 3), keepdim=True).sqrt()
-        s = torch.where((s > 0) & torch.isfinite(s), s, torch.ones_like(s))
-    x = kr / s
-    # keys: per (head, channel) over gk tokens
-    xg = x.reshape(B, H, R // gk, gk, d).transpose(-1, -2)
-    kq = _quant_groups(xg, L).transpose(-1, -2).reshape(B, H, R, d) * s
-    vq = _quant_groups(vr.reshape(B, H, R, d // gv, gv), L).reshape(B, H, R, d)
-    if rot:
-        kq, vq = kq @ Hm, vq @ Hm
-    return kq, vq
-
-
-class FakeQuantCache(DynamicCache):
-    """DynamicCache whose full blocks of R tokens are replaced by fake-quantised values."""
-
-    def __init__(self, cfg, method, bits, R):
-        super().__init__(config=cfg)
-        self.method, self.bits, self.R = method, bits, R
-        self.done = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        layer = self.layers[layer_idx]
-        done = self.done.get(layer_idx, 0)
-        full = k.shape[-2] // self.R * self.R
-        for b0 in range(done, full, self.R):
-            kq, vq = fake_quant_block(layer.keys[:, :, b0:b0 + self.R].float(),
-                                      layer.values[:, :, b0:b0 + self.R].float(),
-                                      self.method, self.bits)
-            layer.keys[:, :, b0:b0 + self.R] = kq.to(layer.keys.dtype)
-            layer.values[:, :, b0:b0 + self.R] = vq.to(layer.values.dtype)
-        self.done[layer_idx] = full
-        return layer.keys, layer.values
-
-
-@pytest.mark.parametrize("dev", DEVICES)
-def test_hf_close_after_quantisation(dev):
-    """After the first flush the logits leave DynamicCache's by exactly the
-    quantisation error: they match an independent fake-quant reference of the
-    documented numerics (bit for bit for KIVI, to float rounding of the
-    Hadamard transform for OScaR), and stay within a bound of the fp32 logits."""
-    device = _device(dev)
-    model, cfg = make_model(device)
-    tokens = torch.randint(0, 1000, (2, 100), generator=torch.Generator().manual_seed(3)).to(device)
-    ref = forced_logits(model, tokens, DynamicCache(config=cfg), 48)
+def check_quantised_matches_fake_quant(device):
+    ref, model, cfg = make_pair(device)
+    tokens = torch.randint(1, 1000, (2, 100), generator=torch.Generator().manual_seed(3)).to(device)
+    exact = forced_logits(ref, tokens, DynamicCache(config=cfg), 48)
     errs = {}
     for method, bits in (("kivi", 2), ("oscar", 2), ("oscar", 4)):
-        cache = OscarHFCache(cfg, method=method, bits=bits, window_dtype="f32", residual=32)
+        cache = OscarHFCache(model.config, method=method, bits=bits, window_dtype="f32", residual=32,
+                             max_cache_len=128)
         got = forced_logits(model, tokens, cache, 48)
-        info = cache.oscar.info(cache.seq_ids[1], 1)
-        assert info.packed_tokens == 96 and info.window_tokens == 4
+        fq = forced_logits(ref, tokens, FakeQuantCache(cfg, method, bits, 32), 48)
         assert torch.isfinite(got).all()
-        fq = forced_logits(model, tokens, FakeQuantCache(cfg, method, bits, 32), 48)
-        assert torch.equal(got[0], ref[0]) is False   # 32 prompt tokens were already quantised
-        e_fq, e_ref = rel_err(got, fq), rel_err(got, ref)
-        errs[(method, bits)] = (e_fq, e_ref)
-        if method == "kivi" and dev == "cpu":   # same fp32 formula, no transform: bit for bit
-            assert e_fq < 1e-5, errs
-        else:
-            assert e_fq < 0.1 * e_ref, errs
+        errs[(method, bits)] = (rel_err(got, fq), rel_err(got, exact))
+        assert errs[(method, bits)][0] < 0.1 * errs[(method, bits)][1], errs
     assert errs[("oscar", 4)][1] < errs[("oscar", 2)][1] < 1.0, errs
+    return errs
 
 
-@pytest.mark.parametrize("dev", DEVICES)
-def test_hf_generate_runs_with_2bit_cache_bf16(dev):
-    device = _device(dev)
-    dtype = torch.bfloat16
-    model, cfg = make_model(device, dtype=dtype)
-    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(4)).to(device)
-    cache = OscarHFCache(cfg, residual=32)
-    out = generate(model, ids, cache, 30)
-    assert out.sequences.shape == (1, 70)
-    m = cache.memory()
-    assert m.blocks_used == 2 and m.compression_vs_fp16 > 4
-    assert cache.oscar.config.window_dtype == {torch.float32: "f32", torch.bfloat16: "bf16"}[dtype]
+def check_padded_batch4(device, method="none"):
+    """Left-padded batch of 4 prompts of different lengths: each row as if it ran alone."""
+    ref, model, cfg = make_pair(device)
+    lengths = [37, 5, 64, 20]
+    ids, mask = left_padded(lengths, device)
+    r = generate(ref, ids, DynamicCache(config=cfg), 30, mask=mask)
+    cache = OscarHFCache(model.config, method=method, window_dtype="f32", residual=32, max_cache_len=128)
+    g = generate(model, ids, cache, 30, mask=mask)
+    assert cache.seq_lengths == [n + 30 - 1 for n in lengths]   # padding never appended
+    if method == "none":
+        assert_same_greedy(g.sequences, r.sequences, device, torch.stack(g.logits), torch.stack(r.logits),
+                           ids.shape[1])
+    # every row equals that row generated alone, unpadded, with its own cache
+    for i, n in enumerate(lengths):
+        alone = OscarHFCache(model.config, method=method, window_dtype="f32", residual=32, max_cache_len=128)
+        a = generate(model, ids[i:i + 1, -n:], alone, 30)
+        assert_same_greedy(g.sequences[i:i + 1, -30:], a.sequences[:, -30:], device,
+                           torch.stack(g.logits)[:, i], torch.stack(a.logits)[:, 0])
 
 
-@pytest.mark.parametrize("dev", DEVICES)
-def test_hf_beam_search_forks(dev):
-    device = _device(dev)
-    model, cfg = make_model(device)
-    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(5)).to(device)
+def check_beam2(device):
+    ref, model, cfg = make_pair(device)
+    ids = torch.randint(1, 1000, (2, 30), generator=torch.Generator().manual_seed(5)).to(device)
+    kw = dict(num_beams=2, num_return_sequences=2)
     with torch.no_grad():
-        ref = model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False,
-                             past_key_values=DynamicCache(config=cfg), pad_token_id=0)
-        cache = OscarHFCache(cfg, window_dtype="f32", residual=64)
-        got = model.generate(ids, max_new_tokens=10, num_beams=3, do_sample=False,
-                             past_key_values=cache, pad_token_id=0)
-    assert torch.equal(got, ref)
-    assert cache.oscar.memory().seqs_live == 3
+        r = ref.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                         **{cache_kwarg(ref): DynamicCache(config=cfg)}, **kw)
+        cache = OscarHFCache(model.config, method="none", window_dtype="f32", residual=16,
+                             max_cache_len=128, max_batch_size=4)
+        g = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                           **{cache_kwarg(model): cache}, **kw)
+    assert_same_greedy(g, r, device, prompt=30)
+    # the forks share packed blocks: fewer distinct blocks referenced than rows x blocks
+    packed = sum(cache._packed)
+    distinct = len({b for t, p in zip(cache._tables, cache._packed) for b in t[:p]})
+    assert packed > 0 and distinct <= packed
+    # 2-bit: the same beams as the fake-quant reference
+    with torch.no_grad():
+        fq = ref.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                          **{cache_kwarg(ref): FakeQuantCache(cfg, "oscar", 2, 16)}, **kw)
+        q = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                           **{cache_kwarg(model): OscarHFCache(model.config, window_dtype="f32", residual=16,
+                                                                max_cache_len=128, max_batch_size=4)}, **kw)
+    same = (q == fq).all(dim=1).float().mean().item()
+    assert same >= 0.75, (q, fq)
 
 
-@pytest.mark.parametrize("dev", DEVICES)
-def test_hf_fused_attention(dev):
-    """attn_implementation="oscar": attention runs in oscar_attention, no K/V copy kept."""
-    device = _device(dev)
-    register_attention()
-    model, cfg = make_model(device)
-    fused, _ = make_model(device, attn="oscar")
-    tokens = torch.randint(0, 1000, (1, 80), generator=torch.Generator().manual_seed(6)).to(device)
-    ref = forced_logits(model, tokens, DynamicCache(config=cfg), 20)
-    # everything in the window (R=128): equal to DynamicCache up to float rounding
-    cache = OscarHFCache(cfg, window_dtype="f32", residual=128, attention="fused")
-    got = forced_logits(fused, tokens, cache, 20)
-    assert cache.layers[0].keys is None or cache.layers[0].keys.numel() == 0
-    tight = 1e-4 if dev == "cpu" else 1e-2    # GPU kernels may use 16-bit MMA operands
-    assert rel_err(got, ref) < tight
-    # quantised: the same error as the dequantising drop-in, which attends over the same values
-    c1 = OscarHFCache(cfg, window_dtype="f32", residual=32, attention="fused")
-    c2 = OscarHFCache(cfg, window_dtype="f32", residual=32)
-    g1 = forced_logits(fused, tokens, c1, 20)
-    g2 = forced_logits(model, tokens, c2, 20)
-    assert c1.oscar.info(c1.seq_ids[0], 0).packed_tokens == 64
-    assert rel_err(g1, g2) < 10 * tight
-    assert 0 < rel_err(g1, ref) < 1.0
+def check_assisted(device, method="none"):
+    """Assisted decoding crops rejected drafts (exact rollback): same tokens as greedy."""
+    ref, model, cfg = make_pair(device)
+    _, draft, _ = make_pair(device, layers=1, seed=7)
+    draft.config._attn_implementation = "sdpa"
+    draft.set_attn_implementation("sdpa")
+    ids = torch.randint(1, 1000, (1, 20), generator=torch.Generator().manual_seed(8)).to(device)
+    plain = generate(model, ids, OscarHFCache(model.config, method=method, window_dtype="f32",
+                                              residual=32, rollback_tokens=32, max_cache_len=256), 60)
+    cache = OscarHFCache(model.config, method=method, window_dtype="f32", residual=32,
+                         rollback_tokens=32, max_cache_len=256)
+    crops = []
+    real_crop = cache.crop
+    cache.crop = lambda n: (crops.append(n), real_crop(n))[1]
+    with torch.no_grad():
+        g = model.generate(ids, max_new_tokens=60, min_new_tokens=60, do_sample=False, pad_token_id=0,
+                           assistant_model=draft, num_assistant_tokens=5,
+                           num_assistant_tokens_schedule="constant", **{cache_kwarg(model): cache})
+    assert crops, "assisted decoding never cropped the cache"
+    if method != "none":
+        # Packing follows the longest length reached, drafts included (include/oscar.h,
+        # oscar_seq_truncate): with L = 32 block 0 is packed at 64 tokens without drafts, and
+        # from 58 accepted tokens on with up to 5 drafts + 1, so the 2-bit greedy paths of a
+        # random model may part after that; up to there they agree exactly.
+        assert_same_greedy(g[:, :57], plain.sequences[:, :57], device, prompt=20)
+        return
+    assert_same_greedy(g, plain.sequences, device, prompt=20)
+    r = generate(ref, ids, DynamicCache(config=cfg), 60)
+    assert_same_greedy(g, r.sequences, device, prompt=20)
+
+
+def check_chunked_prefill(device):
+    """A prompt of 4200 tokens in one forward (pieces of 4096) and in chunks of 1000."""
+    ref, model, cfg = make_pair(device, layers=1)
+    tokens = torch.randint(1, 1000, (1, 4205), generator=torch.Generator().manual_seed(9)).to(device)
+    exact = forced_logits(ref, tokens, DynamicCache(config=cfg), 4200)
+    for chunk in (None, 1000):
+        cache = OscarHFCache(model.config, method="none", window_dtype="f32", residual=128, max_cache_len=4352)
+        got = forced_logits(model, tokens, cache, 4200, chunk=chunk)
+        assert rel_err(got, exact) < 10 * _tol(device), chunk
+        assert cache.seq_lengths == [4205]
+    cache = OscarHFCache(model.config, window_dtype="f32", residual=128, max_cache_len=4352)
+    got = forced_logits(model, tokens, cache, 4200)
+    fq = forced_logits(ref, tokens, FakeQuantCache(cfg, "oscar", 2, 128), 4200)
+    assert rel_err(got, fq) < 0.1 * rel_err(got, exact)
+
+
+# ---- CPU tests ---------------------------------------------------------------------
+
+def test_batch1_greedy_cpu():
+    check_batch1_greedy("cpu")
+
+
+def test_quantised_matches_fake_quant_cpu():
+    errs = check_quantised_matches_fake_quant("cpu")
+    assert errs[("kivi", 2)][0] < 1e-5   # same fp32 formula, no transform: to rounding
+
+
+def test_qwen3_greedy_cpu():
+    ref, model, cfg = make_pair("cpu", arch="qwen3")
+    ids = torch.randint(1, 1000, (1, 33), generator=torch.Generator().manual_seed(2))
+    r = generate(ref, ids, DynamicCache(config=cfg), 40)
+    g = generate(model, ids, OscarHFCache(model.config, method="none", window_dtype="f32",
+                                          residual=16, max_cache_len=128), 40)
+    assert torch.equal(g.sequences, r.sequences)
+    assert rel_err(torch.stack(g.logits), torch.stack(r.logits)) < 2e-5
+
+
+@pytest.mark.parametrize("method", ["none", "oscar"])
+def test_padded_batch4_cpu(method):
+    check_padded_batch4("cpu", method)
+
+
+def test_beam2_cpu():
+    check_beam2("cpu")
+
+
+@pytest.mark.parametrize("method", ["none", "oscar"])
+def test_assisted_decoding_cpu(method):
+    check_assisted("cpu", method)
+
+
+def test_chunked_prefill_over_4096_cpu():
+    check_chunked_prefill("cpu")
+
+
+# ---- errors: nothing silent --------------------------------------------------------------
+
+def test_import_has_no_side_effects():
+    code = ("import torch, transformers, oscar.hf\n"
+            "from transformers import AttentionInterface\n"
+            "from transformers.masking_utils import AttentionMaskInterface\n"
+            "assert 'oscar' not in AttentionInterface._global_mapping\n"
+            "assert 'oscar' not in AttentionMaskInterface._global_mapping\n"
+            "oscar.hf.register()\n"
+            "assert AttentionInterface._global_mapping['oscar'] is oscar.hf.oscar_attention_forward\n"
+            "print('ok')\n")
+    import os
+    env = dict(os.environ, PYTHONPATH=PYTHON_DIR, OSCAR_LIBRARY=oscar.library_path)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_cache_refuses_a_model_without_oscar_attention():
+    ref, _, cfg = make_pair("cpu")
+    with pytest.raises(oscar.UnsupportedError, match="attn_implementation"):
+        OscarHFCache(ref.config)
+
+
+def test_oscar_attention_without_the_cache_raises():
+    _, model, _ = make_pair("cpu")
+    ids = torch.randint(1, 1000, (1, 5))
+    with torch.no_grad(), pytest.raises(oscar.UnsupportedError, match="no OscarHFCache"):
+        model(ids, use_cache=False)
+
+
+def test_crop_beyond_the_window_raises_and_changes_nothing():
+    _, model, _ = make_pair("cpu")
+    cache = OscarHFCache(model.config, method="none", window_dtype="f32", residual=32,
+                         rollback_tokens=4, max_cache_len=128)
+    ids = torch.randint(1, 1000, (1, 70))
+    with torch.no_grad():
+        model(ids, **{cache_kwarg(model): cache})
+    assert cache.seq_lengths == [70] and cache._packed == [2]
+    with pytest.raises(oscar.UnsupportedError, match="rollback_tokens"):
+        cache.crop(63)            # 70 - 4 = 66 tokens held back only to 64
+    assert cache.seq_lengths == [70] and cache.get_seq_length() == 70
+    cache.crop(66)
+    assert cache.seq_lengths == [66] and cache.get_seq_length() == 66
+    cache.crop(0)                 # transformers >= 5.2x: remove nothing
+    assert cache.get_seq_length() == 66
+    cache.crop(-2)
+    assert cache.get_seq_length() == 64
+
+
+def test_rollback_then_continue_is_exact():
+    """crop + re-append gives the logits of never having appended the removed tokens."""
+    _, model, _ = make_pair("cpu")
+    tokens = torch.randint(1, 1000, (1, 80), generator=torch.Generator().manual_seed(4))
+    kw = lambda c: {cache_kwarg(model): c}  # noqa: E731
+    a = OscarHFCache(model.config, window_dtype="f32", residual=32, rollback_tokens=8, max_cache_len=128)
+    b = OscarHFCache(model.config, window_dtype="f32", residual=32, rollback_tokens=8, max_cache_len=128)
+    with torch.no_grad():
+        model(tokens[:, :60], **kw(a))
+        model(torch.randint(1, 1000, (1, 6)), **kw(a))     # 6 drafts, all rejected
+        a.crop(60)
+        la = model(tokens[:, 60:61], **kw(a)).logits
+        model(tokens[:, :60], **kw(b))
+        lb = model(tokens[:, 60:61], **kw(b)).logits
+    assert torch.equal(la, lb)
+
+
+def test_cache_full_raises_before_changing_anything():
+    _, model, _ = make_pair("cpu")
+    cache = OscarHFCache(model.config, window_dtype="f32", residual=16, max_cache_len=40)
+    with torch.no_grad():
+        model(torch.randint(1, 1000, (1, 30)), **{cache_kwarg(model): cache})
+        with pytest.raises(oscar.InvalidArgumentError, match="full"):
+            model(torch.randint(1, 1000, (1, 11)), **{cache_kwarg(model): cache})
+        assert cache.get_seq_length() == 30
+        model(torch.randint(1, 1000, (1, 10)), **{cache_kwarg(model): cache})
+    assert cache.get_seq_length() == 40
+
+
+def test_unsupported_configs_raise():
+    _, model, cfg = make_pair("cpu")
+    with pytest.raises(oscar.UnsupportedError, match="dequant"):
+        OscarHFCache(model.config, attention="dequant")
+    import copy
+    c = copy.deepcopy(model.config)
+    c.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(oscar.UnsupportedError, match="full-attention"):
+        OscarHFCache(c)
+    cache = OscarHFCache(model.config, max_cache_len=64)
+    with torch.no_grad():
+        model(torch.randint(1, 1000, (2, 4)), **{cache_kwarg(model): cache})
+        with pytest.raises(oscar.InvalidArgumentError, match="batch of 3 rows"):
+            model(torch.randint(1, 1000, (3, 1)), **{cache_kwarg(model): cache})
+        with pytest.raises(oscar.InvalidArgumentError, match="mask"):
+            model(torch.randint(1, 1000, (2, 1)), attention_mask=torch.ones(2, 3, dtype=torch.long),
+                  **{cache_kwarg(model): cache})
+    assert cache.get_seq_length() == 4
+
+
+def test_old_names_are_deprecated_aliases():
+    with pytest.warns(DeprecationWarning):
+        assert oscar.OscarCache is oscar.OscarPool
+    with pytest.warns(DeprecationWarning):
+        assert oscar.hf.OscarCache is oscar.hf.OscarHFCache
+
+
+def test_transformers_version_is_checked():
+    from oscar.hf import _check_transformers_version
+    for ok in ("5.17.0", "5.24.0", "5.99.1.dev0"):
+        _check_transformers_version(ok)
+    for bad in ("4.57.1", "5.16.2", "6.0.0"):
+        with pytest.raises(ImportError, match="supports transformers"):
+            _check_transformers_version(bad)

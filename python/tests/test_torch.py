@@ -31,7 +31,7 @@ def _kv(n, device, dtype=torch.float32, seed=0, hkv=2, d=64):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f16", "bf16"])
 def test_torch_cpu_round_trip(dtype):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     ids = c.add_seqs(2)
     k, v = _kv(90, "cpu", dtype)
     c.append(0, ids, [50, 40], k, v)
@@ -55,7 +55,7 @@ def test_torch_cpu_round_trip(dtype):
 
 
 def test_torch_cpu_pointer_is_used(monkeypatch):
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     s = c.add_seq()
     base = torch.randn(2, 10, 2, 64)
     k, v = base[0], base[1]            # views into one buffer: contiguous, no copy
@@ -73,7 +73,7 @@ def test_torch_cpu_pointer_is_used(monkeypatch):
 
 
 def test_torch_errors():
-    c = oscar.OscarCache(small_config())
+    c = oscar.OscarPool(small_config())
     s = c.add_seq()
     k, v = _kv(8, "cpu")
     with pytest.raises(oscar.DTypeError):
@@ -110,8 +110,8 @@ def test_torch_errors():
 def test_gpu_matches_cpu_backend(dtype, method):
     dev = _cuda()
     cfg = small_config(method=method, window_dtype="bf16" if dtype == torch.bfloat16 else "f16")
-    gc = oscar.OscarCache(cfg, backend="cuda", device=dev.index)
-    cc = oscar.OscarCache(cfg)
+    gc = oscar.OscarPool(cfg, backend="cuda", device=dev.index)
+    cc = oscar.OscarPool(cfg)
     lens = [100, 7, 64]
     gids, cids = gc.add_seqs(3), cc.add_seqs(3)
     k, v = _kv(sum(lens), "cpu", dtype, seed=1)
@@ -146,7 +146,7 @@ def test_gpu_matches_cpu_backend(dtype, method):
 @pytest.mark.gpu
 def test_gpu_uses_current_stream(monkeypatch):
     dev = _cuda()
-    gc = oscar.OscarCache(small_config(), backend="cuda", device=dev.index)
+    gc = oscar.OscarPool(small_config(), backend="cuda", device=dev.index)
     s = gc.add_seq()
     seen = []
     real_append, real_attention = oscar._L.append, oscar._L.attention
@@ -179,8 +179,8 @@ def test_gpu_uses_current_stream(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_device_errors():
     dev = _cuda()
-    gc = oscar.OscarCache(small_config(), backend="cuda", device=dev.index)
-    cc = oscar.OscarCache(small_config())
+    gc = oscar.OscarPool(small_config(), backend="cuda", device=dev.index)
+    cc = oscar.OscarPool(small_config())
     gs, cs = gc.add_seq(), cc.add_seq()
     k, v = _kv(8, "cpu")
     with pytest.raises(oscar.DeviceError) as ei:
@@ -212,8 +212,8 @@ def test_gpu_device_errors():
 def test_gpu_export_import_between_backends():
     dev = _cuda()
     cfg = small_config()
-    gc = oscar.OscarCache(cfg, backend="cuda", device=dev.index)
-    cc = oscar.OscarCache(cfg)
+    gc = oscar.OscarPool(cfg, backend="cuda", device=dev.index)
+    cc = oscar.OscarPool(cfg)
     gs = gc.add_seq()
     k, v = _kv(77, dev, seed=3)
     for layer in (0, 1):
@@ -234,7 +234,7 @@ def test_gpu_export_import_between_backends():
 @pytest.mark.gpu
 def test_gpu_nonfinite_and_pool_errors():
     dev = _cuda()
-    gc = oscar.OscarCache(small_config(block_count=2), backend="cuda", device=dev.index)
+    gc = oscar.OscarPool(small_config(block_count=2), backend="cuda", device=dev.index)
     s = gc.add_seq()
     k, v = _kv(40, dev)
     k[5, 1, 7] = float("nan")
