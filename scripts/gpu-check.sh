@@ -85,7 +85,8 @@ fi
 
 if has hfbench; then
   stamp hfbench
-  OSCAR_LIBRARY="$PWD/$BUILD/liboscar.so" PYTHONUNBUFFERED=1 timeout "${HFBENCH_TIMEOUT:-1800}" \
+  OSCAR_LIBRARY="$PWD/$BUILD/liboscar.so" PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" \
+    PYTHONUNBUFFERED=1 timeout "${HFBENCH_TIMEOUT:-1800}" \
     python3 python/bench/bench_hf.py --out "$OUT/bench_hf.json" || rc=1
 fi
 
