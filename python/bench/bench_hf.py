@@ -133,6 +133,28 @@ def oscar_case(model, B, ctx, args):
     return out
 
 
+def oscar_bytes(cfg, rows, max_len, args):
+    """Bytes the oscar pool (pool, windows, workspace) takes for `rows` rows of max_len
+    positions, as OscarHFCache sizes it at its first forward."""
+    probe = oscar.hf.OscarHFCache(cfg, max_cache_len=max_len, max_batch_size=rows, window_dtype="bf16",
+                                  residual=args.residual)
+    need = oscar.OscarConfig(window_dtype="bf16", caller_metadata=1, block_count=rows * probe._nb,
+                             max_seqs=2 * rows, backend="cuda", **probe._spec).memory_requirements()
+    return sum(need[k] + need["alignment"] for k in ("pool", "windows", "workspace"))
+
+
+def largest_batch(which, cfg, ctx, args):
+    """The most rows whose KV cache fits in the free memory less --headroom-gb."""
+    max_len = ctx + args.warmup + args.steps + 8
+    free = torch.cuda.mem_get_info()[0] - args.headroom_gb * 2**30
+    if which == "bf16":
+        per_row = max_len * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+        return max(0, int(free // per_row))
+    one, two = oscar_bytes(cfg, 1, max_len, args), oscar_bytes(cfg, 2, max_len, args)
+    per_row = two - one
+    return max(0, int((free - (one - per_row)) // per_row))
+
+
 def fill_oscar(cache, B, ctx, cfg):
     """Rows from 1 to ctx tokens: random bf16 K/V appended in pieces of <= 4096 through the op
     (benchmark-only: sets the cache's host mirror of lengths to match)."""
@@ -168,6 +190,8 @@ def main():
     ap.add_argument("--residual", type=int, default=128)
     ap.add_argument("--headroom-gb", type=float, default=12.0)
     ap.add_argument("--which", nargs="+", default=["bf16", "oscar"], choices=["bf16", "oscar"])
+    ap.add_argument("--largest", type=int, nargs="*", default=[], metavar="CTX",
+                    help="also run each cache at the largest batch that fits at these contexts")
     ap.add_argument("--out", default="bench_hf.json")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not oscar.backend_available("cuda"):
@@ -185,28 +209,34 @@ def main():
         torch.set_default_dtype(torch.float32)
     print("model built in %.0f s, %.1f GB of weights" % (
         time.time() - t0, sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30), flush=True)
+    cases = [(ctx, B, which) for ctx in args.contexts for B in args.batches for which in args.which]
+    for ctx in args.largest:
+        for which in args.which:
+            torch.cuda.empty_cache()
+            B = largest_batch(which, model.config, ctx, args)
+            print("largest %s batch at %d tokens: %d rows" % (which, ctx, B), flush=True)
+            if B > 0:
+                cases.append((ctx, B, which))
     results = []
-    for ctx in args.contexts:
-        for B in args.batches:
-            for which in args.which:
-                torch._dynamo.reset()
-                torch.cuda.empty_cache()
-                t = time.time()
-                try:
-                    r = (bf16_case if which == "bf16" else oscar_case)(model, B, ctx, args)
-                except torch.cuda.OutOfMemoryError as e:
-                    r = {"skipped": "out of memory: %s" % str(e).splitlines()[0]}
-                r.update({"cache": which, "batch": B, "context": ctx, "wall_s": round(time.time() - t, 1)})
-                print(json.dumps(r), flush=True)
-                results.append(r)
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
            "transformers": transformers.__version__, "oscar": oscar.__version__, "commit": commit(),
            "model": "Qwen3-8B shape (%d layers, Hq 32, Hkv 8, d 128), random bf16 weights" % args.layers,
            "compile": 'torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)',
            "argv": sys.argv[1:], "results": results}
-    with open(args.out, "w") as f:
-        json.dump(doc, f, indent=1)
+    for ctx, B, which in cases:
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        t = time.time()
+        try:
+            r = (bf16_case if which == "bf16" else oscar_case)(model, B, ctx, args)
+        except torch.cuda.OutOfMemoryError as e:
+            r = {"skipped": "out of memory: %s" % str(e).splitlines()[0]}
+        r.update({"cache": which, "batch": B, "context": ctx, "wall_s": round(time.time() - t, 1)})
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        with open(args.out, "w") as f:   # after every case: a timed-out run keeps what it measured
+            json.dump(doc, f, indent=1)
     print("wrote", args.out)
 
 
