@@ -25,14 +25,25 @@ if torch.cuda.device_count() < 2:
 pytestmark = [pytest.mark.gpu]
 
 
-def test_gpu_tp2_matches_one_gpu(tmp_path):
+def run_tp(tmp_path, *extra):
     import oscar
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                OSCAR_LIBRARY=oscar.library_path,
                PYTHONPATH=PYTHON_DIR + os.pathsep + os.environ.get("PYTHONPATH", ""))
     script = os.path.join(PYTHON_DIR, "bench", "tp_qwen3.py")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script,
-                        "--workdir", str(tmp_path), "--check"], env=env, capture_output=True, text=True,
-                       timeout=900)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", script,
+                           "--workdir", str(tmp_path), "--check", *extra], env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_gpu_tp2_matches_one_gpu(tmp_path):
+    r = run_tp(tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "TP CHECK OK" in r.stdout, r.stdout[-4000:]
+
+
+def test_gpu_tp2_check_catches_local_norms(tmp_path):
+    """The check can fail: norms over each rank's own heads (no all-gather) must be caught."""
+    r = run_tp(tmp_path, "--mutate-local-norms")
+    assert "TP CHECK FAILED" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+    assert r.returncode != 0
