@@ -136,7 +136,9 @@ def oscar_case(model, B, ctx, args):
 def oscar_bytes(cfg, rows, max_len, args):
     """Bytes the oscar pool (pool, windows, workspace) takes for `rows` rows of max_len
     positions, as OscarHFCache sizes it at its first forward."""
-    probe = oscar.hf.OscarHFCache(cfg, max_cache_len=max_len, max_batch_size=rows, window_dtype="bf16",
+    probe = oscar.hf.OscarHFCache(num_layers=cfg.num_hidden_layers, num_q_heads=cfg.num_attention_heads,
+                                  num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                                  max_cache_len=max_len, max_batch_size=rows, window_dtype="bf16",
                                   residual=args.residual)
     need = oscar.OscarConfig(window_dtype="bf16", caller_metadata=1, block_count=rows * probe._nb,
                              max_seqs=2 * rows, backend="cuda", **probe._spec).memory_requirements()
@@ -182,8 +184,8 @@ def fill_oscar(cache, B, ctx, cfg):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--layers", type=int, default=36)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)

@@ -19,9 +19,9 @@ two caches:
 - the 2-bit OScaR cache: the two runs' K/V differ by float rounding (sharded
   GEMMs, the all-reduce's order), and a 2-bit code at a rounding boundary
   flips, so the logits cannot agree to float tolerance. The check is that
-  the TP error is under a tenth of the 2-bit cache's own error (1-GPU
+  the TP error is under 5% of the 2-bit cache's own error (1-GPU
   2-bit against 1-GPU 16-bit): local norms instead of all-gathered ones
-  quantise differently and give an error of the 2-bit error's size
+  quantise differently and give 13% of it
   (--mutate-local-norms shows it: the check then fails).
 """
 
@@ -130,10 +130,10 @@ def main():
             return ((a - b).norm() / b.norm()).item()
         err16, err2, quant = rel(tp16, ref16), rel(tp2, ref2), rel(ref2, ref16)
         tol16 = 1e-4 if dtype == torch.float32 else 2e-2
-        ok = err16 < tol16 and err2 < 0.1 * quant and local_heads * world == model.config.num_key_value_heads
+        ok = err16 < tol16 and err2 < 0.05 * quant and local_heads * world == model.config.num_key_value_heads
         print("16-bit cache: TP against 1 GPU, relative logit error %.3g (tolerance %g)" % (err16, tol16))
         print("2-bit cache: TP against 1 GPU %.3g; the 2-bit cache's own error (1 GPU, against 16-bit) %.3g;"
-              " ratio %.3f (tolerance 0.1)" % (err2, quant, err2 / quant))
+              " ratio %.3f (tolerance 0.05)" % (err2, quant, err2 / quant))
         print("TP CHECK %s: %d ranks" % ("OK" if ok else "FAILED", world), flush=True)
     flag = torch.tensor([0 if ok else 1], device="cuda")
     dist.all_reduce(flag)
