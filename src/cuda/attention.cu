@@ -23,6 +23,7 @@
  * The CTA's 4 warp partials are merged in shared memory and written to the
  * workspace; merge_kernel combines the splits, inverse-rotates, converts. */
 #include "common.cuh"
+#include "ptx.cuh"
 
 #include <math.h>
 #include <stdlib.h>
@@ -36,76 +37,18 @@ constexpr int NSTAGE = OSCAR_ATTN_STAGES;
 constexpr int CHUNK = OSCAR_ATTN_CHUNK;
 #define OSCAR_MERGE_MAX 512
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
+using namespace oscar_ptx;
 
-__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-
-/* The transaction-count arrive and the bulk copy take shared-memory
- * addresses (32-bit): the fast path computes them once per warp, the
- * generic path converts its pointers with smem_u32. */
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-    asm volatile(
-        "{\n\t.reg .pred p;\n"
-        "OSCAR_WAIT_%=:\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
-        "@!p bra OSCAR_WAIT_%=;\n}" ::"r"(smem_u32(bar)),
-        "r"(parity)
-        : "memory");
-}
-
-__device__ __forceinline__ void bulk_g2s(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-        "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-}
-
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t movtrans(uint32_t x) {
-    uint32_t y;
-    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
-    return y;
-}
+/* The generic path's softmax keeps ex2's range handling; the fast path
+ * uses the flush-to-zero form: its inputs are <= 0 and an output below
+ * 2^-126 is lost by the fp16 p operand anyway. */
+__device__ __forceinline__ float ex2(float x) { return ex2_approx(x); }
+__device__ __forceinline__ float ex2z(float x) { return ex2_ftz(x); }
 
 __device__ __forceinline__ uint32_t hmul2u(uint32_t a, uint32_t b) {
     __half2 r = __hmul2(*(__half2 *)&a, *(__half2 *)&b);
     return *(uint32_t *)&r;
 }
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-/* ex2 with flush to zero: one MUFU.EX2 (the non-ftz form adds a range
- * check and two multiplies). Inputs here are <= 0, outputs in [0, 1]; an
- * output below 2^-126 becomes 0, which the fp16 p operand would lose anyway. */
-__device__ __forceinline__ float ex2z(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 
 __device__ __forceinline__ uint32_t hfma2u(uint32_t a, uint32_t b, uint32_t c) {
     __half2 r = __hfma2(*(__half2 *)&a, *(__half2 *)&b, *(__half2 *)&c);
