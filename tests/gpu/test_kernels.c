@@ -15,7 +15,10 @@
  *
  * The same comparison runs on the CPU backend (always: this part runs in
  * CI) and on the CUDA backend (with a device). Each backend is compared
- * with the codes it wrote itself.
+ * with the codes it wrote itself. On the CPU pass the test also emulates
+ * the CUDA kernels' fp16 value path in float64 (p and p 2^S scale rounded
+ * per 64-token chunk) and checks that the bound covers it: the bound is
+ * derived, and this shows the derivation is not short of the kernel.
  *
  * Pack (CUDA only). A CPU and a CUDA cache get the same tokens in the same
  * appends; every code, (scale, lo) pair, token norm and window byte must be
@@ -40,6 +43,7 @@
 static int g_small = 0;
 static int g_have_gpu = 0;
 static double g_worst_ratio[2] = {0.0, 0.0}; /* largest |error| / bound per backend (CPU, CUDA) */
+static double g_worst_emu = 0.0;             /* the emulated fp16 value path / bound */
 
 #define CUCHECK(x)                                                                                     \
     do {                                                                                               \
@@ -92,10 +96,14 @@ typedef struct seqdata {
      * kernel multiplies, to which its rounding errors are relative */
     double *kmag, *vmag;
     double *s; /* [T] token norm (1 where there is none) */
+    /* [T][hkv][d]: the value's code, scale and lo (code -1: not quantised),
+     * for the emulation of the kernel's fp16 value path */
+    double *vcode, *vsc, *vlo;
 } seqdata;
 
 static void seqdata_free(seqdata *sd) {
     free(sd->kx), free(sd->vx), free(sd->kmag), free(sd->vmag), free(sd->s);
+    free(sd->vcode), free(sd->vsc), free(sd->vlo);
     memset(sd, 0, sizeof *sd);
 }
 
@@ -131,6 +139,8 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
     sd->packed = P * R;
     const size_t n = (size_t)(T > 0 ? T : 1) * (size_t)row;
     sd->kx = malloc(n * sizeof(double)), sd->vx = malloc(n * sizeof(double));
+    sd->vcode = malloc(n * sizeof(double)), sd->vsc = malloc(n * sizeof(double)), sd->vlo = malloc(n * sizeof(double));
+    for (size_t i = 0; i < n; i++) sd->vcode[i] = -1.0, sd->vsc[i] = 0.0, sd->vlo[i] = 0.0;
     sd->kmag = malloc(n * sizeof(double)), sd->vmag = malloc(n * sizeof(double));
     sd->s = malloc((size_t)(T > 0 ? T : 1) * sizeof(double));
     /* packed blocks */
@@ -169,6 +179,8 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
                     vx[c] = vlo + cv * vsc;
                     km[c] = fabs(ck * ksc) + fabs(klo);
                     vm[c] = fabs(cv * vsc) + fabs(vlo);
+                    const int64_t at = t * row + (int64_t)h * d + c;
+                    sd->vcode[at] = cv, sd->vsc[at] = vsc, sd->vlo[at] = vlo;
                 }
             }
         }
@@ -210,16 +222,19 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
  *
  * The bound follows the CUDA kernels' roundings (the CPU backend rounds
  * less):
- *  - logits: q' * scale is carried as fp16 hi + lo parts (~2^-22 relative
- *    per product), products and sums in fp32 tensor-core accumulators, fp32
- *    factors (norm, softmax_scale * log2 e): at most 2^-17 of
- *    A_t = s_t sum_c |q'_c| |k-term_c| (log2 units), plus fp16 underflow of
- *    q' 2^-E * scale: 2^-24 absolute per product, i.e.
- *    s_t * 2 max|q'| * Q * d * 2^-24;
+ *  - logits (log2 units, f = s_t |scale| log2 e): q' * scale is carried as
+ *    fp16 hi + lo parts (~2^-22 relative per product), sums in fp32
+ *    (tensor-core accumulators, or d sequential fp32 adds on the dense path),
+ *    fp32 factors: (2^-16 + d 2^-24) f A_t with A_t = sum_c |q'_c| |k_c|
+ *    (|k_c| = |code * scale| + |lo|); fp16 underflow of q' 2^-E * scale and
+ *    of q' 2^-E (bias): 2^-25 2^E absolute per product, at most
+ *    f 2 max|q'| 2^-24 (Q d + sum_c |k_c|); the fp32 H q:
+ *    f log2(d) 2^-24 |q|_1 / sqrt(d) sum_c |k_c|;
  *  - a token's weight p_t is rounded to fp16 and p_t 2^S scale again
  *    (2 roundings: 2^-10 relative), and its logit error moves it by
  *    ln 2 (eps_t + mean eps) relative (the mean from the normalisation);
- *    p below fp16's normal range: 2^-24 absolute;
+ *    p below fp16's normal range: 2^-24 absolute; p 2^S scale below it:
+ *    2^-33 max|v| per token (S puts the chunk's largest scale near 2^14);
  *  - fp32 accumulation over the tokens: (T/16 + 64) 2^-23 relative;
  *  - all of it relative to |code * scale| + |lo| of each value element;
  *  - o = H o' in fp32 spreads an error of o' over the channels:
@@ -230,8 +245,12 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
  * test also rotates the kernel's output back (H is its own inverse) and
  * compares o' per element against e' (out_rot, err_rot: o' and e' before
  * the rotation; may be NULL). */
+/* fp16 exponent of x > 0 as the kernel reads it from the scale's bits:
+ * (bits >> 10) - 15, so -15 for zero and subnormal scales */
+static int f16_exponent(double x) { return (int)((tl_f16_from_double(x) & 0x7fff) >> 10) - 15; }
+
 static void ref_attention(const tl_geom *g, const seqdata *sd, int q_len, const float *q, double scale, int extra,
-                          double *out, double *err, double *out_rot, double *err_rot) {
+                          double *out, double *err, double *out_rot, double *err_rot, double *emu_rot) {
     const int d = g->d, hkv = g->hkv, hq = g->hq, grp = hq / hkv;
     const int64_t T = sd->T, row = (int64_t)hkv * d;
     const double log2e = 1.4426950408889634, ln2 = 0.6931471805599453;
@@ -244,25 +263,31 @@ static void ref_attention(const tl_geom *g, const seqdata *sd, int q_len, const 
             const int h = j / grp;
             for (int c = 0; c < d; c++) qr[c] = q[((int64_t)i * hq + j) * d + c];
             if (g->rot) tl_hadamard_ref(qr, qr, d);
-            double qmax = 0.0;
+            double qmax = 0.0, q1 = 0.0;
             for (int c = 0; c < d; c++) qmax = fmax(qmax, fabs(qr[c]));
+            for (int c = 0; c < d; c++) q1 += fabs(q[((int64_t)i * hq + j) * d + c]);
+            /* the kernel's fp32 H q: |error| <= log2(d) 2^-24 |q|_1 / sqrt(d) per element */
+            const double fwht = g->rot ? log2((double)d) * 0x1p-24 * q1 / sqrt((double)d) : 0.0;
             int64_t last = T - q_len + i + extra;
             if (last > T - 1) last = T - 1;
             double mx = -INFINITY;
             for (int64_t t = 0; t <= last; t++) {
                 const double *kx = sd->kx + t * row + (int64_t)h * d, *km = sd->kmag + t * row + (int64_t)h * d;
-                double dot = 0.0, A = 0.0;
-                for (int c = 0; c < d; c++) dot += qr[c] * kx[c], A += fabs(qr[c]) * km[c];
+                double dot = 0.0, A = 0.0, K1 = 0.0;
+                for (int c = 0; c < d; c++) dot += qr[c] * kx[c], A += fabs(qr[c]) * km[c], K1 += km[c];
                 const double f = sd->s[t] * fabs(scale) * log2e;
                 L2[t] = sd->s[t] * dot * scale * log2e;
-                eps[t] = 0x1p-17 * A * f + f * 2.0 * qmax * Q * d * 0x1p-24;
+                eps[t] = ((0x1p-16 + d * 0x1p-24) * A + 2.0 * qmax * 0x1p-24 * (Q * d + K1) + fwht * K1) * f;
                 if (L2[t] > mx) mx = L2[t];
             }
             double l = 0.0, ebar = 0.0;
             for (int64_t t = 0; t <= last; t++) l += exp2(L2[t] - mx);
             for (int64_t t = 0; t <= last; t++) ebar += exp2(L2[t] - mx) / l * eps[t];
             const double acc_rel = ((double)T / 16.0 + 64.0) * 0x1p-23;
-            for (int c = 0; c < d; c++) o[c] = 0.0, e[c] = 0.0;
+            double vmax = 0.0; /* p * 2^S * scale below fp16's normal range: 2^-25 2^-S absolute */
+            for (int64_t t = 0; t <= last; t++)
+                for (int c = 0; c < d; c++) vmax = fmax(vmax, sd->vmag[t * row + (int64_t)h * d + c]);
+            for (int c = 0; c < d; c++) o[c] = 0.0, e[c] = 0x1p-33 * (double)(last + 1) * vmax / l;
             for (int64_t t = 0; t <= last; t++) {
                 const double w = exp2(L2[t] - mx) / l;
                 const double rel = 0x1p-10 + ln2 * (eps[t] + ebar) + acc_rel;
@@ -271,6 +296,49 @@ static void ref_attention(const tl_geom *g, const seqdata *sd, int q_len, const 
                     o[c] += w * vx[c];
                     e[c] += (w * rel + 0x1p-24 / l) * vm[c];
                 }
+            }
+            if (emu_rot) {
+                /* the CUDA kernels' value path, emulated: per 64-token
+                 * chunk of a block, running max, p and p 2^S scale rounded
+                 * to fp16 (S from the chunk's largest value scale), lo . p
+                 * with fp16 p; window tokens in full precision */
+                double *em = emu_rot + ((int64_t)i * hq + j) * d;
+                double m = -INFINITY, le = 0.0;
+                for (int c = 0; c < d; c++) em[c] = 0.0;
+                for (int64_t t0 = 0; t0 <= last;) {
+                    int64_t t1 = t0 < sd->packed ? (t0 / g->R) * g->R + (t0 % g->R / 64 + 1) * 64 : last + 1;
+                    if (t0 < sd->packed && t1 > (t0 / g->R + 1) * g->R) t1 = (t0 / g->R + 1) * g->R;
+                    if (t1 > last + 1) t1 = last + 1;
+                    double cm = -INFINITY, msc = 0.0;
+                    /* the chunk's scale exponent covers all its tokens (the
+                     * kernel reads whole tiles), masked or not */
+                    const int64_t tend = t0 < sd->packed ? t1 + (t1 % 16 ? 16 - t1 % 16 : 0) : t1;
+                    for (int64_t t = t0; t < t1; t++) cm = fmax(cm, L2[t]);
+                    for (int64_t t = t0; t < tend && t < sd->packed; t++)
+                        for (int c = 0; c < d; c++) msc = fmax(msc, sd->vsc[t * row + (int64_t)h * d + c]);
+                    const double mn = fmax(m, cm);
+                    if (m > -INFINITY)
+                        for (int c = 0; c < d; c++) em[c] *= exp2(m - mn);
+                    le = (m > -INFINITY ? le * exp2(m - mn) : 0.0);
+                    m = mn;
+                    const int S = 14 - f16_exponent(msc) < 15 ? 14 - f16_exponent(msc) : 15;
+                    for (int64_t t = t0; t < t1; t++) {
+                        const double p = exp2(L2[t] - m);
+                        le += p;
+                        const double p16 = tl_f16_to_double(tl_f16_from_double(p));
+                        for (int c = 0; c < d; c++) {
+                            const int64_t at = t * row + (int64_t)h * d + c;
+                            if (sd->vcode[at] < 0.0) {
+                                em[c] += p * sd->vx[at];
+                            } else {
+                                const double pv = tl_f16_to_double(tl_f16_from_double(p16 * ldexp(1.0, S) * sd->vsc[at]));
+                                em[c] += sd->vcode[at] * pv * ldexp(1.0, -S) + p16 * sd->vlo[at];
+                            }
+                        }
+                    }
+                    t0 = t1;
+                }
+                for (int c = 0; c < d; c++) em[c] /= le;
             }
             double *po = out + ((int64_t)i * hq + j) * d, *pe = err + ((int64_t)i * hq + j) * d;
             if (out_rot)
@@ -460,6 +528,10 @@ static void attention_case(const kcase *K, oscar_backend be) {
     const double scale = K->scale > 0.0f ? (double)K->scale : 1.0 / sqrt((double)d);
     double *ref = malloc(sizeof(double) * (size_t)per), *err = malloc(sizeof(double) * (size_t)per);
     double *refr = malloc(sizeof(double) * (size_t)per), *errr = malloc(sizeof(double) * (size_t)per);
+    double *emu = malloc(sizeof(double) * (size_t)per);
+    /* the emulation costs a conversion per (row, token, channel): on the CPU
+     * pass only, and not at q_len 4096 */
+    const int emulate = be == OSCAR_BACKEND_CPU && ql <= 64;
     float *gotr = malloc(sizeof(float) * (size_t)per);
     for (int s = 0; s < K->nseq && st == OSCAR_OK; s++) {
         size_t size = 0;
@@ -468,7 +540,21 @@ static void attention_case(const kcase *K, oscar_backend be) {
         if (buf && read_stream(&g, buf, size, layer, &sd)) {
             CHECKF(sd.T == K->T[s], "%s [%s]: the stream holds %lld tokens, appended %lld", K->name, bn,
                    (long long)sd.T, (long long)K->T[s]);
-            ref_attention(&g, &sd, ql, q + s * per, scale, 0, ref, err, refr, errr);
+            ref_attention(&g, &sd, ql, q + s * per, scale, 0, ref, err, refr, errr,
+                          emulate ? emu : NULL);
+            if (emulate) {
+                /* the bound must cover the kernel's fp16 value path alone
+                 * without its 1.5x margin (emulated in float64) */
+                double wr = 0.0;
+                int64_t wi = 0;
+                for (int64_t i = 0; i < per; i++) {
+                    const double r_ = fabs(emu[i] - refr[i]) / (errr[i] + 1e-300);
+                    if (!(r_ <= wr)) wr = r_, wi = i;
+                }
+                CHECKF(wr <= 1.0, "%s seq %d: the emulated fp16 value path is %.3g x its bound at element %lld (%.9g vs %.9g, bound %.3g)",
+                       K->name, s, wr, (long long)wi, emu[wi], refr[wi], errr[wi]);
+                if (wr > g_worst_emu) g_worst_emu = wr;
+            }
             cmp_stats cs;
             compare(out + s * per, ref, err, per, K->od, &cs);
             if (cs.first >= 0) {
@@ -512,7 +598,7 @@ static void attention_case(const kcase *K, oscar_backend be) {
         }
         free(buf);
     }
-    free(q), free(out), free(ref), free(err), free(refr), free(errr), free(gotr);
+    free(q), free(out), free(ref), free(err), free(refr), free(errr), free(gotr), free(emu);
     oscar_cache_destroy(c);
 }
 
@@ -744,13 +830,13 @@ static void test_self(void) {
     cmp_stats cs = {0, 0, 0, 0.0};
     if (buf && read_stream(&g, buf, size, 0, &sd)) {
         const double scale = 1.0 / sqrt((double)d);
-        ref_attention(&g, &sd, ql, q, scale, 0, ref, err, NULL, NULL);
+        ref_attention(&g, &sd, ql, q, scale, 0, ref, err, NULL, NULL, NULL);
         CHECKF(compare(out, ref, err, n, K.od, &cs) == 0, "self-test: the unmodified output fails (%lld)",
                (long long)cs.bad);
-        /* the bound is not vacuous: well under 1% of the output's size */
+        /* the bound is not vacuous: a few % of the output at most */
         double rmax = 0.0, emax = 0.0;
         for (int64_t i = 0; i < n; i++) rmax = fmax(rmax, fabs(ref[i])), emax = fmax(emax, 1.5 * err[i]);
-        CHECKF(emax < 0.01 * rmax, "self-test: the bound %.3g is not small against the output %.3g", emax, rmax);
+        CHECKF(emax < 0.05 * rmax, "self-test: the bound %.3g is not small against the output %.3g", emax, rmax);
         int64_t at = 0; /* the largest output: its sign flip is far outside any bound */
         for (int64_t i = 0; i < n; i++)
             if (fabs(ref[i]) > fabs(ref[at])) at = i;
@@ -766,10 +852,10 @@ static void test_self(void) {
         CHECKF(compare(bad, ref, err, n, K.od, &cs) == 1 && cs.unwritten == 1, "self-test: an unwritten element is not caught");
         /* the reference with the causal limit one token later: the first
          * query rows (which do not see the last tokens) must differ */
-        ref_attention(&g, &sd, ql, q, scale, 1, ref, err, NULL, NULL);
+        ref_attention(&g, &sd, ql, q, scale, 1, ref, err, NULL, NULL, NULL);
         CHECKF(compare(out, ref, err, n, K.od, &cs) > 0, "self-test: a causal limit one token off is not caught");
         /* a sign flipped in the reference's softmax scale */
-        ref_attention(&g, &sd, ql, q, -scale, 0, ref, err, NULL, NULL);
+        ref_attention(&g, &sd, ql, q, -scale, 0, ref, err, NULL, NULL, NULL);
         CHECKF(compare(out, ref, err, n, K.od, &cs) > n / 2, "self-test: a flipped logit sign is not caught (%lld)",
                (long long)cs.bad);
         seqdata_free(&sd);
@@ -809,8 +895,8 @@ int main(int argc, char **argv) {
         TL_RUN(test_pack_cuda);
         TL_RUN(test_attention_cuda);
     }
-    printf("worst |error| / bound: cpu %.3f, cuda %s%.3f\n", g_worst_ratio[0], g_have_gpu ? "" : "(not run) ",
-           g_worst_ratio[1]);
+    printf("worst |error| / bound: cpu %.3f, cuda %s%.3f; the emulated fp16 value path: %.3f of the bound\n",
+           g_worst_ratio[0], g_have_gpu ? "" : "(not run) ", g_worst_ratio[1], g_worst_emu);
     const int rc = tl_finish();
     if (rc == 0 && !g_have_gpu) {
         printf("SKIPPED: no CUDA device (the CPU backend and the self-test passed)\n");
