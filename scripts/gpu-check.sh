@@ -7,8 +7,8 @@
 # "runner": the GPU model runner against the CPU runner, needs RUNNER_MODEL and
 # RUNNER_TEXT, e.g. from scripts/make-small-gguf.py, and RUNNER_QWEN3, a
 # Qwen3-architecture GGUF from scripts/make-qwen3-gguf.py; "e2e": oscar bench-e2e).
-# The test step runs test_gpu, test_engine_gpu and test_tp_nccl (two GPUs:
-# run on the nvidia-h200-x2 kind; it skips, exit 77, with one).
+# The test step runs test_gpu, test_kernels, test_engine_gpu, test_kv_bf16 and
+# test_tp_nccl (two GPUs: run on the nvidia-h200-x2 kind; it skips, exit 77, with one).
 # OSCAR_BENCH_ONLY (e.g. "decode" or "append") narrows the benchmark.
 # "hfbench" (not in the default): python/bench/bench_hf.py, transformers decode
 # steps, BF16 StaticCache against OscarHFCache, both compiled (bench_hf.json).
@@ -47,6 +47,7 @@ if has test; then
   stamp test
   : > "$OUT/test_gpu.log"
   run_test test_gpu
+  run_test test_kernels
   run_test test_engine_gpu
   run_test test_kv_bf16
   NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 run_test test_tp_nccl
@@ -57,12 +58,13 @@ if has sanitize; then
   {
     # racecheck is slow on the 40 graph replays: the engine test's other
     # parts run the same kernels (build_tasks, row_sumsq, window, merge)
-    for run in "test_gpu --small" "test_engine_gpu --small" "test_kv_bf16 --small"; do
+    for run in "test_gpu --small" "test_kernels --small" "test_engine_gpu --small" "test_kv_bf16 --small"; do
       [ -x "$BUILD/tests/gpu/${run%% *}" ] || continue
       echo "== memcheck $run"; timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool memcheck --leak-check no $BUILD/tests/gpu/$run
       echo "memcheck ${run%% *} rc=$?"
     done
-    for run in "test_gpu --small" "test_engine_gpu --small --only nosync,noalloc,prefill,nonfinite,badmeta" \
+    for run in "test_gpu --small" "test_kernels --small" \
+               "test_engine_gpu --small --only nosync,noalloc,prefill,nonfinite,badmeta" \
                "test_kv_bf16 --small"; do
       [ -x "$BUILD/tests/gpu/${run%% *}" ] || continue
       echo "== racecheck $run"; timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool racecheck $BUILD/tests/gpu/$run

@@ -23,6 +23,7 @@
  * The CTA's 4 warp partials are merged in shared memory and written to the
  * workspace; merge_kernel combines the splits, inverse-rotates, converts. */
 #include "common.cuh"
+#include "ptx.cuh"
 
 #include <math.h>
 #include <stdlib.h>
@@ -36,82 +37,18 @@ constexpr int NSTAGE = OSCAR_ATTN_STAGES;
 constexpr int CHUNK = OSCAR_ATTN_CHUNK;
 #define OSCAR_MERGE_MAX 512
 
-__device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
+using namespace oscar_ptx;
 
-__device__ __forceinline__ void mbar_init(uint64_t *bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
-
-/* The transaction-count arrive and the bulk copy take shared-memory
- * addresses (32-bit, as the fast kernel computes them once per warp); the
- * pointer forms convert. */
-__device__ __forceinline__ void mbar_expect_tx_u(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t bytes) { mbar_expect_tx_u(smem_u32(bar), bytes); }
-
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
-    asm volatile(
-        "{\n\t.reg .pred p;\n"
-        "OSCAR_WAIT_%=:\n\t"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n\t"
-        "@!p bra OSCAR_WAIT_%=;\n}" ::"r"(smem_u32(bar)),
-        "r"(parity)
-        : "memory");
-}
-
-__device__ __forceinline__ void bulk_g2s_u(uint32_t dst, const void *src, uint32_t bytes, uint32_t bar) {
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-        "l"(src), "r"(bytes), "r"(bar)
-        : "memory");
-}
-
-__device__ __forceinline__ void bulk_g2s(void *dst, const void *src, uint32_t bytes, uint64_t *bar) {
-    bulk_g2s_u(smem_u32(dst), src, bytes, smem_u32(bar));
-}
-
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t movtrans(uint32_t x) {
-    uint32_t y;
-    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
-    return y;
-}
+/* The generic path's softmax keeps ex2's range handling; the fast path
+ * uses the flush-to-zero form: its inputs are <= 0 and an output below
+ * 2^-126 is lost by the fp16 p operand anyway. */
+__device__ __forceinline__ float ex2(float x) { return ex2_approx(x); }
+__device__ __forceinline__ float ex2z(float x) { return ex2_ftz(x); }
 
 __device__ __forceinline__ uint32_t hmul2u(uint32_t a, uint32_t b) {
     __half2 r = __hmul2(*(__half2 *)&a, *(__half2 *)&b);
     return *(uint32_t *)&r;
 }
-
-__device__ __forceinline__ float ex2(float x) {
-    float y;
-    asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-/* ex2 with flush to zero: one MUFU.EX2 (the non-ftz form adds a range
- * check and two multiplies). Inputs here are <= 0, outputs in [0, 1]; an
- * output below 2^-126 becomes 0, which the fp16 p operand would lose anyway. */
-__device__ __forceinline__ float ex2z(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
 
 __device__ __forceinline__ uint32_t hfma2u(uint32_t a, uint32_t b, uint32_t c) {
     __half2 r = __hfma2(*(__half2 *)&a, *(__half2 *)&b, *(__half2 *)&c);
@@ -355,38 +292,17 @@ __device__ __forceinline__ int checked_block(const AttnParams &P, int b) {
     return (unsigned)b < (unsigned)P.meta.block_count ? b : 0;
 }
 
-template <int D, int BITS, int NT, bool DENSE, int FM>
-__global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid_constant__ AttnParams P) {
-    constexpr int RPC = 8 * NT;
-    constexpr int KS = D / 16;              /* k-steps / channel tiles */
-    constexpr int NW = D * BITS / 64;       /* code words per lane per tile */
-    constexpr int TILE_BYTES = 2 * D * BITS;
-    extern __shared__ __align__(128) uint8_t smem[];
+/* ---- attn_kernel's stages ----------------------------------------------
+ * The kernel below is a sequence of these named steps, in the order it runs
+ * them. They are forced inline so that the kernel compiles to the code of
+ * one body: splitting it must not move a register or an instruction (the
+ * register counts and SASS sizes are compared before and after in the
+ * commit that split it). */
 
-    const int lane = threadIdx.x & 31;
-    /* broadcast from lane 0: the compiler then knows the warp index is
-     * warp-uniform and keeps what derives from it in uniform registers */
-    const int warp = __shfl_sync(OSCAR_FULL_MASK, (int)(threadIdx.x >> 5), 0);
-    const int g = lane >> 2, t = lane & 3;
-    const int zi = blockIdx.z;
-    const int yu = blockIdx.y + P.y_base;
-    const int h = yu / P.qchunks, qc = yu - h * P.qchunks;
-    const int split = blockIdx.x;
-    const int seq = P.seq_base + zi;
-    const SeqView sv = seq_view(P, seq);
-    const int slot = sv.slot, nblk = sv.nblk, wtok = sv.wtok;
-    const long long tokens = (long long)nblk * P.lay.R + wtok;
-
-    uint8_t *wreg = smem + (size_t)warp * P.warp_region;
-    uint64_t *mbar = (uint64_t *)(smem + P.off_mbar) + warp * NSTAGE;
-    float *qf = (float *)(smem + P.off_qf);
-    float *qinv = (float *)(smem + P.off_qinv);
-    float *qexp = (float *)(smem + P.off_qexp);
-    float *wm = (float *)(smem + P.off_m) + warp * RPC;
-    float *wl = (float *)(smem + P.off_l) + warp * RPC;
-    float *pbuf = (float *)(smem + P.off_pbuf) + warp * RPC * 32;
-
-    /* ---- queries: load, rotate, per-row power-of-two scale ---- */
+/* The CTA's query rows, fp32 [RPC][D] in shared memory; the padding rows of
+ * the last row chunk are zeros. */
+template <int D, int RPC>
+__device__ __forceinline__ void load_queries(const AttnParams &P, float *qf, int seq, int h, int qc) {
     for (int i = threadIdx.x; i < RPC * D; i += blockDim.x) {
         const int r = i / D, c = i - r * D;
         const int gr = qc * RPC + r;
@@ -398,12 +314,24 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         }
         qf[i] = x;
     }
-    if (!DENSE && lane == 0) {
+}
+
+/* The warp's stage barriers (one arrival each: lane 0's expect_tx), made
+ * visible to the bulk-copy (async) proxy before any copy names them. */
+__device__ __forceinline__ void init_stage_barriers(uint64_t *mbar, int lane) {
+    if (lane == 0) {
         for (int s = 0; s < NSTAGE; s++) mbar_init(&mbar[s], 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         fence_proxy_async();
     }
-    __syncthreads();
+}
+
+/* q' = H q per row (methods that rotate), and the row's power-of-two range
+ * qinv = 2^-E, qexp = 2^E with max |q'| < 2^E: q' * 2^-E then fits fp16
+ * whatever the caller's scale of q, and qexp undoes it on the logits. */
+template <int D, int RPC>
+__device__ __forceinline__ void rotate_queries(const AttnParams &P, float *qf, float *qinv, float *qexp, int warp,
+                                               int lane) {
     for (int r = warp; r < RPC; r += WARPS) {
         float x[D / 32];
 #pragma unroll
@@ -424,749 +352,932 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
             qexp[r] = ldexpf(1.0f, e);
         }
     }
-    __syncthreads();
-    if constexpr (FM != 0) {
-        /* fast path: lane (g, t) holds column g of B: q' = q * 2^(8-E) of row
-         * g & 3, k-high half prescaled by 1/16; x = fp16 hi part, z = the lo
-         * part for the columns 4..7 (g >= 4), 0 for the hi columns */
-        uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
-        uint2 *qbias = (uint2 *)(smem + P.off_qbias);
-        for (int i = threadIdx.x; i < KS * 32; i += blockDim.x) {
-            const int s = i >> 5, ln = i & 31, gl = ln >> 2, r = gl & 3;
-            const float sc = qinv[r] * 256.0f;
-            const float *row = qf + r * D + 16 * s + 2 * (ln & 3);
-            const float v0 = row[0] * sc, v1 = row[1] * sc, v2 = row[8] * sc * 0.0625f, v3 = row[9] * sc * 0.0625f;
-            const __half2 h0 = __floats2half2_rn(v0, v1), h1 = __floats2half2_rn(v2, v3);
-            const __half2 l0 = __floats2half2_rn(v0 - __low2float(h0), v1 - __high2float(h0));
-            const __half2 l1 = __floats2half2_rn(v2 - __low2float(h1), v3 - __high2float(h1));
-            const uint32_t z0 = gl >= 4 ? *(const uint32_t *)&l0 : 0u, z1 = gl >= 4 ? *(const uint32_t *)&l1 : 0u;
-            qfrag[i] = make_uint4(*(const uint32_t *)&h0, *(const uint32_t *)&h1, z0, z1);
-            /* B of the bias mma (A = lo, not prescaled): the hi (columns 0..3)
-             * or lo (columns 4..7) part of q', the k-high half unscaled */
-            const float u2 = row[8] * sc, u3 = row[9] * sc;
-            const __half2 e1 = __floats2half2_rn(u2, u3);
-            const __half2 f1 = __floats2half2_rn(u2 - __low2float(e1), u3 - __high2float(e1));
-            qbias[i] = gl >= 4 ? make_uint2(*(const uint32_t *)&l0, *(const uint32_t *)&f1)
-                               : make_uint2(*(const uint32_t *)&h0, *(const uint32_t *)&e1);
-        }
-        __syncthreads();
-    } else if constexpr (!DENSE) {
-        /* B fragments of q' * 2^-E as fp16 hi + lo parts: [s][nt][lane] */
-        uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
-        for (int i = threadIdx.x; i < KS * NT * 32; i += blockDim.x) {
-            const int s = i / (NT * 32), nt = (i / 32) % NT, ln = i & 31;
-            const int r = nt * 8 + (ln >> 2);
-            const float sc = qinv[r];
-            const float *row = qf + r * D + 16 * s + 2 * (ln & 3);
-            const float v0 = row[0] * sc, v1 = row[1] * sc, v2 = row[8] * sc, v3 = row[9] * sc;
-            const __half2 h0 = __floats2half2_rn(v0, v1), h1 = __floats2half2_rn(v2, v3);
-            const __half2 l0 = __floats2half2_rn(v0 - __low2float(h0), v1 - __high2float(h0));
-            const __half2 l1 = __floats2half2_rn(v2 - __low2float(h1), v3 - __high2float(h1));
-            qfrag[i] = make_uint4(*(const uint32_t *)&h0, *(const uint32_t *)&h1, *(const uint32_t *)&l0,
-                                  *(const uint32_t *)&l1);
-        }
-        __syncthreads();
-    }
+}
 
-    /* causal limits for the dense path, per row */
-    long long limr[RPC];
+/* Fast path: the B operands of the key mma, per k-step and lane. Lane (g, t)
+ * holds column g of B: q' = q * 2^(8-E) of row g & 3, k-high half prescaled
+ * by 1/16; x = fp16 hi part, z = the lo part for the columns 4..7 (g >= 4),
+ * 0 for the hi columns. qbias: B of the bias mma (A = lo, not prescaled):
+ * the hi (columns 0..3) or lo (columns 4..7) part of q', k-high half
+ * unscaled. */
+template <int D>
+__device__ __forceinline__ void build_fast_query_fragments(const AttnParams &P, uint8_t *smem, const float *qf,
+                                                           const float *qinv) {
+    constexpr int KS = D / 16;
+    uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
+    uint2 *qbias = (uint2 *)(smem + P.off_qbias);
+    for (int i = threadIdx.x; i < KS * 32; i += blockDim.x) {
+        const int s = i >> 5, ln = i & 31, gl = ln >> 2, r = gl & 3;
+        const float sc = qinv[r] * 256.0f;
+        const float *row = qf + r * D + 16 * s + 2 * (ln & 3);
+        const float v0 = row[0] * sc, v1 = row[1] * sc, v2 = row[8] * sc * 0.0625f, v3 = row[9] * sc * 0.0625f;
+        const __half2 h0 = __floats2half2_rn(v0, v1), h1 = __floats2half2_rn(v2, v3);
+        const __half2 l0 = __floats2half2_rn(v0 - __low2float(h0), v1 - __high2float(h0));
+        const __half2 l1 = __floats2half2_rn(v2 - __low2float(h1), v3 - __high2float(h1));
+        const uint32_t z0 = gl >= 4 ? *(const uint32_t *)&l0 : 0u, z1 = gl >= 4 ? *(const uint32_t *)&l1 : 0u;
+        qfrag[i] = make_uint4(*(const uint32_t *)&h0, *(const uint32_t *)&h1, z0, z1);
+        const float u2 = row[8] * sc, u3 = row[9] * sc;
+        const __half2 e1 = __floats2half2_rn(u2, u3);
+        const __half2 f1 = __floats2half2_rn(u2 - __low2float(e1), u3 - __high2float(e1));
+        qbias[i] = gl >= 4 ? make_uint2(*(const uint32_t *)&l0, *(const uint32_t *)&f1)
+                           : make_uint2(*(const uint32_t *)&h0, *(const uint32_t *)&e1);
+    }
+}
+
+/* Generic path: B fragments of q' * 2^-E as fp16 hi + lo parts,
+ * [k-step][n tile][lane] x (hi pair, hi pair, lo pair, lo pair). */
+template <int D, int NT>
+__device__ __forceinline__ void build_query_fragments(const AttnParams &P, uint8_t *smem, const float *qf,
+                                                      const float *qinv) {
+    constexpr int KS = D / 16;
+    uint4 *qfrag = (uint4 *)(smem + P.off_qfrag);
+    for (int i = threadIdx.x; i < KS * NT * 32; i += blockDim.x) {
+        const int s = i / (NT * 32), nt = (i / 32) % NT, ln = i & 31;
+        const int r = nt * 8 + (ln >> 2);
+        const float sc = qinv[r];
+        const float *row = qf + r * D + 16 * s + 2 * (ln & 3);
+        const float v0 = row[0] * sc, v1 = row[1] * sc, v2 = row[8] * sc, v3 = row[9] * sc;
+        const __half2 h0 = __floats2half2_rn(v0, v1), h1 = __floats2half2_rn(v2, v3);
+        const __half2 l0 = __floats2half2_rn(v0 - __low2float(h0), v1 - __high2float(h0));
+        const __half2 l1 = __floats2half2_rn(v2 - __low2float(h1), v3 - __high2float(h1));
+        qfrag[i] = make_uint4(*(const uint32_t *)&h0, *(const uint32_t *)&h1, *(const uint32_t *)&l0,
+                              *(const uint32_t *)&l1);
+    }
+}
+
+/* Causal limit of each row of the CTA for the dense path: the last token it
+ * attends, -1 for padding rows. Query i of q_len attends tokens
+ * [0, tokens - q_len + i]. */
+template <int RPC>
+__device__ __forceinline__ void causal_limits(const AttnParams &P, int qc, long long tokens, long long (&limr)[RPC]) {
 #pragma unroll
     for (int r = 0; r < RPC; r++) {
         const int gr = qc * RPC + r;
         limr[r] = gr < P.rows ? tokens - P.q_len + gr / P.g : -1;
     }
+}
 
-    /* ---- this warp's chunk range ---- */
+/* The warp's 64-token chunks [cw0, cw1): the split's range of the
+ * sequence's chunks, cut into WARPS near-equal parts. */
+__device__ __forceinline__ void warp_chunk_range(const AttnParams &P, int nblk, int split, int warp, int &cw0, int &cw1) {
     const int total_chunks = nblk * P.cpb;
     const int per_split = (total_chunks + P.splits - 1) / P.splits;
     const int c0 = split * per_split;
     const int c1 = min(total_chunks, c0 + per_split);
     const int ncta = max(0, c1 - c0);
-    const int cw0 = c0 + (int)(((long long)ncta * warp) / WARPS);
-    const int cw1 = c0 + (int)(((long long)ncta * (warp + 1)) / WARPS);
-    const int nmine = cw1 - cw0;
+    cw0 = c0 + (int)(((long long)ncta * warp) / WARPS);
+    cw1 = c0 + (int)(((long long)ncta * (warp + 1)) / WARPS);
+}
 
-    float *O = (float *)wreg; /* after the pipeline: the warp's partial [RPC][D] */
+/* The value-scale exponent of a chunk: p * scale is computed in fp16 as
+ * p * 2^S * scale, S from the chunk's largest value scale so that the
+ * products neither overflow nor go subnormal; the accumulators are kept in
+ * units of 2^S and rescaled by dS when S moves. mxs: the largest fp16 scale
+ * bits of the lane's share of the chunk (reduced over the warp here). */
+struct ChunkValueScale {
+    float dS;        /* 2^(S_new - S_old): the accumulators' rescale      */
+    bool same;       /* S did not move                                    */
+    uint32_t twoS;   /* 2^S as fp16x2                                     */
+    uint32_t twoS16; /* 2^S / 16 as fp16x2 (fast path, k-high half)       */
+};
 
-    if constexpr (FM != 0) {
-        static_assert(D == 128 && BITS == 2 && NT == 1, "fast path shape");
-        constexpr float FAC = FM == 1 ? 5.9604644775390625e-8f : 1.0f; /* 2^-24: subnormal codes */
-        constexpr int NCG = 4;                                         /* Gv = 32 */
-        const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
-        const uint2 *qbias = (const uint2 *)(smem + P.off_qbias);
-        const uint32_t mhi = g >= 4 ? 0xffffffffu : 0u; /* lanes of the lo columns */
-        const uint32_t msg = mhi & 0x80008000u;
-        /* this lane's columns 2t + col are query rows (2t + col) & 3 */
-        float rf[2], rf4[2];
-        int rlim[2];
+__device__ __forceinline__ ChunkValueScale chunk_value_scale(uint32_t mxs, int &Scur) {
+    ChunkValueScale v;
+    mxs = __reduce_max_sync(OSCAR_FULL_MASK, mxs);
+    const int ex = (int)(mxs >> 10) - 15;
+    const int Snew = min(15, 14 - ex);
+    v.dS = __int_as_float((127 + Snew - Scur) << 23);
+    v.same = Snew == Scur;
+    Scur = Snew;
+    v.twoS = ((uint32_t)(15 + Snew) << 10) * 0x10001u;
+    v.twoS16 = ((uint32_t)(11 + Snew) << 10) * 0x10001u;
+    return v;
+}
+
+/* ---- the fast path (d=128, 2 bits, <= 4 query rows, Gv=32, Gk%32==0,
+ * scaled keys, FM 1 or 2; see fdeq) ---------------------------------------- */
+
+/* Issues the bulk copies of the warp's chunks in order. Every lane computes
+ * the copies' operands (warp-uniform, so they live in uniform registers);
+ * lane 0 issues. (block, chunk) advance without divisions. */
+struct FastChunkIssuer {
+    int ib, icc;             /* (block, chunk in block) of the next chunk */
+    const int32_t *table;
+    /* byte offsets inside a layer block (32 bits) and the shared addresses
+     * of the stages and barriers: per-warp constants */
+    uint32_t o_kc, o_vc, o_kp, o_vp, o_nm, s_base, b_base;
+
+    __device__ __forceinline__ void issue(const AttnParams &P, int i, int lane) {
+        constexpr int D = 128, NCG = 4, TILE_BYTES = 2 * D * 2;
+        const int b = ib, cc = icc;
+        if (++icc == P.cpb) icc = 0, ib++;
+        const uint32_t tok0 = (uint32_t)cc * CHUNK;
+        const uint32_t ntok = min((uint32_t)CHUNK, (uint32_t)P.lay.R - tok0); /* 32 or 64 */
+        const uint8_t *blk = P.pool_layer + (size_t)__shfl_sync(OSCAR_FULL_MASK, checked_block(P, table[b]), 0) * P.lay.LB;
+        const uint32_t sa = s_base + (uint32_t)(i % NSTAGE) * (uint32_t)P.stage_bytes;
+        const uint32_t bar = b_base + (uint32_t)(i % NSTAGE) * 8u;
+        const uint32_t gf = tok0 >> P.gk_shift, gl = (tok0 + ntok - 1) >> P.gk_shift;
+        const uint32_t bc = ntok * (TILE_BYTES / 16);
+        const uint32_t bkp = (gl - gf + 1) * (D * 4);
+        if (lane != 0) return;
+        fence_proxy_async();
+        mbar_expect_tx(bar, ntok * (2 * (TILE_BYTES / 16) + NCG * 4 + 4) + bkp);
+        bulk_g2s(sa + P.kc_off, blk + (o_kc + tok0 * (TILE_BYTES / 16)), bc, bar);
+        bulk_g2s(sa + P.vc_off, blk + (o_vc + tok0 * (TILE_BYTES / 16)), bc, bar);
+        bulk_g2s(sa + P.kp_off, blk + (o_kp + gf * (D * 4)), bkp, bar);
+        bulk_g2s(sa + P.vp_off, blk + (o_vp + tok0 * (NCG * 4)), ntok * (NCG * 4), bar);
+        bulk_g2s(sa + P.nm_off, blk + (o_nm + tok0 * 4), ntok * 4, bar);
+    }
+};
+
+/* Fast path, logits of one chunk (ntiles tiles of 16 tokens), per pair of
+ * tiles (one key group, Gk >= 32): lg[tile][i] of lane (g, t), i = (token
+ * half, column), in log2 units; -inf where masked and past the chunk. */
+template <int FM>
+__device__ __forceinline__ void fast_key_scores(const AttnParams &P, const uint8_t *st, const uint4 *qfrag,
+                                                const uint2 *qbias, const float *nm, int tok0, int ntiles, int gf,
+                                                int tb, int first_lim, const float (&rf)[2], const float (&rf4)[2],
+                                                const int (&rlim)[2], uint32_t mhi, uint32_t msg, int lane,
+                                                float (&lg)[4][4]) {
+    constexpr int D = 128, KS = D / 16, TILE_BYTES = 2 * D * 2;
+    constexpr float FAC = FM == 1 ? 5.9604644775390625e-8f : 1.0f; /* 2^-24: subnormal codes */
+    const int g = lane >> 2, t = lane & 3;
+    static_for<0, 2>([&](auto PR_) {
+        constexpr int pr = decltype(PR_)::value;
+        if (2 * pr < ntiles) {
+            const int grp = (tok0 + 32 * pr) >> P.gk_shift;
+            const uint8_t *kp = st + P.kp_off + (size_t)(grp - gf) * D * 4;
+            /* B = q' * scale of the group as hi (columns 0..3) and lo
+             * (columns 4..7) parts; the bias q' . lo into cb */
+            uint32_t bq[KS][2];
+            float cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            static_for<0, KS>([&](auto S_) {
+                constexpr int s = decltype(S_)::value;
+                const uint4 f = qfrag[s * 32 + lane];
+                const uint2 pa = *(const uint2 *)(kp + (16 * s + 2 * t) * 4);
+                const uint2 pc = *(const uint2 *)(kp + (16 * s + 2 * t + 8) * 4);
+                const uint32_t scA = prmt(pa.x, pa.y, 0x5410), loA = prmt(pa.x, pa.y, 0x7632);
+                const uint32_t scB = prmt(pc.x, pc.y, 0x5410), loB = prmt(pc.x, pc.y, 0x7632);
+                const uint32_t h0 = hmul2u(f.x, scA), h1 = hmul2u(f.y, scB);
+                bq[s][0] = hfma2u(f.z, scA, hfma2u(f.x, scA, (h0 & mhi) ^ msg));
+                bq[s][1] = hfma2u(f.w, scB, hfma2u(f.y, scB, (h1 & mhi) ^ msg));
+                const uint2 qb = qbias[s * 32 + lane];
+                const uint32_t la[4] = {loA, loA, loB, loB};
+                mma16816(cb, la, qb.x, qb.y);
+            });
+            const float b0 = cb[0] * FAC, b1 = cb[1] * FAC, b2 = cb[0] * (4.0f * FAC), b3 = cb[1] * (4.0f * FAC);
+            static_for<0, 2>([&](auto TT_) {
+                constexpr int tl = 2 * pr + decltype(TT_)::value;
+                if (tl < ntiles) {
+                    uint32_t w[4], wsh[4];
+                    lds_words<4>(st + P.kc_off + tl * TILE_BYTES + lane * 16, w);
 #pragma unroll
-        for (int col = 0; col < 2; col++) {
-            const int r = (2 * t + col) & 3;
-            rf[col] = qexp[r] * P.sm_log2 * (1.0f / 256.0f) / FAC;
-            rf4[col] = rf[col] * 0.25f;
-            rlim[col] = r < P.rows ? (int)(tokens - P.q_len + r / P.g) : 0x7fffffff;
+                    for (int i = 0; i < 4; i++) wsh[i] = w[i] >> 8;
+                    float c[4] = {b0, b1, b2, b3};
+                    static_for<0, KS>([&](auto S_) {
+                        constexpr int s = decltype(S_)::value;
+                        uint32_t a[4];
+                        fdeq<FM, s>(w, wsh, a);
+                        mma16816(c, a, bq[s][0], bq[s][1]);
+                    });
+                    /* hi columns + lo columns */
+#pragma unroll
+                    for (int i = 0; i < 4; i++) c[i] += __shfl_xor_sync(OSCAR_FULL_MASK, c[i], 2);
+                    const int r0 = 16 * tl + g;
+                    const float s0 = nm[r0], s1 = nm[r0 + 8];
+                    lg[tl][0] = c[0] * (s0 * rf[0]);
+                    lg[tl][1] = c[1] * (s0 * rf[1]);
+                    lg[tl][2] = c[2] * (s1 * rf4[0]);
+                    lg[tl][3] = c[3] * (s1 * rf4[1]);
+                    if (tb + 16 * tl + 15 > first_lim) { /* the tile reaches the causal diagonal */
+                        const int T0 = tb + r0, T1 = T0 + 8;
+                        if (T0 > rlim[0]) lg[tl][0] = -INFINITY;
+                        if (T0 > rlim[1]) lg[tl][1] = -INFINITY;
+                        if (T1 > rlim[0]) lg[tl][2] = -INFINITY;
+                        if (T1 > rlim[1]) lg[tl][3] = -INFINITY;
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) lg[tl][i] = -INFINITY;
+                }
+            });
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) lg[2 * pr][i] = -INFINITY, lg[2 * pr + 1][i] = -INFINITY;
         }
-        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-        float acc[KS][4];
-        float loacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    });
+}
+
+/* Fast path: the lane's share of the chunk's largest value scale (fp16
+ * bits, sign dropped): 16-byte loads of the (scale, lo) words. */
+__device__ __forceinline__ uint32_t fast_value_scale_max(const uint32_t *vpw, int ntiles, int lane) {
+    const uint4 v = *(const uint4 *)(vpw + lane * 4);
+    uint32_t mxs = max(max(v.x & 0x7fffu, v.y & 0x7fffu), max(v.z & 0x7fffu, v.w & 0x7fffu));
+    if (ntiles == 4) {
+        const uint4 u = *(const uint4 *)(vpw + 128 + lane * 4);
+        mxs = max(mxs, max(max(u.x & 0x7fffu, u.y & 0x7fffu), max(u.z & 0x7fffu, u.w & 0x7fffu)));
+    }
+    return mxs;
+}
+
+/* Fast path, online softmax of one chunk: running max m and sum l per
+ * column, lg becomes p = 2^(logit - m) (ex2 with flush to zero), and the
+ * accumulators are rescaled, only when a max or the value exponent moved. */
+template <int KS>
+__device__ __forceinline__ void fast_online_softmax(float (&lg)[4][4], float (&m)[2], float (&l)[2],
+                                                    float (&acc)[KS][4], float (&loacc)[4], float dS, bool s_same) {
+    float fac[2], al[2];
+    bool moved = false;
+#pragma unroll
+    for (int col = 0; col < 2; col++) {
+        float mx = -INFINITY;
+#pragma unroll
+        for (int tl = 0; tl < 4; tl++) mx = fmaxf(mx, fmaxf(lg[tl][col], lg[tl][col + 2]));
+        mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 16));
+        const float mnew = fmaxf(m[col], mx);
+        const float muse = mnew == -INFINITY ? 0.0f : mnew;
+        moved |= mnew != m[col];
+        al[col] = ex2z(m[col] - muse);
+        m[col] = mnew;
+        float sum = 0.0f;
+#pragma unroll
+        for (int tl = 0; tl < 4; tl++) {
+            lg[tl][col] = ex2z(lg[tl][col] - muse);
+            lg[tl][col + 2] = ex2z(lg[tl][col + 2] - muse);
+            sum += lg[tl][col] + lg[tl][col + 2];
+        }
+        l[col] = l[col] * al[col] + sum;
+        fac[col] = al[col] * dS;
+    }
+    if (__any_sync(OSCAR_FULL_MASK, moved || !s_same)) {
 #pragma unroll
         for (int s = 0; s < KS; s++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) acc[s][i] = 0.0f;
-        int Scur = 0;
-        const int first_lim = (int)(tokens - P.q_len);
-        const int32_t *table = sv.table;
-        /* (block, chunk) of the next chunk to issue and of the next to
-         * consume, advanced without divisions */
-        int ib = cw0 / P.cpb, icc = cw0 - ib * P.cpb;
-        int cb_ = ib, ccc = icc;
-        /* per-warp constants of the copies: byte offsets inside a layer
-         * block (32 bits), shared addresses of the stages and barriers */
-        const uint32_t o_kc = (uint32_t)((long long)h * P.lay.head_bytes);
-        const uint32_t o_vc = o_kc + (uint32_t)P.lay.codes_bytes;
-        const uint32_t o_kp = o_vc + (uint32_t)P.lay.codes_bytes;
-        const uint32_t o_vp = o_kp + (uint32_t)P.lay.kparams_bytes;
-        const uint32_t o_nm = (uint32_t)((long long)P.lay.hkv * P.lay.head_bytes);
-        const uint32_t s_base = smem_u32(wreg), b_base = smem_u32(mbar);
-        auto issue = [&](int i) {
-            const int b = ib, cc = icc;
-            if (++icc == P.cpb) icc = 0, ib++;
-            const uint32_t tok0 = (uint32_t)cc * CHUNK;
-            const uint32_t ntok = min((uint32_t)CHUNK, (uint32_t)P.lay.R - tok0); /* 32 or 64 */
-            const uint8_t *blk = P.pool_layer + (size_t)__shfl_sync(OSCAR_FULL_MASK, checked_block(P, table[b]), 0) * P.lay.LB;
-            const uint32_t sa = s_base + (uint32_t)(i % NSTAGE) * (uint32_t)P.stage_bytes;
-            const uint32_t bar = b_base + (uint32_t)(i % NSTAGE) * 8u;
-            const uint32_t gf = tok0 >> P.gk_shift, gl = (tok0 + ntok - 1) >> P.gk_shift;
-            const uint32_t bc = ntok * (TILE_BYTES / 16);
-            const uint32_t bkp = (gl - gf + 1) * (D * 4);
-            if (lane != 0) return;
-            fence_proxy_async();
-            mbar_expect_tx_u(bar, ntok * (2 * (TILE_BYTES / 16) + NCG * 4 + 4) + bkp);
-            bulk_g2s_u(sa + P.kc_off, blk + (o_kc + tok0 * (TILE_BYTES / 16)), bc, bar);
-            bulk_g2s_u(sa + P.vc_off, blk + (o_vc + tok0 * (TILE_BYTES / 16)), bc, bar);
-            bulk_g2s_u(sa + P.kp_off, blk + (o_kp + gf * (D * 4)), bkp, bar);
-            bulk_g2s_u(sa + P.vp_off, blk + (o_vp + tok0 * (NCG * 4)), ntok * (NCG * 4), bar);
-            bulk_g2s_u(sa + P.nm_off, blk + (o_nm + tok0 * 4), ntok * 4, bar);
-        };
-        /* every lane computes the copies' operands (warp-uniform), lane 0 issues */
-        for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue(i);
+            for (int i = 0; i < 4; i++) acc[s][i] *= fac[i & 1];
+#pragma unroll
+        for (int i = 0; i < 4; i++) loacc[i] *= al[i & 1];
+    }
+}
 
-        for (int it = 0; it < nmine; it++) {
-            if (it + NSTAGE - 1 < nmine) issue(it + NSTAGE - 1);
-            mbar_wait(&mbar[it % NSTAGE], (uint32_t)((it / NSTAGE) & 1));
-            const uint8_t *st = wreg + (size_t)(it % NSTAGE) * P.stage_bytes;
-            const int b = cb_, cc = ccc;
-            if (++ccc == P.cpb) ccc = 0, cb_++;
-            const int tok0 = cc * CHUNK;
-            const int ntiles = min(CHUNK, P.lay.R - tok0) / 16; /* 2 or 4 */
-            const int gf = tok0 >> P.gk_shift;
-            const int tb = b * P.lay.R + tok0;
-            const float *nm = (const float *)(st + P.nm_off);
-            const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
-
-            /* ---- logits: per pair of tiles (one key group) ---- */
-            float lg[4][4];
-            static_for<0, 2>([&](auto PR_) {
-                constexpr int pr = decltype(PR_)::value;
-                if (2 * pr < ntiles) {
-                    const int grp = (tok0 + 32 * pr) >> P.gk_shift;
-                    const uint8_t *kp = st + P.kp_off + (size_t)(grp - gf) * D * 4;
-                    uint32_t bq[KS][2];
-                    float cb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                    static_for<0, KS>([&](auto S_) {
-                        constexpr int s = decltype(S_)::value;
-                        const uint4 f = qfrag[s * 32 + lane];
-                        const uint2 pa = *(const uint2 *)(kp + (16 * s + 2 * t) * 4);
-                        const uint2 pc = *(const uint2 *)(kp + (16 * s + 2 * t + 8) * 4);
-                        const uint32_t scA = prmt(pa.x, pa.y, 0x5410), loA = prmt(pa.x, pa.y, 0x7632);
-                        const uint32_t scB = prmt(pc.x, pc.y, 0x5410), loB = prmt(pc.x, pc.y, 0x7632);
-                        const uint32_t h0 = hmul2u(f.x, scA), h1 = hmul2u(f.y, scB);
-                        bq[s][0] = hfma2u(f.z, scA, hfma2u(f.x, scA, (h0 & mhi) ^ msg));
-                        bq[s][1] = hfma2u(f.w, scB, hfma2u(f.y, scB, (h1 & mhi) ^ msg));
-                        const uint2 qb = qbias[s * 32 + lane];
-                        const uint32_t la[4] = {loA, loA, loB, loB};
-                        mma16816(cb, la, qb.x, qb.y);
-                    });
-                    const float b0 = cb[0] * FAC, b1 = cb[1] * FAC, b2 = cb[0] * (4.0f * FAC), b3 = cb[1] * (4.0f * FAC);
-                    static_for<0, 2>([&](auto TT_) {
-                        constexpr int tl = 2 * pr + decltype(TT_)::value;
-                        if (tl < ntiles) {
-                            uint32_t w[4], wsh[4];
-                            lds_words<4>(st + P.kc_off + tl * TILE_BYTES + lane * 16, w);
+/* Fast path, values of one chunk: acc += codes^T . (p * 2^S * scale) per
+ * channel tile, loacc += lo^T . p per value group (A rows = groups). */
+template <int FM>
+__device__ __forceinline__ void fast_value_accumulate(const AttnParams &P, const uint8_t *st, const uint32_t *vpw,
+                                                      const float (&lg)[4][4], int ntiles, uint32_t twoS,
+                                                      uint32_t twoS16, int lane, float (&acc)[8][4],
+                                                      float (&loacc)[4]) {
+    constexpr int D = 128, NCG = 4, TILE_BYTES = 2 * D * 2;
+    const int g = lane >> 2, t = lane & 3;
+    const int gq = g & 3;
 #pragma unroll
-                            for (int i = 0; i < 4; i++) wsh[i] = w[i] >> 8;
-                            float c[4] = {b0, b1, b2, b3};
-                            static_for<0, KS>([&](auto S_) {
-                                constexpr int s = decltype(S_)::value;
-                                uint32_t a[4];
-                                fdeq<FM, s>(w, wsh, a);
-                                mma16816(c, a, bq[s][0], bq[s][1]);
-                            });
+    for (int tl = 0; tl < 4; tl++) {
+        if (tl < ntiles) {
+            const uint32_t pb0 = movtrans(pack_h2(lg[tl][0], lg[tl][1]));
+            const uint32_t pb1 = movtrans(pack_h2(lg[tl][2], lg[tl][3]));
+            const uint32_t ps0 = hmul2u(pb0, twoS), ps1 = hmul2u(pb1, twoS16);
+            const uint32_t *vt = vpw + tl * 16 * NCG;
+            {
+                /* lo^T . p: A rows are value groups; rows >= 4 unused */
+                const uint32_t la0 = prmt(vt[(2 * t) * NCG + gq], vt[(2 * t + 1) * NCG + gq], 0x7632);
+                const uint32_t la2 = prmt(vt[(2 * t + 8) * NCG + gq], vt[(2 * t + 9) * NCG + gq], 0x7632);
+                const uint32_t la[4] = {la0, 0u, la2, 0u};
+                mma16816(loacc, la, pb0, pb1);
+            }
+            const uint4 v0 = *(const uint4 *)(vt + (2 * t) * NCG), v1 = *(const uint4 *)(vt + (2 * t + 1) * NCG);
+            const uint4 v2 = *(const uint4 *)(vt + (2 * t + 8) * NCG), v3 = *(const uint4 *)(vt + (2 * t + 9) * NCG);
+            const uint32_t s0w[4] = {v0.x, v0.y, v0.z, v0.w}, s1w[4] = {v1.x, v1.y, v1.z, v1.w};
+            const uint32_t s2w[4] = {v2.x, v2.y, v2.z, v2.w}, s3w[4] = {v3.x, v3.y, v3.z, v3.w};
+            uint32_t w[4], wsh[4];
+            lds_words<4>(st + P.vc_off + tl * TILE_BYTES + lane * 16, w);
 #pragma unroll
-                            for (int i = 0; i < 4; i++) c[i] += __shfl_xor_sync(OSCAR_FULL_MASK, c[i], 2);
-                            const int r0 = 16 * tl + g;
-                            const float s0 = nm[r0], s1 = nm[r0 + 8];
-                            lg[tl][0] = c[0] * (s0 * rf[0]);
-                            lg[tl][1] = c[1] * (s0 * rf[1]);
-                            lg[tl][2] = c[2] * (s1 * rf4[0]);
-                            lg[tl][3] = c[3] * (s1 * rf4[1]);
-                            if (tb + 16 * tl + 15 > first_lim) {
-                                const int T0 = tb + r0, T1 = T0 + 8;
-                                if (T0 > rlim[0]) lg[tl][0] = -INFINITY;
-                                if (T0 > rlim[1]) lg[tl][1] = -INFINITY;
-                                if (T1 > rlim[0]) lg[tl][2] = -INFINITY;
-                                if (T1 > rlim[1]) lg[tl][3] = -INFINITY;
-                            }
-                        } else {
-#pragma unroll
-                            for (int i = 0; i < 4; i++) lg[tl][i] = -INFINITY;
-                        }
-                    });
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) lg[2 * pr][i] = -INFINITY, lg[2 * pr + 1][i] = -INFINITY;
-                }
+            for (int i = 0; i < 4; i++) wsh[i] = w[i] >> 8;
+            static_for<0, NCG>([&](auto CG_) {
+                constexpr int cg = decltype(CG_)::value;
+                const uint32_t pv0 = hmul2u(ps0, prmt(s0w[cg], s1w[cg], 0x5410));
+                const uint32_t pv1 = hmul2u(ps1, prmt(s2w[cg], s3w[cg], 0x5410));
+                uint32_t a[4];
+                fdeq<FM, 2 * cg>(w, wsh, a);
+                mma16816(acc[2 * cg], a, pv0, pv1);
+                fdeq<FM, 2 * cg + 1>(w, wsh, a);
+                mma16816(acc[2 * cg + 1], a, pv0, pv1);
             });
-
-            /* ---- value scale exponent of this chunk ---- */
-            uint32_t mxs;
-            {
-                const uint4 v = *(const uint4 *)(vpw + lane * 4);
-                mxs = max(max(v.x & 0x7fffu, v.y & 0x7fffu), max(v.z & 0x7fffu, v.w & 0x7fffu));
-                if (ntiles == 4) {
-                    const uint4 u = *(const uint4 *)(vpw + 128 + lane * 4);
-                    mxs = max(mxs, max(max(u.x & 0x7fffu, u.y & 0x7fffu), max(u.z & 0x7fffu, u.w & 0x7fffu)));
-                }
-            }
-            mxs = __reduce_max_sync(OSCAR_FULL_MASK, mxs);
-            const int ex = (int)(mxs >> 10) - 15;
-            const int Snew = min(15, 14 - ex);
-            const float dS = __int_as_float((127 + Snew - Scur) << 23);
-            const bool s_same = Snew == Scur;
-            Scur = Snew;
-            const uint32_t twoS = ((uint32_t)(15 + Snew) << 10) * 0x10001u;
-            const uint32_t twoS16 = ((uint32_t)(11 + Snew) << 10) * 0x10001u; /* 2^S / 16 */
-
-            /* ---- online softmax ---- */
-            {
-                float fac[2], al[2];
-                bool moved = false;
-#pragma unroll
-                for (int col = 0; col < 2; col++) {
-                    float mx = -INFINITY;
-#pragma unroll
-                    for (int tl = 0; tl < 4; tl++) mx = fmaxf(mx, fmaxf(lg[tl][col], lg[tl][col + 2]));
-                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 4));
-                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 8));
-                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 16));
-                    const float mnew = fmaxf(m[col], mx);
-                    const float muse = mnew == -INFINITY ? 0.0f : mnew;
-                    moved |= mnew != m[col];
-                    al[col] = ex2z(m[col] - muse);
-                    m[col] = mnew;
-                    float sum = 0.0f;
-#pragma unroll
-                    for (int tl = 0; tl < 4; tl++) {
-                        lg[tl][col] = ex2z(lg[tl][col] - muse);
-                        lg[tl][col + 2] = ex2z(lg[tl][col + 2] - muse);
-                        sum += lg[tl][col] + lg[tl][col + 2];
-                    }
-                    l[col] = l[col] * al[col] + sum;
-                    fac[col] = al[col] * dS;
-                }
-                if (__any_sync(OSCAR_FULL_MASK, moved || !s_same)) {
-#pragma unroll
-                    for (int s = 0; s < KS; s++)
-#pragma unroll
-                        for (int i = 0; i < 4; i++) acc[s][i] *= fac[i & 1];
-#pragma unroll
-                    for (int i = 0; i < 4; i++) loacc[i] *= al[i & 1];
-                }
-            }
-
-            /* ---- values ---- */
-            const int gq = g & 3;
-#pragma unroll
-            for (int tl = 0; tl < 4; tl++) {
-                if (tl < ntiles) {
-                    const uint32_t pb0 = movtrans(pack_h2(lg[tl][0], lg[tl][1]));
-                    const uint32_t pb1 = movtrans(pack_h2(lg[tl][2], lg[tl][3]));
-                    const uint32_t ps0 = hmul2u(pb0, twoS), ps1 = hmul2u(pb1, twoS16);
-                    const uint32_t *vt = vpw + tl * 16 * NCG;
-                    {
-                        /* lo^T . p: A rows are value groups; rows >= 4 unused */
-                        const uint32_t la0 = prmt(vt[(2 * t) * NCG + gq], vt[(2 * t + 1) * NCG + gq], 0x7632);
-                        const uint32_t la2 = prmt(vt[(2 * t + 8) * NCG + gq], vt[(2 * t + 9) * NCG + gq], 0x7632);
-                        const uint32_t la[4] = {la0, 0u, la2, 0u};
-                        mma16816(loacc, la, pb0, pb1);
-                    }
-                    const uint4 v0 = *(const uint4 *)(vt + (2 * t) * NCG), v1 = *(const uint4 *)(vt + (2 * t + 1) * NCG);
-                    const uint4 v2 = *(const uint4 *)(vt + (2 * t + 8) * NCG), v3 = *(const uint4 *)(vt + (2 * t + 9) * NCG);
-                    const uint32_t s0w[4] = {v0.x, v0.y, v0.z, v0.w}, s1w[4] = {v1.x, v1.y, v1.z, v1.w};
-                    const uint32_t s2w[4] = {v2.x, v2.y, v2.z, v2.w}, s3w[4] = {v3.x, v3.y, v3.z, v3.w};
-                    uint32_t w[4], wsh[4];
-                    lds_words<4>(st + P.vc_off + tl * TILE_BYTES + lane * 16, w);
-#pragma unroll
-                    for (int i = 0; i < 4; i++) wsh[i] = w[i] >> 8;
-                    static_for<0, NCG>([&](auto CG_) {
-                        constexpr int cg = decltype(CG_)::value;
-                        const uint32_t pv0 = hmul2u(ps0, prmt(s0w[cg], s1w[cg], 0x5410));
-                        const uint32_t pv1 = hmul2u(ps1, prmt(s2w[cg], s3w[cg], 0x5410));
-                        uint32_t a[4];
-                        fdeq<FM, 2 * cg>(w, wsh, a);
-                        mma16816(acc[2 * cg], a, pv0, pv1);
-                        fdeq<FM, 2 * cg + 1>(w, wsh, a);
-                        mma16816(acc[2 * cg + 1], a, pv0, pv1);
-                    });
-                }
-            }
-            __syncwarp();
         }
+    }
+}
 
-        /* ---- the warp's partial into shared memory ---- */
+/* Fast path: the warp's partial into shared memory, O [RPC][D] in softmax
+ * units (2^S, the 2^-24 of subnormal codes and the 1/4 of rows g+8 undone),
+ * the lo part added per value group, (m, l) per row. */
+template <int FM>
+__device__ __forceinline__ void fast_write_partial(float *O, float *wm, float *wl, const float (&m)[2], float (&l)[2],
+                                                   const float (&acc)[8][4], const float (&loacc)[4], int Scur,
+                                                   int lane) {
+    constexpr int D = 128, KS = D / 16, NCG = 4;
+    constexpr float FAC = FM == 1 ? 5.9604644775390625e-8f : 1.0f;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int col = 0; col < 2; col++) {
+        float v = l[col];
+        v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 4);
+        v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 8);
+        v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 16);
+        l[col] = v;
+    }
+    __syncwarp();
+    const float unS = __int_as_float((127 - Scur) << 23) / FAC;
+#pragma unroll
+    for (int s = 0; s < KS; s++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = 2 * t + (i & 1), ch = 16 * s + g + 8 * (i >> 1);
+            O[r * D + ch] = acc[s][i] * (i >> 1 ? unS * 0.25f : unS);
+        }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int r = 2 * t + (i & 1);
+        if (g < NCG) {
+            const float v = loacc[i];
+            for (int cc = 0; cc < 32; cc++) O[r * D + g * 32 + cc] += v;
+        }
+    }
+    if (g == 0) {
 #pragma unroll
         for (int col = 0; col < 2; col++) {
-            float v = l[col];
+            wm[2 * t + col] = m[col];
+            wl[2 * t + col] = l[col];
+        }
+    }
+    __syncwarp();
+}
+
+/* Fast path: the warp's chunks [cw0, cw0 + nmine) through the pipeline,
+ * its partial into O, wm, wl. */
+template <int FM>
+__device__ __forceinline__ void fast_warp_chunks(const AttnParams &P, uint8_t *smem, uint8_t *wreg, uint64_t *mbar,
+                                                 const float *qexp, const SeqView &sv, long long tokens, int h,
+                                                 int cw0, int nmine, int lane, float *O, float *wm, float *wl) {
+    constexpr int D = 128, KS = D / 16;
+    constexpr float FAC = FM == 1 ? 5.9604644775390625e-8f : 1.0f; /* 2^-24: subnormal codes */
+    const int g = lane >> 2, t = lane & 3;
+    const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
+    const uint2 *qbias = (const uint2 *)(smem + P.off_qbias);
+    const uint32_t mhi = g >= 4 ? 0xffffffffu : 0u; /* lanes of the lo columns */
+    const uint32_t msg = mhi & 0x80008000u;
+    /* this lane's columns 2t + col are query rows (2t + col) & 3 */
+    float rf[2], rf4[2];
+    int rlim[2];
+#pragma unroll
+    for (int col = 0; col < 2; col++) {
+        const int r = (2 * t + col) & 3;
+        rf[col] = qexp[r] * P.sm_log2 * (1.0f / 256.0f) / FAC;
+        rf4[col] = rf[col] * 0.25f;
+        rlim[col] = r < P.rows ? (int)(tokens - P.q_len + r / P.g) : 0x7fffffff;
+    }
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    float acc[KS][4];
+    float loacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int s = 0; s < KS; s++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) acc[s][i] = 0.0f;
+    int Scur = 0;
+    const int first_lim = (int)(tokens - P.q_len);
+    FastChunkIssuer cp;
+    cp.table = sv.table;
+    cp.ib = cw0 / P.cpb, cp.icc = cw0 - cp.ib * P.cpb;
+    /* (block, chunk) of the next chunk to consume */
+    int cb_ = cp.ib, ccc = cp.icc;
+    cp.o_kc = (uint32_t)((long long)h * P.lay.head_bytes);
+    cp.o_vc = cp.o_kc + (uint32_t)P.lay.codes_bytes;
+    cp.o_kp = cp.o_vc + (uint32_t)P.lay.codes_bytes;
+    cp.o_vp = cp.o_kp + (uint32_t)P.lay.kparams_bytes;
+    cp.o_nm = (uint32_t)((long long)P.lay.hkv * P.lay.head_bytes);
+    cp.s_base = smem_u32(wreg), cp.b_base = smem_u32(mbar);
+    for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) cp.issue(P, i, lane);
+
+    for (int it = 0; it < nmine; it++) {
+        if (it + NSTAGE - 1 < nmine) cp.issue(P, it + NSTAGE - 1, lane);
+        mbar_wait(&mbar[it % NSTAGE], (uint32_t)((it / NSTAGE) & 1));
+        const uint8_t *st = wreg + (size_t)(it % NSTAGE) * P.stage_bytes;
+        const int b = cb_, cc = ccc;
+        if (++ccc == P.cpb) ccc = 0, cb_++;
+        const int tok0 = cc * CHUNK;
+        const int ntiles = min(CHUNK, P.lay.R - tok0) / 16; /* 2 or 4 */
+        const int gf = tok0 >> P.gk_shift;
+        const int tb = b * P.lay.R + tok0;
+        const float *nm = (const float *)(st + P.nm_off);
+        const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
+
+        float lg[4][4];
+        fast_key_scores<FM>(P, st, qfrag, qbias, nm, tok0, ntiles, gf, tb, first_lim, rf, rf4, rlim, mhi, msg, lane,
+                            lg);
+        const ChunkValueScale vs = chunk_value_scale(fast_value_scale_max(vpw, ntiles, lane), Scur);
+        fast_online_softmax<KS>(lg, m, l, acc, loacc, vs.dS, vs.same);
+        fast_value_accumulate<FM>(P, st, vpw, lg, ntiles, vs.twoS, vs.twoS16, lane, acc, loacc);
+        __syncwarp(); /* the stage is free for the copy issued next */
+    }
+    fast_write_partial<FM>(O, wm, wl, m, l, acc, loacc, Scur, lane);
+}
+
+/* ---- the generic quantised path (any d, 2 or 4 bits, NT n tiles of 8
+ * rows) ------------------------------------------------------------------ */
+
+/* Issues the bulk copies of chunk ci of the warp's sequence into stage
+ * i % NSTAGE (lane 0 only). */
+template <int D, int BITS>
+__device__ __forceinline__ void issue_chunk(const AttnParams &P, uint8_t *wreg, uint64_t *mbar, const int32_t *table,
+                                            int h, int NCG, int ci, int i) {
+    constexpr int TILE_BYTES = 2 * D * BITS;
+    const int b = ci / P.cpb, cc = ci - b * P.cpb;
+    const int tok0 = cc * CHUNK;
+    const int ntok = min(CHUNK, P.lay.R - tok0);
+    const int pb = checked_block(P, table[b]);
+    const uint8_t *blk = P.pool_layer + (size_t)pb * P.lay.LB;
+    const uint8_t *head = blk + (size_t)h * P.lay.head_bytes;
+    uint8_t *st = wreg + (size_t)(i % NSTAGE) * P.stage_bytes;
+    uint64_t *bar = &mbar[i % NSTAGE];
+    const int gf = tok0 / P.lay.Gk, gl = (tok0 + ntok - 1) / P.lay.Gk;
+    const uint32_t bc = (uint32_t)(ntok / 16) * TILE_BYTES;
+    const uint32_t bkp = (uint32_t)(gl - gf + 1) * D * 4;
+    const uint32_t bvp = (uint32_t)ntok * NCG * 4;
+    const uint32_t bnm = P.lay.scale_keys ? (uint32_t)ntok * 4 : 0u;
+    const uint32_t sbar = smem_u32(bar);
+    fence_proxy_async();
+    mbar_expect_tx(sbar, 2 * bc + bkp + bvp + bnm);
+    bulk_g2s(smem_u32(st + P.kc_off), head + (size_t)(tok0 / 16) * TILE_BYTES, bc, sbar);
+    bulk_g2s(smem_u32(st + P.vc_off), head + P.lay.codes_bytes + (size_t)(tok0 / 16) * TILE_BYTES, bc, sbar);
+    bulk_g2s(smem_u32(st + P.kp_off), head + 2 * P.lay.codes_bytes + (size_t)gf * D * 4, bkp, sbar);
+    bulk_g2s(smem_u32(st + P.vp_off), head + 2 * P.lay.codes_bytes + P.lay.kparams_bytes + (size_t)tok0 * NCG * 4, bvp,
+             sbar);
+    if (bnm)
+        bulk_g2s(smem_u32(st + P.nm_off), blk + (size_t)P.lay.hkv * P.lay.head_bytes + (size_t)tok0 * 4, bnm, sbar);
+}
+
+/* The B operands of one key group: q~ = q' * scale as fp16 hi + lo parts
+ * (so that the logits keep ~2^-22 relative error, not fp16's 2^-11), and
+ * the bias q' . lo of the group (two mma, hi and lo parts of q'). */
+template <int KS, int NT>
+struct KeyGroupOperands {
+    int cur; /* the key group they were made for; -1: none yet */
+    uint32_t qth[KS][NT][2], qtl[KS][NT][2];
+    float bias[NT][2];
+};
+
+template <int D, int NT>
+__device__ __forceinline__ void load_key_group(KeyGroupOperands<D / 16, NT> &ko, const AttnParams &P, const uint8_t *st,
+                                               const uint4 *qfrag, int grp, int gf, int lane) {
+    constexpr int KS = D / 16;
+    const int t = lane & 3;
+    ko.cur = grp;
+    const uint8_t *kp = st + P.kp_off + (size_t)(grp - gf) * D * 4;
+    float cbh[NT][4], cbl[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) cbh[nt][i] = 0.0f, cbl[nt][i] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < KS; s++) {
+        const uint2 pa = *(const uint2 *)(kp + (16 * s + 2 * t) * 4);
+        const uint2 pc = *(const uint2 *)(kp + (16 * s + 2 * t + 8) * 4);
+        const uint32_t scA = __byte_perm(pa.x, pa.y, 0x5410), loA = __byte_perm(pa.x, pa.y, 0x7632);
+        const uint32_t scB = __byte_perm(pc.x, pc.y, 0x5410), loB = __byte_perm(pc.x, pc.y, 0x7632);
+        const uint32_t la[4] = {loA, loA, loB, loB};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const uint4 f = qfrag[(s * NT + nt) * 32 + lane];
+            const uint32_t h0 = hmul2u(f.x, scA), h1 = hmul2u(f.y, scB);
+            ko.qth[s][nt][0] = h0;
+            ko.qth[s][nt][1] = h1;
+            ko.qtl[s][nt][0] = hfma2u(f.z, scA, hfma2u(f.x, scA, hneg2u(h0)));
+            ko.qtl[s][nt][1] = hfma2u(f.w, scB, hfma2u(f.y, scB, hneg2u(h1)));
+            mma16816(cbh[nt], la, f.x, f.y);
+            mma16816(cbl[nt], la, f.z, f.w);
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+        ko.bias[nt][0] = cbh[nt][0] + cbl[nt][0], ko.bias[nt][1] = cbh[nt][1] + cbl[nt][1];
+}
+
+/* The logits of tile TL from its hi and lo accumulators: times the token
+ * norm and the row factor, -inf past a row's causal limit. */
+template <int TL, int NT>
+__device__ __forceinline__ void tile_logits(const AttnParams &P, const float *nm, int tb, int first_lim,
+                                            const RowInfo (&ri)[NT][2], int g, const float (&c)[NT][4],
+                                            const float (&cl)[NT][4], float (&lg)[4][NT][4]) {
+    constexpr int tl = TL;
+    const int r0 = 16 * tl + g;
+    const float s0 = P.lay.scale_keys ? nm[r0] : 1.0f, s1 = P.lay.scale_keys ? nm[r0 + 8] : 1.0f;
+    const int T0 = tb + r0, T1 = T0 + 8;
+    if (tb + 16 * tl + 15 <= first_lim) { /* no causal mask in this tile */
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            lg[tl][nt][0] = (c[nt][0] + cl[nt][0]) * s0 * ri[nt][0].f;
+            lg[tl][nt][1] = (c[nt][1] + cl[nt][1]) * s0 * ri[nt][1].f;
+            lg[tl][nt][2] = (c[nt][2] + cl[nt][2]) * s1 * ri[nt][0].f;
+            lg[tl][nt][3] = (c[nt][3] + cl[nt][3]) * s1 * ri[nt][1].f;
+        }
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            lg[tl][nt][0] = T0 <= ri[nt][0].lim ? (c[nt][0] + cl[nt][0]) * s0 * ri[nt][0].f : -INFINITY;
+            lg[tl][nt][1] = T0 <= ri[nt][1].lim ? (c[nt][1] + cl[nt][1]) * s0 * ri[nt][1].f : -INFINITY;
+            lg[tl][nt][2] = T1 <= ri[nt][0].lim ? (c[nt][2] + cl[nt][2]) * s1 * ri[nt][0].f : -INFINITY;
+            lg[tl][nt][3] = T1 <= ri[nt][1].lim ? (c[nt][3] + cl[nt][3]) * s1 * ri[nt][1].f : -INFINITY;
+        }
+    }
+}
+
+/* Generic path: the lane's share of the chunk's largest value scale. */
+__device__ __forceinline__ uint32_t value_scale_max(const uint32_t *vpw, int ntiles, int NCG, int lane) {
+    uint32_t mxs = 0;
+    const int nvw = ntiles * 16 * NCG;
+    for (int i = lane; i < nvw; i += 32) mxs = max(mxs, vpw[i] & 0x7fffu);
+    return mxs;
+}
+
+/* Generic path, online softmax of one chunk per n tile (as
+ * fast_online_softmax, with the range-checked ex2). */
+template <int KS, int NT>
+__device__ __forceinline__ void online_softmax(float (&lg)[4][NT][4], float (&m)[NT][2], float (&l)[NT][2],
+                                               float (&acc)[KS][NT][4], float (&loacc)[NT][4], float dS,
+                                               bool s_same) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        float fac[2], al[2];
+        bool moved = false;
+#pragma unroll
+        for (int col = 0; col < 2; col++) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int tl = 0; tl < 4; tl++) mx = fmaxf(mx, fmaxf(lg[tl][nt][col], lg[tl][nt][col + 2]));
+            mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 16));
+            const float mnew = fmaxf(m[nt][col], mx);
+            const float muse = mnew == -INFINITY ? 0.0f : mnew;
+            moved |= mnew != m[nt][col];
+            al[col] = ex2(m[nt][col] - muse);
+            m[nt][col] = mnew;
+            float sum = 0.0f;
+#pragma unroll
+            for (int tl = 0; tl < 4; tl++) {
+                lg[tl][nt][col] = ex2(lg[tl][nt][col] - muse);
+                lg[tl][nt][col + 2] = ex2(lg[tl][nt][col + 2] - muse);
+                sum += lg[tl][nt][col] + lg[tl][nt][col + 2];
+            }
+            l[nt][col] = l[nt][col] * al[col] + sum;
+            fac[col] = al[col] * dS;
+        }
+        /* rescale only when a running max or the value exponent moved */
+        if (__any_sync(OSCAR_FULL_MASK, moved || !s_same)) {
+#pragma unroll
+            for (int s = 0; s < KS; s++)
+#pragma unroll
+                for (int i = 0; i < 4; i++) acc[s][nt][i] *= fac[i & 1];
+#pragma unroll
+            for (int i = 0; i < 4; i++) loacc[nt][i] *= al[i & 1];
+        }
+    }
+}
+
+/* Generic path, values of one chunk: acc += codes^T . (p * 2^S * scale),
+ * the scale of a value group applied once per group (gv_shift channel
+ * tiles), loacc += lo^T . p with the value groups as A rows. vo0..vo3:
+ * word offsets of this lane's parameter rows in a tile. */
+template <int D, int BITS, int NT>
+__device__ __forceinline__ void value_accumulate(const AttnParams &P, const uint8_t *st, const uint32_t *vpw,
+                                                 const float (&lg)[4][NT][4], int ntiles, uint32_t twoS, int NCG,
+                                                 int vo0, int vo1, int vo2, int vo3, int lane,
+                                                 float (&acc)[D / 16][NT][4], float (&loacc)[NT][4]) {
+    constexpr int KS = D / 16;
+    constexpr int NW = D * BITS / 64;
+    constexpr int TILE_BYTES = 2 * D * BITS;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int tl = 0; tl < 4; tl++) {
+        if (tl < ntiles) {
+            uint32_t pb0[NT], pb1[NT], ps0[NT], ps1[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                pb0[nt] = movtrans(pack_h2(lg[tl][nt][0], lg[tl][nt][1]));
+                pb1[nt] = movtrans(pack_h2(lg[tl][nt][2], lg[tl][nt][3]));
+                ps0[nt] = hmul2u(pb0[nt], twoS);
+                ps1[nt] = hmul2u(pb1[nt], twoS);
+            }
+            const uint32_t *vt = vpw + tl * 16 * NCG;
+            const uint32_t *vr0 = vt + vo0, *vr1 = vt + vo1, *vr2 = vt + vo2, *vr3 = vt + vo3;
+            /* lo^T . p */
+            {
+                auto lo = [&](int tok, int cg) -> uint32_t { return cg < NCG ? (vt[tok * NCG + cg] >> 16) : 0u; };
+                uint32_t la[4];
+                la[0] = lo(2 * t, g) | (lo(2 * t + 1, g) << 16);
+                la[1] = lo(2 * t, g + 8) | (lo(2 * t + 1, g + 8) << 16);
+                la[2] = lo(2 * t + 8, g) | (lo(2 * t + 9, g) << 16);
+                la[3] = lo(2 * t + 8, g + 8) | (lo(2 * t + 9, g + 8) << 16);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) mma16816(loacc[nt], la, pb0[nt], pb1[nt]);
+            }
+            uint32_t w[NW], wsh[NW];
+            lds_words<NW>(st + P.vc_off + tl * TILE_BYTES + lane * (NW * 4), w);
+#pragma unroll
+            for (int i = 0; i < NW; i++) wsh[i] = w[i] >> (BITS == 2 ? 10 : 8);
+            uint32_t pv0[NT], pv1[NT];
+            const uint32_t gmask = (1u << P.gv_shift) - 1u;
+            static_for<0, KS>([&](auto S_) {
+                constexpr int s = decltype(S_)::value;
+                if ((s & gmask) == 0) { /* first channel tile of a value group */
+                    const int cg = s >> P.gv_shift;
+                    const uint32_t scA = __byte_perm(vr0[cg], vr1[cg], 0x5410);
+                    const uint32_t scB = __byte_perm(vr2[cg], vr3[cg], 0x5410);
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++) pv0[nt] = hmul2u(ps0[nt], scA), pv1[nt] = hmul2u(ps1[nt], scB);
+                }
+                uint32_t a[4];
+                deq_regs<BITS, s>(w, wsh, a);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) mma16816(acc[s][nt], a, pv0[nt], pv1[nt]);
+            });
+        }
+    }
+}
+
+/* Generic path: the warp's partial into shared memory (O [RPC][D] with 2^S
+ * undone and the lo part added per value group; m, l per row). */
+template <int D, int NT>
+__device__ __forceinline__ void write_warp_partial(const AttnParams &P, float *O, float *wm, float *wl,
+                                                   const float (&m)[NT][2], float (&l)[NT][2],
+                                                   const float (&acc)[D / 16][NT][4], const float (&loacc)[NT][4],
+                                                   int Scur, int NCG, int lane) {
+    constexpr int KS = D / 16;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int col = 0; col < 2; col++) {
+            float v = l[nt][col];
             v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 4);
             v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 8);
             v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 16);
-            l[col] = v;
+            l[nt][col] = v;
         }
-        __syncwarp();
-        const float unS = __int_as_float((127 - Scur) << 23) / FAC;
+    __syncwarp();
+    const float unS = __int_as_float((127 - Scur) << 23);
 #pragma unroll
-        for (int s = 0; s < KS; s++)
+    for (int s = 0; s < KS; s++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                const int r = 2 * t + (i & 1), ch = 16 * s + g + 8 * (i >> 1);
-                O[r * D + ch] = acc[s][i] * (i >> 1 ? unS * 0.25f : unS);
+                const int r = nt * 8 + 2 * t + (i & 1), ch = 16 * s + g + 8 * (i >> 1);
+                O[r * D + ch] = acc[s][nt][i] * unS;
             }
-        __syncwarp();
+    __syncwarp();
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-            const int r = 2 * t + (i & 1);
-            if (g < NCG) {
-                const float v = loacc[i];
-                for (int cc = 0; cc < 32; cc++) O[r * D + g * 32 + cc] += v;
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int cg = g + 8 * (i >> 1), r = nt * 8 + 2 * t + (i & 1);
+            if (cg < NCG) {
+                const float v = loacc[nt][i];
+                for (int cc = 0; cc < P.lay.Gv; cc++) O[r * D + cg * P.lay.Gv + cc] += v;
             }
         }
-        if (g == 0) {
-#pragma unroll
-            for (int col = 0; col < 2; col++) {
-                wm[2 * t + col] = m[col];
-                wl[2 * t + col] = l[col];
-            }
-        }
-        __syncwarp();
-    } else if constexpr (!DENSE) {
-        const int NCG = D / P.lay.Gv;
-        const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
-        RowInfo ri[NT][2];
+    if (g == 0) {
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int col = 0; col < 2; col++) {
-                const int r = nt * 8 + 2 * t + col;
-                const int gr = qc * RPC + r;
-                ri[nt][col].f = qexp[r] * P.sm_log2;
-                /* padding rows (zero queries) run unmasked; they are never output */
-                ri[nt][col].lim = gr < P.rows ? (int)(tokens - P.q_len + gr / P.g) : 0x7fffffff;
+                wm[nt * 8 + 2 * t + col] = m[nt][col];
+                wl[nt * 8 + 2 * t + col] = l[nt][col];
             }
-        float m[NT][2], l[NT][2];
-        float acc[KS][NT][4];
-        float loacc[NT][4];
+    }
+    __syncwarp();
+}
+
+/* Generic path: the warp's chunks [cw0, cw0 + nmine) through the pipeline,
+ * its partial into O, wm, wl. */
+template <int D, int BITS, int NT>
+__device__ __forceinline__ void quant_warp_chunks(const AttnParams &P, uint8_t *smem, uint8_t *wreg, uint64_t *mbar,
+                                                  const float *qexp, const SeqView &sv, long long tokens, int h,
+                                                  int qc, int cw0, int nmine, int lane, float *O, float *wm,
+                                                  float *wl) {
+    constexpr int RPC = 8 * NT;
+    constexpr int KS = D / 16;
+    constexpr int NW = D * BITS / 64;      /* code words per lane per tile */
+    constexpr int TILE_BYTES = 2 * D * BITS;
+    const int g = lane >> 2, t = lane & 3;
+    const int NCG = D / P.lay.Gv;
+    const uint4 *qfrag = (const uint4 *)(smem + P.off_qfrag);
+    RowInfo ri[NT][2];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
+    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int col = 0; col < 2; col++) m[nt][col] = -INFINITY, l[nt][col] = 0.0f;
-#pragma unroll
-            for (int i = 0; i < 4; i++) loacc[nt][i] = 0.0f;
-#pragma unroll
-            for (int s = 0; s < KS; s++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) acc[s][nt][i] = 0.0f;
+        for (int col = 0; col < 2; col++) {
+            const int r = nt * 8 + 2 * t + col;
+            const int gr = qc * RPC + r;
+            ri[nt][col].f = qexp[r] * P.sm_log2;
+            /* padding rows (zero queries) run unmasked; they are never output */
+            ri[nt][col].lim = gr < P.rows ? (int)(tokens - P.q_len + gr / P.g) : 0x7fffffff;
         }
-        int Scur = 0;
-        const int first_lim = (int)(tokens - P.q_len); /* every row attends tokens <= this */
+    float m[NT][2], l[NT][2];
+    float acc[KS][NT][4];
+    float loacc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+        for (int col = 0; col < 2; col++) m[nt][col] = -INFINITY, l[nt][col] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; i++) loacc[nt][i] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < KS; s++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) acc[s][nt][i] = 0.0f;
+    }
+    int Scur = 0;
+    const int first_lim = (int)(tokens - P.q_len); /* every row attends tokens <= this */
 
-        const int32_t *table = sv.table;
-        /* offsets (words) of this lane's value-parameter rows in a tile */
-        const int vo0 = (2 * t) * NCG, vo1 = (2 * t + 1) * NCG, vo2 = (2 * t + 8) * NCG, vo3 = (2 * t + 9) * NCG;
-        auto issue = [&](int i) {
-            const int ci = cw0 + i;
-            const int b = ci / P.cpb, cc = ci - b * P.cpb;
-            const int tok0 = cc * CHUNK;
-            const int ntok = min(CHUNK, P.lay.R - tok0);
-            const int pb = checked_block(P, table[b]);
-            const uint8_t *blk = P.pool_layer + (size_t)pb * P.lay.LB;
-            const uint8_t *head = blk + (size_t)h * P.lay.head_bytes;
-            uint8_t *st = wreg + (size_t)(i % NSTAGE) * P.stage_bytes;
-            uint64_t *bar = &mbar[i % NSTAGE];
-            const int gf = tok0 / P.lay.Gk, gl = (tok0 + ntok - 1) / P.lay.Gk;
-            const uint32_t bc = (uint32_t)(ntok / 16) * TILE_BYTES;
-            const uint32_t bkp = (uint32_t)(gl - gf + 1) * D * 4;
-            const uint32_t bvp = (uint32_t)ntok * NCG * 4;
-            const uint32_t bnm = P.lay.scale_keys ? (uint32_t)ntok * 4 : 0u;
-            fence_proxy_async();
-            mbar_expect_tx(bar, 2 * bc + bkp + bvp + bnm);
-            bulk_g2s(st + P.kc_off, head + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
-            bulk_g2s(st + P.vc_off, head + P.lay.codes_bytes + (size_t)(tok0 / 16) * TILE_BYTES, bc, bar);
-            bulk_g2s(st + P.kp_off, head + 2 * P.lay.codes_bytes + (size_t)gf * D * 4, bkp, bar);
-            bulk_g2s(st + P.vp_off, head + 2 * P.lay.codes_bytes + P.lay.kparams_bytes + (size_t)tok0 * NCG * 4, bvp, bar);
-            if (bnm) bulk_g2s(st + P.nm_off, blk + (size_t)P.lay.hkv * P.lay.head_bytes + (size_t)tok0 * 4, bnm, bar);
-        };
-        if (lane == 0)
-            for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue(i);
+    const int32_t *table = sv.table;
+    const int vo0 = (2 * t) * NCG, vo1 = (2 * t + 1) * NCG, vo2 = (2 * t + 8) * NCG, vo3 = (2 * t + 9) * NCG;
+    if (lane == 0)
+        for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) issue_chunk<D, BITS>(P, wreg, mbar, table, h, NCG, cw0 + i, i);
 
-        for (int it = 0; it < nmine; it++) {
-            if (lane == 0 && it + NSTAGE - 1 < nmine) issue(it + NSTAGE - 1);
-            mbar_wait(&mbar[it % NSTAGE], (uint32_t)((it / NSTAGE) & 1));
-            const uint8_t *st = wreg + (size_t)(it % NSTAGE) * P.stage_bytes;
-            const int ci = cw0 + it;
-            const int b = ci / P.cpb, cc = ci - b * P.cpb;
-            const int tok0 = cc * CHUNK;
-            const int ntiles = min(CHUNK, P.lay.R - tok0) / 16;
-            const int gf = tok0 / P.lay.Gk;
-            const int tb = b * P.lay.R + tok0;
-            const float *nm = (const float *)(st + P.nm_off);
-            const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
+    for (int it = 0; it < nmine; it++) {
+        if (lane == 0 && it + NSTAGE - 1 < nmine)
+            issue_chunk<D, BITS>(P, wreg, mbar, table, h, NCG, cw0 + it + NSTAGE - 1, it + NSTAGE - 1);
+        mbar_wait(&mbar[it % NSTAGE], (uint32_t)((it / NSTAGE) & 1));
+        const uint8_t *st = wreg + (size_t)(it % NSTAGE) * P.stage_bytes;
+        const int ci = cw0 + it;
+        const int b = ci / P.cpb, cc = ci - b * P.cpb;
+        const int tok0 = cc * CHUNK;
+        const int ntiles = min(CHUNK, P.lay.R - tok0) / 16;
+        const int gf = tok0 / P.lay.Gk;
+        const int tb = b * P.lay.R + tok0;
+        const float *nm = (const float *)(st + P.nm_off);
+        const uint32_t *vpw = (const uint32_t *)(st + P.vp_off);
 
-            /* ---- logits ---- */
-            float lg[4][NT][4];
-            int cur = -1;
-            uint32_t qth[KS][NT][2], qtl[KS][NT][2];
-            float bias[NT][2];
-            /* q~ = q' * scale (hi + lo fp16 parts) and bias = q' . lo of a key group */
-            auto set_group = [&](int grp) {
-                cur = grp;
-                const uint8_t *kp = st + P.kp_off + (size_t)(grp - gf) * D * 4;
-                float cbh[NT][4], cbl[NT][4];
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                    for (int i = 0; i < 4; i++) cbh[nt][i] = 0.0f, cbl[nt][i] = 0.0f;
-#pragma unroll
-                for (int s = 0; s < KS; s++) {
-                    const uint2 pa = *(const uint2 *)(kp + (16 * s + 2 * t) * 4);
-                    const uint2 pc = *(const uint2 *)(kp + (16 * s + 2 * t + 8) * 4);
-                    const uint32_t scA = __byte_perm(pa.x, pa.y, 0x5410), loA = __byte_perm(pa.x, pa.y, 0x7632);
-                    const uint32_t scB = __byte_perm(pc.x, pc.y, 0x5410), loB = __byte_perm(pc.x, pc.y, 0x7632);
-                    const uint32_t la[4] = {loA, loA, loB, loB};
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        const uint4 f = qfrag[(s * NT + nt) * 32 + lane];
-                        const uint32_t h0 = hmul2u(f.x, scA), h1 = hmul2u(f.y, scB);
-                        qth[s][nt][0] = h0;
-                        qth[s][nt][1] = h1;
-                        qtl[s][nt][0] = hfma2u(f.z, scA, hfma2u(f.x, scA, hneg2u(h0)));
-                        qtl[s][nt][1] = hfma2u(f.w, scB, hfma2u(f.y, scB, hneg2u(h1)));
-                        mma16816(cbh[nt], la, f.x, f.y);
-                        mma16816(cbl[nt], la, f.z, f.w);
-                    }
-                }
-#pragma unroll
-                for (int nt = 0; nt < NT; nt++)
-                    bias[nt][0] = cbh[nt][0] + cbl[nt][0], bias[nt][1] = cbh[nt][1] + cbl[nt][1];
-            };
-            auto finish = [&](auto TL_, const float (&c)[NT][4], const float (&cl)[NT][4]) {
-                constexpr int tl = decltype(TL_)::value;
-                const int r0 = 16 * tl + g;
-                const float s0 = P.lay.scale_keys ? nm[r0] : 1.0f, s1 = P.lay.scale_keys ? nm[r0 + 8] : 1.0f;
-                const int T0 = tb + r0, T1 = T0 + 8;
-                if (tb + 16 * tl + 15 <= first_lim) { /* no causal mask in this tile */
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        lg[tl][nt][0] = (c[nt][0] + cl[nt][0]) * s0 * ri[nt][0].f;
-                        lg[tl][nt][1] = (c[nt][1] + cl[nt][1]) * s0 * ri[nt][1].f;
-                        lg[tl][nt][2] = (c[nt][2] + cl[nt][2]) * s1 * ri[nt][0].f;
-                        lg[tl][nt][3] = (c[nt][3] + cl[nt][3]) * s1 * ri[nt][1].f;
-                    }
+        /* logits of the chunk, by pairs of tiles: two tiles of one key group
+         * share the B operands and run interleaved; a pair that straddles
+         * groups (Gk = 16) loads the second group's operands in between.
+         * (This stage stays in the loop body: as a separate inlined
+         * function NVVM orders it differently and ptxas spills 5x more at
+         * d = 128, NT = 2; measured when the kernel was split.) */
+        float lg[4][NT][4];
+        KeyGroupOperands<KS, NT> ko;
+        ko.cur = -1;
+        static_for<0, 2>([&](auto TP_) {
+            constexpr int ta = 2 * decltype(TP_)::value, tbb = ta + 1;
+            if (ta < ntiles) {
+                const bool hb = tbb < ntiles;
+                const int ga = (tok0 + 16 * ta) / P.lay.Gk;
+                const int gb = hb ? (tok0 + 16 * tbb) / P.lay.Gk : ga;
+                if (ga != ko.cur) load_key_group<D, NT>(ko, P, st, qfrag, ga, gf, lane);
+                const bool same = hb && gb == ga;
+                uint32_t wa[NW], wsa[NW], wb[NW], wsb[NW];
+                lds_words<NW>(st + P.kc_off + ta * TILE_BYTES + lane * (NW * 4), wa);
+                if (hb) {
+                    lds_words<NW>(st + P.kc_off + tbb * TILE_BYTES + lane * (NW * 4), wb);
                 } else {
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        lg[tl][nt][0] = T0 <= ri[nt][0].lim ? (c[nt][0] + cl[nt][0]) * s0 * ri[nt][0].f : -INFINITY;
-                        lg[tl][nt][1] = T0 <= ri[nt][1].lim ? (c[nt][1] + cl[nt][1]) * s0 * ri[nt][1].f : -INFINITY;
-                        lg[tl][nt][2] = T1 <= ri[nt][0].lim ? (c[nt][2] + cl[nt][2]) * s1 * ri[nt][0].f : -INFINITY;
-                        lg[tl][nt][3] = T1 <= ri[nt][1].lim ? (c[nt][3] + cl[nt][3]) * s1 * ri[nt][1].f : -INFINITY;
-                    }
+                    for (int i = 0; i < NW; i++) wb[i] = 0u;
                 }
-            };
-            static_for<0, 2>([&](auto TP_) {
-                constexpr int ta = 2 * decltype(TP_)::value, tbb = ta + 1;
-                if (ta < ntiles) {
-                    const bool hb = tbb < ntiles;
-                    const int ga = (tok0 + 16 * ta) / P.lay.Gk;
-                    const int gb = hb ? (tok0 + 16 * tbb) / P.lay.Gk : ga;
-                    if (ga != cur) set_group(ga);
-                    const bool same = hb && gb == ga;
-                    uint32_t wa[NW], wsa[NW], wb[NW], wsb[NW];
-                    lds_words<NW>(st + P.kc_off + ta * TILE_BYTES + lane * (NW * 4), wa);
-                    if (hb) {
-                        lds_words<NW>(st + P.kc_off + tbb * TILE_BYTES + lane * (NW * 4), wb);
-                    } else {
 #pragma unroll
-                        for (int i = 0; i < NW; i++) wb[i] = 0u;
-                    }
+                for (int i = 0; i < NW; i++) {
+                    wsa[i] = wa[i] >> (BITS == 2 ? 10 : 8);
+                    wsb[i] = wb[i] >> (BITS == 2 ? 10 : 8);
+                }
+                float ca[NT][4], cal[NT][4], cb[NT][4], cbl[NT][4];
 #pragma unroll
-                    for (int i = 0; i < NW; i++) {
-                        wsa[i] = wa[i] >> (BITS == 2 ? 10 : 8);
-                        wsb[i] = wb[i] >> (BITS == 2 ? 10 : 8);
-                    }
-                    float ca[NT][4], cal[NT][4], cb[NT][4], cbl[NT][4];
+                for (int nt = 0; nt < NT; nt++) {
+                    ca[nt][0] = cb[nt][0] = ko.bias[nt][0];
+                    ca[nt][1] = cb[nt][1] = ko.bias[nt][1];
+                    ca[nt][2] = cb[nt][2] = ko.bias[nt][0];
+                    ca[nt][3] = cb[nt][3] = ko.bias[nt][1];
 #pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        ca[nt][0] = cb[nt][0] = bias[nt][0];
-                        ca[nt][1] = cb[nt][1] = bias[nt][1];
-                        ca[nt][2] = cb[nt][2] = bias[nt][0];
-                        ca[nt][3] = cb[nt][3] = bias[nt][1];
+                    for (int i = 0; i < 4; i++) cal[nt][i] = 0.0f, cbl[nt][i] = 0.0f;
+                }
+                if (same) {
+                    static_for<0, KS>([&](auto S_) {
+                        constexpr int s = decltype(S_)::value;
+                        uint32_t a[4], b[4];
+                        deq_regs<BITS, s>(wa, wsa, a);
+                        deq_regs<BITS, s>(wb, wsb, b);
 #pragma unroll
-                        for (int i = 0; i < 4; i++) cal[nt][i] = 0.0f, cbl[nt][i] = 0.0f;
-                    }
-                    if (same) {
+                        for (int nt = 0; nt < NT; nt++) {
+                            mma16816(ca[nt], a, ko.qth[s][nt][0], ko.qth[s][nt][1]);
+                            mma16816(cb[nt], b, ko.qth[s][nt][0], ko.qth[s][nt][1]);
+                            mma16816(cal[nt], a, ko.qtl[s][nt][0], ko.qtl[s][nt][1]);
+                            mma16816(cbl[nt], b, ko.qtl[s][nt][0], ko.qtl[s][nt][1]);
+                        }
+                    });
+                } else {
+                    static_for<0, KS>([&](auto S_) {
+                        constexpr int s = decltype(S_)::value;
+                        uint32_t a[4];
+                        deq_regs<BITS, s>(wa, wsa, a);
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            mma16816(ca[nt], a, ko.qth[s][nt][0], ko.qth[s][nt][1]);
+                            mma16816(cal[nt], a, ko.qtl[s][nt][0], ko.qtl[s][nt][1]);
+                        }
+                    });
+                }
+                tile_logits<ta, NT>(P, nm, tb, first_lim, ri, g, ca, cal, lg);
+                if (hb) {
+                    if (!same) {
+                        load_key_group<D, NT>(ko, P, st, qfrag, gb, gf, lane);
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            cb[nt][0] = ko.bias[nt][0], cb[nt][1] = ko.bias[nt][1];
+                            cb[nt][2] = ko.bias[nt][0], cb[nt][3] = ko.bias[nt][1];
+                        }
                         static_for<0, KS>([&](auto S_) {
                             constexpr int s = decltype(S_)::value;
-                            uint32_t a[4], b[4];
-                            deq_regs<BITS, s>(wa, wsa, a);
+                            uint32_t b[4];
                             deq_regs<BITS, s>(wb, wsb, b);
 #pragma unroll
                             for (int nt = 0; nt < NT; nt++) {
-                                mma16816(ca[nt], a, qth[s][nt][0], qth[s][nt][1]);
-                                mma16816(cb[nt], b, qth[s][nt][0], qth[s][nt][1]);
-                                mma16816(cal[nt], a, qtl[s][nt][0], qtl[s][nt][1]);
-                                mma16816(cbl[nt], b, qtl[s][nt][0], qtl[s][nt][1]);
-                            }
-                        });
-                    } else {
-                        static_for<0, KS>([&](auto S_) {
-                            constexpr int s = decltype(S_)::value;
-                            uint32_t a[4];
-                            deq_regs<BITS, s>(wa, wsa, a);
-#pragma unroll
-                            for (int nt = 0; nt < NT; nt++) {
-                                mma16816(ca[nt], a, qth[s][nt][0], qth[s][nt][1]);
-                                mma16816(cal[nt], a, qtl[s][nt][0], qtl[s][nt][1]);
+                                mma16816(cb[nt], b, ko.qth[s][nt][0], ko.qth[s][nt][1]);
+                                mma16816(cbl[nt], b, ko.qtl[s][nt][0], ko.qtl[s][nt][1]);
                             }
                         });
                     }
-                    finish(std::integral_constant<int, ta>{}, ca, cal);
-                    if (hb) {
-                        if (!same) {
-                            set_group(gb);
-#pragma unroll
-                            for (int nt = 0; nt < NT; nt++) {
-                                cb[nt][0] = bias[nt][0], cb[nt][1] = bias[nt][1];
-                                cb[nt][2] = bias[nt][0], cb[nt][3] = bias[nt][1];
-                            }
-                            static_for<0, KS>([&](auto S_) {
-                                constexpr int s = decltype(S_)::value;
-                                uint32_t b[4];
-                                deq_regs<BITS, s>(wb, wsb, b);
-#pragma unroll
-                                for (int nt = 0; nt < NT; nt++) {
-                                    mma16816(cb[nt], b, qth[s][nt][0], qth[s][nt][1]);
-                                    mma16816(cbl[nt], b, qtl[s][nt][0], qtl[s][nt][1]);
-                                }
-                            });
-                        }
-                        finish(std::integral_constant<int, tbb>{}, cb, cbl);
-                    } else {
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                            for (int i = 0; i < 4; i++) lg[tbb][nt][i] = -INFINITY;
-                    }
+                    tile_logits<tbb, NT>(P, nm, tb, first_lim, ri, g, cb, cbl, lg);
                 } else {
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                        for (int i = 0; i < 4; i++) lg[ta][nt][i] = -INFINITY, lg[tbb][nt][i] = -INFINITY;
+                        for (int i = 0; i < 4; i++) lg[tbb][nt][i] = -INFINITY;
                 }
-            });
-
-            /* ---- value scale exponent of this chunk ---- */
-            uint32_t mxs = 0;
-            const int nvw = ntiles * 16 * NCG;
-            for (int i = lane; i < nvw; i += 32) mxs = max(mxs, vpw[i] & 0x7fffu);
-            mxs = __reduce_max_sync(OSCAR_FULL_MASK, mxs);
-            const int ex = (int)(mxs >> 10) - 15;
-            const int Snew = min(15, 14 - ex);
-            const float dS = __int_as_float((127 + Snew - Scur) << 23);
-            const bool s_same = Snew == Scur;
-            Scur = Snew;
-            const uint32_t twoS = ((uint32_t)(15 + Snew) << 10) * 0x10001u;
-
-            /* ---- online softmax ---- */
+            } else {
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-                float fac[2], al[2];
-                bool moved = false;
+                for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-                for (int col = 0; col < 2; col++) {
-                    float mx = -INFINITY;
-#pragma unroll
-                    for (int tl = 0; tl < 4; tl++) mx = fmaxf(mx, fmaxf(lg[tl][nt][col], lg[tl][nt][col + 2]));
-                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 4));
-                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 8));
-                    mx = fmaxf(mx, __shfl_xor_sync(OSCAR_FULL_MASK, mx, 16));
-                    const float mnew = fmaxf(m[nt][col], mx);
-                    const float muse = mnew == -INFINITY ? 0.0f : mnew;
-                    moved |= mnew != m[nt][col];
-                    al[col] = ex2(m[nt][col] - muse);
-                    m[nt][col] = mnew;
-                    float sum = 0.0f;
-#pragma unroll
-                    for (int tl = 0; tl < 4; tl++) {
-                        lg[tl][nt][col] = ex2(lg[tl][nt][col] - muse);
-                        lg[tl][nt][col + 2] = ex2(lg[tl][nt][col + 2] - muse);
-                        sum += lg[tl][nt][col] + lg[tl][nt][col + 2];
-                    }
-                    l[nt][col] = l[nt][col] * al[col] + sum;
-                    fac[col] = al[col] * dS;
-                }
-                /* rescale only when a running max or the value exponent moved */
-                if (__any_sync(OSCAR_FULL_MASK, moved || !s_same)) {
-#pragma unroll
-                    for (int s = 0; s < KS; s++)
-#pragma unroll
-                        for (int i = 0; i < 4; i++) acc[s][nt][i] *= fac[i & 1];
-#pragma unroll
-                    for (int i = 0; i < 4; i++) loacc[nt][i] *= al[i & 1];
-                }
+                    for (int i = 0; i < 4; i++) lg[ta][nt][i] = -INFINITY, lg[tbb][nt][i] = -INFINITY;
             }
+        });
+        const ChunkValueScale vs = chunk_value_scale(value_scale_max(vpw, ntiles, NCG, lane), Scur);
+        online_softmax<KS, NT>(lg, m, l, acc, loacc, vs.dS, vs.same);
+        value_accumulate<D, BITS, NT>(P, st, vpw, lg, ntiles, vs.twoS, NCG, vo0, vo1, vo2, vo3, lane, acc, loacc);
+        __syncwarp(); /* the stage is free for the copy issued next */
+    }
+    write_warp_partial<D, NT>(P, O, wm, wl, m, l, acc, loacc, Scur, NCG, lane);
+}
 
-            /* ---- values ---- */
-#pragma unroll
-            for (int tl = 0; tl < 4; tl++) {
-                if (tl < ntiles) {
-                    uint32_t pb0[NT], pb1[NT], ps0[NT], ps1[NT];
-#pragma unroll
-                    for (int nt = 0; nt < NT; nt++) {
-                        pb0[nt] = movtrans(pack_h2(lg[tl][nt][0], lg[tl][nt][1]));
-                        pb1[nt] = movtrans(pack_h2(lg[tl][nt][2], lg[tl][nt][3]));
-                        ps0[nt] = hmul2u(pb0[nt], twoS);
-                        ps1[nt] = hmul2u(pb1[nt], twoS);
-                    }
-                    const uint32_t *vt = vpw + tl * 16 * NCG;
-                    const uint32_t *vr0 = vt + vo0, *vr1 = vt + vo1, *vr2 = vt + vo2, *vr3 = vt + vo3;
-                    /* lo^T . p */
-                    {
-                        auto lo = [&](int tok, int cg) -> uint32_t {
-                            return cg < NCG ? (vt[tok * NCG + cg] >> 16) : 0u;
-                        };
-                        uint32_t la[4];
-                        la[0] = lo(2 * t, g) | (lo(2 * t + 1, g) << 16);
-                        la[1] = lo(2 * t, g + 8) | (lo(2 * t + 1, g + 8) << 16);
-                        la[2] = lo(2 * t + 8, g) | (lo(2 * t + 9, g) << 16);
-                        la[3] = lo(2 * t + 8, g + 8) | (lo(2 * t + 9, g + 8) << 16);
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) mma16816(loacc[nt], la, pb0[nt], pb1[nt]);
-                    }
-                    uint32_t w[NW], wsh[NW];
-                    lds_words<NW>(st + P.vc_off + tl * TILE_BYTES + lane * (NW * 4), w);
-#pragma unroll
-                    for (int i = 0; i < NW; i++) wsh[i] = w[i] >> (BITS == 2 ? 10 : 8);
-                    uint32_t pv0[NT], pv1[NT];
-                    const uint32_t gmask = (1u << P.gv_shift) - 1u;
-                    static_for<0, KS>([&](auto S_) {
-                        constexpr int s = decltype(S_)::value;
-                        if ((s & gmask) == 0) { /* first channel tile of a value group */
-                            const int cg = s >> P.gv_shift;
-                            const uint32_t scA = __byte_perm(vr0[cg], vr1[cg], 0x5410);
-                            const uint32_t scB = __byte_perm(vr2[cg], vr3[cg], 0x5410);
-#pragma unroll
-                            for (int nt = 0; nt < NT; nt++) pv0[nt] = hmul2u(ps0[nt], scA), pv1[nt] = hmul2u(ps1[nt], scB);
-                        }
-                        uint32_t a[4];
-                        deq_regs<BITS, s>(w, wsh, a);
-#pragma unroll
-                        for (int nt = 0; nt < NT; nt++) mma16816(acc[s][nt], a, pv0[nt], pv1[nt]);
-                    });
-                }
-            }
-            __syncwarp();
-        }
+/* ---- method none and the window: the dense fp32 path --------------------- */
 
-        /* ---- the warp's partial into shared memory ---- */
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int col = 0; col < 2; col++) {
-                float v = l[nt][col];
-                v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 4);
-                v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 8);
-                v += __shfl_xor_sync(OSCAR_FULL_MASK, v, 16);
-                l[nt][col] = v;
-            }
-        __syncwarp();
-        const float unS = __int_as_float((127 - Scur) << 23);
-#pragma unroll
-        for (int s = 0; s < KS; s++)
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const int r = nt * 8 + 2 * t + (i & 1), ch = 16 * s + g + 8 * (i >> 1);
-                    O[r * D + ch] = acc[s][nt][i] * unS;
-                }
-        __syncwarp();
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int cg = g + 8 * (i >> 1), r = nt * 8 + 2 * t + (i & 1);
-                if (cg < NCG) {
-                    const float v = loacc[nt][i];
-                    for (int cc = 0; cc < P.lay.Gv; cc++) O[r * D + cg * P.lay.Gv + cc] += v;
-                }
-            }
-        if (g == 0) {
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int col = 0; col < 2; col++) {
-                    wm[nt * 8 + 2 * t + col] = m[nt][col];
-                    wl[nt * 8 + 2 * t + col] = l[nt][col];
-                }
-        }
-        __syncwarp();
-    } else {
-        /* method none: every token through the dense path */
-        for (int i = lane; i < RPC * D; i += 32) O[i] = 0.0f;
-        if (lane < RPC) wm[lane] = -INFINITY, wl[lane] = 0.0f;
-        __syncwarp();
+/* Method none: the warp's chunks [cw0, cw1), dense, merged into the
+ * (empty) partial O, wm, wl. */
+template <int D, int RPC>
+__device__ __forceinline__ void dense_warp_chunks(const AttnParams &P, const SeqView &sv, int h, int cw0, int cw1,
+                                                  const float *qf, const long long (&limr)[RPC], float *pbuf,
+                                                  int lane, float *O, float *wm, float *wl) {
+    for (int i = lane; i < RPC * D; i += 32) O[i] = 0.0f;
+    if (lane < RPC) wm[lane] = -INFINITY, wl[lane] = 0.0f;
+    __syncwarp();
+    DenseState<D, RPC> ds;
+    dense_init<D, RPC>(ds);
+    const int32_t *table = sv.table;
+    for (int ci = cw0; ci < cw1; ci++) {
+        const int b = ci / P.cpb, cc = ci - b * P.cpb;
+        const int tok0 = cc * CHUNK;
+        const int ntok = min(CHUNK, P.lay.R - tok0);
+        const uint8_t *head = P.pool_layer + (size_t)checked_block(P, table[b]) * P.lay.LB + (size_t)h * P.lay.head_bytes;
+        const uint8_t *kb = head + (size_t)tok0 * D * P.lay.w_esize;
+        const uint8_t *vb = head + ((size_t)P.lay.R + tok0) * D * P.lay.w_esize;
+        dense_tokens<D, RPC>(ds, kb, vb, D, P.lay.w_dtype, ntok, (long long)b * P.lay.R + tok0, qf, limr, P.sm_log2,
+                             pbuf, lane);
+    }
+    dense_merge<D, RPC>(ds, O, wm, wl, lane);
+}
+
+/* The window tokens (the last split only), split over the warps, merged
+ * into each warp's partial. */
+template <int D, int RPC>
+__device__ __forceinline__ void window_warp_tokens(const AttnParams &P, int slot, int nblk, int wtok, int h, int warp,
+                                                   const float *qf, const long long (&limr)[RPC], float *pbuf,
+                                                   int lane, float *O, float *wm, float *wl) {
+    const int w0 = (wtok * warp) / WARPS, w1 = (wtok * (warp + 1)) / WARPS;
+    if (w1 > w0) {
         DenseState<D, RPC> ds;
         dense_init<D, RPC>(ds);
-        const int32_t *table = sv.table;
-        for (int ci = cw0; ci < cw1; ci++) {
-            const int b = ci / P.cpb, cc = ci - b * P.cpb;
-            const int tok0 = cc * CHUNK;
-            const int ntok = min(CHUNK, P.lay.R - tok0);
-            const uint8_t *head = P.pool_layer + (size_t)checked_block(P, table[b]) * P.lay.LB + (size_t)h * P.lay.head_bytes;
-            const uint8_t *kb = head + (size_t)tok0 * D * P.lay.w_esize;
-            const uint8_t *vb = head + ((size_t)P.lay.R + tok0) * D * P.lay.w_esize;
-            dense_tokens<D, RPC>(ds, kb, vb, D, P.lay.w_dtype, ntok, (long long)b * P.lay.R + tok0, qf, limr, P.sm_log2,
-                                 pbuf, lane);
-        }
+        const uint8_t *kb = P.win_layer + (size_t)slot * P.lay.wlb + ((size_t)w0 * P.lay.hkv + h) * D * P.lay.w_esize;
+        const uint8_t *vb = kb + P.lay.wlb / 2;
+        dense_tokens<D, RPC>(ds, kb, vb, (long long)P.lay.hkv * D, P.lay.w_dtype, w1 - w0, (long long)nblk * P.lay.R + w0,
+                             qf, limr, P.sm_log2, pbuf, lane);
         dense_merge<D, RPC>(ds, O, wm, wl, lane);
     }
+}
 
-    /* ---- window tokens: the last split ---- */
-    if (split == P.splits - 1 && wtok > 0) {
-        const int w0 = (wtok * warp) / WARPS, w1 = (wtok * (warp + 1)) / WARPS;
-        if (w1 > w0) {
-            DenseState<D, RPC> ds;
-            dense_init<D, RPC>(ds);
-            const uint8_t *kb = P.win_layer + (size_t)slot * P.lay.wlb + ((size_t)w0 * P.lay.hkv + h) * D * P.lay.w_esize;
-            const uint8_t *vb = kb + P.lay.wlb / 2;
-            dense_tokens<D, RPC>(ds, kb, vb, (long long)P.lay.hkv * D, P.lay.w_dtype, w1 - w0, (long long)nblk * P.lay.R + w0, qf,
-                                 limr, P.sm_log2, pbuf, lane);
-            dense_merge<D, RPC>(ds, O, wm, wl, lane);
-        }
-    }
-    __syncthreads();
-
-    /* ---- merge the 4 warp partials, write the CTA partial ---- */
-    const size_t cta = ((size_t)zi * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+/* Merges the WARPS warp partials in shared memory (log-sum-exp) and writes
+ * the CTA's partial (O [RPC][D], then (m, l) per row) to the workspace for
+ * merge_kernel. */
+template <int D, int RPC>
+__device__ __forceinline__ void write_cta_partial(const AttnParams &P, const uint8_t *smem) {
+    const size_t cta = ((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
     float *wo = P.ws + cta * RPC * D;
     float *wml = P.ws + P.ml_off + cta * RPC * 2;
     for (int i = threadIdx.x; i < RPC * D; i += blockDim.x) {
@@ -1197,6 +1308,68 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
         wml[2 * r] = M;
         wml[2 * r + 1] = L;
     }
+}
+
+/* ---- the kernel --------------------------------------------------------- */
+
+/* One CTA: a split of one (sequence, kv head, row chunk). FM != 0: the fast
+ * path (pick_fast); DENSE: method none. */
+template <int D, int BITS, int NT, bool DENSE, int FM>
+__global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid_constant__ AttnParams P) {
+    constexpr int RPC = 8 * NT;
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int lane = threadIdx.x & 31;
+    /* broadcast from lane 0: the compiler then knows the warp index is
+     * warp-uniform and keeps what derives from it in uniform registers */
+    const int warp = __shfl_sync(OSCAR_FULL_MASK, (int)(threadIdx.x >> 5), 0);
+    const int yu = blockIdx.y + P.y_base;
+    const int h = yu / P.qchunks, qc = yu - h * P.qchunks;
+    const int split = blockIdx.x;
+    const int seq = P.seq_base + blockIdx.z;
+    const SeqView sv = seq_view(P, seq);
+    const long long tokens = (long long)sv.nblk * P.lay.R + sv.wtok;
+
+    uint8_t *wreg = smem + (size_t)warp * P.warp_region;
+    uint64_t *mbar = (uint64_t *)(smem + P.off_mbar) + warp * NSTAGE;
+    float *qf = (float *)(smem + P.off_qf);
+    float *qinv = (float *)(smem + P.off_qinv);
+    float *qexp = (float *)(smem + P.off_qexp);
+    float *wm = (float *)(smem + P.off_m) + warp * RPC;
+    float *wl = (float *)(smem + P.off_l) + warp * RPC;
+    float *pbuf = (float *)(smem + P.off_pbuf) + warp * RPC * 32;
+
+    load_queries<D, RPC>(P, qf, seq, h, qc);
+    if (!DENSE) init_stage_barriers(mbar, lane);
+    __syncthreads();
+    rotate_queries<D, RPC>(P, qf, qinv, qexp, warp, lane);
+    __syncthreads();
+    if constexpr (FM != 0) {
+        build_fast_query_fragments<D>(P, smem, qf, qinv);
+        __syncthreads();
+    } else if constexpr (!DENSE) {
+        build_query_fragments<D, NT>(P, smem, qf, qinv);
+        __syncthreads();
+    }
+
+    long long limr[RPC];
+    causal_limits<RPC>(P, qc, tokens, limr);
+    int cw0, cw1;
+    warp_chunk_range(P, sv.nblk, split, warp, cw0, cw1);
+
+    float *O = (float *)wreg; /* after the pipeline: the warp's partial [RPC][D] */
+    if constexpr (FM != 0) {
+        static_assert(D == 128 && BITS == 2 && NT == 1, "fast path shape");
+        fast_warp_chunks<FM>(P, smem, wreg, mbar, qexp, sv, tokens, h, cw0, cw1 - cw0, lane, O, wm, wl);
+    } else if constexpr (!DENSE) {
+        quant_warp_chunks<D, BITS, NT>(P, smem, wreg, mbar, qexp, sv, tokens, h, qc, cw0, cw1 - cw0, lane, O, wm, wl);
+    } else {
+        dense_warp_chunks<D, RPC>(P, sv, h, cw0, cw1, qf, limr, pbuf, lane, O, wm, wl);
+    }
+    if (split == P.splits - 1 && sv.wtok > 0)
+        window_warp_tokens<D, RPC>(P, sv.slot, sv.nblk, sv.wtok, h, warp, qf, limr, pbuf, lane, O, wm, wl);
+    __syncthreads();
+    write_cta_partial<D, RPC>(P, smem);
 }
 
 /* Combines the splits of one (sequence, kv head, row chunk): one warp per
