@@ -241,6 +241,15 @@ Q2_INLINE void values_avx2_n(int d, int R, int Gv, const uint8_t *codes, const u
         uint32_t pg[16 * 16] __attribute__((aligned(32)));
         if (ng == 1) {
             memcpy(pg, tp, 16 * 4);
+        } else if (ng == 2) { /* even and odd dwords of 4 vectors of 4 tokens x 2 groups */
+            for (int h = 0; h < 2; h++) {
+                const __m256 a = _mm256_loadu_ps((const float *)tp + 16 * h);
+                const __m256 b = _mm256_loadu_ps((const float *)tp + 16 * h + 8);
+                const __m256 g0 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xD8));
+                const __m256 g1 = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xDD)), 0xD8));
+                _mm256_store_ps((float *)pg + 8 * h, g0);
+                _mm256_store_ps((float *)pg + 16 + 8 * h, g1);
+            }
         } else {
             for (int tok = 0; tok < 16; tok++)
                 for (int gi = 0; gi < ng; gi++) pg[gi * 16 + tok] = tp[tok * ng + gi];
