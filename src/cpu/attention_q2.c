@@ -175,7 +175,7 @@ Q2_INLINE float hsum8(__m256 v) {
 
 Q2_INLINE void logits_avx2_n(int d, int R, int Gk, const uint8_t *codes, const uint16_t *params, const float *norms,
                              const float *q, float sm, float *out, int64_t ld, const int NR) {
-    const int W = d / 32;
+    const int W = d / 32, lw = W == 2 ? 1 : W == 4 ? 2 : 3; /* log2 W */
     float qt[OSCAR_Q2_MAX_ROWS][256] __attribute__((aligned(32)));
     float gs[256] __attribute__((aligned(32))), gm[256] __attribute__((aligned(32)));
     float bias[OSCAR_Q2_MAX_ROWS];
@@ -197,7 +197,7 @@ Q2_INLINE void logits_avx2_n(int d, int R, int Gk, const uint8_t *codes, const u
             __m256 acc[OSCAR_Q2_MAX_ROWS][2]; /* tokens 0..7 and 8..15 of the tile */
             for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
             for (int c = 0; c < 4 * W; c++) {
-                const int t = c / W, w = c % W;
+                const int t = c >> lw, w = c & (W - 1);
                 const __m256i x = col[c];
                 const float *qb = &qt[0][32 * w + 2 * t];
 #pragma GCC unroll 8
