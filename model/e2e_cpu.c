@@ -6,9 +6,11 @@
  *
  * Tokens are pseudo-random ids (as llama-bench's): speed does not depend on
  * content. For each cache (--kv none, oscar-2, oscar-4) one sequence grows
- * through the depths: at each depth it decodes --gen tokens --reps times in a
- * row (so the depth drifts by gen * reps tokens, 192 by default), then is
- * prefilled up to the next depth. Prefill is timed from an empty cache, in
+ * through the depths: at each depth it decodes --gen tokens --reps times (so
+ * the depth drifts by gen * reps tokens, 192 by default), then is prefilled
+ * up to the next depth. All caches are held at once and their decode
+ * repetitions alternate (cache 1 rep 1, cache 2 rep 1, ..., cache 1 rep 2,
+ * ...), so that on a shared machine a burst of load hits every cache alike. Prefill is timed from an empty cache, in
  * the chunks `oscar run` uses. The GPU benchmark (model/gpu/e2e.cu) is
  * reached with --device cuda.
  */
@@ -174,62 +176,81 @@ static int bench_cpu(int argc, char **argv) {
     double *tps = malloc(sizeof(double) * (size_t)reps), *cps = malloc(sizeof(double) * (size_t)reps);
     const int nthreads = omp_get_max_threads();
     int32_t *one = malloc(sizeof(int32_t));
-    for (int ci = 0; ci < n_cases && rc == 0; ci++) {
+    /* Every cache lives at once, so that the decode repetitions of the caches
+     * can alternate (rep 1 of each cache, then rep 2 of each, ...): on a
+     * shared machine the load then falls on all of them alike. */
+    llama_kv kvs[6];
+    llama_state sts[6];
+    int live = 0;
+    double (*dt)[2] = malloc(sizeof(double[2]) * (size_t)n_cases * (size_t)reps); /* [case][rep] wall, cpu */
+    if (!tps || !cps || !one || !dt) rc = 1;
+    for (int ci = 0; ci < n_cases && rc == 0; ci++, live++) {
         oscar_config cfg = oscar_config_default();
         cfg.method = cases[ci].method;
         cfg.bits = cases[ci].method == OSCAR_METHOD_NONE ? cfg.bits : cases[ci].bits;
-        llama_kv kv;
-        llama_state st;
-        if (llama_kv_init(&kv, m, &cfg, 0, cap, err, sizeof err) != 0) {
+        if (llama_kv_init(&kvs[ci], m, &cfg, 0, cap, err, sizeof err) != 0) {
             fprintf(stderr, "bench-e2e: %s\n", err);
             rc = 1;
             break;
         }
-        if (llama_state_init(&st, m, max_chunk) != 0) {
+        if (llama_state_init(&sts[ci], m, max_chunk) != 0) {
             fprintf(stderr, "bench-e2e: out of memory\n");
-            llama_kv_free(&kv);
+            llama_kv_free(&kvs[ci]);
             rc = 1;
             break;
         }
-        /* prefill: reps prompts of pp tokens from an empty cache */
-        for (int r = 0; r < reps && pp > 0 && rc == 0; r++) {
-            if (llama_kv_reset(&kv, err, sizeof err) != 0) rc = -1;
+    }
+    /* prefill: reps prompts of pp tokens from an empty cache, per cache */
+    for (int ci = 0; ci < n_cases && rc == 0 && pp > 0; ci++) {
+        llama_kv *kv = &kvs[ci];
+        for (int r = 0; r < reps && rc == 0; r++) {
+            if (llama_kv_reset(kv, err, sizeof err) != 0) rc = -1;
             double t0 = now_s(), c0 = cpu_s();
-            if (rc == 0) rc = prefill_to(m, &st, &kv, pp, err, sizeof err);
+            if (rc == 0) rc = prefill_to(m, &sts[ci], kv, pp, err, sizeof err);
             tps[r] = pp / (now_s() - t0);
             cps[r] = pp / (cpu_s() - c0) * nthreads;
         }
-        if (rc == 0 && pp > 0) {
+        if (rc == 0) {
             double lo = tps[0], hi = tps[0];
             for (int r = 1; r < reps; r++) lo = tps[r] < lo ? tps[r] : lo, hi = tps[r] > hi ? tps[r] : hi;
             printf("| %s | pp%d | %.1f | %.1f | %.1f | %.1f |\n", cases[ci].name, pp, median(tps, reps), lo, hi,
                    median(cps, reps));
             fflush(stdout);
         }
-        if (rc == 0) rc = llama_kv_reset(&kv, err, sizeof err);
-        for (int di = 0; di < n_depths && rc == 0; di++) {
-            rc = prefill_to(m, &st, &kv, depths[di] > kv.len ? depths[di] : kv.len, err, sizeof err);
-            for (int r = 0; r < reps && rc == 0; r++) {
+    }
+    for (int ci = 0; ci < n_cases && rc == 0; ci++) rc = llama_kv_reset(&kvs[ci], err, sizeof err);
+    for (int di = 0; di < n_depths && rc == 0; di++) {
+        for (int ci = 0; ci < n_cases && rc == 0; ci++)
+            rc = prefill_to(m, &sts[ci], &kvs[ci], depths[di] > kvs[ci].len ? depths[di] : kvs[ci].len, err,
+                            sizeof err);
+        for (int r = 0; r < reps && rc == 0; r++)
+            for (int ci = 0; ci < n_cases && rc == 0; ci++) {
                 double t0 = now_s(), c0 = cpu_s();
                 for (int g = 0; g < gen && rc == 0; g++) {
                     one[0] = random_token(m->vocab);
-                    rc = llama_forward(m, &st, &kv, one, 1, 1, err, sizeof err);
+                    rc = llama_forward(m, &sts[ci], &kvs[ci], one, 1, 1, err, sizeof err);
                 }
-                tps[r] = gen / (now_s() - t0);
-                cps[r] = gen / (cpu_s() - c0) * nthreads;
+                dt[(size_t)ci * reps + r][0] = now_s() - t0;
+                dt[(size_t)ci * reps + r][1] = cpu_s() - c0;
             }
-            if (rc == 0) {
-                double lo = tps[0], hi = tps[0];
-                for (int r = 1; r < reps; r++) lo = tps[r] < lo ? tps[r] : lo, hi = tps[r] > hi ? tps[r] : hi;
-                printf("| %s | tg%d @ d%d | %.1f | %.1f | %.1f | %.1f |\n", cases[ci].name, gen, depths[di],
-                       median(tps, reps), lo, hi, median(cps, reps));
-                fflush(stdout);
+        for (int ci = 0; ci < n_cases && rc == 0; ci++) {
+            for (int r = 0; r < reps; r++) {
+                tps[r] = gen / dt[(size_t)ci * reps + r][0];
+                cps[r] = gen / dt[(size_t)ci * reps + r][1] * nthreads;
             }
+            double lo = tps[0], hi = tps[0];
+            for (int r = 1; r < reps; r++) lo = tps[r] < lo ? tps[r] : lo, hi = tps[r] > hi ? tps[r] : hi;
+            printf("| %s | tg%d @ d%d | %.1f | %.1f | %.1f | %.1f |\n", cases[ci].name, gen, depths[di],
+                   median(tps, reps), lo, hi, median(cps, reps));
+            fflush(stdout);
         }
-        if (rc != 0) fprintf(stderr, "bench-e2e: %s\n", err);
-        llama_state_free(&st);
-        llama_kv_free(&kv);
     }
+    if (rc != 0) fprintf(stderr, "bench-e2e: %s\n", err);
+    for (int ci = 0; ci < live; ci++) {
+        llama_state_free(&sts[ci]);
+        llama_kv_free(&kvs[ci]);
+    }
+    free(dt);
     free(tps);
     free(cps);
     free(one);
