@@ -79,7 +79,7 @@ extern "C" {
 #define OSCAR_VERSION_MINOR 2
 #define OSCAR_VERSION_PATCH 0
 /* Version of the packed block layout and of the export stream (docs/FORMAT.md). */
-#define OSCAR_FORMAT_VERSION 2
+#define OSCAR_FORMAT_VERSION 3
 
 /* Longest query chunk of one attention call (q_len), on both backends. */
 #define OSCAR_MAX_Q_LEN 4096
@@ -140,6 +140,8 @@ int oscar_backend_available(oscar_backend backend);
  * P blocks packed before an append, the append packs blocks up to
  *   P' = max(P, (n - rollback_tokens) / R)      (n >= rollback_tokens)
  * and the window holds tokens [P' * R, n). Truncation never changes P.
+ * With sink_tokens = S the first S tokens are never packed and n above
+ * counts the tokens after them (see sink_tokens).
  */
 typedef struct oscar_config {
     size_t struct_size;        /* sizeof(oscar_config) as the caller compiled it;
@@ -181,6 +183,30 @@ typedef struct oscar_config {
                                   lengths and window slots and drives the cache
                                   with the batch API (oscar_batch_*); the
                                   sequence API then returns OSCAR_E_UNSUPPORTED. */
+    /* ---- options past the published method (docs/ACCURACY.md, "Past the
+     * paper"). Added in format version 3. A caller compiled against the
+     * older header (struct_size = offsetof(oscar_config, sink_tokens)) is
+     * accepted: the fields it does not have read as 0. */
+    int sink_tokens;           /* S in 0..4096; default 0 (as published). The
+                                  first S tokens of every sequence stay in the
+                                  window dtype for good and are never packed:
+                                  blocks then hold tokens [S + jR, S + (j+1)R)
+                                  and the packing rule under oscar_config reads
+                                  n - S for n (P' = max(P, (n - S - L) / R)
+                                  once n >= S + L). Costs S window rows per
+                                  slot and layer. CPU backend and sequence API
+                                  only for now: the CUDA backend and
+                                  caller_metadata = 1 refuse S > 0 with
+                                  OSCAR_E_UNSUPPORTED.                         */
+    int clip_search;           /* 0 (default, as published) or 1: at pack time
+                                  each group's range [lo, hi] is searched over a
+                                  fixed grid of shrunken ranges and the one with
+                                  the least squared error of the group is kept
+                                  (docs/FORMAT.md step 6). Changes only which
+                                  (scale, lo) a packer picks: blocks decode by
+                                  the same rule, so they read, export and import
+                                  everywhere. CPU backend only for now: the
+                                  CUDA backend refuses it (OSCAR_E_UNSUPPORTED). */
 } oscar_config;
 
 oscar_config oscar_config_default(void);
@@ -281,7 +307,9 @@ oscar_status oscar_seq_free(oscar_cache *cache, int32_t seq_id);
  * Exact rollback (speculative decoding): every layer of the sequence keeps
  * min(its tokens, new_length) tokens. The removed tokens must all still be
  * in the window (new_length >= packed_tokens of every layer), otherwise
- * OSCAR_E_INVALID_ARGUMENT and nothing changes. Every kept token's bytes are
+ * OSCAR_E_INVALID_ARGUMENT and nothing changes (with sink_tokens = S and P
+ * blocks packed, P > 0: new_length >= S + P * R; before the first block any
+ * length, the sink tokens included). Every kept token's bytes are
  * then exactly what appending only the kept tokens would have made; since
  * packing follows the longest length the sequence reached, a block may be
  * packed earlier than it would have been (both caches agree again, byte for
@@ -295,7 +323,10 @@ oscar_status oscar_seq_truncate(oscar_cache *cache, int32_t seq_id, int64_t new_
 typedef struct oscar_seq_info {
     int64_t tokens;         /* tokens appended to this layer                */
     int64_t packed_tokens;  /* of which quantised into blocks (multiple of R) */
-    int32_t window_tokens;  /* of which in the full-precision window (< R)   */
+    int32_t window_tokens;  /* of which exact (full precision): the window,
+                               < R + rollback_tokens, plus the sink tokens
+                               (min(tokens, sink_tokens)); tokens =
+                               packed_tokens + window_tokens                 */
     int32_t blocks;         /* blocks in the sequence's block table          */
 } oscar_seq_info;
 

@@ -81,11 +81,15 @@ static void usage(const char *cmd) {
                 "                 [--windows K] [--chunk C] [--k-group G] [--v-group G] [--residual R]\n"
                 "                 [--fold-v] [--no-ref] [--dump PREFIX] [--threads N] [--device cpu|cuda]\n"
                 "                 [--gpu-weights bf16|f32] [--score-from P | --score-second-half]\n"
+                "                 [--min-exact L] [--sinks S] [--clip]\n"
                 "  Perplexity over non-overlapping windows of N tokens (default 1024). For a\n"
                 "  quantised cache it also runs the 16-bit cache and reports KL and top-1 agreement.\n"
                 "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n"
                 "  --score-from P scores only the predictions made at positions >= P of each window;\n"
-                "  --score-second-half is P = N/2, the tokens llama.cpp's llama-perplexity scores.\n");
+                "  --score-second-half is P = N/2, the tokens llama.cpp's llama-perplexity scores.\n"
+                "  Options past the paper (CPU only; docs/ACCURACY.md): --min-exact L (alias --rollback)\n"
+                "  keeps at least L recent tokens exact (config rollback_tokens); --sinks S keeps the\n"
+                "  first S tokens exact (sink_tokens); --clip searches each group's range (clip_search).\n");
     else
         fprintf(stderr,
                 "usage: oscar tni --model M.gguf --text FILE [--layer L] [--png out.png] [--tokens N]\n"
@@ -144,6 +148,9 @@ static int parse_opts(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--k-group")) INTV(1, 1 << 20, o->cfg.k_group);
         else if (!strcmp(a, "--v-group")) INTV(1, 1 << 20, o->cfg.v_group);
         else if (!strcmp(a, "--residual")) INTV(1, 1 << 20, o->cfg.residual);
+        else if (!strcmp(a, "--min-exact") || !strcmp(a, "--rollback")) INTV(0, 1 << 20, o->cfg.rollback_tokens);
+        else if (!strcmp(a, "--sinks")) INTV(0, 1 << 20, o->cfg.sink_tokens);
+        else if (!strcmp(a, "--clip")) o->cfg.clip_search = 1;
         else if (!strcmp(a, "--window-dtype")) {
             NEEDV();
             if (!strcmp(v, "f16")) o->cfg.window_dtype = OSCAR_DTYPE_F16;
@@ -191,6 +198,10 @@ static int parse_opts(int argc, char **argv, opts *o) {
         }
 #undef NEEDV
 #undef INTV
+    }
+    if (o->cfg.backend == OSCAR_BACKEND_CUDA && (o->cfg.rollback_tokens || o->cfg.sink_tokens || o->cfg.clip_search)) {
+        die(cmd, "--min-exact, --sinks and --clip run on the CPU runner only for now (--device cpu)");
+        return -1;
     }
     if (o->threads > 0) omp_set_num_threads(o->threads);
     if (o->score_from < 0) o->score_from = o->ctx / 2;
@@ -244,7 +255,12 @@ static int check_config(const char *cmd, const llama_model *m, const opts *o) {
 static const char *method_label(const opts *o, char *buf, size_t n) {
     if (o->kv_f32) snprintf(buf, n, "f32 (runner's own cache)");
     else if (o->cfg.method == OSCAR_METHOD_NONE) snprintf(buf, n, "none (16-bit)");
-    else snprintf(buf, n, "%s-%d", oscar_method_name(o->cfg.method), o->cfg.bits);
+    else {
+        int k = snprintf(buf, n, "%s-%d", oscar_method_name(o->cfg.method), o->cfg.bits);
+        if (o->cfg.rollback_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " min-exact %d", o->cfg.rollback_tokens);
+        if (o->cfg.sink_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " sinks %d", o->cfg.sink_tokens);
+        if (o->cfg.clip_search && k > 0 && (size_t)k < n) snprintf(buf + k, n - k, " clip");
+    }
     return buf;
 }
 
@@ -538,6 +554,7 @@ int oscar_cmd_ppl(int argc, char **argv) {
     if (with_ref) {
         oscar_config rc16 = o.cfg;
         rc16.method = OSCAR_METHOD_NONE;
+        rc16.rollback_tokens = rc16.sink_tokens = rc16.clip_search = 0; /* the same 16-bit reference for every option */
         if (llama_kv_init(&kr, m, &rc16, 0, o.ctx, err, sizeof err) != 0) { die(cmd, "%s", err); goto out; }
         if (llama_state_init(&sr, m, chunk) != 0) { die(cmd, "out of memory"); goto out; }
     }
@@ -575,22 +592,28 @@ int oscar_cmd_ppl(int argc, char **argv) {
         }
         for (int p = 0; p < o.ctx; p += nt) {
             nt = llama_next_chunk(&kq, o.ctx, chunk);
-            if (llama_forward(m, &sq, &kq, wt + p, nt, nt, err, sizeof err) != 0 ||
-                (with_ref && llama_forward(m, &sr, &kr, wt + p, nt, nt, err, sizeof err) != 0)) {
+            /* logits only for the tokens that are scored (a suffix of the
+             * window): the output layer is a fifth of the work per token */
+            int nl = nt;
+            if (!dump_log && p + nt <= o.score_from) nl = 0;
+            else if (!dump_log && p < o.score_from) nl = p + nt - o.score_from;
+            const int t_lo = nt - nl; /* logits row 0 is the chunk's token t_lo */
+            if (llama_forward(m, &sq, &kq, wt + p, nt, nl, err, sizeof err) != 0 ||
+                (with_ref && llama_forward(m, &sr, &kr, wt + p, nt, nl, err, sizeof err) != 0)) {
                 fputc('\n', stderr);
                 die(cmd, "%s", err);
                 goto out;
             }
             if (dump_log && w == 0) fwrite(sq.logits, sizeof(float), (size_t)nt * m->vocab, dump_log);
             for (int t = 0; t < nt && p + t + 1 < o.ctx; t++) {
-                if (p + t < o.score_from) continue;
+                if (p + t < o.score_from || t < t_lo) continue;
                 int target = wt[p + t + 1];
-                const float *lq = sq.logits + (int64_t)t * m->vocab;
+                const float *lq = sq.logits + (int64_t)(t - t_lo) * m->vocab;
                 int am_q;
                 double lse_q = logsumexp(lq, m->vocab, &am_q);
                 nll_q += lse_q - lq[target];
                 if (with_ref) {
-                    const float *lr = sr.logits + (int64_t)t * m->vocab;
+                    const float *lr = sr.logits + (int64_t)(t - t_lo) * m->vocab;
                     int am_r;
                     double lse_r = logsumexp(lr, m->vocab, &am_r);
                     nll_r += lse_r - lr[target];
@@ -601,8 +624,8 @@ int oscar_cmd_ppl(int argc, char **argv) {
                     }
                     kls[scored] = kl > 0 ? kl : 0;
                     agree += am_q == am_r;
-                    if (R > 0) {
-                        int fill = (p + t + 1) % R, qi = fill * 4 / R;
+                    if (R > 0 && p + t + 1 >= kq.pack_offset) { /* the part of the window that varies */
+                        int fill = (int)((p + t + 1 - kq.pack_offset) % R), qi = fill * 4 / R;
                         kl_fill[qi] += kls[scored];
                         n_fill[qi]++;
                     }
@@ -637,6 +660,15 @@ int oscar_cmd_ppl(int argc, char **argv) {
         oscar_config_packed_bits(&c, &bpe);
     }
     double top1 = with_ref ? (double)agree / scored : 1.0;
+    /* Bits per element over a 4K decode, as docs/ACCURACY.md counts them: on
+     * average S + L + (R - 1) / 2 tokens are exact (window dtype), the rest
+     * packed. */
+    double exact_avg = 0, bpe4k = isnan(bpe) ? 32.0 : bpe;
+    if (quant) {
+        const double wbits = o.cfg.window_dtype == OSCAR_DTYPE_F32 ? 32.0 : 16.0;
+        exact_avg = o.cfg.sink_tokens + o.cfg.rollback_tokens + (o.cfg.residual - 1) / 2.0;
+        bpe4k = (bpe * (4096.0 - exact_avg) + wbits * exact_avg) / 4096.0;
+    }
     printf("model %s | text %s | %lld windows x %d tokens, %lld scored%s | cache %s\n", m->name ? m->name : o.model,
            o.text, (long long)n_win, o.ctx, (long long)scored, o.score_from > 0 ? " (predictions from each window's position score_from on)" : "",
            method_label(&o, lbl, sizeof lbl));
@@ -649,8 +681,8 @@ int oscar_cmd_ppl(int argc, char **argv) {
                "top 1%% of tokens carry %.1f%% of the KL",
                R, kl_fill[0] / (n_fill[0] ? n_fill[0] : 1), kl_fill[1] / (n_fill[1] ? n_fill[1] : 1),
                kl_fill[2] / (n_fill[2] ? n_fill[2] : 1), kl_fill[3] / (n_fill[3] ? n_fill[3] : 1), 100 * kl_top_share);
-    printf("\nKV bytes/token %.1f (16-bit %.0f, %.2fx) | %.2f bits/element | %.1f s (%.1f tok/s)\n", per_tok,
-           fp16_tok, fp16_tok / per_tok, bpe, elapsed, (double)n_win * o.ctx * (with_ref ? 2 : 1) / elapsed);
+    printf("\nKV bytes/token %.1f (16-bit %.0f, %.2fx) | %.2f bits/element, %.3f with %.1f exact tokens over a 4K "
+           "decode | %.1f s (%.1f tok/s)\n", per_tok, fp16_tok, fp16_tok / per_tok, bpe, bpe4k, exact_avg, elapsed, (double)n_win * o.ctx * (with_ref ? 2 : 1) / elapsed);
     if (o.json) {
         char jn[256], jt[1024];
         printf("{\"model\":\"%s\",\"text\":\"%s\",\"method\":\"%s\",\"bits\":%d,\"k_group\":%d,\"v_group\":%d,"
@@ -658,13 +690,15 @@ int oscar_cmd_ppl(int argc, char **argv) {
                "\"ppl\":%.6f,\"ppl_ref\":%.6f,\"delta_ppl_pct\":%.4f,\"kl_mean\":%.6g,\"kl_p99\":%.6g,"
                "\"kl_max\":%.6g,\"top1_agree\":%.6f,\"kv_bytes_per_token\":%.2f,"
                "\"kv_bytes_per_token_fp16\":%.0f,\"bits_per_element\":%.4f,\"seconds\":%.1f,"
-               "\"kl_top1pct_share\":%.4f,\"kl_by_window_fill\":[%.6g,%.6g,%.6g,%.6g]}\n",
+               "\"kl_top1pct_share\":%.4f,\"kl_by_window_fill\":[%.6g,%.6g,%.6g,%.6g],"
+               "\"min_exact\":%d,\"sinks\":%d,\"clip\":%d,\"exact_tokens_avg_4k\":%.1f,\"bits_per_element_4k\":%.4f}\n",
                json_escape(m->name, jn, sizeof jn), json_escape(o.text, jt, sizeof jt), o.kv_f32 ? "f32" : oscar_method_name(o.cfg.method),
                quant ? o.cfg.bits : 16, o.cfg.k_group, o.cfg.v_group, o.cfg.residual, m->v_folded, o.ctx, chunk,
                (long long)n_win, o.score_from, (long long)scored, ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1), kl_mean, kl_p99,
                kl_max, top1, per_tok, fp16_tok, isnan(bpe) ? 32.0 : bpe, elapsed, kl_top_share,
                kl_fill[0] / (n_fill[0] ? n_fill[0] : 1), kl_fill[1] / (n_fill[1] ? n_fill[1] : 1),
-               kl_fill[2] / (n_fill[2] ? n_fill[2] : 1), kl_fill[3] / (n_fill[3] ? n_fill[3] : 1));
+               kl_fill[2] / (n_fill[2] ? n_fill[2] : 1), kl_fill[3] / (n_fill[3] ? n_fill[3] : 1),
+               o.cfg.rollback_tokens, o.cfg.sink_tokens, o.cfg.clip_search, exact_avg, bpe4k);
     }
     rc = 0;
 out:

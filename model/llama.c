@@ -415,7 +415,10 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
     c.rotate_values = m->v_folded ? 0 : 1;
     if (c.residual <= 0) c.residual = 128;
     c.block_count = (int)(max_tokens / c.residual + 2);
-    if (c.method != OSCAR_METHOD_NONE) kv->residual = c.residual;
+    if (c.method != OSCAR_METHOD_NONE) {
+        kv->residual = c.residual;
+        kv->pack_offset = c.sink_tokens + c.rollback_tokens;
+    }
     if (c.backend == OSCAR_BACKEND_CUDA) {
 #ifdef OSCAR_MODEL_GPU
         kv->gpu = llama_gpu_create(m, &c, max_tokens, m->gpu_weights_f32 ? LLAMA_GPU_WEIGHTS_F32 : LLAMA_GPU_WEIGHTS_BF16,
@@ -445,8 +448,11 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
 int llama_next_chunk(const llama_kv *kv, int64_t end, int max) {
     int64_t p = kv->len, n = end - p < max ? end - p : max;
     if (kv->residual > 0 && n > 1) {
-        int64_t boundary = (p / kv->residual + 1) * kv->residual; /* token boundary-1 completes the block */
-        int64_t upto = boundary - 1 - p;
+        /* a block packs when the length reaches off + k R (k >= 1): token
+         * off + k R - 1 completes it (sinks and a rollback lag shift it) */
+        const int64_t R = kv->residual, off = kv->pack_offset;
+        int64_t k = p - off + 1 <= R ? 1 : (p - off + 1 + R - 1) / R;
+        int64_t upto = off + k * R - 1 - p;
         n = upto <= 0 ? 1 : (n < upto ? n : upto);
     }
     return (int)n;

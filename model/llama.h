@@ -65,6 +65,8 @@ typedef struct llama_kv {
     int64_t cap;
     int64_t len;    /* tokens appended so far (all layers) */
     int residual;   /* R of a quantising oscar cache, 0 otherwise */
+    int pack_offset; /* sink_tokens + rollback_tokens: blocks pack when the
+                        length reaches pack_offset + k R (k >= 1) */
 } llama_kv;
 
 /*

@@ -76,6 +76,7 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
     for (int i = 1; i < argc; i++) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(o, "--control")) { a->control = 1; continue; }
+        if (!strcmp(o, "--clip")) { a->cfg.clip_search = 1; continue; }
         if (!strcmp(o, "-h") || !strcmp(o, "--help")) {
             fprintf(stderr,
                     "usage: oscar niah --model M.gguf --text FILE [--lengths 1024,2048,4096,8192]\n"
@@ -83,6 +84,7 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
                     "                  [--kv none|kivi|quarot|scale-only|oscar] [--bits 2|4] [--residual R]\n"
                     "                  [--k-group G] [--v-group G] [--device cpu|cuda] [--threads N]\n"
                     "                  [--png grid.png] [--json out.json] [--control]\n"
+                    "                  [--min-exact L] [--sinks S] [--clip]   (CPU only, docs/ACCURACY.md)\n"
                     "  Passkey retrieval: a random 5-digit key stated once at each depth (%% of the\n"
                     "  filler) of prompts of each length, greedy answer, exact match. Prints the\n"
                     "  accuracy grid (depths x lengths) for one cache configuration. --control\n"
@@ -135,6 +137,8 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
             else if (!strcmp(o, "--residual")) a->cfg.residual = ival;
             else if (!strcmp(o, "--k-group")) a->cfg.k_group = ival;
             else if (!strcmp(o, "--v-group")) a->cfg.v_group = ival;
+            else if (!strcmp(o, "--min-exact") || !strcmp(o, "--rollback")) a->cfg.rollback_tokens = ival;
+            else if (!strcmp(o, "--sinks")) a->cfg.sink_tokens = ival;
             else if (!strcmp(o, "--threads")) a->threads = ival;
             else { fprintf(stderr, "oscar niah: unknown option '%s' (see oscar niah --help)\n", o); return -1; }
         }
@@ -142,6 +146,10 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
     }
     if (a->cfg.bits != 2 && a->cfg.bits != 4) { fprintf(stderr, "oscar niah: --bits must be 2 or 4\n"); return -1; }
     if (!a->text) { fprintf(stderr, "oscar niah: --text is required (the filler: scripts/get-text.sh)\n"); return -1; }
+    if (a->cuda && (a->cfg.rollback_tokens || a->cfg.sink_tokens || a->cfg.clip_search)) {
+        fprintf(stderr, "oscar niah: --min-exact, --sinks and --clip run on the CPU only for now (--device cpu)\n");
+        return -1;
+    }
     if (a->cuda) a->cfg.backend = OSCAR_BACKEND_CUDA;
     return 0;
 }

@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HDR 64 /* version 2; version 1 had 56 and no packed counts */
+#define HDR 64 /* versions 2 and 3; version 1 had 56 and no packed counts */
 
 /* FORMAT.md's per-head key sum of squares, written from the definition:
  * 32 lanes sum d/32 consecutive squares in order, then s_l += s_(l xor m)
@@ -68,9 +68,9 @@ static int parse_stream(const unsigned char *b, size_t n, const tl_geom *g, stre
     s->lag = tl_rd32(b + 56);
     s->reserved = tl_rd32(b + 60);
     int ok = 1;
-    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 2, "version %u", s->version);
-    ok &= CHECKF(s->lag == (uint32_t)g->cfg.rollback_tokens && s->reserved == 0, "rollback_tokens %u reserved %u",
-                 s->lag, s->reserved);
+    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 3, "version %u", s->version);
+    ok &= CHECKF(s->lag == (uint32_t)g->cfg.rollback_tokens && s->reserved == (uint32_t)g->cfg.sink_tokens,
+                 "rollback_tokens %u sink_tokens %u", s->lag, s->reserved);
     ok &= CHECKF(s->method == (uint32_t)g->cfg.method, "method %u", s->method);
     ok &= CHECKF(s->bits == (uint32_t)(g->quant ? g->cfg.bits : 16), "bits %u", s->bits);
     ok &= CHECKF(s->d == (uint32_t)g->d && s->hkv == (uint32_t)g->hkv && s->L == (uint32_t)g->L, "shape %u %u %u", s->d,
@@ -640,9 +640,9 @@ static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_
     const int d = g->d, hkv = g->hkv, R = g->R;
     const int64_t row = (int64_t)hkv * d, T = ref->T, nb = T / R, wt = T % R;
     size_t n = HDR + 16 + (size_t)nb * g->LB + 2 * (size_t)wt * row * g->w + 4 * (size_t)wt + 8;
-    unsigned char *b = calloc(n, 1); /* rollback_tokens 0 and the reserved word stay 0 */
+    unsigned char *b = calloc(n, 1); /* rollback_tokens 0 and sink_tokens 0 stay 0 */
     memcpy(b, "OSCARSEQ", 8);
-    uint32_t f[12] = {2, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
+    uint32_t f[12] = {3, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
                       (uint32_t)g->gk, (uint32_t)g->gv, (uint32_t)R, (uint32_t)g->W,
                       (uint32_t)(g->cfg.rotate_values != 0), (uint32_t)nb};
     for (int i = 0; i < 12; i++) tl_wr32(b + 8 + 4 * i, f[i]);
@@ -863,7 +863,7 @@ static void test_corrupt_streams(void) {
         uint64_t val;
         const char *what;
     } crafted[] = {
-        {0, 0, 0x5241435349, "magic"},          {8, 0, 3, "version 3"},
+        {0, 0, 0x5241435349, "magic"},          {8, 0, 4, "version 4"},
         {8, 0, 0, "version 0"},                 {12, 0, OSCAR_METHOD_KIVI, "method"},
         {12, 0, 99, "method 99"},               {16, 0, 4, "bits 4"},
         {16, 0, 3, "bits 3"},                   {20, 0, 128, "head_dim"},
@@ -875,7 +875,7 @@ static void test_corrupt_streams(void) {
         {44, 0, 7, "window dtype 7"},           {48, 0, 0, "rotate_values 0"},
         {48, 0, 2, "rotate_values 2"},          {52, 0, 1, "n_blocks 1"},
         {52, 0, 3, "n_blocks 3"},               {52, 0, 0xffffffffu, "n_blocks huge"},
-        {56, 0, 1, "rollback_tokens 1"},        {60, 0, 1, "reserved 1"},
+        {56, 0, 1, "rollback_tokens 1"},        {60, 0, 1, "sink_tokens 1"},
         {64, 1, 2 * 32 + 10, "tokens +1"},      {64, 1, 2 * 32 + 8, "tokens -1"},
         {64, 1, 3 * 32 + 9, "tokens +R"},       {80, 1, 0, "layer 1 tokens 0"},
         {64, 1, 1ull << 62, "tokens 2^62"},     {64, 1, ~0ull, "tokens 2^64-1"},
@@ -931,8 +931,26 @@ static void test_corrupt_streams(void) {
            "a valid stream (changed window value, FNV-1a 64 recomputed) was rejected: %s", oscar_last_error(f.c));
     /* the untouched stream is still accepted */
     CHECK(try_import(f.c, f.seq, &base, good, n, 0, "original") == 1);
+    /* a version-2 stream (written by oscar 0.2: the word at 60 reserved, 0,
+     * no sink rows) is this one with another version number: it imports and
+     * re-exports as version 3 */
+    {
+        memcpy(buf, good, n);
+        tl_wr32(buf + 8, 2);
+        tl_fix_checksum(buf, n);
+        int32_t id = -1;
+        CHECK_OK(oscar_seq_import(f.c, buf, n, &id));
+        size_t n2 = 0;
+        unsigned char *again = tl_export(f.c, id, &n2);
+        CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-2 stream does not re-export as version 3");
+        free(again);
+        CHECK_OK(oscar_seq_free(f.c, id));
+        tl_wr32(buf + 60, 1); /* version 2 has no sinks: the word must be 0 */
+        tl_fix_checksum(buf, n);
+        try_import(f.c, f.seq, &base, buf, n, 1, "version 2 with reserved word 1");
+    }
     /* a version-1 stream (56-byte header, tokens only; packed = tokens / R)
-     * of the same sequence imports and re-exports as this version-2 one */
+     * of the same sequence imports and re-exports as this version-3 one */
     {
         /* version 1: no packed counts, and the windows carry no sums of
          * squares (the importer computes them from the K rows) */
@@ -959,7 +977,7 @@ static void test_corrupt_streams(void) {
         CHECK_OK(oscar_seq_import(f.c, v1, n1, &id));
         size_t n2 = 0;
         unsigned char *again = tl_export(f.c, id, &n2);
-        CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-1 stream does not re-export as version 2");
+        CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-1 stream does not re-export as version 3");
         free(again);
         CHECK_OK(oscar_seq_free(f.c, id));
         free(v1);

@@ -52,7 +52,7 @@ typedef struct parsed {
 
 static int parse(const unsigned char *b, size_t n, int hkv, size_t LB, parsed *p) {
     memset(p, 0, sizeof *p);
-    if (!CHECKF(n > 64 + 16 * LAYERS && tl_rd32(b + 8) == 2 && tl_rd32(b + 24) == (uint32_t)hkv, "stream header"))
+    if (!CHECKF(n > 64 + 16 * LAYERS && tl_rd32(b + 8) == 3 && tl_rd32(b + 60) == 0 && tl_rd32(b + 24) == (uint32_t)hkv, "stream header"))
         return 0;
     p->nb = tl_rd32(b + 52);
     size_t off = 64;

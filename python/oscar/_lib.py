@@ -60,6 +60,9 @@ class Config(ctypes.Structure):
         ("check_finite", c_int),
         ("rollback_tokens", c_int),
         ("caller_metadata", c_int),
+        # format version 3 (docs/ACCURACY.md, "Past the paper"); 0 = as published
+        ("sink_tokens", c_int),
+        ("clip_search", c_int),
     ]
 
 

@@ -101,6 +101,8 @@ class OscarConfig:
     check_finite: Optional[int] = None
     rollback_tokens: Optional[int] = None
     caller_metadata: Optional[int] = None
+    sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; CPU only
+    clip_search: Optional[int] = None   # 0 or 1; CPU only
 
     def __post_init__(self):
         d = lib().config_default()
@@ -124,7 +126,8 @@ class OscarConfig:
         c.backend = _parse_backend(self.backend)
         for name in ("bits", "head_dim", "num_kv_heads", "num_q_heads", "num_layers", "k_group",
                      "v_group", "residual", "rotate_values", "block_count", "max_seqs", "device",
-                     "num_threads", "check_finite", "rollback_tokens", "caller_metadata"):
+                     "num_threads", "check_finite", "rollback_tokens", "caller_metadata", "sink_tokens",
+                     "clip_search"):
             val = getattr(self, name)
             try:
                 setattr(c, name, int(val))

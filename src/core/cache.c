@@ -4,6 +4,7 @@
 #include "internal.h"
 
 #include <limits.h>
+#include <stddef.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,6 +73,8 @@ oscar_config oscar_config_default(void) {
     c.check_finite = 1;
     c.rollback_tokens = 0;
     c.caller_metadata = 0;
+    c.sink_tokens = 0;
+    c.clip_search = 0;
     return c;
 }
 
@@ -130,20 +133,50 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
     lay->layer_block_bytes = (size_t)lay->hkv * lay->head_bytes + lay->norms_bytes;
     lay->lag = cfg->rollback_tokens;
     lay->window_rows = cfg->residual + cfg->rollback_tokens;
-    lay->window_layer_bytes = 2 * (size_t)lay->window_rows * (size_t)lay->hkv * d * (size_t)lay->window_esize;
+    lay->sinks = cfg->sink_tokens;
+    lay->clip = cfg->clip_search;
+    /* per slot and layer: K [sinks + window_rows][Hkv][d], then V the same */
+    lay->window_layer_bytes =
+        2 * (size_t)(lay->sinks + lay->window_rows) * (size_t)lay->hkv * d * (size_t)lay->window_esize;
     lay->window_ss_offset = lay->window_layer_bytes * (size_t)cfg->num_layers * (size_t)cfg->max_seqs;
     lay->windows_bytes = lay->window_ss_offset + (size_t)lay->window_rows * sizeof(float) * (size_t)cfg->num_layers *
                                                      (size_t)cfg->max_seqs;
 }
 
+/* The size of oscar_config before sink_tokens and clip_search (format
+ * version 2): a caller compiled against that header passes it. */
+#define CONFIG_SIZE_V2 offsetof(oscar_config, sink_tokens)
+
+/* A caller's config as this library's struct: the fields an older caller
+ * does not have read as 0 (their defaults). NULL if struct_size is neither
+ * size; then oscar_config_validate says why. */
+static const oscar_config *config_in(const oscar_config *c, oscar_config *tmp) {
+    if (!c) return NULL;
+    if (c->struct_size == sizeof(oscar_config)) return c;
+    if (c->struct_size != CONFIG_SIZE_V2) return NULL;
+    memset(tmp, 0, sizeof *tmp);
+    memcpy(tmp, c, CONFIG_SIZE_V2);
+    tmp->struct_size = sizeof(oscar_config);
+    return tmp;
+}
+
+static oscar_status config_check(const oscar_config *c, char *eb, size_t en);
+
 oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
     const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
     if (!c) return errbuf_set(eb, en, E, "config is NULL");
-    if (c->struct_size != sizeof(oscar_config))
+    oscar_config tmp;
+    const oscar_config *n = config_in(c, &tmp);
+    if (!n)
         return errbuf_set(eb, en, E,
-                          "config.struct_size is %zu, this library's oscar_config has %zu bytes: start from "
-                          "oscar_config_default() (it sets struct_size)",
-                          c->struct_size, sizeof(oscar_config));
+                          "config.struct_size is %zu, this library's oscar_config has %zu bytes (or %zu, the "
+                          "layout before sink_tokens): start from oscar_config_default() (it sets struct_size)",
+                          c->struct_size, sizeof(oscar_config), (size_t)CONFIG_SIZE_V2);
+    return config_check(n, eb, en);
+}
+
+static oscar_status config_check(const oscar_config *c, char *eb, size_t en) {
+    const oscar_status E = OSCAR_E_INVALID_ARGUMENT;
     if ((int)c->method < 0 || (int)c->method > 4)
         return errbuf_set(eb, en, E, "method %d is not one of none, kivi, quarot, scale-only, oscar", (int)c->method);
     if (c->method != OSCAR_METHOD_NONE && c->bits != 2 && c->bits != 4)
@@ -176,6 +209,15 @@ oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
                           c->rollback_tokens);
     if (c->caller_metadata != 0 && c->caller_metadata != 1)
         return errbuf_set(eb, en, E, "caller_metadata must be 0 or 1, got %d", c->caller_metadata);
+    if (c->sink_tokens < 0 || c->sink_tokens > 4096)
+        return errbuf_set(eb, en, E, "sink_tokens must be in 0..4096, got %d", c->sink_tokens);
+    if (c->clip_search != 0 && c->clip_search != 1)
+        return errbuf_set(eb, en, E, "clip_search must be 0 or 1, got %d", c->clip_search);
+    if (c->sink_tokens > 0 && c->caller_metadata)
+        return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
+                          "sink_tokens = %d needs the sequence API: the batch API (caller_metadata = 1) has no "
+                          "sink rows yet; set sink_tokens = 0",
+                          c->sink_tokens);
     if (c->block_count < 1)
         return errbuf_set(eb, en, E, "block_count must be >= 1, got %d", c->block_count);
     if (c->max_seqs < 1 || c->max_seqs > (1 << 20))
@@ -196,8 +238,10 @@ oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
     return OSCAR_OK;
 }
 
-oscar_status oscar_config_packed_bits(const oscar_config *c, double *bits) {
-    if (oscar_config_validate(c, NULL, 0) != OSCAR_OK || !bits) return OSCAR_E_INVALID_ARGUMENT;
+oscar_status oscar_config_packed_bits(const oscar_config *cin, double *bits) {
+    if (oscar_config_validate(cin, NULL, 0) != OSCAR_OK || !bits) return OSCAR_E_INVALID_ARGUMENT;
+    oscar_config tmp;
+    const oscar_config *c = config_in(cin, &tmp);
     oscar_layout lay;
     oscar_layout_init(&lay, c);
     double elements = 2.0 * c->residual * c->head_dim * c->num_kv_heads;
@@ -214,15 +258,28 @@ static oscar_status backend_of(const oscar_config *cfg, const oscar_backend_ops 
                               "the CUDA backend was not built into this library (nvcc missing or OSCAR_CUDA=OFF)");
         if (!oscar_cuda_device_available())
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED, "the CUDA backend is built but no CUDA device is usable");
+        /* options the CUDA kernels do not implement yet: refused, never
+         * silently run as something else */
+        if (cfg->sink_tokens > 0)
+            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
+                              "sink_tokens = %d is not supported by the CUDA backend yet (CPU backend only); set "
+                              "sink_tokens = 0",
+                              cfg->sink_tokens);
+        if (cfg->clip_search)
+            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
+                              "clip_search = 1 is not supported by the CUDA backend yet (CPU backend only); set "
+                              "clip_search = 0");
     }
     return OSCAR_OK;
 }
 
-oscar_status oscar_memory_requirements_get(const oscar_config *cfg, oscar_memory_requirements *out, char *eb,
+oscar_status oscar_memory_requirements_get(const oscar_config *cin, oscar_memory_requirements *out, char *eb,
                                            size_t en) {
     if (!out) return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "memory_requirements: out is NULL");
-    oscar_status st = oscar_config_validate(cfg, eb, en);
+    oscar_status st = oscar_config_validate(cin, eb, en);
     if (st != OSCAR_OK) return st;
+    oscar_config tmp;
+    const oscar_config *cfg = config_in(cin, &tmp);
     const oscar_backend_ops *ops;
     if ((st = backend_of(cfg, &ops, eb, en)) != OSCAR_OK) return st;
     return ops->requirements(cfg, out, eb, en);
@@ -232,12 +289,14 @@ oscar_status oscar_cache_create(const oscar_config *cfg, oscar_cache **out, char
     return oscar_cache_create_with_memory(cfg, NULL, out, eb, en);
 }
 
-oscar_status oscar_cache_create_with_memory(const oscar_config *cfg, const oscar_memory_source *mem,
+oscar_status oscar_cache_create_with_memory(const oscar_config *cin, const oscar_memory_source *mem,
                                             oscar_cache **out, char *eb, size_t en) {
     if (!out) return errbuf_set(eb, en, OSCAR_E_INVALID_ARGUMENT, "out is NULL");
     *out = NULL;
-    oscar_status st = oscar_config_validate(cfg, eb, en);
+    oscar_status st = oscar_config_validate(cin, eb, en);
     if (st != OSCAR_OK) return st;
+    oscar_config tmp;
+    const oscar_config *cfg = config_in(cin, &tmp);
     const oscar_backend_ops *ops;
     if ((st = backend_of(cfg, &ops, eb, en)) != OSCAR_OK) return st;
     if (mem) {
@@ -315,6 +374,11 @@ void oscar_cache_destroy(oscar_cache *c) {
  * readers are safe (oscar.h, "Thread safety"). */
 oscar_status oscar_cache_config(const oscar_cache *c, oscar_config *out) {
     if (!c || !out) return OSCAR_E_INVALID_ARGUMENT;
+    if (out->struct_size == CONFIG_SIZE_V2) { /* a caller of the older header: its fields only */
+        memcpy(out, &c->cfg, CONFIG_SIZE_V2);
+        out->struct_size = CONFIG_SIZE_V2;
+        return OSCAR_OK;
+    }
     *out = c->cfg;
     return OSCAR_OK;
 }
@@ -455,7 +519,8 @@ oscar_status oscar_seq_truncate(oscar_cache *c, int32_t seq_id, int64_t new_leng
         return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "seq_truncate: new_length %lld is negative",
                                (long long)new_length);
     for (int l = 0; l < c->cfg.num_layers; l++) {
-        const int64_t packed = (int64_t)q->packed[l] * c->cfg.residual;
+        /* with sinks, blocks start after the S sink tokens */
+        const int64_t packed = q->packed[l] ? (int64_t)q->packed[l] * c->cfg.residual + c->cfg.sink_tokens : 0;
         if (new_length < q->tokens[l] && new_length < packed)
             return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
                                    "seq_truncate: sequence %d layer %d has its first %lld tokens quantised into "
@@ -514,7 +579,8 @@ oscar_status oscar_seq_fork(oscar_cache *c, int32_t src, int32_t *new_id) {
     for (int l = 0; l < c->cfg.num_layers; l++) {
         tokens[l] = a->tokens[l];
         packed[l] = a->packed[l];
-        wt[l] = (int32_t)(a->tokens[l] - (int64_t)a->packed[l] * c->cfg.residual);
+        wt[l] = (int32_t)(a->tokens[l] - oscar_sinks_held(a->tokens[l], c->cfg.sink_tokens) -
+                          (int64_t)a->packed[l] * c->cfg.residual);
     }
     if (a->n_blocks) memcpy(table, a->table, (size_t)a->n_blocks * sizeof(int32_t));
     st = c->ops->fork(c, s, d, wt, packed, table, a->n_blocks);
@@ -621,21 +687,29 @@ oscar_status oscar_append_with_key_sums(oscar_cache *c, int layer, int n_seqs, c
         c->stamp[slots[i]] = c->stamp_now;
         const oscar_seq *q = &c->seqs[slots[i]];
         int64_t have = q->tokens[layer];
-        if (have + n_tokens[i] > (int64_t)c->cfg.block_count * R + R - 1 + c->cfg.rollback_tokens) {
+        if (have + n_tokens[i] >
+            (int64_t)c->cfg.block_count * R + R - 1 + c->cfg.rollback_tokens + c->cfg.sink_tokens) {
             st = oscar_set_error(c, OSCAR_E_POOL_EXHAUSTED,
                                  "append: sequence %d would hold %lld tokens, more than the pool of %d blocks x %d",
                                  (int)ids[i], (long long)(have + n_tokens[i]), c->cfg.block_count, (int)R);
             goto done;
         }
         oscar_append_job *j = &jobs[i];
-        j->input_row = rows;
-        j->n_new = n_tokens[i];
+        /* Sink tokens first (S = 0: none); the rest is the usual stream of
+         * the tokens after the sinks. */
+        const int S = c->cfg.sink_tokens;
+        const int64_t s0 = oscar_sinks_held(have, S), s1 = oscar_sinks_held(have + n_tokens[i], S);
+        j->sink_before = (int32_t)s0;
+        j->sink_new = (int32_t)(s1 - s0);
+        j->input_row = rows + j->sink_new;
+        j->n_new = n_tokens[i] - j->sink_new;
         j->seq_slot = slots[i];
+        const int64_t after0 = have - s0, after1 = have + n_tokens[i] - s1; /* tokens after the sinks */
         const int64_t p0 = q->packed[layer];
-        const int64_t p1 = oscar_packed_after(p0, have + n_tokens[i], (int)R, c->cfg.rollback_tokens);
-        j->window_before = (int32_t)(have - p0 * R);
+        const int64_t p1 = oscar_packed_after(p0, after1, (int)R, c->cfg.rollback_tokens);
+        j->window_before = (int32_t)(after0 - p0 * R);
         j->n_flush = (int32_t)(p1 - p0);
-        j->window_after = (int32_t)(have + n_tokens[i] - p1 * R);
+        j->window_after = (int32_t)(after1 - p1 * R);
         j->first_flush_index = (int32_t)p0;
         int64_t end = (int64_t)j->first_flush_index + j->n_flush;
         if (end > q->n_blocks) new_blocks += end - q->n_blocks;
@@ -740,7 +814,8 @@ oscar_status oscar_attention(oscar_cache *c, int layer, int n_seqs, const int32_
         jobs[i].seq_slot = s;
         jobs[i].n_blocks = sq->packed[layer];
         jobs[i].block_table = sq->table;
-        jobs[i].window_tokens = (int32_t)(T - (int64_t)sq->packed[layer] * R);
+        jobs[i].sink_tokens = (int32_t)oscar_sinks_held(T, c->cfg.sink_tokens);
+        jobs[i].window_tokens = (int32_t)(T - jobs[i].sink_tokens - (int64_t)sq->packed[layer] * R);
         jobs[i].tokens = T;
     }
     st = c->ops->attention(c, layer, jobs, n_seqs, q_len, q, q_dtype, out, out_dtype, softmax_scale, stream);
@@ -765,7 +840,8 @@ oscar_status oscar_memory(const oscar_cache *c, oscar_memory_stats *m) {
     for (int i = 0; i < c->cfg.max_seqs; i++) m->seqs_live += c->seqs[i].id >= 0;
     m->bytes_in_use = m->blocks_used * m->block_bytes + (int64_t)m->seqs_live * L->window_layer_bytes * L->layers;
     m->packed_bytes_per_token = (double)m->block_bytes / c->cfg.residual;
-    m->window_bytes_per_token = (double)L->window_layer_bytes * L->layers / c->cfg.residual;
+    /* one exact token (window or sink row), all layers, K and V */
+    m->window_bytes_per_token = 2.0 * L->hkv * L->d * L->window_esize * L->layers;
     m->fp16_bytes_per_token = 2.0 * 2.0 * L->hkv * L->d * L->layers;
     return OSCAR_OK;
 }

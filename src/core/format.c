@@ -94,7 +94,10 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
             for (int c = 0; c < d; c++) {
                 const float *col = kn + (size_t)g0 * row + (size_t)h * d + c;
                 uint16_t sc16, lo16;
-                oscar_group_params(col, L->k_group, (int)row, Q, &sc16, &lo16);
+                if (L->clip)
+                    oscar_group_params_clip(col, L->k_group, (int)row, Q, &sc16, &lo16);
+                else
+                    oscar_group_params(col, L->k_group, (int)row, Q, &sc16, &lo16);
                 size_t pi = ((size_t)(g0 / L->k_group) * d + c) * 2;
                 kp[pi] = sc16;
                 kp[pi + 1] = lo16;
@@ -113,7 +116,10 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
             for (int gi = 0; gi < ng; gi++) {
                 const float *grp = vrow + gi * L->v_group;
                 uint16_t sc16, lo16;
-                oscar_group_params(grp, L->v_group, 1, Q, &sc16, &lo16);
+                if (L->clip)
+                    oscar_group_params_clip(grp, L->v_group, 1, Q, &sc16, &lo16);
+                else
+                    oscar_group_params(grp, L->v_group, 1, Q, &sc16, &lo16);
                 vp[((size_t)t * ng + gi) * 2] = sc16;
                 vp[((size_t)t * ng + gi) * 2 + 1] = lo16;
                 float sc = oscar_f16_to_f32(sc16), l0 = oscar_f16_to_f32(lo16);

@@ -35,6 +35,9 @@ typedef struct oscar_layout {
     int window_dtype;      /* oscar_dtype of the window               */
     int lag;               /* rollback_tokens                         */
     int window_rows;       /* rows per window slot: residual + lag    */
+    int sinks;             /* sink_tokens S: rows per slot and layer ahead
+                              of the window rows, in the window dtype   */
+    int clip;              /* clip_search: MSE-searched group ranges  */
     size_t codes_bytes;    /* K codes (= V codes) bytes per head      */
     size_t kparams_bytes;  /* per head                                */
     size_t vparams_bytes;  /* per head                                */
@@ -56,6 +59,11 @@ static inline int64_t oscar_packed_after(int64_t packed_before, int64_t n, int R
     const int64_t p = n >= lag ? (n - lag) / R : 0;
     return p > packed_before ? p : packed_before;
 }
+
+/* Tokens of a layer holding n tokens that sit in its sink rows (S = 0:
+ * none). Blocks and the window follow them: with P blocks packed the
+ * window holds n - sinks - P*R tokens, and packing reads n - sinks for n. */
+static inline int64_t oscar_sinks_held(int64_t n, int S) { return n < S ? n : S; }
 
 /* Position of pair element (lane, q, e) inside a 16-token code tile: which
  * 32-bit word of the lane chunk and which bit. Shared by CPU code and tests. */
@@ -83,6 +91,11 @@ typedef struct oscar_append_job {
     int32_t n_flush;
     int32_t first_flush_index;  /* block-table index of flush_blocks[0]    */
     const int32_t *flush_blocks;/* host array of n_flush block ids         */
+    /* Sink tokens (config.sink_tokens, CPU only): input rows
+     * [input_row - sink_new, input_row) go to sink rows [sink_before,
+     * sink_before + sink_new); everything above counts the tokens after the
+     * sinks only. 0 and 0 without sinks. */
+    int32_t sink_before, sink_new;
 } oscar_append_job;
 
 /* One sequence in an attention call. */
@@ -91,7 +104,8 @@ typedef struct oscar_attn_job {
     int32_t n_blocks;           /* packed blocks of this layer             */
     const int32_t *block_table; /* host array, >= n_blocks entries         */
     int32_t window_tokens;
-    int64_t tokens;             /* n_blocks*R + window_tokens              */
+    int64_t tokens;             /* sink_tokens + n_blocks*R + window_tokens */
+    int32_t sink_tokens;        /* tokens in the sink rows (positions 0..)  */
 } oscar_attn_job;
 
 typedef struct oscar_backend_ops {
@@ -146,6 +160,12 @@ typedef struct oscar_backend_ops {
      * squares of n_rows rows (k in backend memory, out [n_rows][Hkv]). */
     oscar_status (*key_sumsq)(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, float *out,
                               void *stream);
+    /* Sink rows (config.sink_tokens; NULL in a backend without them): the
+     * first n sink rows of a slot's layer, K and V [n][Hkv][d] in the window
+     * dtype. */
+    oscar_status (*read_sinks)(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k_host, void *v_host);
+    oscar_status (*write_sinks)(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k_host,
+                                const void *v_host);
 } oscar_backend_ops;
 
 extern const oscar_backend_ops oscar_cpu_backend_ops;
@@ -228,6 +248,11 @@ int oscar_dtype_size(oscar_dtype dtype);
 /* Quantisation parameters of a group (docs/FORMAT.md, steps 6-7). */
 void oscar_group_params(const float *x, int n, int stride, int levels, uint16_t *scale16,
                         uint16_t *lo16);
+/* The same with config.clip_search = 1: the range [lo, hi] shrunk by each
+ * pair of fractions of a fixed grid (docs/FORMAT.md step 6), keeping the
+ * (scale16, lo16) whose codes give the least squared error of the group
+ * (fp64 sum in element order; the first candidate, no shrinking, wins ties). */
+void oscar_group_params_clip(const float *x, int n, int stride, int levels, uint16_t *scale16, uint16_t *lo16);
 /* Code of x from the stored parameters (FORMAT.md step 7): rint is round
  * half to even; NaN and values below the range give 0. */
 static inline int oscar_quant_code(float x, float sc, float l0, int levels) {

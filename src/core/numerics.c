@@ -186,6 +186,46 @@ void oscar_group_params(const float *x, int n, int stride, int levels, uint16_t 
     *lo16 = oscar_f32_to_f16(lo);
 }
 
+/* clip_search: fractions of the range cut from the bottom and from the top
+ * (docs/FORMAT.md step 6); (0, 0) first, so an unclipped range wins ties. */
+static const float CLIP_GRID[6] = {0.0f, 0.05f, 0.1f, 0.15f, 0.2f, 0.3f};
+
+void oscar_group_params_clip(const float *x, int n, int stride, int levels, uint16_t *scale16, uint16_t *lo16) {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < n; i++) {
+        float v = x[(int64_t)i * stride];
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+    }
+    const float range = hi - lo;
+    double best = INFINITY;
+    uint16_t bs = 0, bl = 0;
+    for (int a = 0; a < 6; a++)
+        for (int b = 0; b < 6; b++) {
+            const float l = lo + CLIP_GRID[a] * range, h = hi - CLIP_GRID[b] * range;
+            if (!(h >= l)) continue;
+            const uint16_t s16 = oscar_f32_to_f16((h - l) / (float)levels), l16 = oscar_f32_to_f16(l);
+            const float sc = oscar_f16_to_f32(s16), l0 = oscar_f16_to_f32(l16);
+            double err = 0.0;
+            for (int i = 0; i < n; i++) {
+                const float v = x[(int64_t)i * stride];
+                const float r = l0 + (float)oscar_quant_code(v, sc, l0, levels) * sc; /* as dequantised */
+                err += ((double)v - (double)r) * ((double)v - (double)r);
+            }
+            if (err < best) {
+                best = err;
+                bs = s16;
+                bl = l16;
+            }
+        }
+    if (!(best < INFINITY)) { /* non-finite input: as without clipping */
+        oscar_group_params(x, n, stride, levels, scale16, lo16);
+        return;
+    }
+    *scale16 = bs;
+    *lo16 = bl;
+}
+
 /* ---- public helpers ---------------------------------------------------- */
 
 static int is_pow2(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }

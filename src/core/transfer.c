@@ -7,9 +7,10 @@
 #include <string.h>
 
 static const char MAGIC[8] = {'O', 'S', 'C', 'A', 'R', 'S', 'E', 'Q'};
-/* v1: 56-byte header, u64 tokens per layer. v2 (written now): 64-byte
- * header (+ rollback_tokens, reserved), u64 tokens and u64 packed blocks
- * per layer. docs/FORMAT.md. */
+/* v1: 56-byte header, u64 tokens per layer. v2: 64-byte header
+ * (+ rollback_tokens, reserved), u64 tokens and u64 packed blocks per
+ * layer. v3 (written now): v2 with the reserved word holding sink_tokens S
+ * and each layer's sink rows ahead of its window rows. docs/FORMAT.md. */
 enum { HEADER_V1 = 56, HEADER_V2 = 64 };
 
 static uint64_t fnv1a(const uint8_t *p, size_t n) {
@@ -74,6 +75,34 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
         goto done;
     }
     float *vb = kb + (size_t)R * d, *nb = vb + (size_t)R * d;
+    /* Sink rows (positions 0..sk-1) first; below, positions count from the
+     * first token after the sinks and out rows from out0. */
+    const int64_t sk = oscar_sinks_held(T, L->sinks);
+    if (start < sk) {
+        const size_t half = L->window_layer_bytes / 2;
+        if ((st = c->ops->read_sinks(c, layer, s, (int32_t)sk, wk, wk + half)) != OSCAR_OK) goto done;
+        for (int64_t t = start; t < sk && t < start + count; t++)
+            for (int h = 0; h < H; h++) {
+                size_t o = (size_t)(t - start) * row + (size_t)h * d;
+                size_t wo = ((size_t)t * row + (size_t)h * d) * L->window_esize;
+                if (k_out) {
+                    oscar_to_f32(wk + wo, (oscar_dtype)L->window_dtype, tmp, d);
+                    if (L->rotate) oscar_fwht(tmp, d);
+                    memcpy(k_out + o, tmp, sizeof(float) * d);
+                }
+                if (v_out) {
+                    oscar_to_f32(wk + half + wo, (oscar_dtype)L->window_dtype, tmp, d);
+                    if (L->rotate_v) oscar_fwht(tmp, d);
+                    memcpy(v_out + o, tmp, sizeof(float) * d);
+                }
+            }
+    }
+    const int64_t out0 = start < sk ? sk - start : 0; /* out row of the first token after the sinks */
+    if (k_out) k_out += (size_t)out0 * row;
+    if (v_out) v_out += (size_t)out0 * row;
+    T -= sk;
+    count -= out0;
+    start = start < sk ? 0 : start - sk;
     int64_t packed = (int64_t)q->packed[layer] * R, end = start + count;
     for (int64_t b0 = start / R * R; b0 < end && b0 < packed; b0 += R) {
         if ((st = c->ops->read_block(c, layer, q->table[b0 / R], blk)) != OSCAR_OK) goto done;
@@ -168,20 +197,25 @@ static const char *check_block(const oscar_layout *L, const uint8_t *b) {
 }
 
 static size_t header_bytes(int version) { return version == 1 ? HEADER_V1 : HEADER_V2; }
+/* sink rows held by a layer of `tokens` tokens in a stream with S sinks */
+static int64_t stream_sinks(int64_t tokens, int S) { return oscar_sinks_held(tokens, S); }
 static size_t per_layer_bytes(int version) { return version == 1 ? 8 : 16; }
 
 static void stream_sizes(const oscar_cache *c, int version, const int64_t *tokens, const int64_t *packed,
                          int32_t *n_blocks, size_t *total) {
     const oscar_layout *L = &c->lay;
-    int64_t nb = 0, wrows = 0;
+    int64_t nb = 0, wrows = 0, srows = 0;
     for (int l = 0; l < L->layers; l++) {
+        const int64_t sh = version >= 3 ? stream_sinks(tokens[l], L->sinks) : 0;
         if (packed[l] > nb) nb = packed[l];
-        wrows += tokens[l] - packed[l] * L->residual;
+        wrows += tokens[l] - sh - packed[l] * L->residual;
+        srows += sh;
     }
     *n_blocks = (int32_t)nb;
     *total = header_bytes(version) + per_layer_bytes(version) * (size_t)L->layers +
-             (size_t)nb * L->layers * L->layer_block_bytes + 2 * (size_t)wrows * L->hkv * L->d * L->window_esize +
-             (version >= 2 ? 4 * (size_t)wrows : 0) + 8;
+             (size_t)nb * L->layers * L->layer_block_bytes +
+             2 * (size_t)(wrows + srows) * L->hkv * L->d * L->window_esize + (version >= 2 ? 4 * (size_t)wrows : 0) +
+             8;
 }
 
 oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t buffer_size, size_t *size) {
@@ -200,7 +234,7 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     for (int l = 0; l < L->layers; l++) packed[l] = q->packed[l];
     int32_t nb;
     size_t total;
-    stream_sizes(c, 2, q->tokens, packed, &nb, &total);
+    stream_sizes(c, OSCAR_FORMAT_VERSION, q->tokens, packed, &nb, &total);
     free(packed);
     if (!buffer) {
         *size = total;
@@ -219,7 +253,7 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     for (int i = 0; i < 11; i++) put32(p + 8 + 4 * i, fields[i]);
     put32(p + 52, (uint32_t)nb);
     put32(p + 56, (uint32_t)f->rollback_tokens);
-    put32(p + 60, 0);
+    put32(p + 60, (uint32_t)f->sink_tokens);
     size_t off = HEADER_V2;
     for (int l = 0; l < L->layers; l++, off += 16) {
         put64(p + off, (uint64_t)q->tokens[l]);
@@ -241,7 +275,18 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
         return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "seq_export: out of host memory");
     }
     for (int l = 0; l < L->layers; l++) {
-        int32_t wn = (int32_t)(q->tokens[l] - (int64_t)q->packed[l] * L->residual);
+        const int32_t sn = (int32_t)stream_sinks(q->tokens[l], L->sinks);
+        if (sn > 0) { /* the sink rows: K, then V */
+            if ((st = c->ops->read_sinks(c, l, s, sn, wk, wk + L->window_layer_bytes / 2)) != OSCAR_OK) {
+                free(wk), free(ss);
+                return st;
+            }
+            memcpy(p + off, wk, (size_t)sn * rowb);
+            off += (size_t)sn * rowb;
+            memcpy(p + off, wk + L->window_layer_bytes / 2, (size_t)sn * rowb);
+            off += (size_t)sn * rowb;
+        }
+        int32_t wn = (int32_t)(q->tokens[l] - sn - (int64_t)q->packed[l] * L->residual);
         if (wn == 0) continue;
         if ((st = c->ops->read_window(c, l, s, wn, wk, wk + L->window_layer_bytes / 2, ss)) != OSCAR_OK) {
             free(wk), free(ss);
@@ -275,8 +320,8 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     if (size < HEADER_V1 + 8) return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a stream", size);
     if (memcmp(p, MAGIC, 8) != 0) return oscar_set_error(c, F, "seq_import: bad magic (not an oscar sequence stream)");
     const uint32_t version = get32(p + 8);
-    if (version != 1 && version != OSCAR_FORMAT_VERSION)
-        return oscar_set_error(c, F, "seq_import: stream format version %u, this library reads 1 and %d", version,
+    if (version < 1 || version > OSCAR_FORMAT_VERSION)
+        return oscar_set_error(c, F, "seq_import: stream format version %u, this library reads 1 to %d", version,
                                OSCAR_FORMAT_VERSION);
     const size_t hb = header_bytes((int)version), plb = per_layer_bytes((int)version);
     if (size < hb + 8) return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a stream", size);
@@ -294,8 +339,15 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         if (get32(p + 56) != (uint32_t)f->rollback_tokens)
             return oscar_set_error(c, F, "seq_import: stream has rollback_tokens = %u, this cache has %d",
                                    get32(p + 56), f->rollback_tokens);
-        if (get32(p + 60) != 0) return oscar_set_error(c, F, "seq_import: reserved header field is %u, not 0", get32(p + 60));
+        if (version == 2 && get32(p + 60) != 0)
+            return oscar_set_error(c, F, "seq_import: reserved header field is %u, not 0", get32(p + 60));
+        if (version >= 3 && get32(p + 60) != (uint32_t)f->sink_tokens)
+            return oscar_set_error(c, F, "seq_import: stream has sink_tokens = %u, this cache has %d", get32(p + 60),
+                                   f->sink_tokens);
     }
+    if (version < 3 && f->sink_tokens != 0)
+        return oscar_set_error(c, F, "seq_import: a version %u stream has no sink tokens, this cache has sink_tokens = %d",
+                               version, f->sink_tokens);
     if (size < hb + plb * (size_t)L->layers + 8)
         return oscar_set_error(c, F, "seq_import: stream truncated in the token counts");
     int64_t *tokens = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);
@@ -317,11 +369,14 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
                                  (unsigned long long)pk, f->block_count);
             goto fail;
         }
-        if (t < pk * (uint64_t)f->residual || t - pk * (uint64_t)f->residual > (uint64_t)(L->window_rows - 1)) {
+        /* S sink tokens come before the blocks (S = 0 before version 3) */
+        const uint64_t sh = t < (uint64_t)L->sinks ? t : (uint64_t)L->sinks;
+        if ((pk > 0 && t < (uint64_t)L->sinks) || t - sh < pk * (uint64_t)f->residual ||
+            t - sh - pk * (uint64_t)f->residual > (uint64_t)(L->window_rows - 1)) {
             st = oscar_set_error(c, F,
-                                 "seq_import: layer %d claims %llu tokens with %llu packed blocks; the window holds "
-                                 "0..%d tokens",
-                                 l, (unsigned long long)t, (unsigned long long)pk, L->window_rows - 1);
+                                 "seq_import: layer %d claims %llu tokens with %d sink tokens and %llu packed blocks; "
+                                 "the window holds 0..%d tokens",
+                                 l, (unsigned long long)t, L->sinks, (unsigned long long)pk, L->window_rows - 1);
             goto fail;
         }
         tokens[l] = (int64_t)t;
@@ -381,7 +436,16 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
         goto fail;
     }
     for (int l = 0; l < L->layers; l++) {
-        int32_t wn = (int32_t)(tokens[l] - packed64[l] * L->residual);
+        const int32_t sn = (int32_t)stream_sinks(tokens[l], L->sinks);
+        if (sn > 0) { /* sink rows (version 3): finite, like window rows */
+            if (any_nonfinite(L, p + off, 2 * (size_t)sn * L->hkv * L->d)) {
+                st = oscar_set_error(c, F, "seq_import: layer %d: a sink value is NaN or Inf", l);
+                goto fail;
+            }
+            if ((st = c->ops->write_sinks(c, l, slot, sn, p + off, p + off + (size_t)sn * rowb)) != OSCAR_OK) goto fail;
+            off += 2 * (size_t)sn * rowb;
+        }
+        int32_t wn = (int32_t)(tokens[l] - sn - packed64[l] * L->residual);
         const uint8_t *wkp = p + off, *wvp = p + off + (size_t)wn * rowb;
         off += 2 * (size_t)wn * rowb;
         /* window rows as append stores them: finite (found by tests/fuzz/fuzz_import.c: a NaN row was taken

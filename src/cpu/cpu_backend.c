@@ -43,8 +43,18 @@ static uint8_t *layer_block(oscar_cache *c, int layer, int32_t b) {
     return ST(c)->pool + ((size_t)layer * c->cfg.block_count + (size_t)b) * c->lay.layer_block_bytes;
 }
 
-static uint8_t *window_k(oscar_cache *c, int layer, int32_t slot) {
+/* A slot's layer: K [sinks + window_rows][Hkv][d], then V the same. The sink
+ * rows (config.sink_tokens) come first; window_k/window_v point past them. */
+static uint8_t *sink_k(oscar_cache *c, int layer, int32_t slot) {
     return ST(c)->windows + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_layer_bytes;
+}
+
+static uint8_t *sink_v(oscar_cache *c, int layer, int32_t slot) {
+    return sink_k(c, layer, slot) + c->lay.window_layer_bytes / 2;
+}
+
+static uint8_t *window_k(oscar_cache *c, int layer, int32_t slot) {
+    return sink_k(c, layer, slot) + (size_t)c->lay.sinks * c->lay.hkv * c->lay.d * c->lay.window_esize;
 }
 
 static uint8_t *window_v(oscar_cache *c, int layer, int32_t slot) {
@@ -195,6 +205,17 @@ static oscar_status cpu_append(oscar_cache *c, int layer, const oscar_append_job
             oscar_to_f32(staged + (size_t)r * row * es, (oscar_dtype)L->window_dtype, xk, (int64_t)row);
             ss_new[r] = oscar_row_sumsq(L, xk);
         }
+    }
+
+    /* 1b. Sink tokens (config.sink_tokens) go to their rows for good. */
+    for (int i = 0; i < n_jobs; i++) {
+        const oscar_append_job *j = &jobs[i];
+        if (j->sink_new <= 0) continue;
+        const int64_t src = j->input_row - j->sink_new;
+        memcpy(sink_k(c, layer, j->seq_slot) + (size_t)j->sink_before * row * es, staged + (size_t)src * row * es,
+               (size_t)j->sink_new * row * es);
+        memcpy(sink_v(c, layer, j->seq_slot) + (size_t)j->sink_before * row * es, staged_v + (size_t)src * row * es,
+               (size_t)j->sink_new * row * es);
     }
 
     /* 2. Quantise every block that fills up. */
@@ -471,7 +492,8 @@ CPU_DISPATCH static void values_q(const oscar_layout *L, const uint8_t *blk, int
 
 typedef struct attn_item {
     int job, head;
-    int32_t u0, u1; /* units: blocks 0..n_blocks-1, then the window as unit n_blocks */
+    int32_t u0, u1; /* units: blocks 0..n_blocks-1, then the window as unit n_blocks;
+                       the sink rows (config.sink_tokens) are unit -1, an item alone */
 } attn_item;
 
 typedef struct attn_ctx {
@@ -496,16 +518,24 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
         memcpy(S->qlocal + (size_t)r * d, qr_job + ((size_t)qi * L->hq + (size_t)h * X->g + jj) * d,
                sizeof(float) * d);
     }
-    const int64_t t_first = (int64_t)itm->u0 * R;
+    /* token positions: sinks 0..sink_tokens-1, then blocks, then the window */
+    const int64_t sk = J->sink_tokens;
+    const int64_t t_first = itm->u0 < 0 ? 0 : sk + (int64_t)itm->u0 * R;
     const int64_t ntok =
-        (itm->u1 > J->n_blocks ? (int64_t)(itm->u1 - 1) * R + J->window_tokens : (int64_t)itm->u1 * R) - t_first;
+        itm->u0 < 0 ? sk
+                    : (itm->u1 > J->n_blocks ? (int64_t)(itm->u1 - 1) * R + J->window_tokens : (int64_t)itm->u1 * R) -
+                          (int64_t)itm->u0 * R;
     /* Pass 1: logits. */
     for (int32_t u = itm->u0; u < itm->u1; u++) {
         float *lo = S->logits + (size_t)(u - itm->u0) * R;
         const uint8_t *kb;
         size_t stride;
         int n;
-        if (u < J->n_blocks) {
+        if (u < 0) { /* sink rows, exact */
+            kb = sink_k(c, X->layer, J->seq_slot) + (size_t)h * d * es;
+            stride = kvrow * es;
+            n = (int)sk;
+        } else if (u < J->n_blocks) {
             const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
             if (L->quantised) {
                 if (L->bits == 2) /* src/cpu/attention_q2.c */
@@ -580,7 +610,11 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
         const uint8_t *vb = NULL;
         size_t stride = 0;
         int n = 0, quant = 0;
-        if (u < J->n_blocks) {
+        if (u < 0) { /* sink rows, exact */
+            vb = sink_v(c, X->layer, J->seq_slot) + (size_t)h * d * es;
+            stride = kvrow * es;
+            n = (int)sk;
+        } else if (u < J->n_blocks) {
             const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
             if (L->quantised) {
                 const uint8_t *hb = blk + (size_t)h * L->head_bytes;
@@ -635,14 +669,15 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     const int nt = thread_count(c);
     /* Work items: about four per thread, at most 64 blocks each. */
     int64_t units_total = 0;
-    for (int i = 0; i < n_jobs; i++) units_total += (int64_t)L->hkv * (jobs[i].n_blocks + (jobs[i].window_tokens > 0));
+    for (int i = 0; i < n_jobs; i++)
+        units_total += (int64_t)L->hkv * (jobs[i].n_blocks + (jobs[i].window_tokens > 0) + (jobs[i].sink_tokens > 0));
     int64_t chunk = units_total / (4 * (int64_t)nt);
     if (chunk < 1) chunk = 1;
     if (chunk > 64) chunk = 64;
     int64_t n_items = 0;
     for (int i = 0; i < n_jobs; i++) {
         int64_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
-        n_items += (int64_t)L->hkv * ((u + chunk - 1) / chunk);
+        n_items += (int64_t)L->hkv * ((u + chunk - 1) / chunk + (jobs[i].sink_tokens > 0));
     }
     attn_ctx X;
     memset(&X, 0, sizeof X);
@@ -655,6 +690,7 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     X.P = L->quantised ? 16 / L->bits : 1;
     X.ng = L->quantised ? d / L->v_group : 1;
     X.max_tok = (size_t)chunk * R + (size_t)L->lag; /* the window unit holds up to R - 1 + lag */
+    if (X.max_tok < (size_t)L->sinks) X.max_tok = (size_t)L->sinks; /* the sink item */
     const int nr_max = rows < MAX_ROWS ? rows : MAX_ROWS;
     /* Per thread: doubles first, then floats; a multiple of 16 floats keeps
      * every thread's block 64-byte aligned. */
@@ -672,7 +708,14 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     int64_t it = 0;
     for (int i = 0; i < n_jobs; i++) {
         int32_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
-        for (int h = 0; h < L->hkv; h++)
+        for (int h = 0; h < L->hkv; h++) {
+            if (jobs[i].sink_tokens > 0) { /* the sink rows: one item of their own */
+                items[it].job = i;
+                items[it].head = h;
+                items[it].u0 = -1;
+                items[it].u1 = 0;
+                it++;
+            }
             for (int32_t u0 = 0; u0 < u; u0 += (int32_t)chunk) {
                 items[it].job = i;
                 items[it].head = h;
@@ -680,6 +723,7 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
                 items[it].u1 = u0 + (int32_t)chunk < u ? u0 + (int32_t)chunk : u;
                 it++;
             }
+        }
     }
     /* Rotated queries, fp32: [job][q_len][hq][d]. */
     const size_t qn = (size_t)n_jobs * q_len * hq;
@@ -713,7 +757,7 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     it = 0;
     for (int i = 0; i < n_jobs; i++) {
         int64_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
-        int64_t per_head = (u + chunk - 1) / chunk;
+        int64_t per_head = (u + chunk - 1) / chunk + (jobs[i].sink_tokens > 0);
         for (int h = 0; h < L->hkv; h++, it += per_head) {
             for (int r = 0; r < rows; r++) {
                 float m = -INFINITY;
@@ -750,6 +794,10 @@ static oscar_status cpu_fork(oscar_cache *c, int32_t src, int32_t dst, const int
     const size_t half = c->lay.window_layer_bytes / 2;
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     for (int l = 0; l < c->cfg.num_layers; l++) {
+        if (c->lay.sinks) { /* every sink row; those not yet written are harmless */
+            memcpy(sink_k(c, l, dst), sink_k(c, l, src), (size_t)c->lay.sinks * rowb);
+            memcpy(sink_v(c, l, dst), sink_v(c, l, src), (size_t)c->lay.sinks * rowb);
+        }
         memcpy(window_k(c, l, dst), window_k(c, l, src), (size_t)wt[l] * rowb);
         memcpy(window_k(c, l, dst) + half, window_k(c, l, src) + half, (size_t)wt[l] * rowb);
         memcpy(window_ss(c, l, dst), window_ss(c, l, src), (size_t)wt[l] * sizeof(float));
@@ -784,6 +832,21 @@ static oscar_status cpu_write_window(oscar_cache *c, int layer, int32_t slot, in
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     memcpy(window_k(c, layer, slot), k, (size_t)n * rowb);
     memcpy(window_v(c, layer, slot), v, (size_t)n * rowb);
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_read_sinks(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v) {
+    const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
+    memcpy(k, sink_k(c, layer, slot), (size_t)n * rowb);
+    memcpy(v, sink_v(c, layer, slot), (size_t)n * rowb);
+    return OSCAR_OK;
+}
+
+static oscar_status cpu_write_sinks(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k,
+                                    const void *v) {
+    const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
+    memcpy(sink_k(c, layer, slot), k, (size_t)n * rowb);
+    memcpy(sink_v(c, layer, slot), v, (size_t)n * rowb);
     return OSCAR_OK;
 }
 
@@ -944,5 +1007,5 @@ const oscar_backend_ops oscar_cpu_backend_ops = {
     "cpu",           cpu_init,           cpu_destroy,         cpu_append,    cpu_attention,
     cpu_fork,        cpu_read_block,     cpu_write_block,     cpu_read_window, cpu_write_window,
     NULL,            cpu_batch_append,   cpu_batch_attention, cpu_slot_copy, cpu_poll,
-    cpu_sync,        cpu_requirements,   cpu_key_sumsq,
+    cpu_sync,        cpu_requirements,   cpu_key_sumsq,  cpu_read_sinks, cpu_write_sinks,
 };

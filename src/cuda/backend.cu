@@ -665,6 +665,7 @@ const oscar_backend_ops cuda_ops = {
     cuda_fork,       cuda_read_block,  cuda_write_block, cuda_read_window,  cuda_write_window,
     cuda_set_table,  cuda_batch_append, cuda_batch_attention, cuda_slot_copy, cuda_poll,
     cuda_sync,       cuda_requirements, cuda_key_sumsq,
+    nullptr,         nullptr, /* read_sinks, write_sinks: sink_tokens is refused on CUDA (src/core/cache.c) */
 };
 
 } // namespace
