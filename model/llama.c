@@ -54,7 +54,7 @@ static int bind_mat(const gguf_file *f, const char *name, int64_t rows, int64_t 
     }
     if (!ggml_type_supported(t->type)) {
         seterr(err, n, "tensor '%s' has type %s (ggml type %u), which this runner does not read "
-               "(supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q6_K)", name, ggml_type_name(t->type), t->type);
+               "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)", name, ggml_type_name(t->type), t->type);
         return -1;
     }
     uint64_t be, bb;
