@@ -26,9 +26,11 @@ int qm_wants_int_acts(uint32_t type) {
            type == GGML_T_Q5_0 || type == GGML_T_Q4_K;
 }
 
-/* Types with only the scalar kernel (Gemma 3's Q5_0 and Q4_K): every level
- * runs it. */
-static int scalar_only(uint32_t type) { return type == GGML_T_Q5_0 || type == GGML_T_Q4_K; }
+/* Gemma 3's Q5_0 and Q4_K have x86 kernels for 16-bit activation codes (the
+ * runner's default) only: against int8 codes every level runs the scalar one. */
+static int scalar_only(uint32_t type, qm_act act) {
+    return act == QM_ACT_Q8 && (type == GGML_T_Q5_0 || type == GGML_T_Q4_K);
+}
 
 int qm_type_supported(uint32_t type) {
     return qm_wants_int_acts(type) || type == GGML_T_F32 || type == GGML_T_F16 || type == GGML_T_BF16;
@@ -368,11 +370,11 @@ void qm_quantize_q8(const float *x, act_q8 *out, int64_t n) { quant_for(qm_curre
 
 void qm_gemm_level(qm_level level, uint32_t type, qm_act act, const void *w, size_t row_bytes, int64_t cols,
                    int64_t nrows, const void *x, int T, float *y, int64_t ldy) {
-    gemm_for(scalar_only(type) ? QM_SCALAR : level)(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x, T, y, ldy);
+    gemm_for(scalar_only(type, act) ? QM_SCALAR : level)(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x, T, y, ldy);
 }
 
 void qm_gemm(uint32_t type, qm_act act, const void *w, size_t row_bytes, int64_t cols, int64_t nrows, const void *x,
              int T, float *y, int64_t ldy) {
-    gemm_for(scalar_only(type) ? QM_SCALAR : qm_current_level())(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x,
+    gemm_for(scalar_only(type, act) ? QM_SCALAR : qm_current_level())(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x,
                                                                  T, y, ldy);
 }
