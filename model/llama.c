@@ -453,12 +453,15 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
             seterr(err, n, "--device cuda: the GPU runner has no sliding-window layers (gemma3); use the CPU runner");
             return -1;
         }
-        /* The ring holds the window plus SWA_SLACK positions, so a chunk of up to SWA_SLACK + 1
-         * tokens can be appended before its queries attend (llama_next_chunk keeps chunks there). */
-        enum { SWA_SLACK = 512 };
-        const int64_t want = (int64_t)m->swa_window + SWA_SLACK;
+        /* The ring holds the window plus `slack` positions, so a chunk of up to slack + 1 tokens
+         * can be appended before its queries attend (llama_next_chunk keeps chunks there).
+         * OSCAR_SWA_RING_SLACK shrinks it so that tests wrap the ring on short texts. */
+        int64_t slack = 512;
+        const char *env = getenv("OSCAR_SWA_RING_SLACK");
+        if (env && atoi(env) > 0 && atoi(env) < 512) slack = atoi(env);
+        const int64_t want = (int64_t)m->swa_window + slack;
         kv->swa_cap = max_tokens < want ? max_tokens : want;
-        kv->swa_max_chunk = max_tokens <= want ? 0 : SWA_SLACK + 1; /* 0: the ring never wraps */
+        kv->swa_max_chunk = max_tokens <= want ? 0 : (int)slack + 1; /* 0: the ring never wraps */
         size_t sz = (size_t)m->n_swa_layers * (size_t)kv->swa_cap * (size_t)(m->n_kv_heads * m->head_dim);
         kv->swa_k = malloc(sz * sizeof(float));
         kv->swa_v = malloc(sz * sizeof(float));
