@@ -34,7 +34,7 @@ echo "$out" | grep -q "^prompt_ids: 2 818 5279 529 7001 563$" || fail "run: prom
 echo "$out" | grep -qi "France" || fail "run: expected the continuation to mention France"
 
 # 2. ppl --json with the 2-bit OScaR cache (global layers) against the 16-bit one
-j="$("$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx 320 --windows 1 --kv oscar --bits 2 --residual 64 --json 2>"$WORK/ppl.err" | tail -n1)" \
+j="$("$BIN" ppl --model "$MODEL" --text "$TEXT" --ctx 160 --windows 1 --kv oscar --bits 2 --residual 32 --json 2>"$WORK/ppl.err" | tail -n1)" \
     || fail "ppl: $(cat "$WORK/ppl.err")"
 echo "ppl oscar-2: $j"
 awk -v j="$j" 'BEGIN {
