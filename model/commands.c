@@ -241,7 +241,7 @@ static int check_config(const char *cmd, const llama_model *m, const opts *o) {
     c.head_dim = m->head_dim;
     c.num_kv_heads = m->n_kv_heads;
     c.num_q_heads = m->n_heads;
-    c.num_layers = m->n_layers;
+    c.num_layers = llama_cache_layers(m);
     c.rotate_values = m->v_folded ? 0 : 1;
     c.max_seqs = 1;
     char err[256] = "";
@@ -313,7 +313,8 @@ static int sample(const float *logits, int n, float temp, uint64_t *rng) {
 /* Bytes the cache holds for this sequence now (packed blocks at their packed
  * size, window tokens at window size) and what a 16-bit cache would hold. */
 static void kv_usage(const llama_kv *kv, const llama_model *m, double *used, double *fp16, double *per_tok) {
-    double f16_tok = 2.0 * 2.0 * m->n_layers * m->n_kv_heads * m->head_dim;
+    /* the layers the oscar cache holds (Gemma 3's sliding-window layers are outside it) */
+    double f16_tok = 2.0 * 2.0 * llama_cache_layers(m) * m->n_kv_heads * m->head_dim;
     *fp16 = f16_tok * (double)kv->len;
     if (kv->use_f32) {
         *used = 2.0 * *fp16;
@@ -583,6 +584,9 @@ int oscar_cmd_ppl(int argc, char **argv) {
     int64_t n_fill[4] = {0};
     const int R = kq.residual;
     progress pg = {now_s(), 0, n_win * o.ctx, isatty(2)};
+    /* A model that wants a BOS (Gemma) gets it as each window's first token, as llama-perplexity does. */
+    if (tok_add_bos(m->tok) && tok_bos(m->tok) >= 0)
+        for (int64_t w = 0; w < n_win; w++) ids[w * o.ctx] = tok_bos(m->tok);
     for (int64_t w = 0; w < n_win; w++) {
         const int32_t *wt = ids + w * o.ctx;
         int nt;
@@ -652,11 +656,11 @@ int oscar_cmd_ppl(int argc, char **argv) {
     }
     double used, fp16, per_tok;
     kv_usage(&kq, m, &used, &fp16, &per_tok);
-    double fp16_tok = 2.0 * 2.0 * m->n_layers * m->n_kv_heads * m->head_dim;
+    double fp16_tok = 2.0 * 2.0 * llama_cache_layers(m) * m->n_kv_heads * m->head_dim;
     double bpe = NAN;
     if (!o.kv_f32) {
         oscar_config c = o.cfg;
-        c.head_dim = m->head_dim; c.num_kv_heads = m->n_kv_heads; c.num_q_heads = m->n_heads; c.num_layers = m->n_layers;
+        c.head_dim = m->head_dim; c.num_kv_heads = m->n_kv_heads; c.num_q_heads = m->n_heads; c.num_layers = llama_cache_layers(m);
         oscar_config_packed_bits(&c, &bpe);
     }
     double top1 = with_ref ? (double)agree / scored : 1.0;

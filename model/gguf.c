@@ -175,7 +175,7 @@ int ggml_type_block(uint32_t type, uint64_t *be, uint64_t *bb) {
 int ggml_type_supported(uint32_t type) {
     switch (type) {
     case GGML_T_F32: case GGML_T_F16: case GGML_T_BF16: case GGML_T_Q4_0:
-    case GGML_T_Q4_1: case GGML_T_Q8_0: case GGML_T_Q6_K: return 1;
+    case GGML_T_Q4_1: case GGML_T_Q5_0: case GGML_T_Q8_0: case GGML_T_Q4_K: case GGML_T_Q6_K: return 1;
     default: return 0;
     }
 }
@@ -201,6 +201,16 @@ float gguf_f16_to_f32(uint16_t h) {
 }
 
 static inline float ld_f16(const uint8_t *p) { return gguf_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+void ggml_q4_k_scale_min(const uint8_t *scales, int j, int *sc, int *m) {
+    if (j < 4) {
+        *sc = scales[j] & 63;
+        *m = scales[j + 4] & 63;
+    } else {
+        *sc = (scales[j + 4] & 15) | ((scales[j - 4] >> 6) << 4);
+        *m = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
+    }
+}
 
 void ggml_dequantize_row(uint32_t type, const void *src, float *dst, int64_t n) {
     const uint8_t *p = (const uint8_t *)src;
@@ -232,6 +242,31 @@ void ggml_dequantize_row(uint32_t type, const void *src, float *dst, int64_t n) 
             for (int j = 0; j < 16; j++) {
                 dst[j] = (float)(p[4 + j] & 15) * d + m;
                 dst[j + 16] = (float)(p[4 + j] >> 4) * d + m;
+            }
+        }
+        break;
+    case GGML_T_Q5_0: /* d:f16, qh:u32 (bit j: 5th bit of element j), 16 bytes of low nibbles as Q4_0 */
+        for (int64_t b = 0; b < n / 32; b++, p += 22, dst += 32) {
+            float d = ld_f16(p);
+            uint32_t qh = (uint32_t)p[2] | (uint32_t)p[3] << 8 | (uint32_t)p[4] << 16 | (uint32_t)p[5] << 24;
+            for (int j = 0; j < 16; j++) {
+                dst[j] = (float)((int)((p[6 + j] & 15) | ((qh >> j) & 1) << 4) - 16) * d;
+                dst[j + 16] = (float)((int)((p[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4) - 16) * d;
+            }
+        }
+        break;
+    case GGML_T_Q4_K: /* d:f16, dmin:f16, 12 bytes of 6-bit scales/mins, qs[128] */
+        for (int64_t b = 0; b < n / 256; b++, p += 144) {
+            float d = ld_f16(p), dmin = ld_f16(p + 2);
+            const uint8_t *q = p + 16;
+            for (int j = 0; j < 8; j += 2, q += 32, dst += 64) {
+                int sc0, m0, sc1, m1;
+                ggml_q4_k_scale_min(p + 4, j, &sc0, &m0);
+                ggml_q4_k_scale_min(p + 4, j + 1, &sc1, &m1);
+                for (int l = 0; l < 32; l++) {
+                    dst[l] = d * (float)sc0 * (float)(q[l] & 15) - dmin * (float)m0;
+                    dst[l + 32] = d * (float)sc1 * (float)(q[l] >> 4) - dmin * (float)m1;
+                }
             }
         }
         break;

@@ -94,4 +94,7 @@ void ggml_dequantize_row(uint32_t type, const void *src, float *dst, int64_t n);
 
 float gguf_f16_to_f32(uint16_t h);
 
+/* Q4_K: the 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes. */
+void ggml_q4_k_scale_min(const uint8_t *scales, int j, int *sc, int *m);
+
 #endif

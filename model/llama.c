@@ -54,7 +54,7 @@ static int bind_mat(const gguf_file *f, const char *name, int64_t rows, int64_t 
     }
     if (!ggml_type_supported(t->type)) {
         seterr(err, n, "tensor '%s' has type %s (ggml type %u), which this runner does not read "
-               "(supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q6_K)", name, ggml_type_name(t->type), t->type);
+               "(supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K)", name, ggml_type_name(t->type), t->type);
         return -1;
     }
     uint64_t be, bb;
@@ -109,6 +109,7 @@ void llama_free(llama_model *m) {
     }
     free(m->layers);
     free(m->rope_freq);
+    free(m->rope_freq_swa);
     free(m->name);
     tok_free(m->tok);
     gguf_close(m->file);
@@ -133,8 +134,11 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
     } else if (arch && strcmp(arch, "qwen3") == 0) {
         m->arch = LLAMA_ARCH_QWEN3;
         m->rope_neox = 1;
+    } else if (arch && strcmp(arch, "gemma3") == 0) {
+        m->arch = LLAMA_ARCH_GEMMA3;
+        m->rope_neox = 1;
     } else {
-        seterr(err, n, "'%s': architecture '%s' is not supported (only 'llama' and 'qwen3')", path,
+        seterr(err, n, "'%s': architecture '%s' is not supported (only 'llama', 'qwen3' and 'gemma3')", path,
                arch ? arch : "(missing)");
         free(arch);
         llama_free(m);
@@ -201,6 +205,33 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
             return NULL;
         }
     }
+    if (m->arch == LLAMA_ARCH_GEMMA3) {
+        /* llama.cpp's reading of a gemma3 GGUF (llama-model.cpp), which stores neither the layer
+         * pattern nor the local RoPE base: every sixth layer (5, 11, 17, ...) is global, the others
+         * see the last attention.sliding_window positions with RoPE base 10000; the query scale is
+         * 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim, true of all but the 27B model). */
+        NEED_U32("attention.sliding_window", m->swa_window);
+        m->rope_base_swa = 10000.0f;
+        get_f32_arch(f, arch, "rope.freq_base_swa", &m->rope_base_swa);
+        const char *unsupported[] = {"attention.sliding_window_pattern", "final_logit_softcapping",
+                                     "attn_logit_softcapping"};
+        for (size_t i = 0; i < sizeof unsupported / sizeof *unsupported; i++) {
+            char k[160];
+            snprintf(k, sizeof k, "%s.%s", arch, unsupported[i]);
+            if (gguf_find_kv(f, k)) {
+                seterr(err, n, "'%s': metadata %s is not supported by this runner", path, k);
+                free(arch);
+                llama_free(m);
+                return NULL;
+            }
+        }
+        if (!(m->rope_base_swa > 1.0f) || isinf(m->rope_base_swa)) {
+            seterr(err, n, "'%s': local RoPE base %g is not a usable number", path, (double)m->rope_base_swa);
+            free(arch);
+            llama_free(m);
+            return NULL;
+        }
+    }
     free(arch);
 #undef NEED_U32
     if (m->n_kv_heads <= 0 || m->n_heads % m->n_kv_heads != 0 || m->head_dim <= 0 || (m->head_dim & 1) ||
@@ -211,6 +242,8 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
         return NULL;
     }
     m->name = gguf_get_string(f, "general.name");
+    m->embed_scale = m->arch == LLAMA_ARCH_GEMMA3 ? sqrtf((float)m->dim) : 1.0f;
+    m->attn_scale = (float)(1.0 / sqrt((double)m->head_dim));
 
     m->tok = tok_load(f, err, n);
     if (!m->tok) {
@@ -238,10 +271,17 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
 #define T(name) (snprintf(nm, sizeof nm, "blk.%d." name ".weight", l), nm)
         if (!(L->attn_norm = bind_vec(f, T("attn_norm"), m->dim, err, n))) goto fail;
         if (!(L->ffn_norm = bind_vec(f, T("ffn_norm"), m->dim, err, n))) goto fail;
-        if (m->arch == LLAMA_ARCH_QWEN3) {
+        if (m->arch == LLAMA_ARCH_QWEN3 || m->arch == LLAMA_ARCH_GEMMA3) {
             if (!(L->q_norm = bind_vec(f, T("attn_q_norm"), m->head_dim, err, n))) goto fail;
             if (!(L->k_norm = bind_vec(f, T("attn_k_norm"), m->head_dim, err, n))) goto fail;
         }
+        if (m->arch == LLAMA_ARCH_GEMMA3) {
+            /* The file's norm weights already hold Gemma's (1 + w): llama.cpp's converter adds the 1. */
+            if (!(L->post_attn_norm = bind_vec(f, T("post_attention_norm"), m->dim, err, n))) goto fail;
+            if (!(L->post_ffn_norm = bind_vec(f, T("post_ffw_norm"), m->dim, err, n))) goto fail;
+            L->swa = m->swa_window > 0 && (l + 1) % 6 != 0;
+        }
+        L->kv_layer = L->swa ? m->n_swa_layers++ : l - m->n_swa_layers;
         if (bind_mat(f, T("attn_q"), qd, m->dim, &L->wq, err, n) != 0 ||
             bind_mat(f, T("attn_k"), kvd, m->dim, &L->wk, err, n) != 0 ||
             bind_mat(f, T("attn_v"), kvd, m->dim, &L->wv, err, n) != 0 ||
@@ -251,7 +291,7 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
             bind_mat(f, T("ffn_down"), m->dim, m->ffn_dim, &L->wdown, err, n) != 0)
             goto fail;
 #undef T
-        if (fold_v) {
+        if (fold_v && !L->swa) { /* only the layers whose values the oscar cache holds */
             if (own_f32(&L->wv) != 0 || own_f32(&L->wo) != 0) {
                 seterr(err, n, "out of memory");
                 goto fail;
@@ -271,6 +311,19 @@ llama_model *llama_load(const char *path, int fold_v, char *err, size_t n) {
         goto fail;
     }
     for (int i = 0; i < m->rope_dim / 2; i++) m->rope_freq[i] = pow((double)m->rope_base, -2.0 * i / m->rope_dim);
+    if (m->n_swa_layers > 0) {
+        m->rope_freq_swa = malloc((size_t)(m->rope_dim / 2) * sizeof *m->rope_freq_swa);
+        if (!m->rope_freq_swa) {
+            seterr(err, n, "out of memory");
+            goto fail;
+        }
+        for (int i = 0; i < m->rope_dim / 2; i++)
+            m->rope_freq_swa[i] = pow((double)m->rope_base_swa, -2.0 * i / m->rope_dim);
+    }
+    if (llama_cache_layers(m) == 0) {
+        seterr(err, n, "'%s': every layer is a sliding-window layer; the oscar cache would hold none", path);
+        goto fail;
+    }
     return m;
 fail:
     llama_free(m);
@@ -361,11 +414,11 @@ static void rmsnorm(float *out, const float *x, const float *w, int T, int dim, 
 
  * are adjacent elements (2i, 2i+1): llama.cpp's "normal" RoPE. Qwen3 GGUFs
  * keep Hugging Face's layout, whose pairs are (i, i + rope_dim/2) ("neox"). */
-static void rope_table(const llama_model *m, float *cs, int T, int64_t pos0) {
+static void rope_table(const llama_model *m, const double *freq, float *cs, int T, int64_t pos0) {
     const int half = m->rope_dim / 2;
     for (int t = 0; t < T; t++)
         for (int i = 0; i < half; i++) {
-            double a = (double)(pos0 + t) * m->rope_freq[i];
+            double a = (double)(pos0 + t) * freq[i];
             cs[((int64_t)t * half + i) * 2] = (float)cos(a);
             cs[((int64_t)t * half + i) * 2 + 1] = (float)sin(a);
         }
@@ -395,8 +448,31 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
     memset(kv, 0, sizeof *kv);
     kv->use_f32 = use_f32;
     kv->cap = max_tokens;
+    if (m->n_swa_layers > 0) {
+        if (cfg_in && cfg_in->backend == OSCAR_BACKEND_CUDA) {
+            seterr(err, n, "--device cuda: the GPU runner has no sliding-window layers (gemma3); use the CPU runner");
+            return -1;
+        }
+        /* The ring holds the window plus `slack` positions, so a chunk of up to slack + 1 tokens
+         * can be appended before its queries attend (llama_next_chunk keeps chunks there).
+         * OSCAR_SWA_RING_SLACK shrinks it so that tests wrap the ring on short texts. */
+        int64_t slack = 512;
+        const char *env = getenv("OSCAR_SWA_RING_SLACK");
+        if (env && atoi(env) > 0 && atoi(env) < 512) slack = atoi(env);
+        const int64_t want = (int64_t)m->swa_window + slack;
+        kv->swa_cap = max_tokens < want ? max_tokens : want;
+        kv->swa_max_chunk = max_tokens <= want ? 0 : (int)slack + 1; /* 0: the ring never wraps */
+        size_t sz = (size_t)m->n_swa_layers * (size_t)kv->swa_cap * (size_t)(m->n_kv_heads * m->head_dim);
+        kv->swa_k = malloc(sz * sizeof(float));
+        kv->swa_v = malloc(sz * sizeof(float));
+        if (!kv->swa_k || !kv->swa_v) {
+            llama_kv_free(kv);
+            seterr(err, n, "out of memory for the sliding-window layers' %lld-position ring", (long long)kv->swa_cap);
+            return -1;
+        }
+    }
     if (use_f32) {
-        size_t sz = (size_t)m->n_layers * (size_t)max_tokens * (size_t)(m->n_kv_heads * m->head_dim);
+        size_t sz = (size_t)llama_cache_layers(m) * (size_t)max_tokens * (size_t)(m->n_kv_heads * m->head_dim);
         kv->k = malloc(sz * sizeof(float));
         kv->v = malloc(sz * sizeof(float));
         if (!kv->k || !kv->v) {
@@ -410,7 +486,7 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
     c.head_dim = m->head_dim;
     c.num_kv_heads = m->n_kv_heads;
     c.num_q_heads = m->n_heads;
-    c.num_layers = m->n_layers;
+    c.num_layers = llama_cache_layers(m);
     c.max_seqs = 1;
     c.rotate_values = m->v_folded ? 0 : 1;
     if (c.residual <= 0) c.residual = 128;
@@ -434,6 +510,7 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
     oscar_status st = oscar_cache_create(&c, &kv->oc, e2, sizeof e2);
     if (st != OSCAR_OK) {
         seterr(err, n, "cannot create the oscar cache: %s (%s)", e2, oscar_status_name(st));
+        llama_kv_free(kv);
         return -1;
     }
     st = oscar_seq_add(kv->oc, &kv->seq);
@@ -447,6 +524,7 @@ int llama_kv_init(llama_kv *kv, const llama_model *m, const oscar_config *cfg_in
 
 int llama_next_chunk(const llama_kv *kv, int64_t end, int max) {
     int64_t p = kv->len, n = end - p < max ? end - p : max;
+    if (kv->swa_max_chunk > 0 && n > kv->swa_max_chunk) n = kv->swa_max_chunk;
     if (kv->residual > 0 && n > 1) {
         /* a block packs when the length reaches off + k R (k >= 1): token
          * off + k R - 1 completes it (sinks and a rollback lag shift it) */
@@ -483,16 +561,20 @@ void llama_kv_free(llama_kv *kv) {
     if (kv->oc) oscar_cache_destroy(kv->oc);
     free(kv->k);
     free(kv->v);
+    free(kv->swa_k);
+    free(kv->swa_v);
     memset(kv, 0, sizeof *kv);
 }
 
-/* The runner's own attention over its fp32 cache: exact softmax, fp64 sums. */
-static void attention_f32(const llama_model *m, llama_kv *kv, int layer, const float *q, float *out, int T,
-                          int64_t pos0) {
+/* The runner's own attention over fp32 keys and values: exact softmax, fp64
+ * sums. K, V: one layer's [ring][kv_dim], position j in row j % ring (ring =
+ * the capacity for the full cache, which never wraps). window > 0: the query
+ * at position p sees positions p - window + 1 .. p only (local layers). */
+static void attention_f32(const llama_model *m, const float *K, const float *V, int64_t ring, int window,
+                          const float *q, float *out, int T, int64_t pos0) {
     const int d = m->head_dim, hq = m->n_heads, g = m->n_heads / m->n_kv_heads;
     const int64_t kvd = (int64_t)m->n_kv_heads * d;
-    const float *K = kv->k + (int64_t)layer * kv->cap * kvd, *V = kv->v + (int64_t)layer * kv->cap * kvd;
-    const double scale = 1.0 / sqrt((double)d);
+    const double scale = m->attn_scale;
 #pragma omp parallel
     {
         double *sc = malloc((size_t)(pos0 + T) * sizeof *sc);
@@ -502,10 +584,11 @@ static void attention_f32(const llama_model *m, llama_kv *kv, int layer, const f
             for (int h = 0; h < hq; h++) {
                 const float *qh = q + ((int64_t)t * hq + h) * d;
                 int kh = h / g;
-                int64_t n_ctx = pos0 + t + 1;
+                const int64_t n_ctx = pos0 + t + 1;
+                const int64_t j0 = window > 0 && n_ctx > window ? n_ctx - window : 0;
                 double mx = -INFINITY;
-                for (int64_t j = 0; j < n_ctx; j++) {
-                    const float *kr = K + j * kvd + (int64_t)kh * d;
+                for (int64_t j = j0; j < n_ctx; j++) {
+                    const float *kr = K + (j % ring) * kvd + (int64_t)kh * d;
                     double s = 0;
                     for (int c = 0; c < d; c++) s += (double)qh[c] * kr[c];
                     sc[j] = s * scale;
@@ -513,10 +596,10 @@ static void attention_f32(const llama_model *m, llama_kv *kv, int layer, const f
                 }
                 double sum = 0;
                 for (int c = 0; c < d; c++) acc[c] = 0;
-                for (int64_t j = 0; j < n_ctx; j++) {
+                for (int64_t j = j0; j < n_ctx; j++) {
                     double p = exp(sc[j] - mx);
                     sum += p;
-                    const float *vr = V + j * kvd + (int64_t)kh * d;
+                    const float *vr = V + (j % ring) * kvd + (int64_t)kh * d;
                     for (int c = 0; c < d; c++) acc[c] += p * vr[c];
                 }
                 float *o = out + ((int64_t)t * hq + h) * d;
@@ -548,6 +631,10 @@ int llama_state_init(llama_state *s, const llama_model *m, int max_chunk) {
     if ((size_t)m->ffn_dim > widest) widest = (size_t)m->ffn_dim;
     s->xq = malloc(T * (widest / QM_BLOCK + 1) * sizeof(act_q16)); /* the larger format */
     s->rope_cs = malloc(T * (size_t)m->rope_dim * sizeof(float));
+    if (m->rope_freq_swa && !(s->rope_cs_swa = malloc(T * (size_t)m->rope_dim * sizeof(float)))) {
+        llama_state_free(s);
+        return -1;
+    }
     if (!s->xq || !s->rope_cs || !s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->xo || !s->hb || !s->hb2 || !s->logits) {
         llama_state_free(s);
         return -1;
@@ -558,7 +645,7 @@ int llama_state_init(llama_state *s, const llama_model *m, int max_chunk) {
 void llama_state_free(llama_state *s) {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v);
     free(s->att); free(s->xo); free(s->hb); free(s->hb2); free(s->logits);
-    free(s->xq); free(s->rope_cs);
+    free(s->xq); free(s->rope_cs); free(s->rope_cs_swa);
     memset(s, 0, sizeof *s);
 }
 
@@ -590,46 +677,67 @@ int llama_forward(const llama_model *m, llama_state *s, llama_kv *kv, const int3
         }
         ggml_dequantize_row(m->embed.type, (const uint8_t *)m->embed.data + (size_t)tokens[t] * m->embed.row_bytes,
                             s->x + (int64_t)t * dim, dim);
+        if (m->embed_scale != 1.0f)
+            for (int i = 0; i < dim; i++) s->x[(int64_t)t * dim + i] *= m->embed_scale;
     }
-    rope_table(m, s->rope_cs, T, pos0);
+    rope_table(m, m->rope_freq, s->rope_cs, T, pos0);
+    if (s->rope_cs_swa) rope_table(m, m->rope_freq_swa, s->rope_cs_swa, T, pos0);
     for (int l = 0; l < m->n_layers; l++) {
         const llama_layer *L = &m->layers[l];
         rmsnorm(s->xb, s->x, L->attn_norm, T, dim, m->eps);
         const mm_job qkv[3] = {{&L->wq, s->q}, {&L->wk, s->k}, {&L->wv, s->v}};
         matmul_group(qkv, 3, s->xb, T, s->xq);
-        if (L->q_norm) { /* Qwen3: each head's q and k RMS-normalised (in place) */
+        if (L->q_norm) { /* Qwen3, Gemma 3: each head's q and k RMS-normalised (in place) */
             rmsnorm(s->q, s->q, L->q_norm, T * m->n_heads, m->head_dim, m->eps);
             rmsnorm(s->k, s->k, L->k_norm, T * m->n_kv_heads, m->head_dim, m->eps);
         }
-        rope(m, s->rope_cs, s->q, T, m->n_heads);
-        rope(m, s->rope_cs, s->k, T, m->n_kv_heads);
+        const float *cs = L->swa ? s->rope_cs_swa : s->rope_cs;
+        rope(m, cs, s->q, T, m->n_heads);
+        rope(m, cs, s->k, T, m->n_kv_heads);
         if (s->key_hook) s->key_hook(s->key_hook_ud, l, pos0, T, s->k);
-        if (kv->use_f32) {
-            size_t off = ((size_t)l * kv->cap + pos0) * kvd;
+        if (L->swa) { /* a local layer: the runner's exact ring, whatever the cache method */
+            const size_t base = (size_t)L->kv_layer * (size_t)kv->swa_cap * kvd;
+            for (int t = 0; t < T; t++) {
+                const size_t off = base + (size_t)((pos0 + t) % kv->swa_cap) * kvd;
+                memcpy(kv->swa_k + off, s->k + (size_t)t * kvd, (size_t)kvd * sizeof(float));
+                memcpy(kv->swa_v + off, s->v + (size_t)t * kvd, (size_t)kvd * sizeof(float));
+            }
+            attention_f32(m, kv->swa_k + base, kv->swa_v + base, kv->swa_cap, m->swa_window, s->q, s->att, T, pos0);
+        } else if (kv->use_f32) {
+            const size_t base = (size_t)L->kv_layer * kv->cap * kvd, off = base + (size_t)pos0 * kvd;
             memcpy(kv->k + off, s->k, (size_t)T * kvd * sizeof(float));
             memcpy(kv->v + off, s->v, (size_t)T * kvd * sizeof(float));
-            attention_f32(m, kv, l, s->q, s->att, T, pos0);
+            attention_f32(m, kv->k + base, kv->v + base, kv->cap, 0, s->q, s->att, T, pos0);
         } else {
             int32_t nt = T;
-            oscar_status st = oscar_append(kv->oc, l, 1, &kv->seq, &nt, s->k, s->v, OSCAR_DTYPE_F32, NULL);
+            oscar_status st = oscar_append(kv->oc, L->kv_layer, 1, &kv->seq, &nt, s->k, s->v, OSCAR_DTYPE_F32, NULL);
             if (st == OSCAR_OK)
-                st = oscar_attention(kv->oc, l, 1, &kv->seq, T, s->q, OSCAR_DTYPE_F32, s->att, OSCAR_DTYPE_F32,
-                                     0.0f, NULL);
+                st = oscar_attention(kv->oc, L->kv_layer, 1, &kv->seq, T, s->q, OSCAR_DTYPE_F32, s->att,
+                                     OSCAR_DTYPE_F32, m->attn_scale, NULL);
             if (st != OSCAR_OK) {
                 seterr(err, n, "oscar (layer %d): %s: %s", l, oscar_status_name(st), oscar_last_error(kv->oc));
                 return -1;
             }
         }
         matmul(s->xo, s->att, &L->wo, T, s->xq);
+        if (L->post_attn_norm) rmsnorm(s->xo, s->xo, L->post_attn_norm, T, dim, m->eps);
         for (int64_t i = 0; i < (int64_t)T * dim; i++) s->x[i] += s->xo[i];
         rmsnorm(s->xb, s->x, L->ffn_norm, T, dim, m->eps);
         const mm_job gate_up[2] = {{&L->wgate, s->hb}, {&L->wup, s->hb2}};
         matmul_group(gate_up, 2, s->xb, T, s->xq);
-        for (int64_t i = 0; i < (int64_t)T * m->ffn_dim; i++) {
-            float g = s->hb[i];
-            s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
+        if (m->arch == LLAMA_ARCH_GEMMA3) { /* GELU, tanh approximation */
+            for (int64_t i = 0; i < (int64_t)T * m->ffn_dim; i++) {
+                float g = s->hb[i];
+                s->hb[i] = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g))) * s->hb2[i];
+            }
+        } else { /* SiLU */
+            for (int64_t i = 0; i < (int64_t)T * m->ffn_dim; i++) {
+                float g = s->hb[i];
+                s->hb[i] = g / (1.0f + expf(-g)) * s->hb2[i];
+            }
         }
         matmul(s->xo, s->hb, &L->wdown, T, s->xq);
+        if (L->post_ffn_norm) rmsnorm(s->xo, s->xo, L->post_ffn_norm, T, dim, m->eps);
         for (int64_t i = 0; i < (int64_t)T * dim; i++) s->x[i] += s->xo[i];
     }
     kv->len += T;

@@ -21,14 +21,20 @@ typedef struct qmat {
 
 typedef struct llama_layer {
     const float *attn_norm, *ffn_norm;
-    const float *q_norm, *k_norm; /* Qwen3: per-head RMSNorm weights [head_dim], else NULL */
+    const float *q_norm, *k_norm; /* Qwen3, Gemma 3: per-head RMSNorm weights [head_dim], else NULL */
+    const float *post_attn_norm, *post_ffn_norm; /* Gemma 3: RMSNorm of each block's output, else NULL */
     qmat wq, wk, wv, wo, wgate, wup, wdown;
+    int swa;      /* 1: a sliding-window (local) layer, whose keys and values live in the runner's
+                     exact ring (llama_kv.swa_k/v), never in the oscar cache */
+    int kv_layer; /* the layer's index in the oscar cache (global layers) or in the ring (local layers) */
 } llama_layer;
 
 /* The architectures the runner knows (general.architecture). */
 typedef enum llama_arch {
     LLAMA_ARCH_LLAMA, /* SmolLM2, Llama: Q/K rows permuted for adjacent-pair RoPE */
-    LLAMA_ARCH_QWEN3  /* per-head q/k RMSNorm before RoPE; RoPE on (i, i + d/2) pairs */
+    LLAMA_ARCH_QWEN3, /* per-head q/k RMSNorm before RoPE; RoPE on (i, i + d/2) pairs */
+    LLAMA_ARCH_GEMMA3 /* Qwen3's attention plus: embeddings times sqrt(dim), GELU-tanh FFN, a norm after
+                         each block, sliding-window layers with their own RoPE base */
 } llama_arch;
 
 typedef struct llama_model {
@@ -46,7 +52,17 @@ typedef struct llama_model {
     int gpu_weights_f32; /* --device cuda: 1 keeps fp32 weight matrices on the GPU (default bf16);
                             set before llama_kv_init */
     double *rope_freq; /* rope_dim/2 inverse frequencies */
+    /* Gemma 3 */
+    float embed_scale;      /* the embeddings are multiplied by this (1 but for Gemma: sqrt(dim)) */
+    float attn_scale;       /* softmax scale of q.k (1/sqrt(head_dim) unless the architecture says otherwise) */
+    int swa_window;         /* local layers see the last swa_window positions (themselves included); 0: none */
+    int n_swa_layers;       /* how many layers are local; the oscar cache holds the other n_layers - n_swa_layers */
+    float rope_base_swa;    /* the local layers' RoPE base */
+    double *rope_freq_swa;  /* their inverse frequencies, or NULL */
 } llama_model;
+
+/* The layers whose keys and values the oscar cache holds (all but the local ones). */
+static inline int llama_cache_layers(const llama_model *m) { return m->n_layers - m->n_swa_layers; }
 
 llama_model *llama_load(const char *path, int fold_v, char *err, size_t err_size);
 void llama_free(llama_model *m);
@@ -64,6 +80,11 @@ typedef struct llama_kv {
     float *k, *v;   /* f32: [layers][cap][kv_dim] */
     int64_t cap;
     int64_t len;    /* tokens appended so far (all layers) */
+    /* local (sliding-window) layers: an exact fp32 ring of the last swa_cap positions
+       ([n_swa_layers][swa_cap][kv_dim], position p in slot p % swa_cap), as llama.cpp's SWA cache */
+    float *swa_k, *swa_v;
+    int64_t swa_cap;
+    int swa_max_chunk; /* the longest chunk the ring can take without overwriting a key still in view */
     int residual;   /* R of a quantising oscar cache, 0 otherwise */
     int pack_offset; /* sink_tokens + rollback_tokens: blocks pack when the
                         length reaches pack_offset + k R (k >= 1) */
@@ -99,6 +120,7 @@ typedef struct llama_state {
     float *x, *xb, *q, *k, *v, *att, *hb, *hb2, *xo, *logits;
     void *xq;          /* the input of a product as integer blocks (qmatmul.h) */
     float *rope_cs;    /* [max_chunk][rope_dim/2] cos, sin of the chunk's positions */
+    float *rope_cs_swa; /* the same with the local layers' base, or NULL */
     llama_key_hook key_hook;
     void *key_hook_ud;
 } llama_state;

@@ -22,7 +22,14 @@ static inline float ld_bf16(const uint8_t *p) {
 }
 
 int qm_wants_int_acts(uint32_t type) {
-    return type == GGML_T_Q4_0 || type == GGML_T_Q4_1 || type == GGML_T_Q8_0 || type == GGML_T_Q6_K;
+    return type == GGML_T_Q4_0 || type == GGML_T_Q4_1 || type == GGML_T_Q8_0 || type == GGML_T_Q6_K ||
+           type == GGML_T_Q5_0 || type == GGML_T_Q4_K;
+}
+
+/* Gemma 3's Q5_0 and Q4_K have x86 kernels for 16-bit activation codes (the
+ * runner's default) only: against int8 codes every level runs the scalar one. */
+static int scalar_only(uint32_t type, qm_act act) {
+    return act == QM_ACT_Q8 && (type == GGML_T_Q5_0 || type == GGML_T_Q4_K);
 }
 
 int qm_type_supported(uint32_t type) {
@@ -160,6 +167,40 @@ static void quantize16_scalar(const float *x, act_q16 *out, int64_t n) {
             }                                                                                                          \
         }                                                                                                              \
         return acc;                                                                                                    \
+    }                                                                                                                  \
+    static float dot_q5_0_##ACT(const uint8_t *w, const ACT *x, int64_t nb) {                                         \
+        float acc = 0.0f;                                                                                              \
+        for (int64_t b = 0; b < nb; b++, w += 22) {                                                                    \
+            const uint32_t qh = (uint32_t)w[2] | (uint32_t)w[3] << 8 | (uint32_t)w[4] << 16 | (uint32_t)w[5] << 24;   \
+            int32_t s = 0;                                                                                             \
+            for (int j = 0; j < 16; j++)                                                                               \
+                s += (int)((w[6 + j] & 15) | ((qh >> j) & 1) << 4) * x[b].q[j] +                                       \
+                     (int)((w[6 + j] >> 4) | ((qh >> (j + 16)) & 1) << 4) * x[b].q[j + 16];                            \
+            /* the weight is d * (code - 16): the -16 meets the block's sum */                                         \
+            acc += ld_f16(w) * ((float)s * x[b].d - 16.0f * x[b].sum);                                                 \
+        }                                                                                                              \
+        return acc;                                                                                                    \
+    }                                                                                                                  \
+    static float dot_q4_k_##ACT(const uint8_t *w, const ACT *x, int64_t nb) {                                         \
+        float acc = 0.0f;                                                                                              \
+        for (int64_t sb = 0; sb < nb / 8; sb++, w += 144, x += 8) {                                                    \
+            const float d = ld_f16(w), dmin = ld_f16(w + 2);                                                           \
+            const uint8_t *q = w + 16;                                                                                 \
+            for (int a = 0; a < 8; a += 2, q += 32) { /* two activation blocks share 32 bytes of nibbles */            \
+                int sc0, m0, sc1, m1;                                                                                  \
+                ggml_q4_k_scale_min(w + 4, a, &sc0, &m0);                                                              \
+                ggml_q4_k_scale_min(w + 4, a + 1, &sc1, &m1);                                                          \
+                int32_t s0 = 0, s1 = 0;                                                                                \
+                for (int l = 0; l < 32; l++) {                                                                         \
+                    s0 += (q[l] & 15) * x[a].q[l];                                                                     \
+                    s1 += (q[l] >> 4) * x[a + 1].q[l];                                                                 \
+                }                                                                                                      \
+                /* the weight is d * sc * code - dmin * m: the min meets the block's sum */                            \
+                acc += d * ((float)sc0 * x[a].d * (float)s0 + (float)sc1 * x[a + 1].d * (float)s1) -                   \
+                       dmin * ((float)m0 * x[a].sum + (float)m1 * x[a + 1].sum);                                       \
+            }                                                                                                          \
+        }                                                                                                              \
+        return acc;                                                                                                    \
     }
 
 DEFINE_DOTS(act_q8)
@@ -195,6 +236,8 @@ static void gemm_scalar(uint32_t type, qm_act act, const uint8_t *w, size_t row_
             case GGML_T_Q4_1: v = a16 ? dot_q4_1_act_q16(wr, x16, nb) : dot_q4_1_act_q8(wr, x8, nb); break;
             case GGML_T_Q8_0: v = a16 ? dot_q8_0_act_q16(wr, x16, nb) : dot_q8_0_act_q8(wr, x8, nb); break;
             case GGML_T_Q6_K: v = a16 ? dot_q6_k_act_q16(wr, x16, nb) : dot_q6_k_act_q8(wr, x8, nb); break;
+            case GGML_T_Q5_0: v = a16 ? dot_q5_0_act_q16(wr, x16, nb) : dot_q5_0_act_q8(wr, x8, nb); break;
+            case GGML_T_Q4_K: v = a16 ? dot_q4_k_act_q16(wr, x16, nb) : dot_q4_k_act_q8(wr, x8, nb); break;
             default: v = dot_float(type, wr, (const float *)x + (size_t)t * cols, cols); break;
             }
             y[(size_t)t * ldy + i] = v;
@@ -327,10 +370,11 @@ void qm_quantize_q8(const float *x, act_q8 *out, int64_t n) { quant_for(qm_curre
 
 void qm_gemm_level(qm_level level, uint32_t type, qm_act act, const void *w, size_t row_bytes, int64_t cols,
                    int64_t nrows, const void *x, int T, float *y, int64_t ldy) {
-    gemm_for(level)(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x, T, y, ldy);
+    gemm_for(scalar_only(type, act) ? QM_SCALAR : level)(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x, T, y, ldy);
 }
 
 void qm_gemm(uint32_t type, qm_act act, const void *w, size_t row_bytes, int64_t cols, int64_t nrows, const void *x,
              int T, float *y, int64_t ldy) {
-    gemm_for(qm_current_level())(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x, T, y, ldy);
+    gemm_for(scalar_only(type, act) ? QM_SCALAR : qm_current_level())(type, act, (const uint8_t *)w, row_bytes, cols, nrows, x,
+                                                                 T, y, ldy);
 }

@@ -1,10 +1,18 @@
 /*
- * tokenizer.c - byte-level BPE (GPT-2 family). See tokenizer.h.
+ * tokenizer.c - byte-level BPE (GPT-2 family) and SentencePiece BPE (Gemma).
+ * See tokenizer.h.
  *
- * Encoding = split special tokens (optional) -> pre-tokenize into pieces ->
- * map each piece's bytes to the GPT-2 "printable byte" alphabet -> apply the
+ * GPT-2: split special tokens (optional) -> pre-tokenize into pieces -> map
+ * each piece's bytes to the GPT-2 "printable byte" alphabet -> apply the
  * ranked merges inside each piece. Pieces never merge with each other, which
  * is why the pre-tokenizer must match the one the model was trained with.
+ *
+ * SentencePiece ("llama" in tokenizer.ggml.model), as llama.cpp's SPM
+ * tokenizer: split out user-defined tokens (always) and control tokens (with
+ * parse_special) -> in each fragment spaces become U+2581 -> start from the
+ * UTF-8 characters and repeatedly merge the adjacent pair whose concatenation
+ * is the vocabulary token of highest score (leftmost on ties) -> a character
+ * that is no token is spelled by its bytes' <0xXX> tokens.
  */
 #include "tokenizer.h"
 #include "unicode_tables.h"
@@ -37,6 +45,10 @@ struct tokenizer {
     int digits_split;         /* pre-tokenizer isolates each \p{N} first */
     int32_t *specials;        /* control and user-defined tokens, longest first */
     int n_specials;
+    int spm;                  /* 1: SentencePiece BPE (scores, byte fallback), 0: GPT-2 byte-level BPE */
+    float *score;             /* SentencePiece: each token's score */
+    int byte_piece[256];      /* SentencePiece: the <0xXX> token of each byte, -1 if none */
+    int unk;                  /* SentencePiece: the unknown token, -1 if none */
 };
 
 /* ---- hashing ----------------------------------------------------------- */
@@ -269,6 +281,141 @@ static void bpe_piece(const char *piece, size_t n, void *vctx) {
         if (sym[i] >= 0 && push_id(e, sym[i]) != 0) return;
 }
 
+/* ---- SentencePiece BPE ------------------------------------------------------ */
+
+typedef struct {
+    uint32_t off, n;  /* bytes of the escaped fragment; n = 0 once merged into its left neighbour */
+    int32_t prev, next;
+} spm_sym;
+
+typedef struct {
+    float score;
+    int32_t left, right;
+    uint32_t size; /* bytes of the pair when it was queued: a stale entry no longer matches */
+} spm_pair;
+
+/* Max-heap order: higher score first, then the leftmost pair. */
+static int pair_before(const spm_pair *a, const spm_pair *b) {
+    return a->score > b->score || (a->score == b->score && a->left < b->left);
+}
+
+typedef struct {
+    spm_pair *h;
+    size_t n, cap;
+} pair_heap;
+
+static int heap_push(pair_heap *q, spm_pair p) {
+    if (q->n == q->cap) {
+        size_t nc = q->cap ? q->cap * 2 : 64;
+        spm_pair *np = realloc(q->h, nc * sizeof *np);
+        if (!np) return -1;
+        q->h = np;
+        q->cap = nc;
+    }
+    size_t i = q->n++;
+    while (i > 0 && pair_before(&p, &q->h[(i - 1) / 2])) {
+        q->h[i] = q->h[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    q->h[i] = p;
+    return 0;
+}
+
+static spm_pair heap_pop(pair_heap *q) {
+    spm_pair top = q->h[0], last = q->h[--q->n];
+    size_t i = 0;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= q->n) break;
+        if (c + 1 < q->n && pair_before(&q->h[c + 1], &q->h[c])) c++;
+        if (!pair_before(&q->h[c], &last)) break;
+        q->h[i] = q->h[c];
+        i = c;
+    }
+    if (q->n) q->h[i] = last;
+    return top;
+}
+
+/* Queues the pair (left, right) if its concatenation is a token. */
+static int spm_try_pair(const tokenizer *t, const char *txt, const spm_sym *sym, int32_t left, int32_t right,
+                        pair_heap *q) {
+    if (left < 0 || right < 0) return 0;
+    const uint32_t n = sym[left].n + sym[right].n; /* adjacent: right's bytes follow left's */
+    int id = vocab_lookup(t, txt + sym[left].off, n);
+    if (id < 0) return 0;
+    spm_pair p = {t->score[id], left, right, n};
+    return heap_push(q, p);
+}
+
+/* Encodes one fragment (no special tokens in it). */
+static void spm_fragment(enc_ctx *e, const char *text, size_t len) {
+    const tokenizer *t = e->t;
+    if (e->oom || len == 0) return;
+    /* spaces to U+2581 (3 bytes) */
+    size_t spaces = 0;
+    for (size_t i = 0; i < len; i++) spaces += text[i] == ' ';
+    const size_t n = len + 2 * spaces;
+    char *txt = malloc(n);
+    spm_sym *sym = malloc(n * sizeof *sym);
+    pair_heap q = {NULL, 0, 0};
+    if (!txt || !sym) goto oom;
+    for (size_t i = 0, w = 0; i < len; i++) {
+        if (text[i] == ' ') {
+            memcpy(txt + w, "\xE2\x96\x81", 3);
+            w += 3;
+        } else {
+            txt[w++] = text[i];
+        }
+    }
+    /* one symbol per UTF-8 character (a stray byte is a character of its own) */
+    int32_t m = 0;
+    for (size_t off = 0; off < n; m++) {
+        const uint8_t c = (uint8_t)txt[off];
+        size_t cl = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 1;
+        if (cl > n - off) cl = n - off;
+        sym[m].off = (uint32_t)off;
+        sym[m].n = (uint32_t)cl;
+        sym[m].prev = m - 1;
+        sym[m].next = off + cl < n ? m + 1 : -1;
+        off += cl;
+    }
+    for (int32_t i = 1; i < m; i++)
+        if (spm_try_pair(t, txt, sym, i - 1, i, &q) != 0) goto oom;
+    while (q.n > 0) {
+        spm_pair p = heap_pop(&q);
+        spm_sym *l = &sym[p.left], *r = &sym[p.right];
+        if (l->n == 0 || r->n == 0 || l->next != p.right || l->n + r->n != p.size) continue; /* stale */
+        l->n += r->n;
+        r->n = 0;
+        l->next = r->next;
+        if (r->next >= 0) sym[r->next].prev = p.left;
+        if (spm_try_pair(t, txt, sym, l->prev, p.left, &q) != 0 || spm_try_pair(t, txt, sym, p.left, l->next, &q) != 0)
+            goto oom;
+    }
+    for (int32_t i = 0; i != -1 && m > 0; i = sym[i].next) {
+        int id = vocab_lookup(t, txt + sym[i].off, sym[i].n);
+        if (id >= 0) {
+            if (push_id(e, id) != 0) break;
+            continue;
+        }
+        /* only single characters can miss (merges make tokens): byte fallback */
+        for (uint32_t k = 0; k < sym[i].n; k++) {
+            int b = t->byte_piece[(uint8_t)txt[sym[i].off + k]];
+            if (b < 0) b = tok_unk(t);
+            if (b >= 0 && push_id(e, b) != 0) break;
+        }
+    }
+    free(txt);
+    free(sym);
+    free(q.h);
+    return;
+oom:
+    e->oom = 1;
+    free(txt);
+    free(sym);
+    free(q.h);
+}
+
 int tok_encode(const tokenizer *t, const char *text, size_t len, int parse_special, int32_t **ids,
                size_t *n, size_t *cap) {
     enc_ctx e = {t, ids, n, cap, NULL, 0, 0};
@@ -278,9 +425,11 @@ int tok_encode(const tokenizer *t, const char *text, size_t len, int parse_speci
     while (p <= len && !e.oom) {
         int sid = -1;
         size_t slen = 0;
-        if (parse_special && p < len) {
+        if ((parse_special || t->spm) && p < len) {
             for (int k = 0; k < t->n_specials; k++) {
                 int id = t->specials[k];
+                /* SentencePiece: user-defined tokens are always split out (llama.cpp), control ones on request */
+                if (!parse_special && t->type[id] != 4) continue;
                 if (t->len[id] > 0 && t->len[id] <= len - p && memcmp(text + p, t->text[id], t->len[id]) == 0) {
                     sid = id;
                     slen = t->len[id];
@@ -289,7 +438,10 @@ int tok_encode(const tokenizer *t, const char *text, size_t len, int parse_speci
             }
         }
         if (sid >= 0 || p == len) {
-            if (p > start) pretokenize_span(t, text + start, p - start, bpe_piece, &e, buf);
+            if (p > start) {
+                if (t->spm) spm_fragment(&e, text + start, p - start);
+                else pretokenize_span(t, text + start, p - start, bpe_piece, &e, buf);
+            }
             if (sid >= 0) push_id(&e, sid);
             if (p == len) break;
             p += slen;
@@ -307,6 +459,23 @@ size_t tok_decode(const tokenizer *t, int id, char *out, size_t cap) {
     if (id < 0 || id >= t->n_vocab) return 0;
     const char *s = t->text[id];
     size_t n = t->len[id], w = 0;
+    if (t->spm) {
+        if (t->type[id] == 6 && n == 6) { /* <0xXX> */
+            if (cap > 0) out[0] = (char)strtol(s + 3, NULL, 16);
+            return 1;
+        }
+        for (size_t i = 0; i < n; i++) { /* U+2581 back to a space */
+            if (t->type[id] == 1 && i + 3 <= n && memcmp(s + i, "\xE2\x96\x81", 3) == 0) {
+                if (w < cap) out[w] = ' ';
+                w++;
+                i += 2;
+            } else {
+                if (w < cap) out[w] = s[i];
+                w++;
+            }
+        }
+        return w;
+    }
     if (t->type[id] != 1) { /* control / user-defined tokens are literal text */
         for (size_t i = 0; i < n; i++, w++)
             if (w < cap) out[w] = s[i];
@@ -329,6 +498,7 @@ size_t tok_decode(const tokenizer *t, int id, char *out, size_t cap) {
 }
 
 int tok_vocab_size(const tokenizer *t) { return t->n_vocab; }
+int tok_unk(const tokenizer *t) { return t->spm ? t->unk : -1; }
 int tok_bos(const tokenizer *t) { return t->bos; }
 int tok_eos(const tokenizer *t) { return t->eos; }
 int tok_add_bos(const tokenizer *t) { return t->add_bos; }
@@ -351,6 +521,7 @@ void tok_free(tokenizer *t) {
     free(t->vocab_map);
     free(t->merge_map);
     free(t->specials);
+    free(t->score);
     free(t);
 }
 
@@ -369,8 +540,10 @@ static void encode_utf8(uint32_t cp, char *out, size_t *n) {
 
 tokenizer *tok_load(const gguf_file *f, char *err, size_t err_size) {
     char *model = gguf_get_string(f, "tokenizer.ggml.model");
-    if (!model || strcmp(model, "gpt2") != 0) {
-        snprintf(err, err_size, "tokenizer model '%s' is not supported (only byte-level BPE 'gpt2')",
+    const int spm = model && strcmp(model, "llama") == 0;
+    if (!model || (strcmp(model, "gpt2") != 0 && !spm)) {
+        snprintf(err, err_size,
+                 "tokenizer model '%s' is not supported (only byte-level BPE 'gpt2' and SentencePiece BPE 'llama')",
                  model ? model : "(missing)");
         free(model);
         return NULL;
@@ -379,12 +552,24 @@ tokenizer *tok_load(const gguf_file *f, char *err, size_t err_size) {
     const gguf_kv *tk = gguf_find_kv(f, "tokenizer.ggml.tokens");
     const gguf_kv *mk = gguf_find_kv(f, "tokenizer.ggml.merges");
     const gguf_kv *ty = gguf_find_kv(f, "tokenizer.ggml.token_type");
+    const gguf_kv *sk = gguf_find_kv(f, "tokenizer.ggml.scores");
     if (!tk || tk->type != GGUF_V_ARRAY || tk->arr_type != GGUF_V_STRING || tk->arr_n == 0 ||
         tk->arr_n > (1u << 24)) {
         snprintf(err, err_size, "tokenizer.ggml.tokens is missing or not a string array");
         return NULL;
     }
-    if (!mk || mk->type != GGUF_V_ARRAY || mk->arr_type != GGUF_V_STRING) {
+    if (spm) {
+        int ab = 0;
+        if (!sk || sk->type != GGUF_V_ARRAY || sk->arr_type != GGUF_V_F32 || sk->arr_n != tk->arr_n) {
+            snprintf(err, err_size, "tokenizer.ggml.scores is missing or not one f32 per token");
+            return NULL;
+        }
+        if (gguf_get_bool(f, "tokenizer.ggml.add_space_prefix", &ab) == 0 && ab) {
+            snprintf(err, err_size, "tokenizer.ggml.add_space_prefix = true is not supported");
+            return NULL;
+        }
+        mk = NULL; /* SentencePiece merges by score */
+    } else if (!mk || mk->type != GGUF_V_ARRAY || mk->arr_type != GGUF_V_STRING) {
         snprintf(err, err_size, "tokenizer.ggml.merges is missing or not a string array");
         return NULL;
     }
@@ -399,10 +584,16 @@ tokenizer *tok_load(const gguf_file *f, char *err, size_t err_size) {
     t->vocab_map = calloc(vcap, sizeof *t->vocab_map);
     t->vocab_mask = vcap - 1;
     uint64_t mcap = 1;
-    while (mcap < mk->arr_n * 2 + 2) mcap <<= 1;
+    while (mcap < (mk ? mk->arr_n : 0) * 2 + 2) mcap <<= 1;
     t->merge_map = calloc(mcap, sizeof *t->merge_map);
     t->merge_mask = mcap - 1;
     t->specials = calloc((size_t)t->n_vocab, sizeof *t->specials);
+    t->spm = spm;
+    if (spm && !(t->score = malloc((size_t)t->n_vocab * sizeof *t->score))) {
+        snprintf(err, err_size, "out of memory");
+        tok_free(t);
+        return NULL;
+    }
     if (!t->text || !t->len || !t->type || !t->vocab_map || !t->merge_map || !t->specials) {
         snprintf(err, err_size, "out of memory");
         tok_free(t);
@@ -435,6 +626,16 @@ tokenizer *tok_load(const gguf_file *f, char *err, size_t err_size) {
         if (t->type[id] == 3 || t->type[id] == 4) t->specials[t->n_specials++] = id;
     g_sort_tok = t;
     qsort(t->specials, (size_t)t->n_specials, sizeof *t->specials, cmp_len_desc);
+    if (spm) {
+        for (int id = 0; id < t->n_vocab; id++) memcpy(&t->score[id], sk->arr_data + 4 * (size_t)id, 4);
+        for (int b = 0; b < 256; b++) {
+            char hex[8];
+            snprintf(hex, sizeof hex, "<0x%02X>", b);
+            t->byte_piece[b] = vocab_lookup(t, hex, 6);
+        }
+        uint32_t v;
+        t->unk = gguf_get_u32(f, "tokenizer.ggml.unknown_token_id", &v) == 0 && v < (uint32_t)t->n_vocab ? (int)v : -1;
+    }
 
     /* GPT-2's byte alphabet: printable Latin-1 bytes stand for themselves, the
      * rest are shifted to U+0100.. in byte order. */
@@ -454,7 +655,7 @@ tokenizer *tok_load(const gguf_file *f, char *err, size_t err_size) {
     pos = 0;
     cur = NULL;
     int bad_merges = 0;
-    for (uint64_t r = 0; r < mk->arr_n; r++) {
+    for (uint64_t r = 0; mk && r < mk->arr_n; r++) {
         gguf_array_next_string(mk, &pos, &cur, &s);
         const char *sp = memchr(s.ptr, ' ', (size_t)s.len);
         if (!sp || sp == s.ptr) { bad_merges++; continue; }
@@ -484,7 +685,7 @@ tokenizer *tok_load(const gguf_file *f, char *err, size_t err_size) {
     int ab;
     t->add_bos = gguf_get_bool(f, "tokenizer.ggml.add_bos_token", &ab) == 0 ? ab : 0;
 
-    char *pre = gguf_get_string(f, "tokenizer.ggml.pre");
+    char *pre = spm ? NULL : gguf_get_string(f, "tokenizer.ggml.pre");
     /* Pre-tokenizers that are "digits one by one, then the GPT-2 pattern"
      * (llama.cpp groups these names together). Others get the plain GPT-2
      * pattern, with a warning, since tokens could then differ from training. */

@@ -1,7 +1,8 @@
 /*
- * tokenizer.h - GPT-2 style byte-level BPE read from GGUF metadata
- * (tokenizer.ggml.model == "gpt2"), with the pre-tokenizer the file names in
- * tokenizer.ggml.pre.
+ * tokenizer.h - tokenizers read from GGUF metadata: GPT-2 style byte-level
+ * BPE (tokenizer.ggml.model == "gpt2"), with the pre-tokenizer the file names
+ * in tokenizer.ggml.pre, and SentencePiece BPE ("llama": merges by token
+ * score, U+2581 for spaces, <0xXX> byte fallback; Gemma 3) as llama.cpp runs it.
  */
 #ifndef OSCAR_MODEL_TOKENIZER_H
 #define OSCAR_MODEL_TOKENIZER_H
@@ -18,6 +19,7 @@ void tok_free(tokenizer *t);
 int tok_vocab_size(const tokenizer *t);
 int tok_bos(const tokenizer *t);  /* -1 if none */
 int tok_eos(const tokenizer *t);
+int tok_unk(const tokenizer *t);  /* -1 if none */
 int tok_add_bos(const tokenizer *t);
 /* Control tokens (type 3) are never produced from plain text and end generation. */
 int tok_is_control(const tokenizer *t, int id);

@@ -106,6 +106,26 @@ static void make_row(uint32_t type, uint8_t *p, int64_t cols, wkind kind) {
             put16(p + 208, to_f16(scale * 0.01f));
         }
         break;
+    case GGML_T_Q5_0:
+        for (int64_t b = 0; b < cols / 32; b++, p += 22) {
+            put16(p, to_f16(scale * (kind == W_RANDOM ? fabsf(urand()) + 0.1f : 1.0f)));
+            for (int j = 0; j < 20; j++)
+                p[2 + j] = kind == W_EQUAL ? (uint8_t)(eq * 17) : kind == W_EXTREME_LO ? 0 : kind == W_EXTREME_HI ? 255
+                                                                                                             : (uint8_t)rnd();
+            if (kind == W_EQUAL) memset(p + 2, (eq & 1) ? 0xFF : 0, 4); /* equal codes: the 5th bit alike too */
+        }
+        break;
+    case GGML_T_Q4_K:
+        for (int64_t b = 0; b < cols / 256; b++, p += 144) {
+            put16(p, to_f16(scale * 0.02f));
+            put16(p + 2, to_f16(kind == W_BIG_SCALE ? 900.0f : scale * 0.01f * (urand() + 1.0f)));
+            for (int j = 0; j < 12; j++)
+                p[4 + j] = kind == W_EXTREME_LO ? 0 : kind == W_EXTREME_HI ? 255 : (uint8_t)rnd();
+            for (int j = 0; j < 128; j++)
+                p[16 + j] = kind == W_EQUAL ? (uint8_t)(eq * 17) : kind == W_EXTREME_LO ? 0 : kind == W_EXTREME_HI ? 255
+                                                                                                              : (uint8_t)rnd();
+        }
+        break;
     case GGML_T_F16:
     case GGML_T_BF16:
     case GGML_T_F32:
@@ -235,11 +255,69 @@ static void test_quantize(void) {
 /* The offset a Q4 block's kernel adds and subtracts (8d for Q4_0, m for Q4_1):
  * the float rounding of a product is relative to these terms too. */
 static double offset_mag(uint32_t type, const uint8_t *row, int64_t c) {
+    if (type == GGML_T_Q5_0) {
+        const uint8_t *blk = row + (c / 32) * 22;
+        return 16.0 * fabs(gguf_f16_to_f32((uint16_t)(blk[0] | blk[1] << 8)));
+    }
+    if (type == GGML_T_Q4_K) { /* dmin * m: the largest the 6-bit min can be */
+        const uint8_t *blk = row + (c / 256) * 144;
+        return 63.0 * fabs(gguf_f16_to_f32((uint16_t)(blk[2] | blk[3] << 8)));
+    }
     if (type != GGML_T_Q4_0 && type != GGML_T_Q4_1) return 0.0;
     const uint8_t *blk = row + (c / 32) * (type == GGML_T_Q4_0 ? 18 : 20);
     const float d = gguf_f16_to_f32((uint16_t)(blk[0] | blk[1] << 8));
     if (type == GGML_T_Q4_0) return 8.0 * fabs(d);
     return fabs(gguf_f16_to_f32((uint16_t)(blk[2] | blk[3] << 8)));
+}
+
+/* ---- the GGUF reader's dequantisation of Q5_0 and Q4_K ------------------------ */
+
+/* Element e of a block, read bit by bit from ggml's layout description
+ * (ggml-quants.c): an independent statement of what ggml_dequantize_row does. */
+static double ref_q5_0(const uint8_t *blk, int e) {
+    const double d = gguf_f16_to_f32((uint16_t)(blk[0] | blk[1] << 8));
+    const int nib = e < 16 ? blk[6 + e] & 15 : blk[6 + e - 16] >> 4;
+    const int hi = (blk[2 + e / 8] >> (e % 8)) & 1; /* bit e of the little-endian qh */
+    return d * (nib + 16 * hi - 16);
+}
+
+static double ref_q4_k(const uint8_t *blk, int e) {
+    const double d = gguf_f16_to_f32((uint16_t)(blk[0] | blk[1] << 8));
+    const double dmin = gguf_f16_to_f32((uint16_t)(blk[2] | blk[3] << 8));
+    const uint8_t *sc = blk + 4;
+    const int j = e / 32; /* sub-block: 8 of 32, each with a 6-bit scale and min */
+    int s, m;
+    if (j < 4) {
+        s = sc[j] & 0x3F;
+        m = sc[j + 4] & 0x3F;
+    } else { /* low 4 bits in bytes 8..11, high 2 bits in the top of bytes 0..7 */
+        s = (sc[8 + j - 4] & 0x0F) | (sc[j - 4] >> 6) << 4;
+        m = (sc[8 + j - 4] >> 4) | (sc[j] >> 6) << 4;
+    }
+    /* the 64 elements of sub-blocks 2k, 2k+1 are the low, then high nibbles of bytes 32k..32k+31 */
+    const uint8_t byte = blk[16 + 32 * (j / 2) + e % 32];
+    const int q = (j & 1) ? byte >> 4 : byte & 15;
+    return d * s * q - dmin * m;
+}
+
+static void test_dequant(uint32_t type, int64_t cols) {
+    uint64_t be, bb;
+    ggml_type_block(type, &be, &bb);
+    const size_t row_bytes = (size_t)(cols / (int64_t)be * bb);
+    uint8_t *w = malloc(row_bytes);
+    float *wf = malloc(sizeof(float) * cols);
+    for (int wk = 0; wk < W_KINDS; wk++)
+        for (int rep = 0; rep < 20; rep++) {
+            make_row(type, w, cols, (wkind)wk);
+            ggml_dequantize_row(type, w, wf, cols);
+            for (int64_t c = 0; c < cols; c++) {
+                const uint8_t *blk = w + (size_t)(c / (int64_t)be) * bb;
+                const double ref = type == GGML_T_Q5_0 ? ref_q5_0(blk, (int)(c % 32)) : ref_q4_k(blk, (int)(c % 256));
+                CHECK(fabs(wf[c] - ref) <= 1e-6 * fabs(ref) + 1e-3 * (type == GGML_T_Q4_K ? offset_mag(type, w, c) : 0) + 1e-30,
+                      "dequant %s kind %d element %lld: %.9g vs %.9g", ggml_type_name(type), wk, (long long)c, wf[c], ref);
+            }
+        }
+    free(w), free(wf);
 }
 
 /* ---- products ---------------------------------------------------------------- */
@@ -312,9 +390,13 @@ int main(void) {
     for (int lv = 0; lv < QM_LEVELS; lv++)
         printf("level %-12s %s\n", qm_level_name((qm_level)lv), qm_level_available((qm_level)lv) ? "tested" : "not on this CPU");
     test_quantize();
-    const uint32_t types[] = {GGML_T_Q4_0, GGML_T_Q4_1, GGML_T_Q8_0, GGML_T_Q6_K, GGML_T_F16, GGML_T_BF16, GGML_T_F32};
+    test_dequant(GGML_T_Q5_0, 256);
+    test_dequant(GGML_T_Q4_K, 512);
+    const uint32_t types[] = {GGML_T_Q4_0, GGML_T_Q4_1, GGML_T_Q5_0, GGML_T_Q8_0, GGML_T_Q4_K,
+                              GGML_T_Q6_K, GGML_T_F16,  GGML_T_BF16, GGML_T_F32};
     for (size_t i = 0; i < sizeof types / sizeof *types; i++) {
-        for (int act = 0; act < 2; act++) test_type(types[i], types[i] == GGML_T_Q6_K ? 512 : 576, (qm_act)act);
+        const int super = types[i] == GGML_T_Q6_K || types[i] == GGML_T_Q4_K;
+        for (int act = 0; act < 2; act++) test_type(types[i], super ? 512 : 576, (qm_act)act);
         if (types[i] == GGML_T_F32) test_type(types[i], 37, QM_ACT_Q16); /* a tail shorter than a vector */
     }
     if (failures) {
