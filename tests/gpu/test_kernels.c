@@ -123,13 +123,15 @@ static double rd_elem(const unsigned char *p, oscar_dtype dt) {
     return f;
 }
 
-/* Reads layer `layer` of a version-2 stream (FORMAT.md "Export stream").
+/* Reads layer `layer` of a version-3 stream without sink tokens (FORMAT.md
+ * "Export stream": with Sk = 0 the layout is version 2's).
  * Returns 0 (with a failed check) if the stream is not what the geometry
  * says. */
 static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, int layer, seqdata *sd) {
     memset(sd, 0, sizeof *sd);
     const size_t hdr = 64 + 16 * (size_t)g->L;
-    if (!CHECKF(size > hdr && memcmp(buf, "OSCARSEQ", 8) == 0 && tl_rd32(buf + 8) == 2, "stream: bad header"))
+    if (!CHECKF(size > hdr && memcmp(buf, "OSCARSEQ", 8) == 0 && tl_rd32(buf + 8) == 3 &&
+                      tl_rd32(buf + 60) == 0, "stream: bad header (not version 3 without sink tokens)"))
         return 0;
     const uint32_t n_blocks = tl_rd32(buf + 52);
     const int64_t T = (int64_t)tl_rd64(buf + 64 + 16 * (size_t)layer);
