@@ -45,6 +45,23 @@ static oscar_status find_seq(oscar_cache *c, int32_t id, int *slot) {
     return OSCAR_OK;
 }
 
+/* One head of an exact (sink or window) token, as the caller gave it: the stored
+ * window dtype to fp32, then the Hadamard undone where the method rotated it.
+ * k_dst / v_dst may be NULL (that half is not wanted). */
+static void read_exact_head(const oscar_layout *L, const uint8_t *k_src, const uint8_t *v_src, float *k_dst,
+                            float *v_dst, float *tmp) {
+    if (k_dst) {
+        oscar_to_f32(k_src, (oscar_dtype)L->window_dtype, tmp, L->d);
+        if (L->rotate) oscar_fwht(tmp, L->d);
+        memcpy(k_dst, tmp, sizeof(float) * L->d);
+    }
+    if (v_dst) {
+        oscar_to_f32(v_src, (oscar_dtype)L->window_dtype, tmp, L->d);
+        if (L->rotate_v) oscar_fwht(tmp, L->d);
+        memcpy(v_dst, tmp, sizeof(float) * L->d);
+    }
+}
+
 oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start, int64_t count, float *k_out,
                             float *v_out) {
     if (!c) return OSCAR_E_INVALID_ARGUMENT;
@@ -85,16 +102,7 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
             for (int h = 0; h < H; h++) {
                 size_t o = (size_t)(t - start) * row + (size_t)h * d;
                 size_t wo = ((size_t)t * row + (size_t)h * d) * L->window_esize;
-                if (k_out) {
-                    oscar_to_f32(wk + wo, (oscar_dtype)L->window_dtype, tmp, d);
-                    if (L->rotate) oscar_fwht(tmp, d);
-                    memcpy(k_out + o, tmp, sizeof(float) * d);
-                }
-                if (v_out) {
-                    oscar_to_f32(wk + half + wo, (oscar_dtype)L->window_dtype, tmp, d);
-                    if (L->rotate_v) oscar_fwht(tmp, d);
-                    memcpy(v_out + o, tmp, sizeof(float) * d);
-                }
+                read_exact_head(L, wk + wo, wk + half + wo, k_out ? k_out + o : NULL, v_out ? v_out + o : NULL, tmp);
             }
     }
     const int64_t out0 = start < sk ? sk - start : 0; /* out row of the first token after the sinks */
@@ -134,16 +142,7 @@ oscar_status oscar_seq_read(oscar_cache *c, int32_t id, int layer, int64_t start
             for (int h = 0; h < H; h++) {
                 size_t o = (size_t)(t - start) * row + (size_t)h * d;
                 size_t wo = ((size_t)r * row + (size_t)h * d) * L->window_esize;
-                if (k_out) {
-                    oscar_to_f32(wk + wo, (oscar_dtype)L->window_dtype, tmp, d);
-                    if (L->rotate) oscar_fwht(tmp, d);
-                    memcpy(k_out + o, tmp, sizeof(float) * d);
-                }
-                if (v_out) {
-                    oscar_to_f32(wk + half + wo, (oscar_dtype)L->window_dtype, tmp, d);
-                    if (L->rotate_v) oscar_fwht(tmp, d);
-                    memcpy(v_out + o, tmp, sizeof(float) * d);
-                }
+                read_exact_head(L, wk + wo, wk + half + wo, k_out ? k_out + o : NULL, v_out ? v_out + o : NULL, tmp);
             }
         }
     }
