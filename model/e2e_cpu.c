@@ -179,8 +179,8 @@ static int bench_cpu(int argc, char **argv) {
     /* Every cache lives at once, so that the decode repetitions of the caches
      * can alternate (rep 1 of each cache, then rep 2 of each, ...): on a
      * shared machine the load then falls on all of them alike. */
-    llama_kv kvs[6];
-    llama_state sts[6];
+    llama_kv kvs[sizeof cases / sizeof cases[0]];
+    llama_state sts[sizeof cases / sizeof cases[0]];
     int live = 0;
     double (*dt)[2] = malloc(sizeof(double[2]) * (size_t)n_cases * (size_t)reps); /* [case][rep] wall, cpu */
     if (!tps || !cps || !one || !dt) rc = 1;

@@ -54,6 +54,9 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
                       float *scratch) {
     const int R = L->residual, d = L->d, H = L->hkv;
     const size_t row = (size_t)H * d;
+    /* clip_search: each group's range searched for the least squared error */
+    void (*const group_params)(const float *, int, int, int, uint16_t *, uint16_t *) =
+        L->clip ? oscar_group_params_clip : oscar_group_params;
     if (!L->quantised) {
         /* Method none: K and V rows of each head, in the window dtype. */
         for (int h = 0; h < H; h++) {
@@ -94,10 +97,7 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
             for (int c = 0; c < d; c++) {
                 const float *col = kn + (size_t)g0 * row + (size_t)h * d + c;
                 uint16_t sc16, lo16;
-                if (L->clip)
-                    oscar_group_params_clip(col, L->k_group, (int)row, Q, &sc16, &lo16);
-                else
-                    oscar_group_params(col, L->k_group, (int)row, Q, &sc16, &lo16);
+                group_params(col, L->k_group, (int)row, Q, &sc16, &lo16);
                 size_t pi = ((size_t)(g0 / L->k_group) * d + c) * 2;
                 kp[pi] = sc16;
                 kp[pi + 1] = lo16;
@@ -116,10 +116,7 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
             for (int gi = 0; gi < ng; gi++) {
                 const float *grp = vrow + gi * L->v_group;
                 uint16_t sc16, lo16;
-                if (L->clip)
-                    oscar_group_params_clip(grp, L->v_group, 1, Q, &sc16, &lo16);
-                else
-                    oscar_group_params(grp, L->v_group, 1, Q, &sc16, &lo16);
+                group_params(grp, L->v_group, 1, Q, &sc16, &lo16);
                 vp[((size_t)t * ng + gi) * 2] = sc16;
                 vp[((size_t)t * ng + gi) * 2 + 1] = lo16;
                 float sc = oscar_f16_to_f32(sc16), l0 = oscar_f16_to_f32(lo16);

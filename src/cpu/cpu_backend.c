@@ -520,11 +520,12 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
     }
     /* token positions: sinks 0..sink_tokens-1, then blocks, then the window */
     const int64_t sk = J->sink_tokens;
-    const int64_t t_first = itm->u0 < 0 ? 0 : sk + (int64_t)itm->u0 * R;
-    const int64_t ntok =
-        itm->u0 < 0 ? sk
-                    : (itm->u1 > J->n_blocks ? (int64_t)(itm->u1 - 1) * R + J->window_tokens : (int64_t)itm->u1 * R) -
-                          (int64_t)itm->u0 * R;
+    int64_t t_first = 0, ntok = sk; /* the sink item (u0 = -1) */
+    if (itm->u0 >= 0) {
+        const int64_t u_end = itm->u1 > J->n_blocks ? (int64_t)(itm->u1 - 1) * R + J->window_tokens : (int64_t)itm->u1 * R;
+        t_first = sk + (int64_t)itm->u0 * R;
+        ntok = u_end - (int64_t)itm->u0 * R;
+    }
     /* Pass 1: logits. */
     for (int32_t u = itm->u0; u < itm->u1; u++) {
         float *lo = S->logits + (size_t)(u - itm->u0) * R;
@@ -661,6 +662,15 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
     }
 }
 
+/* A job's units of work per KV head: its blocks, then the window as one unit. */
+static int64_t job_units(const oscar_attn_job *j) { return j->n_blocks + (j->window_tokens > 0); }
+
+/* Work items per KV head: the units in chunks of `chunk`, plus the sink rows as
+ * an item of their own. */
+static int64_t job_items_per_head(const oscar_attn_job *j, int64_t chunk) {
+    return (job_units(j) + chunk - 1) / chunk + (j->sink_tokens > 0);
+}
+
 static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_job *jobs, int n_jobs, int q_len,
                                   const void *q, oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float sm,
                                   void *stream) {
@@ -670,15 +680,12 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     /* Work items: about four per thread, at most 64 blocks each. */
     int64_t units_total = 0;
     for (int i = 0; i < n_jobs; i++)
-        units_total += (int64_t)L->hkv * (jobs[i].n_blocks + (jobs[i].window_tokens > 0) + (jobs[i].sink_tokens > 0));
+        units_total += (int64_t)L->hkv * (job_units(&jobs[i]) + (jobs[i].sink_tokens > 0));
     int64_t chunk = units_total / (4 * (int64_t)nt);
     if (chunk < 1) chunk = 1;
     if (chunk > 64) chunk = 64;
     int64_t n_items = 0;
-    for (int i = 0; i < n_jobs; i++) {
-        int64_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
-        n_items += (int64_t)L->hkv * ((u + chunk - 1) / chunk + (jobs[i].sink_tokens > 0));
-    }
+    for (int i = 0; i < n_jobs; i++) n_items += (int64_t)L->hkv * job_items_per_head(&jobs[i], chunk);
     attn_ctx X;
     memset(&X, 0, sizeof X);
     X.c = c;
@@ -707,7 +714,7 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     }
     int64_t it = 0;
     for (int i = 0; i < n_jobs; i++) {
-        int32_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
+        const int32_t u = (int32_t)job_units(&jobs[i]);
         for (int h = 0; h < L->hkv; h++) {
             if (jobs[i].sink_tokens > 0) { /* the sink rows: one item of their own */
                 items[it].job = i;
@@ -756,8 +763,7 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     const size_t out_es = (size_t)oscar_dtype_size(out_dtype);
     it = 0;
     for (int i = 0; i < n_jobs; i++) {
-        int64_t u = jobs[i].n_blocks + (jobs[i].window_tokens > 0);
-        int64_t per_head = (u + chunk - 1) / chunk + (jobs[i].sink_tokens > 0);
+        const int64_t per_head = job_items_per_head(&jobs[i], chunk);
         for (int h = 0; h < L->hkv; h++, it += per_head) {
             for (int r = 0; r < rows; r++) {
                 float m = -INFINITY;
