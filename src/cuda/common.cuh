@@ -116,8 +116,9 @@ struct SeqMeta {
 /* Reads sequence i's metadata and checks it; an entry out of range makes
  * the sequence empty (valid = false). */
 struct SeqView {
-    int slot, len, nblk, wtok;
-    int sinks;              /* tokens in the sink rows: min(len, S)            */
+    int slot, len, nblk;
+    int wtok;               /* exact tokens: len - nblk R, the sink rows held
+                               (min(len, S)) and the window tokens           */
     const int32_t *table;
     bool valid;
 };
