@@ -27,7 +27,8 @@ struct PackTask {
 
 /* Rows [r0, r1) of a window slot receive stream tokens r + shift: old
  * window row r + shift where that is < wb, else input row in0 + r + shift.
- * (With a rollback lag old rows move down; the two ranges never overlap.)
+ * (With a rollback lag old rows move down: rows [0, wb - shift) from rows
+ * [shift, wb), which may then receive new tokens themselves.)
  * sink = 1: the rows are the slot's sink rows (config.sink_tokens), written
  * from the input only (shift = wb = 0) and without sums of squares. */
 struct WinTask {

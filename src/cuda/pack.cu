@@ -765,9 +765,10 @@ __global__ void __launch_bounds__(256) pack_none_kernel(AppendArgs A) {
 
 /* 3. The window after the append: rows [r0, r1) of the slot receive
  * stream tokens r + shift, rotated and rounded from the input, or (with a
- * rollback lag) moved down from older window rows. A sink task writes the
- * sink rows [r0, r1) from the input the same way (no sums of squares: sink
- * tokens are never packed). */
+ * rollback lag) moved down from older window rows; a moved row that also
+ * receives a new token is written by the thread that moved it. A sink task
+ * writes the sink rows [r0, r1) from the input the same way (no sums of
+ * squares: sink tokens are never packed). */
 template <int D>
 __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     const WinTask T = A.wtasks[blockIdx.x];
@@ -777,25 +778,34 @@ __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     constexpr int E = D / 32;
     uint8_t *kb = A.win_layer + (size_t)T.slot * A.lay.wlb + (T.sink ? 0 : A.lay.wsink);
     uint8_t *vb = kb + A.lay.wlb / 2;
+    float *ss = A.win_ss + (size_t)T.slot * A.W;
+    float x[E];
+    /* row q receives new token T.in0 + q + shift */
+    auto put_input = [&](int q) {
+        const size_t o = ((size_t)q * A.lay.hkv + h) * D + lane * E;
+        if (h == 0 && lane == 0 && !T.sink) ss[q] = A.ss_new[T.in0 + q + T.shift];
+        input_row<D>(A, false, T.in0 + q + T.shift, h, lane, x);
+        st_row<E>(kb, A.lay.w_dtype, o, x);
+        input_row<D>(A, true, T.in0 + q + T.shift, h, lane, x);
+        st_row<E>(vb, A.lay.w_dtype, o, x);
+    };
     for (int r = T.r0 + blockIdx.z * 8 + w; r < T.r1; r += 8 * gridDim.z) {
-        float x[E];
+        /* A row in [shift, wb) is read by the move into row r - shift and
+         * may receive a new token too: the thread that moves it writes that
+         * token after its read, so no other thread may write it first. */
+        if (r >= T.shift && r < T.wb) continue;
         const int s = r + T.shift;
-        const size_t o = ((size_t)r * A.lay.hkv + h) * D + lane * E;
-        if (h == 0 && lane == 0 && !T.sink) {
-            float *ss = A.win_ss + (size_t)T.slot * A.W;
-            ss[r] = s < T.wb ? ss[s] : A.ss_new[T.in0 + s];
-        }
         if (s < T.wb) {
+            const size_t o = ((size_t)r * A.lay.hkv + h) * D + lane * E;
             const size_t so = ((size_t)s * A.lay.hkv + h) * D + lane * E;
+            if (h == 0 && lane == 0) ss[r] = ss[s];
             ld_row<E>(kb, A.lay.w_dtype, so, x);
             st_row<E>(kb, A.lay.w_dtype, o, x);
             ld_row<E>(vb, A.lay.w_dtype, so, x);
             st_row<E>(vb, A.lay.w_dtype, o, x);
+            if (s < T.r1) put_input(s);
         } else {
-            input_row<D>(A, false, T.in0 + s, h, lane, x);
-            st_row<E>(kb, A.lay.w_dtype, o, x);
-            input_row<D>(A, true, T.in0 + s, h, lane, x);
-            st_row<E>(vb, A.lay.w_dtype, o, x);
+            put_input(r);
         }
     }
 }
