@@ -204,8 +204,8 @@ typedef struct oscar_config {
                                   (docs/FORMAT.md step 6). Changes only which
                                   (scale, lo) a packer picks: blocks decode by
                                   the same rule, so they read, export and import
-                                  everywhere. CPU backend only for now: the
-                                  CUDA backend refuses it (OSCAR_E_UNSUPPORTED). */
+                                  everywhere. Both backends pick the same pairs,
+                                  byte for byte.                                */
 } oscar_config;
 
 oscar_config oscar_config_default(void);

@@ -102,7 +102,7 @@ class OscarConfig:
     rollback_tokens: Optional[int] = None
     caller_metadata: Optional[int] = None
     sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; sequence API only
-    clip_search: Optional[int] = None   # 0 or 1; CPU only
+    clip_search: Optional[int] = None   # 0 or 1
 
     def __post_init__(self):
         d = lib().config_default()

@@ -26,6 +26,7 @@ struct AppendArgs {
     const WinTask *wtasks;
     DeviceLayout lay;
     int in_dtype;
+    int clip;              /* clip_search: MSE-searched group ranges      */
 };
 
 /* Empty entries of the task list (the batch API sizes it for the most
@@ -257,6 +258,47 @@ __device__ __forceinline__ uint32_t quant_code(float x, float sc, float inv, flo
     return (uint32_t)r;
 }
 
+/* clip_search (FORMAT.md step 6): the (scale16, lo16) of a group of n
+ * values x[i * stride] with range [lo, hi] (as the plain rule finds it),
+ * searched over the fixed grid of shrunken ranges for the least squared
+ * error, exactly as oscar_group_params_clip (src/core/numerics.c): every
+ * fp32 step rounded on its own (no contraction), the error summed in fp64
+ * in element order, the first candidate kept on ties, and the plain
+ * parameters when no candidate has a finite error. */
+__device__ __noinline__ void clip_params(const float *x, int n, int stride, int Q, float lo, float hi,
+                                         unsigned short &sc16, unsigned short &lo16) {
+    const float grid[6] = {0.0f, 0.05f, 0.1f, 0.15f, 0.2f, 0.3f};
+    const float range = __fsub_rn(hi, lo);
+    double best = INFINITY;
+    unsigned short bs = 0, bl = 0;
+    for (int a = 0; a < 6; a++)
+        for (int b = 0; b < 6; b++) {
+            const float l = __fadd_rn(lo, __fmul_rn(grid[a], range)), h = __fsub_rn(hi, __fmul_rn(grid[b], range));
+            if (!(h >= l)) continue;
+            const unsigned short s16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(h, l), (float)Q)), l16 = oscar_f16_bits(l);
+            const float sc = __half2float(__ushort_as_half(s16)), l0 = __half2float(__ushort_as_half(l16));
+            const float inv = sc > 0.0f ? __frcp_rn(sc) : 0.0f;
+            double err = 0.0;
+            for (int i = 0; i < n; i++) {
+                const float v = x[(size_t)i * stride];
+                const float r = __fadd_rn(l0, __fmul_rn((float)quant_code(v, sc, inv, l0, Q), sc));
+                const double e = __dsub_rn((double)v, (double)r);
+                err = __dadd_rn(err, __dmul_rn(e, e));
+            }
+            if (err < best) {
+                best = err;
+                bs = s16;
+                bl = l16;
+            }
+        }
+    if (!(best < INFINITY)) { /* non-finite values: the plain rule */
+        bs = oscar_f16_bits(__fdiv_rn(range, (float)Q));
+        bl = oscar_f16_bits(lo);
+    }
+    sc16 = bs;
+    lo16 = bl;
+}
+
 /* 2. Pack one key group (Gk tokens) of one head of one block. */
 template <int D, int BITS>
 __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
@@ -325,6 +367,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
         }
         unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)Q));
         unsigned short lo16 = oscar_f16_bits(lo);
+        if (A.clip) clip_params(Ks + c, Gk, LD, Q, lo, hi, sc16, lo16);
         size_t pi = ((size_t)gi * D + c) * 2;
         *(uint32_t *)(kp + pi) = (uint32_t)sc16 | ((uint32_t)lo16 << 16);
         const float sc = __half2float(__ushort_as_half(sc16));
@@ -342,6 +385,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
         }
         unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)Q));
         unsigned short lo16 = oscar_f16_bits(lo);
+        if (A.clip) clip_params(x, Gv, 1, Q, lo, hi, sc16, lo16);
         size_t pi = ((size_t)(gi * Gk + j) * NG + vg) * 2;
         *(uint32_t *)(vp + pi) = (uint32_t)sc16 | ((uint32_t)lo16 << 16);
         const float sc = __half2float(__ushort_as_half(sc16));
@@ -737,11 +781,11 @@ size_t fused_smem_bytes(const oscar_layout *L) {
 }
 
 /* The fused kernel covers 2-bit codes, d 64 or 128, a 16-bit window, Gk 16
- * or 32 and 16-byte aligned inputs; everything else runs the v8 kernels (d 256
- * measured slower fused: 3.25 against 2.98 ms). */
+ * or 32 and 16-byte aligned inputs, without clip_search; everything else
+ * runs the v8 kernels (d 256 measured slower fused: 3.25 against 2.98 ms). */
 bool fused_ok(const oscar_layout *L, size_t optin) {
     return L->quantised && L->bits == 2 && L->d <= 128 && L->window_esize == 2 && (L->k_group == 16 || L->k_group == 32) &&
-           fused_smem_bytes(L) <= optin;
+           !L->clip && fused_smem_bytes(L) <= optin;
 }
 
 /* 2'. Method none: copy the R window-rounded rows of each head into the block. */
@@ -1188,6 +1232,7 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
     A.wtasks = S->wtasks;
     A.in_dtype = (int)dtype;
     A.lay = S->dlay;
+    A.clip = L->clip;
     const int max_wrows = C.meta.window_rows > C.meta.sinks ? C.meta.window_rows : C.meta.sinks;
     switch (L->d) {
     case 64: return launch_append_d<64>(c, A, n_tasks, n_wtasks, max_wrows, st);

@@ -595,6 +595,7 @@ typedef struct sink_case {
     oscar_method method;
     int bits, d, hkv, hq, R, S, lag, layers;
     oscar_dtype W, in_dt, q_dt;
+    int clip; /* config.clip_search (test_clip) */
 } sink_case;
 
 static double g_worst_sink_ref = 0.0; /* GPU attention vs float64 over its read-back, / bound */
@@ -738,6 +739,7 @@ static void run_sink_case(const sink_case *C) {
     cfg.rollback_tokens = C->lag;
     cfg.num_layers = C->layers;
     cfg.window_dtype = C->W;
+    cfg.clip_search = C->clip;
     cfg.block_count = 256;
     cfg.max_seqs = 12;
     pair P;
@@ -757,13 +759,14 @@ static void run_sink_case(const sink_case *C) {
         free(k), free(v);
     }
     /* three sequences in one append call: a prompt shorter than S (S = 1:
-     * exactly S), exactly S, and one crossing S that packs a block */
+     * exactly S), exactly S, and one crossing S that packs a block (S = 0:
+     * prompts of 1, 1 and R + lag + 5 tokens) */
     int32_t sc[3], sg[3];
     for (int i = 0; i < 3; i++) {
         CHECK_OK(oscar_seq_add(P.cpu, &sc[i]));
         CHECK_OK(oscar_seq_add(P.gpu, &sg[i]));
     }
-    const int32_t prompt[3] = {(S + 1) / 2, S, S + R + lag + 5};
+    const int32_t prompt[3] = {S > 1 ? (S + 1) / 2 : 1, S > 1 ? S : 1, S + R + lag + 5};
     sink_append(&P, &r, C, 3, sc, sg, prompt, TL_FLAVOR_SINKS);
     for (int i = 0; i < 3; i++) {
         snprintf(w, sizeof w, "%s prompt %d of %d tokens", C->name, i, (int)prompt[i]);
@@ -873,25 +876,49 @@ static void test_sinks_nonfinite(void) {
     oscar_cache_destroy(c);
 }
 
+/* clip_search on the CUDA backend: the searched (scale, lo) pairs, and so
+ * the exports, byte-identical to the CPU backend's, with and without sink
+ * tokens; attention as in test_sinks. */
+static void test_clip(void) {
+    static const sink_case cases[] = {
+        /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q, clip */
+        {"clip oscar b2 d128 R64 (the fused pack's shape)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 0, 0, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 1},
+        {"clip kivi b2 d64 R32 S7 lag32", OSCAR_METHOD_KIVI, 2, 64, 2, 4, 32, 7, 32, 1, OSCAR_DTYPE_BF16,
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1},
+        {"clip oscar b4 d256 R64 S32", OSCAR_METHOD_OSCAR, 4, 256, 1, 4, 64, 32, 0, 1, OSCAR_DTYPE_F16,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 1},
+        {"clip scale-only b2 d128 R128 lag64 f32 window", OSCAR_METHOD_SCALE_ONLY, 2, 128, 2, 8, 128, 0, 64, 1,
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1},
+    };
+    const int n = (int)(sizeof cases / sizeof cases[0]);
+    for (int i = 0; i < (g_small ? 1 : n); i++) {
+        const long before = tl_failed;
+        run_sink_case(&cases[i]);
+        printf("  %-60s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
+        fflush(stdout);
+    }
+}
+
 static void test_sinks(void) {
     static const sink_case cases[] = {
         /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q */
         {"sinks oscar b2 d128 R32 S7 (fast decode kernel)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 32, 7, 0, 1,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
         {"sinks oscar b2 d128 R64 S32 lag64 bf16, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 32, 64, 2,
-         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16},
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
         {"sinks oscar b2 d64 R128 S64 (fused pack d64)", OSCAR_METHOD_OSCAR, 2, 64, 2, 4, 128, 64, 0, 1,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0},
         {"sinks kivi b4 d128 R32 S1 lag32", OSCAR_METHOD_KIVI, 4, 128, 1, 4, 32, 1, 32, 1, OSCAR_DTYPE_F16,
-         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32},
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0},
         {"sinks none d64 R32 S7 lag32", OSCAR_METHOD_NONE, 16, 64, 2, 4, 32, 7, 32, 1, OSCAR_DTYPE_F16,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0},
         {"sinks quarot b2 d256 R64 S64 f32 window", OSCAR_METHOD_QUAROT, 2, 256, 1, 2, 64, 64, 0, 1,
-         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32},
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0},
         {"sinks oscar b2 d128 hkv8 hq32 R128 S32 lag64", OSCAR_METHOD_OSCAR, 2, 128, 8, 32, 128, 32, 64, 1,
-         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16},
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
         {"sinks scale-only b2 d128 R64 S1 gq16 (g=16)", OSCAR_METHOD_SCALE_ONLY, 2, 128, 1, 16, 64, 1, 0, 1,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F32},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F32, 0},
     };
     const int n = (int)(sizeof cases / sizeof cases[0]);
     for (int i = 0; i < (g_small ? 2 : n); i++) {
@@ -907,7 +934,7 @@ int main(int argc, char **argv) {
     int sinks_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--small")) g_small = 1;
-        if (!strcmp(argv[i], "--sinks")) sinks_only = 1; /* the sink-token tests alone */
+        if (!strcmp(argv[i], "--sinks")) sinks_only = 1; /* the sink-token (and clip) tests alone */
     }
     if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
         printf("SKIP: no CUDA device (the CUDA backend is %s)\n",
@@ -921,6 +948,7 @@ int main(int argc, char **argv) {
     }
     TL_RUN(test_sinks_nonfinite);
     TL_RUN(test_sinks);
+    TL_RUN(test_clip);
     if (!sinks_only) TL_RUN(test_matrix);
     printf("codes differing: %lld of %lld (%.2e); parameters differing: %lld of %lld; worst attention rel L2 %.3g\n",
            (long long)g_code_diffs, (long long)g_codes, g_codes ? (double)g_code_diffs / g_codes : 0.0,
