@@ -194,10 +194,9 @@ typedef struct oscar_config {
                                   and the packing rule under oscar_config reads
                                   n - S for n (P' = max(P, (n - S - L) / R)
                                   once n >= S + L). Costs S window rows per
-                                  slot and layer. CPU backend and sequence API
-                                  only for now: the CUDA backend and
-                                  caller_metadata = 1 refuse S > 0 with
-                                  OSCAR_E_UNSUPPORTED.                         */
+                                  slot and layer. Both backends, sequence API
+                                  only for now: caller_metadata = 1 refuses
+                                  S > 0 with OSCAR_E_UNSUPPORTED.              */
     int clip_search;           /* 0 (default, as published) or 1: at pack time
                                   each group's range [lo, hi] is searched over a
                                   fixed grid of shrunken ranges and the one with
@@ -205,8 +204,8 @@ typedef struct oscar_config {
                                   (docs/FORMAT.md step 6). Changes only which
                                   (scale, lo) a packer picks: blocks decode by
                                   the same rule, so they read, export and import
-                                  everywhere. CPU backend only for now: the
-                                  CUDA backend refuses it (OSCAR_E_UNSUPPORTED). */
+                                  everywhere. Both backends pick the same pairs,
+                                  byte for byte.                                */
 } oscar_config;
 
 oscar_config oscar_config_default(void);

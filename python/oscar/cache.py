@@ -101,8 +101,8 @@ class OscarConfig:
     check_finite: Optional[int] = None
     rollback_tokens: Optional[int] = None
     caller_metadata: Optional[int] = None
-    sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; CPU only
-    clip_search: Optional[int] = None   # 0 or 1; CPU only
+    sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; sequence API only
+    clip_search: Optional[int] = None   # 0 or 1
 
     def __post_init__(self):
         d = lib().config_default()

@@ -258,17 +258,6 @@ static oscar_status backend_of(const oscar_config *cfg, const oscar_backend_ops 
                               "the CUDA backend was not built into this library (nvcc missing or OSCAR_CUDA=OFF)");
         if (!oscar_cuda_device_available())
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED, "the CUDA backend is built but no CUDA device is usable");
-        /* options the CUDA kernels do not implement yet: refused, never
-         * silently run as something else */
-        if (cfg->sink_tokens > 0)
-            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
-                              "sink_tokens = %d is not supported by the CUDA backend yet (CPU backend only); set "
-                              "sink_tokens = 0",
-                              cfg->sink_tokens);
-        if (cfg->clip_search)
-            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
-                              "clip_search = 1 is not supported by the CUDA backend yet (CPU backend only); set "
-                              "clip_search = 0");
     }
     return OSCAR_OK;
 }

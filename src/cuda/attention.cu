@@ -271,15 +271,20 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 
 /* Sequence `seq` of the call: slot, length and block table from the
  * device metadata. Out-of-range entries make it empty and invalid (the
- * merge writes NaN for it and the host is told through the report). */
+ * merge writes NaN for it and the host is told through the report).
+ * With sink tokens (S = P.meta.sinks) the length counts them: min(len, S)
+ * tokens in the sink rows, nblk blocks, then the window; wtok = len - nblk R
+ * counts the exact tokens, the sink rows held and the window's (one run of
+ * slot rows, window_warp_tokens). */
 __device__ __forceinline__ SeqView seq_view(const AttnParams &P, int seq) {
     SeqView v;
     v.slot = P.meta.slots[seq];
     v.len = P.meta.lens[seq];
     v.valid = (unsigned)v.slot < (unsigned)P.meta.max_seqs && v.len >= P.q_len;
     v.nblk = v.valid ? P.meta.packed[v.slot] : 0;
-    v.valid = v.valid && v.nblk <= P.meta.table_stride && v.len - v.nblk * P.lay.R >= 0 &&
-              v.len - v.nblk * P.lay.R < P.meta.window_rows && v.len <= P.meta.held[v.slot];
+    const int win = v.len - min(v.len, P.meta.sinks) - v.nblk * P.lay.R; /* window tokens */
+    v.valid = v.valid && v.nblk <= P.meta.table_stride && win >= 0 && win < P.meta.window_rows &&
+              v.len <= P.meta.held[v.slot];
     if (!v.valid) v.slot = 0, v.len = 0, v.nblk = 0;
     v.wtok = v.len - v.nblk * P.lay.R;
     v.table = P.meta.tables + (size_t)(P.meta.table_by_slot ? v.slot : seq) * P.meta.table_stride;
@@ -407,7 +412,9 @@ __device__ __forceinline__ void build_query_fragments(const AttnParams &P, uint8
 
 /* Causal limit of each row of the CTA for the dense path: the last token it
  * attends, -1 for padding rows. Query i of q_len attends tokens
- * [0, tokens - q_len + i]. */
+ * [0, tokens - q_len + i]. With S sink tokens `tokens` and the limits count
+ * from the first token after them (blocks from 0, then the window): a limit
+ * below 0 falls in the sink rows (window_warp_tokens). */
 template <int RPC>
 __device__ __forceinline__ void causal_limits(const AttnParams &P, int qc, long long tokens, long long (&limr)[RPC]) {
 #pragma unroll
@@ -1254,20 +1261,37 @@ __device__ __forceinline__ void dense_warp_chunks(const AttnParams &P, const Seq
     dense_merge<D, RPC>(ds, O, wm, wl, lane);
 }
 
-/* The window tokens (the last split only), split over the warps, merged
- * into each warp's partial. */
+/* The exact tokens (the last split only), split over the warps, merged
+ * into each warp's partial: the sink rows held (tokens 0 .. sinks - 1) and
+ * the window rows (tokens sinks + nblk R ..), `wtok` in all. In the slot
+ * they are one run of rows [0, wtok): the window rows follow the S sink
+ * rows, and there are window rows only once all S are held, so the sink
+ * rows held are min(wtok, S). The run is indexed by slot row; each row's
+ * causal limit (counted from token S, see causal_limits) becomes the last
+ * slot row it attends. Without sinks: the window rows, limits shifted by
+ * nblk R. */
 template <int D, int RPC>
 __device__ __forceinline__ void window_warp_tokens(const AttnParams &P, int slot, int nblk, int wtok, int h, int warp,
                                                    const float *qf, const long long (&limr)[RPC], float *pbuf,
                                                    int lane, float *O, float *wm, float *wl) {
     const int w0 = (wtok * warp) / WARPS, w1 = (wtok * (warp + 1)) / WARPS;
     if (w1 > w0) {
+        /* position limit t = limr + S: t < sinks is sink row t; otherwise
+         * every sink row and the window rows up to slot row t - nblk R */
+        const int sinks = min(wtok, P.meta.sinks);
+        const long long pr = (long long)nblk * P.lay.R;
+        long long rowlim[RPC];
+#pragma unroll
+        for (int r = 0; r < RPC; r++) {
+            const long long t = limr[r] + P.meta.sinks;
+            rowlim[r] = t < sinks ? t : max((long long)sinks - 1, t - pr);
+        }
         DenseState<D, RPC> ds;
         dense_init<D, RPC>(ds);
         const uint8_t *kb = P.win_layer + (size_t)slot * P.lay.wlb + ((size_t)w0 * P.lay.hkv + h) * D * P.lay.w_esize;
         const uint8_t *vb = kb + P.lay.wlb / 2;
-        dense_tokens<D, RPC>(ds, kb, vb, (long long)P.lay.hkv * D, P.lay.w_dtype, w1 - w0, (long long)nblk * P.lay.R + w0,
-                             qf, limr, P.sm_log2, pbuf, lane);
+        dense_tokens<D, RPC>(ds, kb, vb, (long long)P.lay.hkv * D, P.lay.w_dtype, w1 - w0, (long long)w0, qf, rowlim,
+                             P.sm_log2, pbuf, lane);
         dense_merge<D, RPC>(ds, O, wm, wl, lane);
     }
 }
@@ -1328,7 +1352,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
     const int split = blockIdx.x;
     const int seq = P.seq_base + blockIdx.z;
     const SeqView sv = seq_view(P, seq);
-    const long long tokens = (long long)sv.nblk * P.lay.R + sv.wtok;
+    const long long tokens = (long long)sv.nblk * P.lay.R + sv.wtok - P.meta.sinks; /* from token S */
 
     uint8_t *wreg = smem + (size_t)warp * P.warp_region;
     uint64_t *mbar = (uint64_t *)(smem + P.off_mbar) + warp * NSTAGE;

@@ -80,10 +80,11 @@ WorkspaceLayout workspace_layout(const oscar_config *cfg, const oscar_layout *L,
     W.wtasks = o;
     o += align_up(W.max_wtasks * sizeof(WinTask));
     /* new rows of one append: the sequence API can fill the pool and every
-     * window in one call; the batch API appends up to OSCAR_MAX_Q_LEN rows
-     * per sequence */
+     * window and sink row in one call; the batch API appends up to
+     * OSCAR_MAX_Q_LEN rows per sequence */
     W.ss_new = o;
-    const size_t a = (size_t)cfg->block_count * (size_t)cfg->residual + (size_t)cfg->max_seqs * (size_t)L->window_rows;
+    const size_t a = (size_t)cfg->block_count * (size_t)cfg->residual +
+                     (size_t)cfg->max_seqs * (size_t)(L->window_rows + L->sinks);
     const size_t b = (size_t)cfg->max_seqs * OSCAR_MAX_Q_LEN;
     W.ss_cap = a > b ? a : b;
     o += align_up(W.ss_cap * sizeof(float));
@@ -367,6 +368,7 @@ void meta_layer(oscar_cache *c, int layer, SeqMeta *m) {
     m->held = cuda_state(c)->held + (size_t)layer * c->cfg.max_seqs;
     m->window_rows = c->lay.window_rows;
     m->lag = c->lay.lag;
+    m->sinks = c->lay.sinks;
 }
 
 SeqMeta library_meta(oscar_cache *c, int layer, const int32_t *lens, const int32_t *slots) {
@@ -406,20 +408,23 @@ oscar_status cuda_append(oscar_cache *c, int layer, const oscar_append_job *jobs
     CudaState *S = cuda_state(c);
     ENTER(c, S);
     cudaStream_t st = (cudaStream_t)stream;
-    /* metadata: lens, slots, n_new, row0 [n], task0 [n + 1] */
+    /* metadata: lens, slots, n_new, row0 [n], task0 [n + 1]; lens, n_new and
+     * row0 count the sink tokens too (the device splits them off again) */
     int32_t *d_lens = S->meta, *d_slots = d_lens + n_jobs, *d_new = d_slots + n_jobs, *d_row0 = d_new + n_jobs,
             *d_task0 = d_row0 + n_jobs;
     int32_t *h = S->h_scratch;
     int max_new = 0, n_tasks = 0;
     for (int i = 0; i < n_jobs; i++) {
-        const int64_t before = (int64_t)jobs[i].first_flush_index * c->cfg.residual + jobs[i].window_before;
-        h[i] = (int32_t)(before + jobs[i].n_new);
+        const int64_t before =
+            jobs[i].sink_before + (int64_t)jobs[i].first_flush_index * c->cfg.residual + jobs[i].window_before;
+        const int32_t n_new = jobs[i].sink_new + jobs[i].n_new;
+        h[i] = (int32_t)(before + n_new);
         h[n_jobs + i] = jobs[i].seq_slot;
-        h[2 * n_jobs + i] = jobs[i].n_new;
-        h[3 * n_jobs + i] = (int32_t)jobs[i].input_row;
+        h[2 * n_jobs + i] = n_new;
+        h[3 * n_jobs + i] = (int32_t)(jobs[i].input_row - jobs[i].sink_new);
         h[4 * n_jobs + i] = n_tasks;
         n_tasks += jobs[i].n_flush;
-        if (jobs[i].n_new > max_new) max_new = jobs[i].n_new;
+        if (n_new > max_new) max_new = n_new;
     }
     h[5 * n_jobs] = n_tasks;
     oscar_status rc = upload_meta(c, st, S->meta, h, 5LL * n_jobs + 1, S->h_app, &S->h_app_n);
@@ -454,11 +459,11 @@ oscar_status cuda_attention(oscar_cache *c, int layer, const oscar_attn_job *job
     cudaStream_t st = (cudaStream_t)stream;
     int32_t *d_lens = S->meta_att, *d_slots = d_lens + n_jobs;
     int32_t *h = S->h_scratch;
-    int64_t max_len = 0;
+    int64_t max_len = 0; /* sizes the grid: tokens in blocks and window */
     for (int i = 0; i < n_jobs; i++) {
         h[i] = (int32_t)jobs[i].tokens;
         h[n_jobs + i] = jobs[i].seq_slot;
-        if (jobs[i].tokens > max_len) max_len = jobs[i].tokens;
+        if (jobs[i].tokens - jobs[i].sink_tokens > max_len) max_len = jobs[i].tokens - jobs[i].sink_tokens;
     }
     oscar_status rc = upload_meta(c, st, S->meta_att, h, 2LL * n_jobs, S->h_att, &S->h_att_n);
     if (rc != OSCAR_OK) return rc;
@@ -506,16 +511,24 @@ oscar_status cuda_batch_attention(oscar_cache *c, int layer, const oscar_batch *
                                      q_dtype, out, out_dtype, softmax_scale, (cudaStream_t)stream);
 }
 
-uint8_t *win_k(oscar_cache *c, int layer, int32_t slot) {
+/* A slot's layer: K [sinks + window_rows][Hkv][d], then V the same; the
+ * sink rows (config.sink_tokens) come first. slot_k: the K rows from the
+ * first sink row; win_k: from the first window row. */
+uint8_t *slot_k(oscar_cache *c, int layer, int32_t slot) {
     return cuda_state(c)->windows + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_layer_bytes;
+}
+
+uint8_t *win_k(oscar_cache *c, int layer, int32_t slot) {
+    return slot_k(c, layer, slot) + (size_t)c->lay.sinks * c->lay.hkv * c->lay.d * c->lay.window_esize;
 }
 
 float *win_ss(oscar_cache *c, int layer, int32_t slot) {
     return cuda_state(c)->win_ss + ((size_t)layer * c->cfg.max_seqs + (size_t)slot) * c->lay.window_rows;
 }
 
-/* Window rows of every layer (rows[l] each, or the whole slot), the
- * packed-block state and the failed mark, slot src to dst, stream-ordered. */
+/* Sink and window rows of every layer (every sink row and rows[l] window
+ * rows each, or the whole slot), the packed-block state and the failed
+ * mark, slot src to dst, stream-ordered. */
 oscar_status copy_slot(oscar_cache *c, int32_t src, int32_t dst, const int32_t *rows, int32_t uniform_rows,
                        cudaStream_t st) {
     CudaState *S = cuda_state(c);
@@ -528,12 +541,16 @@ oscar_status copy_slot(oscar_cache *c, int32_t src, int32_t dst, const int32_t *
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
     for (int l = 0; l < c->cfg.num_layers; l++) {
         const int32_t n = rows ? rows[l] : uniform_rows;
-        if (n <= 0) continue;
-        OSCAR_CK(c, cudaMemcpyAsync(win_k(c, l, dst), win_k(c, l, src), (size_t)n * rowb, cudaMemcpyDeviceToDevice, st));
-        OSCAR_CK(c, cudaMemcpyAsync(win_k(c, l, dst) + half, win_k(c, l, src) + half, (size_t)n * rowb,
+        /* the sink rows and the window rows are one run from the slot's
+         * first row (sink rows not yet written are copied too, harmlessly) */
+        const size_t run = (size_t)c->lay.sinks + (size_t)(n > 0 ? n : 0);
+        if (run == 0) continue;
+        OSCAR_CK(c, cudaMemcpyAsync(slot_k(c, l, dst), slot_k(c, l, src), run * rowb, cudaMemcpyDeviceToDevice, st));
+        OSCAR_CK(c, cudaMemcpyAsync(slot_k(c, l, dst) + half, slot_k(c, l, src) + half, run * rowb,
                                     cudaMemcpyDeviceToDevice, st));
-        OSCAR_CK(c, cudaMemcpyAsync(win_ss(c, l, dst), win_ss(c, l, src), (size_t)n * sizeof(float),
-                                    cudaMemcpyDeviceToDevice, st));
+        if (n > 0)
+            OSCAR_CK(c, cudaMemcpyAsync(win_ss(c, l, dst), win_ss(c, l, src), (size_t)n * sizeof(float),
+                                        cudaMemcpyDeviceToDevice, st));
     }
     OSCAR_CK(c, cudaMemcpyAsync(S->failed + dst, S->failed + src, sizeof(int32_t), cudaMemcpyDeviceToDevice, st));
     return OSCAR_OK;
@@ -615,7 +632,9 @@ oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t 
     OSCAR_CK(c, cudaMemset(S->failed + slot, 0, sizeof(int32_t)));
     OSCAR_CK(c, cudaMemcpy(S->packed + (size_t)layer * c->cfg.max_seqs + slot, &packed_blocks, sizeof(int32_t),
                            cudaMemcpyHostToDevice));
-    const int32_t held = packed_blocks * c->cfg.residual + n;
+    /* tokens written, the sink rows counted: all S once a window row or a
+     * block exists; otherwise at most S (a bound is all the checks need) */
+    const int32_t held = c->lay.sinks + packed_blocks * c->cfg.residual + n;
     OSCAR_CK(c, cudaMemcpy(S->held + (size_t)layer * c->cfg.max_seqs + slot, &held, sizeof(int32_t),
                            cudaMemcpyHostToDevice));
     if (n <= 0) return sync_all(c);
@@ -624,6 +643,31 @@ oscar_status cuda_write_window(oscar_cache *c, int layer, int32_t slot, int32_t 
     if (v)
         OSCAR_CK(c, cudaMemcpy(win_k(c, layer, slot) + c->lay.window_layer_bytes / 2, v, (size_t)n * rowb,
                                cudaMemcpyHostToDevice));
+    return sync_all(c);
+}
+
+/* The first n sink rows of a slot's layer (synchronous, like the window). */
+oscar_status cuda_read_sinks(oscar_cache *c, int layer, int32_t slot, int32_t n, void *k, void *v) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
+    oscar_status rc = sync_all(c);
+    if (rc != OSCAR_OK) return rc;
+    if (n <= 0) return OSCAR_OK;
+    const size_t bytes = (size_t)n * c->lay.hkv * c->lay.d * c->lay.window_esize;
+    if (k) OSCAR_CK(c, cudaMemcpy(k, slot_k(c, layer, slot), bytes, cudaMemcpyDeviceToHost));
+    if (v) OSCAR_CK(c, cudaMemcpy(v, slot_k(c, layer, slot) + c->lay.window_layer_bytes / 2, bytes, cudaMemcpyDeviceToHost));
+    return OSCAR_OK;
+}
+
+oscar_status cuda_write_sinks(oscar_cache *c, int layer, int32_t slot, int32_t n, const void *k, const void *v) {
+    CudaState *S = cuda_state(c);
+    ENTER(c, S);
+    oscar_status rc = sync_all(c);
+    if (rc != OSCAR_OK) return rc;
+    if (n <= 0) return OSCAR_OK;
+    const size_t bytes = (size_t)n * c->lay.hkv * c->lay.d * c->lay.window_esize;
+    if (k) OSCAR_CK(c, cudaMemcpy(slot_k(c, layer, slot), k, bytes, cudaMemcpyHostToDevice));
+    if (v) OSCAR_CK(c, cudaMemcpy(slot_k(c, layer, slot) + c->lay.window_layer_bytes / 2, v, bytes, cudaMemcpyHostToDevice));
     return sync_all(c);
 }
 
@@ -665,7 +709,7 @@ const oscar_backend_ops cuda_ops = {
     cuda_fork,       cuda_read_block,  cuda_write_block, cuda_read_window,  cuda_write_window,
     cuda_set_table,  cuda_batch_append, cuda_batch_attention, cuda_slot_copy, cuda_poll,
     cuda_sync,       cuda_requirements, cuda_key_sumsq,
-    nullptr,         nullptr, /* read_sinks, write_sinks: sink_tokens is refused on CUDA (src/core/cache.c) */
+    cuda_read_sinks, cuda_write_sinks,
 };
 
 } // namespace

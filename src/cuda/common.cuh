@@ -27,7 +27,10 @@ struct PackTask {
 
 /* Rows [r0, r1) of a window slot receive stream tokens r + shift: old
  * window row r + shift where that is < wb, else input row in0 + r + shift.
- * (With a rollback lag old rows move down; the two ranges never overlap.) */
+ * (With a rollback lag old rows move down: rows [0, wb - shift) from rows
+ * [shift, wb), which may then receive new tokens themselves.)
+ * sink = 1: the rows are the slot's sink rows (config.sink_tokens), written
+ * from the input only (shift = wb = 0) and without sums of squares. */
 struct WinTask {
     int64_t in0;
     int32_t slot;
@@ -35,7 +38,7 @@ struct WinTask {
     int32_t r1;
     int32_t shift;
     int32_t wb;
-    int32_t pad;
+    int32_t sink;
 };
 
 /* ---- the packed layout as the kernels read it --------------------------- */
@@ -48,6 +51,8 @@ struct DeviceLayout {
     long long codes_bytes;   /* key (or value) codes of one head             */
     long long kparams_bytes; /* key (scale, lo) pairs of one head            */
     long long wlb;           /* bytes of one window slot in one layer (K, V) */
+    long long wsink;         /* bytes from a slot's K (or V) rows to its window
+                                rows: the sink rows come first (0 without)   */
     int R, Gk, Gv, hkv, levels;
     int w_dtype, w_esize;    /* window element type and size                 */
     int rotate, rotate_v, scale_keys;
@@ -60,6 +65,7 @@ static inline DeviceLayout oscar_cuda_device_layout(const oscar_layout *L) {
     d.codes_bytes = (long long)L->codes_bytes;
     d.kparams_bytes = (long long)L->kparams_bytes;
     d.wlb = (long long)L->window_layer_bytes;
+    d.wsink = (long long)L->sinks * L->hkv * L->d * L->window_esize;
     d.R = L->residual;
     d.Gk = L->k_group;
     d.Gv = L->v_group;
@@ -103,12 +109,17 @@ struct SeqMeta {
     int32_t *held;          /* [max_seqs] tokens written to this layer (library state) */
     int window_rows;        /* residual + rollback lag                         */
     int lag;
+    int sinks;              /* config.sink_tokens S: lens count them; the first
+                               min(len, S) tokens sit in the slot's sink rows,
+                               blocks and window follow (0 in the batch API) */
 };
 
 /* Reads sequence i's metadata and checks it; an entry out of range makes
  * the sequence empty (valid = false). */
 struct SeqView {
-    int slot, len, nblk, wtok;
+    int slot, len, nblk;
+    int wtok;               /* exact tokens: len - nblk R, the sink rows held
+                               (min(len, S)) and the window tokens           */
     const int32_t *table;
     bool valid;
 };

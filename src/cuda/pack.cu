@@ -3,9 +3,12 @@
  *   2. pack: per (block, head, key group) rotate, round to the window dtype,
  *      divide by the norm, per-channel key and per-token value parameters,
  *      codes in the mma tile layout;
- *   3. window: the tokens left over, rotated and rounded, into the window.
+ *   3. window: the tokens left over, rotated and rounded, into the window
+ *      (and the first sink_tokens tokens of a sequence into its sink rows).
  * All three read the same token source: stream index i of a sequence is
- * window row i for i < window_before, else input row input_row + i - wb. */
+ * window row i for i < window_before, else input row input_row + i - wb.
+ * With sink tokens the stream starts after them: window row i is slot row
+ * S + i (lay.wsink bytes in), and input_row is the first row after them. */
 #include "common.cuh"
 
 namespace {
@@ -23,6 +26,7 @@ struct AppendArgs {
     const WinTask *wtasks;
     DeviceLayout lay;
     int in_dtype;
+    int clip;              /* clip_search: MSE-searched group ranges      */
 };
 
 /* Empty entries of the task list (the batch API sizes it for the most
@@ -126,7 +130,7 @@ __device__ __forceinline__ void stream_load(const AppendArgs &A, const PackTask 
                                             int lane, float (&x)[D / 32]) {
     constexpr int E = D / 32;
     if (sidx < T.window_before) {
-        const uint8_t *base = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+        const uint8_t *base = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0) + A.lay.wsink;
         ld_row<E>(base, A.lay.w_dtype, ((size_t)sidx * A.lay.hkv + h) * D + (size_t)lane * E, x);
     } else {
         const int64_t row = T.input_row + (sidx - T.window_before);
@@ -148,7 +152,7 @@ __device__ __forceinline__ void stream_row(const AppendArgs &A, const PackTask &
                                            int lane, float (&x)[D / 32]) {
     constexpr int E = D / 32;
     if (sidx < T.window_before) {
-        const uint8_t *base = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+        const uint8_t *base = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0) + A.lay.wsink;
         ld_row<E>(base, A.lay.w_dtype, ((size_t)sidx * A.lay.hkv + h) * D + (size_t)lane * E, x);
     } else {
         input_row<D>(A, is_v, T.input_row + (sidx - T.window_before), h, lane, x);
@@ -254,6 +258,47 @@ __device__ __forceinline__ uint32_t quant_code(float x, float sc, float inv, flo
     return (uint32_t)r;
 }
 
+/* clip_search (FORMAT.md step 6): the (scale16, lo16) of a group of n
+ * values x[i * stride] with range [lo, hi] (as the plain rule finds it),
+ * searched over the fixed grid of shrunken ranges for the least squared
+ * error, exactly as oscar_group_params_clip (src/core/numerics.c): every
+ * fp32 step rounded on its own (no contraction), the error summed in fp64
+ * in element order, the first candidate kept on ties, and the plain
+ * parameters when no candidate has a finite error. */
+__device__ __noinline__ void clip_params(const float *x, int n, int stride, int Q, float lo, float hi,
+                                         unsigned short &sc16, unsigned short &lo16) {
+    const float grid[6] = {0.0f, 0.05f, 0.1f, 0.15f, 0.2f, 0.3f};
+    const float range = __fsub_rn(hi, lo);
+    double best = INFINITY;
+    unsigned short bs = 0, bl = 0;
+    for (int a = 0; a < 6; a++)
+        for (int b = 0; b < 6; b++) {
+            const float l = __fadd_rn(lo, __fmul_rn(grid[a], range)), h = __fsub_rn(hi, __fmul_rn(grid[b], range));
+            if (!(h >= l)) continue;
+            const unsigned short s16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(h, l), (float)Q)), l16 = oscar_f16_bits(l);
+            const float sc = __half2float(__ushort_as_half(s16)), l0 = __half2float(__ushort_as_half(l16));
+            const float inv = sc > 0.0f ? __frcp_rn(sc) : 0.0f;
+            double err = 0.0;
+            for (int i = 0; i < n; i++) {
+                const float v = x[(size_t)i * stride];
+                const float r = __fadd_rn(l0, __fmul_rn((float)quant_code(v, sc, inv, l0, Q), sc));
+                const double e = __dsub_rn((double)v, (double)r);
+                err = __dadd_rn(err, __dmul_rn(e, e));
+            }
+            if (err < best) {
+                best = err;
+                bs = s16;
+                bl = l16;
+            }
+        }
+    if (!(best < INFINITY)) { /* non-finite values: the plain rule */
+        bs = oscar_f16_bits(__fdiv_rn(range, (float)Q));
+        bl = oscar_f16_bits(lo);
+    }
+    sc16 = bs;
+    lo16 = bl;
+}
+
 /* 2. Pack one key group (Gk tokens) of one head of one block. */
 template <int D, int BITS>
 __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
@@ -322,6 +367,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
         }
         unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)Q));
         unsigned short lo16 = oscar_f16_bits(lo);
+        if (A.clip) clip_params(Ks + c, Gk, LD, Q, lo, hi, sc16, lo16);
         size_t pi = ((size_t)gi * D + c) * 2;
         *(uint32_t *)(kp + pi) = (uint32_t)sc16 | ((uint32_t)lo16 << 16);
         const float sc = __half2float(__ushort_as_half(sc16));
@@ -339,6 +385,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
         }
         unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)Q));
         unsigned short lo16 = oscar_f16_bits(lo);
+        if (A.clip) clip_params(x, Gv, 1, Q, lo, hi, sc16, lo16);
         size_t pi = ((size_t)(gi * Gk + j) * NG + vg) * 2;
         *(uint32_t *)(vp + pi) = (uint32_t)sc16 | ((uint32_t)lo16 << 16);
         const float sc = __half2float(__ushort_as_half(sc16));
@@ -441,7 +488,7 @@ __device__ __forceinline__ void fused_load(const AppendArgs &A, const PackTask &
         const int64_t row = T.input_row + (sidx - T.window_before);
         ld_row<32>(is_v ? A.v : A.k, A.in_dtype, ((size_t)row * A.lay.hkv + h) * D + (size_t)wd * 32, x);
     } else {
-        const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+        const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0) + A.lay.wsink;
         ld_row<32>(wbase, A.lay.w_dtype, ((size_t)sidx * A.lay.hkv + h) * D + (size_t)wd * 32, x);
     }
 }
@@ -452,7 +499,7 @@ __device__ __forceinline__ void fused_finish(const AppendArgs &A, const PackTask
                                              int h, int wd, float (&x)[32]) {
     const int sidx = T.stream0 + tok;
     const bool inp = sidx >= T.window_before;
-    const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0);
+    const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0) + A.lay.wsink;
     const size_t widx = ((size_t)sidx * A.lay.hkv + h) * D + (size_t)wd * 32;
     if (rot) {
 #pragma unroll
@@ -734,11 +781,11 @@ size_t fused_smem_bytes(const oscar_layout *L) {
 }
 
 /* The fused kernel covers 2-bit codes, d 64 or 128, a 16-bit window, Gk 16
- * or 32 and 16-byte aligned inputs; everything else runs the v8 kernels (d 256
- * measured slower fused: 3.25 against 2.98 ms). */
+ * or 32 and 16-byte aligned inputs, without clip_search; everything else
+ * runs the v8 kernels (d 256 measured slower fused: 3.25 against 2.98 ms). */
 bool fused_ok(const oscar_layout *L, size_t optin) {
     return L->quantised && L->bits == 2 && L->d <= 128 && L->window_esize == 2 && (L->k_group == 16 || L->k_group == 32) &&
-           fused_smem_bytes(L) <= optin;
+           !L->clip && fused_smem_bytes(L) <= optin;
 }
 
 /* 2'. Method none: copy the R window-rounded rows of each head into the block. */
@@ -762,7 +809,10 @@ __global__ void __launch_bounds__(256) pack_none_kernel(AppendArgs A) {
 
 /* 3. The window after the append: rows [r0, r1) of the slot receive
  * stream tokens r + shift, rotated and rounded from the input, or (with a
- * rollback lag) moved down from older window rows. */
+ * rollback lag) moved down from older window rows; a moved row that also
+ * receives a new token is written by the thread that moved it. A sink task
+ * writes the sink rows [r0, r1) from the input the same way (no sums of
+ * squares: sink tokens are never packed). */
 template <int D>
 __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     const WinTask T = A.wtasks[blockIdx.x];
@@ -770,27 +820,36 @@ __global__ void __launch_bounds__(256) window_kernel(AppendArgs A) {
     const int h = blockIdx.y;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     constexpr int E = D / 32;
-    uint8_t *kb = A.win_layer + (size_t)T.slot * A.lay.wlb;
+    uint8_t *kb = A.win_layer + (size_t)T.slot * A.lay.wlb + (T.sink ? 0 : A.lay.wsink);
     uint8_t *vb = kb + A.lay.wlb / 2;
+    float *ss = A.win_ss + (size_t)T.slot * A.W;
+    float x[E];
+    /* row q receives new token T.in0 + q + shift */
+    auto put_input = [&](int q) {
+        const size_t o = ((size_t)q * A.lay.hkv + h) * D + lane * E;
+        if (h == 0 && lane == 0 && !T.sink) ss[q] = A.ss_new[T.in0 + q + T.shift];
+        input_row<D>(A, false, T.in0 + q + T.shift, h, lane, x);
+        st_row<E>(kb, A.lay.w_dtype, o, x);
+        input_row<D>(A, true, T.in0 + q + T.shift, h, lane, x);
+        st_row<E>(vb, A.lay.w_dtype, o, x);
+    };
     for (int r = T.r0 + blockIdx.z * 8 + w; r < T.r1; r += 8 * gridDim.z) {
-        float x[E];
+        /* A row in [shift, wb) is read by the move into row r - shift and
+         * may receive a new token too: the thread that moves it writes that
+         * token after its read, so no other thread may write it first. */
+        if (r >= T.shift && r < T.wb) continue;
         const int s = r + T.shift;
-        const size_t o = ((size_t)r * A.lay.hkv + h) * D + lane * E;
-        if (h == 0 && lane == 0) {
-            float *ss = A.win_ss + (size_t)T.slot * A.W;
-            ss[r] = s < T.wb ? ss[s] : A.ss_new[T.in0 + s];
-        }
         if (s < T.wb) {
+            const size_t o = ((size_t)r * A.lay.hkv + h) * D + lane * E;
             const size_t so = ((size_t)s * A.lay.hkv + h) * D + lane * E;
+            if (h == 0 && lane == 0) ss[r] = ss[s];
             ld_row<E>(kb, A.lay.w_dtype, so, x);
             st_row<E>(kb, A.lay.w_dtype, o, x);
             ld_row<E>(vb, A.lay.w_dtype, so, x);
             st_row<E>(vb, A.lay.w_dtype, o, x);
+            if (s < T.r1) put_input(s);
         } else {
-            input_row<D>(A, false, T.in0 + s, h, lane, x);
-            st_row<E>(kb, A.lay.w_dtype, o, x);
-            input_row<D>(A, true, T.in0 + s, h, lane, x);
-            st_row<E>(vb, A.lay.w_dtype, o, x);
+            put_input(r);
         }
     }
 }
@@ -819,21 +878,30 @@ __device__ __forceinline__ AppendSeq append_seq(const AppendCall &C, int i) {
 }
 
 /* Sequence i's flush tasks (block < 0 where it has fewer than the list
- * holds) and its window task. A sequence that starts here (nothing before
- * this append) clears its failed mark. Entries out of range are reported
- * and skipped: no task of theirs writes anything. */
+ * holds), its window task and (with sink tokens) its sink task
+ * wtasks[n_seqs + i]. A sequence that starts here (nothing before this
+ * append) clears its failed mark. Entries out of range are reported and
+ * skipped: no task of theirs writes anything.
+ * Sink tokens (config.sink_tokens = S; 0 in the batch API): lens and n_new
+ * count them; the first min(len, S) tokens of the sequence go to its sink
+ * rows, and the packing rule and the stream read the tokens after them
+ * (oscar_config: n - S for n). */
 __device__ void build_seq_tasks(const AppendCall &C, int i, int R, int per_seq, const int32_t *task0,
                                 PackTask *tasks, WinTask *wtasks, int32_t *failed, OscarReport *report) {
     AppendSeq s = append_seq(C, i);
     const int first = task0 ? task0[i] : i * per_seq;
     const int count = task0 ? (task0[i + 1] - first) : per_seq;
-    int p0 = 0, p1 = 0;
+    const int S = C.meta.sinks;
+    int p0 = 0, p1 = 0, sb = 0, sn = 0; /* sink rows held before, new ones */
     if (s.valid) {
+        sb = min(s.len_before, S);
+        sn = min(s.len, S) - sb;
+        const int after = s.len - sb - sn, after_before = s.len_before - sb; /* tokens after the sinks */
         /* a sequence that starts here starts with nothing packed */
         p0 = s.len_before == 0 ? 0 : C.meta.packed[s.slot];
-        const int q = s.len >= C.meta.lag ? (s.len - C.meta.lag) / R : 0;
+        const int q = after >= C.meta.lag ? (after - C.meta.lag) / R : 0;
         p1 = q > p0 ? q : p0;
-        if (p0 < 0 || s.len_before < p0 * R || s.len_before - p0 * R >= C.meta.window_rows) s.valid = false;
+        if (p0 < 0 || after_before < p0 * R || after_before - p0 * R >= C.meta.window_rows) s.valid = false;
         /* the slot holds what was written to it: no reading past that */
         if (s.len_before != 0 && s.len_before > C.meta.held[s.slot]) s.valid = false;
         if (p1 - p0 > count || p1 > C.meta.table_stride) s.valid = false;
@@ -846,15 +914,18 @@ __device__ void build_seq_tasks(const AppendCall &C, int i, int R, int per_seq, 
         report->bad_meta = 1;
         for (int f = 0; f < count; f++) tasks[first + f].block = -1;
         wtasks[i].r0 = 0, wtasks[i].r1 = 0, wtasks[i].slot = 0;
+        if (S > 0) wtasks[C.n_seqs + i].r0 = 0, wtasks[C.n_seqs + i].r1 = 0, wtasks[C.n_seqs + i].slot = 0;
         return;
     }
     if (s.len_before == 0) failed[s.slot] = 0;
     C.meta.packed[s.slot] = p1;
     C.meta.held[s.slot] = s.len;
-    const int n_flush = p1 - p0, wb = s.len_before - p0 * R;
+    /* the stream: the tokens after the sinks, from input row row0 */
+    const int row0 = s.row0 + sn, n_new = s.n_new - sn;
+    const int n_flush = p1 - p0, wb = s.len_before - sb - p0 * R;
     for (int f = 0; f < count; f++) {
         PackTask T;
-        T.input_row = s.row0;
+        T.input_row = row0;
         T.block = f < n_flush ? s.table[p0 + f] : -1;
         T.slot = s.slot;
         T.window_before = wb;
@@ -866,11 +937,23 @@ __device__ void build_seq_tasks(const AppendCall &C, int i, int R, int per_seq, 
     W.slot = s.slot;
     W.shift = n_flush * R;
     W.wb = wb;
-    W.in0 = (int64_t)s.row0 - wb;
+    W.in0 = (int64_t)row0 - wb;
     W.r0 = n_flush ? 0 : wb;
-    W.r1 = wb + s.n_new - n_flush * R;
-    W.pad = 0;
+    W.r1 = wb + n_new - n_flush * R;
+    W.sink = 0;
     wtasks[i] = W;
+    if (S > 0) {
+        /* sink rows [sb, sb + sn) from input rows s.row0 .. */
+        WinTask K;
+        K.slot = s.slot;
+        K.shift = 0;
+        K.wb = 0;
+        K.in0 = (int64_t)s.row0 - sb;
+        K.r0 = sb;
+        K.r1 = sb + sn;
+        K.sink = 1;
+        wtasks[C.n_seqs + i] = K;
+    }
 }
 
 /* One thread per sequence (large appends: the finite and sum-of-squares
@@ -1061,7 +1144,7 @@ void oscar_cuda_task_capacity(const oscar_config *cfg, size_t *tasks, size_t *wt
     size_t a = (size_t)cfg->block_count + (size_t)cfg->max_seqs;
     size_t b = (size_t)cfg->max_seqs * per_seq;
     *tasks = a > b ? a : b;
-    *wtasks = (size_t)cfg->max_seqs;
+    *wtasks = (size_t)cfg->max_seqs * (cfg->sink_tokens > 0 ? 2 : 1); /* window (and sink) rows */
 }
 
 oscar_status oscar_cuda_row_sumsq(oscar_cache *c, int64_t n_rows, const void *k, oscar_dtype dtype, const float *tp,
@@ -1094,10 +1177,13 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
     const int R = L->residual;
     const int per_seq = (R - 1 + C.meta.lag + C.max_new) / R;
     if (!task0) n_tasks = C.n_seqs * per_seq;
-    if ((size_t)n_tasks > S->max_tasks || (size_t)C.n_seqs > S->max_wtasks)
+    /* window tasks: one per sequence, and one more for its sink rows */
+    const int n_wtasks = C.meta.sinks > 0 ? 2 * C.n_seqs : C.n_seqs;
+    if ((size_t)n_tasks > S->max_tasks || (size_t)n_wtasks > S->max_wtasks)
         return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
-                               "append: %d pack tasks for %d sequences exceed the workspace's %zu / %zu", n_tasks,
-                               C.n_seqs, S->max_tasks, S->max_wtasks);
+                               "append: %d pack tasks and %d window tasks for %d sequences exceed the workspace's "
+                               "%zu / %zu",
+                               n_tasks, n_wtasks, C.n_seqs, S->max_tasks, S->max_wtasks);
     oscar_status rc;
     if ((size_t)C.total_rows > S->ss_cap)
         return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT, "append: %lld rows exceed the workspace's %zu",
@@ -1146,11 +1232,12 @@ oscar_status oscar_cuda_append_call_tasks(oscar_cache *c, int layer, const Appen
     A.wtasks = S->wtasks;
     A.in_dtype = (int)dtype;
     A.lay = S->dlay;
-    const int max_wrows = C.meta.window_rows;
+    A.clip = L->clip;
+    const int max_wrows = C.meta.window_rows > C.meta.sinks ? C.meta.window_rows : C.meta.sinks;
     switch (L->d) {
-    case 64: return launch_append_d<64>(c, A, n_tasks, C.n_seqs, max_wrows, st);
-    case 128: return launch_append_d<128>(c, A, n_tasks, C.n_seqs, max_wrows, st);
-    case 256: return launch_append_d<256>(c, A, n_tasks, C.n_seqs, max_wrows, st);
+    case 64: return launch_append_d<64>(c, A, n_tasks, n_wtasks, max_wrows, st);
+    case 128: return launch_append_d<128>(c, A, n_tasks, n_wtasks, max_wrows, st);
+    case 256: return launch_append_d<256>(c, A, n_tasks, n_wtasks, max_wrows, st);
     default: return oscar_set_error(c, OSCAR_E_UNSUPPORTED, "CUDA backend: head_dim %d", L->d);
     }
 }

@@ -15,9 +15,13 @@
  *  - a sequence exported by one backend and imported into the other gives
  *    the same attention;
  *  - NaN input with check_finite marks the sequence failed on the device
- *    and is reported by the next poll (see test_nonfinite).
- * Without a CUDA device the test prints a skip message and exits 0.
- * `test_gpu --small` runs a reduced set (used under compute-sanitizer).
+ *    and is reported by the next poll (see test_nonfinite);
+ *  - sink tokens (test_sinks): exports byte-identical to the CPU backend's
+ *    through prompts shorter than, equal to and crossing S, decode runs,
+ *    drafts and truncation, query chunks crossing S, fork and import.
+ * Without a CUDA device the test prints a skip message and exits 77.
+ * `test_gpu --small` runs a reduced set (used under compute-sanitizer);
+ * `test_gpu --sinks` only the sink-token tests.
  */
 #include "testlib.h"
 
@@ -574,18 +578,378 @@ static void test_rollback(void) {
     free_pair(&P);
 }
 
+/* ---- sink tokens (config.sink_tokens) --------------------------------------
+ * The CUDA backend against the CPU backend with S sink tokens: the first S
+ * tokens of a sequence stay in the slot's sink rows, blocks hold the tokens
+ * after them. Prompts shorter than S, exactly S and crossing S, in one
+ * append call; long decode runs that pack many blocks (with a rollback lag:
+ * drafts appended, attended and partly truncated, also while the sequence
+ * is still in its sink rows); query chunks (q_len > 1) crossing S; fork;
+ * export / import both ways. Checks: the export streams are the same bytes
+ * (blocks, sink rows, window rows, sums of squares), so are the read-backs
+ * (oscar_seq_read); attention (outputs NaN-poisoned) agrees with the CPU
+ * backend within 2e-3 and with float64 attention over the read-back. */
+
+typedef struct sink_case {
+    const char *name;
+    oscar_method method;
+    int bits, d, hkv, hq, R, S, lag, layers;
+    oscar_dtype W, in_dt, q_dt;
+    int clip; /* config.clip_search (test_clip) */
+} sink_case;
+
+static double g_worst_sink_ref = 0.0; /* GPU attention vs float64 over its read-back, / bound */
+
+/* The two exports of a sequence must be the same bytes; on a difference the
+ * first differing byte and its region are printed, and compare_exports
+ * gives the detail. Also the read-backs of every layer (sink rows through
+ * read_sinks). */
+static void same_stream(pair *P, int32_t sc, int32_t sg, const char *what) {
+    size_t na = 0, nb = 0;
+    unsigned char *a = tl_export(P->cpu, sc, &na), *b = tl_export(P->gpu, sg, &nb);
+    if (a && b) {
+        const int same = na == nb && memcmp(a, b, na) == 0;
+        size_t first = 0;
+        while (!same && first < na && first < nb && a[first] == b[first]) first++;
+        const size_t hdr = 64 + 16 * (size_t)P->g.L;
+        const size_t rows = hdr + (size_t)tl_rd32(a + 52) * (size_t)P->g.L * P->g.LB;
+        CHECKF(same, "%s: exports differ (%zu vs %zu bytes; first difference at byte %zu, in the %s)", what, na, nb,
+               first, first < hdr ? "header" : first < rows ? "blocks" : "sink/window rows or checksum");
+        if (!same) compare_exports(&P->g, a, na, b, nb, what);
+    }
+    free(a), free(b);
+    for (int l = 0; l < P->g.L; l++) {
+        float *kc, *vc, *kg, *vg;
+        const int64_t tc = tl_read_all(P->cpu, sc, l, P->g.hkv, P->g.d, &kc, &vc);
+        const int64_t tg = tl_read_all(P->gpu, sg, l, P->g.hkv, P->g.d, &kg, &vg);
+        const size_t n = (size_t)(tc > 0 ? tc : 0) * (size_t)P->g.hkv * (size_t)P->g.d * sizeof(float);
+        CHECKF(tc == tg && memcmp(kc, kg, n) == 0 && memcmp(vc, vg, n) == 0,
+               "%s: layer %d read-back differs (%lld vs %lld tokens)", what, l, (long long)tc, (long long)tg);
+        free(kc), free(vc), free(kg), free(vg);
+    }
+}
+
+/* n new tokens (random K/V of a flavour below TL_FLAVOR_HUGE, every layer)
+ * for n_seqs sequences, nt[i] each, on both backends in one call per layer. */
+static void sink_append(pair *P, tl_rng *r, const sink_case *C, int n_seqs, const int32_t *sc, const int32_t *sg,
+                        const int32_t *nt, int flavor) {
+    int64_t rows = 0;
+    for (int i = 0; i < n_seqs; i++) rows += nt[i];
+    const int64_t row = (int64_t)P->g.hkv * P->g.d;
+    float *k = malloc(sizeof(float) * (size_t)(rows * row + 1)), *v = malloc(sizeof(float) * (size_t)(rows * row + 1));
+    for (int l = 0; l < P->g.L; l++) {
+        tl_gen_kv(r, flavor, k, v, rows, P->g.hkv, P->g.d, C->in_dt);
+        oscar_status st = both_append(P, l, n_seqs, sc, sg, nt, k, v, C->in_dt);
+        CHECKF(st == OSCAR_OK, "%s: append: %s %s", C->name, oscar_status_name(st), oscar_last_error(P->gpu));
+    }
+    free(k), free(v);
+}
+
+/* Attention of n_seqs sequences (q_len queries each) on both backends, every
+ * layer: GPU within 2e-3 of the CPU. */
+static void sink_attn(pair *P, tl_rng *r, const sink_case *C, int n_seqs, const int32_t *sc, const int32_t *sg,
+                      int q_len, double knorm, const char *what) {
+    const int hq = P->g.hq, d = P->g.d;
+    const int64_t n = (int64_t)n_seqs * q_len * hq * d;
+    float *q = malloc(sizeof(float) * (size_t)n), *oc = malloc(sizeof(float) * (size_t)n),
+          *og = malloc(sizeof(float) * (size_t)n);
+    for (int l = 0; l < P->g.L; l++) {
+        tl_gen_q(r, q, (int64_t)n_seqs * q_len, hq, d, knorm, 2.0, C->q_dt);
+        CHECK_OK(tl_attention(P->cpu, l, n_seqs, sc, q_len, q, C->q_dt, OSCAR_DTYPE_F32, 0.0f, oc, hq, d));
+        oscar_status st = gpu_attention(P->gpu, l, n_seqs, sg, q_len, q, C->q_dt, OSCAR_DTYPE_F32, 0.0f, og, hq, d);
+        CHECKF(st == OSCAR_OK, "%s: attention: %s %s", C->name, oscar_status_name(st), oscar_last_error(P->gpu));
+        char w[200];
+        snprintf(w, sizeof w, "%s: %s, layer %d, q_len %d", C->name, what, l, q_len);
+        check_attn(w, og, oc, n);
+    }
+    free(q), free(oc), free(og);
+}
+
+/* GPU attention of one sequence (layer 0) against float64 attention over
+ * its own read-back (sink, block and window tokens in the original space):
+ * the causal limits of q_len queries over sinks, blocks and window. */
+static void sink_ref_attn(pair *P, tl_rng *r, const sink_case *C, int32_t sg, int q_len, double knorm,
+                          const char *what) {
+    const int hq = P->g.hq, d = P->g.d, hkv = P->g.hkv;
+    float *kl, *vl;
+    const int64_t T = tl_read_all(P->gpu, sg, 0, hkv, d, &kl, &vl);
+    if (T >= q_len) {
+        const int64_t n = (int64_t)q_len * hq * d;
+        float *q = malloc(sizeof(float) * (size_t)n), *og = malloc(sizeof(float) * (size_t)n);
+        double *oref = malloc(sizeof(double) * (size_t)n), *mag = malloc(sizeof(double) * (size_t)(q_len * hq));
+        tl_gen_q(r, q, q_len, hq, d, knorm, 2.0, OSCAR_DTYPE_F32);
+        CHECK_OK(gpu_attention(P->gpu, 0, 1, &sg, q_len, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, og, hq, d));
+        tl_ref_attention_f(d, hkv, hq, kl, vl, T, q_len, q, 1.0 / sqrt((double)d), oref, mag);
+        /* the kernels round p (and p * scale) to fp16: ~2^-10 of the output's scale */
+        const double tol = 4e-3;
+        double worst = 0.0;
+        const int64_t bad = tl_compare_out(og, oref, mag, (int64_t)q_len * hq, d, OSCAR_DTYPE_F32, tol, &worst);
+        if (worst / tol > g_worst_sink_ref) g_worst_sink_ref = worst / tol;
+        CHECKF(bad == 0, "%s: %s: attention vs float64 over the read-back (%lld tokens, q_len %d): %lld elements "
+               "off, worst %.3g", C->name, what, (long long)T, q_len, (long long)bad, worst);
+        free(q), free(og), free(oref), free(mag);
+    }
+    free(kl), free(vl);
+}
+
+/* Export / import: GPU -> GPU and CPU -> GPU give the same bytes again,
+ * GPU -> CPU too; attention over the imported copy agrees with the CPU. */
+static void sink_roundtrip(pair *P, tl_rng *r, const sink_case *C, int32_t sc, int32_t sg, double knorm,
+                           const char *what) {
+    size_t ng = 0, nc = 0;
+    unsigned char *eg = tl_export(P->gpu, sg, &ng), *ec = tl_export(P->cpu, sc, &nc);
+    char w[200];
+    if (eg && ec) {
+        int32_t gg = -1, cg = -1, gc = -1;
+        CHECK_OK(oscar_seq_import(P->gpu, eg, ng, &gg));
+        CHECK_OK(oscar_seq_import(P->gpu, ec, nc, &cg));
+        CHECK_OK(oscar_seq_import(P->cpu, eg, ng, &gc));
+        if (gg >= 0 && cg >= 0 && gc >= 0) {
+            size_t n1 = 0, n2 = 0, n3 = 0;
+            unsigned char *b1 = tl_export(P->gpu, gg, &n1), *b2 = tl_export(P->gpu, cg, &n2),
+                          *b3 = tl_export(P->cpu, gc, &n3);
+            CHECKF(b1 && n1 == ng && memcmp(b1, eg, ng) == 0, "%s: %s: GPU -> GPU import exports differently", C->name,
+                   what);
+            CHECKF(b2 && n2 == nc && memcmp(b2, ec, nc) == 0, "%s: %s: CPU -> GPU import exports differently", C->name,
+                   what);
+            CHECKF(b3 && n3 == ng && memcmp(b3, eg, ng) == 0, "%s: %s: GPU -> CPU import exports differently", C->name,
+                   what);
+            free(b1), free(b2), free(b3);
+            oscar_seq_info info;
+            CHECK_OK(oscar_seq_info_get(P->gpu, gg, 0, &info));
+            const int qls[2] = {1, info.tokens < 3 ? (int)info.tokens : 3};
+            for (int i = 0; i < 2; i++) {
+                snprintf(w, sizeof w, "%s, GPU -> GPU import", what);
+                sink_attn(P, r, C, 1, &sc, &gg, qls[i], knorm, w);
+                snprintf(w, sizeof w, "%s, CPU -> GPU import", what);
+                sink_attn(P, r, C, 1, &sc, &cg, qls[i], knorm, w);
+            }
+        }
+        if (gg >= 0) CHECK_OK(oscar_seq_free(P->gpu, gg));
+        if (cg >= 0) CHECK_OK(oscar_seq_free(P->gpu, cg));
+        if (gc >= 0) CHECK_OK(oscar_seq_free(P->cpu, gc));
+    }
+    free(eg), free(ec);
+}
+
+static void run_sink_case(const sink_case *C) {
+    oscar_config cfg = tl_small_config(C->method, C->bits, C->d, C->hkv, C->hq);
+    cfg.residual = C->R;
+    cfg.sink_tokens = C->S;
+    cfg.rollback_tokens = C->lag;
+    cfg.num_layers = C->layers;
+    cfg.window_dtype = C->W;
+    cfg.clip_search = C->clip;
+    cfg.block_count = 256;
+    cfg.max_seqs = 12;
+    pair P;
+    if (!make_pair(&P, cfg)) {
+        free_pair(&P);
+        return;
+    }
+    tl_rng r = tl_rng_for(C->name);
+    const int S = C->S, R = C->R, lag = C->lag;
+    char w[200];
+    double knorm; /* RMS key head norm: queries are scaled to logits of std ~2 */
+    {
+        const int64_t n = 64 * (int64_t)C->hkv * C->d;
+        float *k = malloc(sizeof(float) * (size_t)n), *v = malloc(sizeof(float) * (size_t)n);
+        tl_gen_kv(&r, TL_FLAVOR_NORMAL, k, v, 64, C->hkv, C->d, C->in_dt);
+        knorm = tl_key_rms_norm(k, 64, C->hkv, C->d);
+        free(k), free(v);
+    }
+    /* three sequences in one append call: a prompt shorter than S (S = 1:
+     * exactly S), exactly S, and one crossing S that packs a block (S = 0:
+     * prompts of 1, 1 and R + lag + 5 tokens) */
+    int32_t sc[3], sg[3];
+    for (int i = 0; i < 3; i++) {
+        CHECK_OK(oscar_seq_add(P.cpu, &sc[i]));
+        CHECK_OK(oscar_seq_add(P.gpu, &sg[i]));
+    }
+    const int32_t prompt[3] = {S > 1 ? (S + 1) / 2 : 1, S > 1 ? S : 1, S + R + lag + 5};
+    sink_append(&P, &r, C, 3, sc, sg, prompt, TL_FLAVOR_SINKS);
+    for (int i = 0; i < 3; i++) {
+        snprintf(w, sizeof w, "%s prompt %d of %d tokens", C->name, i, (int)prompt[i]);
+        sink_attn(&P, &r, C, 1, &sc[i], &sg[i], prompt[i], knorm, "prefill (q_len = the prompt)");
+        same_stream(&P, sc[i], sg[i], w);
+        sink_ref_attn(&P, &r, C, sg[i], prompt[i] < 8 ? prompt[i] : 8, knorm, "after the prefill");
+    }
+    sink_roundtrip(&P, &r, C, sc[0], sg[0], knorm, "prompt shorter than S");
+    sink_roundtrip(&P, &r, C, sc[2], sg[2], knorm, "prompt crossing S");
+    /* fork the one still in its sink rows and the one with a block; the
+     * children grow differently from their parents */
+    int32_t fc[2], fg[2];
+    CHECK_OK(oscar_seq_fork(P.cpu, sc[0], &fc[0]));
+    CHECK_OK(oscar_seq_fork(P.gpu, sg[0], &fg[0]));
+    CHECK_OK(oscar_seq_fork(P.cpu, sc[2], &fc[1]));
+    CHECK_OK(oscar_seq_fork(P.gpu, sg[2], &fg[1]));
+    same_stream(&P, fc[0], fg[0], "fork of a sequence in its sink rows");
+    same_stream(&P, fc[1], fg[1], "fork of a sequence with a block");
+    const int32_t grow[2] = {S + 3, R + 1};
+    sink_append(&P, &r, C, 2, fc, fg, grow, TL_FLAVOR_NORMAL);
+    for (int i = 0; i < 2; i++) {
+        sink_attn(&P, &r, C, 1, &fc[i], &fg[i], grow[i], knorm, "forked child");
+        same_stream(&P, fc[i], fg[i], "forked child after its own tokens");
+    }
+    /* decode: one token to each of the three per step, until each has packed
+     * several blocks; with a rollback lag, every 4th step sequence 0 gets
+     * 1..6 drafts, attended, then truncated to a random accepted count */
+    const int steps = (g_small ? 1 : 3) * R + lag + 9; /* --small: compute-sanitizer */
+    int64_t len0 = prompt[0];
+    for (int t = 0; t < steps; t++) {
+        if (lag > 0 && t % 4 == 1) {
+            int32_t kd = tl_randint(&r, 1, 6);
+            sink_append(&P, &r, C, 1, &sc[0], &sg[0], &kd, t % TL_FLAVOR_HUGE);
+            sink_attn(&P, &r, C, 1, &sc[0], &sg[0], kd, knorm, "drafts");
+            const int acc = tl_randint(&r, 0, kd);
+            CHECK_OK(oscar_seq_truncate(P.cpu, sc[0], len0 + acc));
+            CHECK_OK(oscar_seq_truncate(P.gpu, sg[0], len0 + acc));
+            len0 += acc;
+        }
+        const int32_t one[3] = {1, 1, 1};
+        sink_append(&P, &r, C, 3, sc, sg, one, t % TL_FLAVOR_HUGE);
+        len0++;
+        sink_attn(&P, &r, C, 3, sc, sg, 1, knorm, "decode");
+        if (t % (R / 2) == R / 2 - 1 || t == steps - 1) {
+            for (int i = 0; i < 3; i++) {
+                snprintf(w, sizeof w, "%s decode step %d seq %d", C->name, t, i);
+                same_stream(&P, sc[i], sg[i], w);
+            }
+            sink_ref_attn(&P, &r, C, sg[0], 1, knorm, "decode");
+        }
+    }
+    {
+        oscar_seq_info info;
+        CHECK_OK(oscar_seq_info_get(P.gpu, sg[1], 0, &info));
+        CHECKF(info.packed_tokens >= (g_small ? 1 : 2) * R, "%s: the decode run packed only %lld tokens", C->name,
+               (long long)info.packed_tokens);
+    }
+    /* query chunks crossing S, from an empty sequence: below S, across it,
+     * a block's worth, single tokens, two blocks, a few */
+    int32_t qc, qg;
+    CHECK_OK(oscar_seq_add(P.cpu, &qc));
+    CHECK_OK(oscar_seq_add(P.gpu, &qg));
+    const int32_t chunks[7] = {S > 2 ? S - 2 : 1, 5, R + 3, 1, 2 * R + lag + 1, 3, 1};
+    for (int i = 0; i < 7; i++) {
+        sink_append(&P, &r, C, 1, &qc, &qg, &chunks[i], i % TL_FLAVOR_HUGE);
+        snprintf(w, sizeof w, "chunk %d of %d tokens", i, (int)chunks[i]);
+        sink_attn(&P, &r, C, 1, &qc, &qg, chunks[i], knorm, w);
+        sink_ref_attn(&P, &r, C, qg, chunks[i] < 40 ? chunks[i] : 40, knorm, w);
+    }
+    same_stream(&P, qc, qg, "query chunks crossing S");
+    /* the end state: every sequence exports and imports both ways */
+    for (int i = 0; i < 3; i++) sink_roundtrip(&P, &r, C, sc[i], sg[i], knorm, "after the decode run");
+    sink_roundtrip(&P, &r, C, qc, qg, knorm, "after the query chunks");
+    CHECK_ST(P.gpu, oscar_synchronize(P.gpu, NULL), OSCAR_OK);
+    free_pair(&P);
+}
+
+/* A NaN in the input of a sink row marks the sequence failed on the device,
+ * like one in a window row: reported once, NaN attention rows. */
+static void test_sinks_nonfinite(void) {
+    oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, 128, 2, 8);
+    cfg.backend = OSCAR_BACKEND_CUDA;
+    cfg.sink_tokens = 16;
+    oscar_cache *c = tl_create(&cfg);
+    if (!c) return;
+    int32_t id;
+    CHECK_OK(oscar_seq_add(c, &id));
+    tl_rng r = tl_rng_for("sinks nonfinite");
+    const int64_t T = 10, n = T * 2 * 128;
+    float *k = malloc(sizeof(float) * n), *v = malloc(sizeof(float) * n);
+    tl_gen_kv(&r, 0, k, v, T, 2, 128, OSCAR_DTYPE_F32);
+    k[5 * 2 * 128 + 7] = NAN; /* token 5: a sink row */
+    void *kd = to_device(k, n, OSCAR_DTYPE_F32), *vd = to_device(v, n, OSCAR_DTYPE_F32);
+    int32_t nt = (int32_t)T;
+    CHECK_OK(oscar_append(c, 0, 1, &id, &nt, kd, vd, OSCAR_DTYPE_F32, NULL));
+    CHECK_ST(c, oscar_synchronize(c, NULL), OSCAR_E_NONFINITE);
+    CHECK_OK(oscar_poll(c));
+    const int hq = 8, d = 128;
+    float *q = malloc(sizeof(float) * hq * d), *o = malloc(sizeof(float) * hq * d);
+    tl_fill_normal(&r, q, hq * d, 0.1);
+    CHECK_OK(gpu_attention(c, 0, 1, &id, 1, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, o, hq, d));
+    int nan_out = 0;
+    for (int i = 0; i < hq * d; i++) nan_out += isnan(o[i]);
+    CHECKF(nan_out == hq * d, "sinks nonfinite: %d of %d outputs are NaN", nan_out, hq * d);
+    free(k), free(v), free(q), free(o);
+    cudaFree(kd), cudaFree(vd);
+    oscar_cache_destroy(c);
+}
+
+/* clip_search on the CUDA backend: the searched (scale, lo) pairs, and so
+ * the exports, byte-identical to the CPU backend's, with and without sink
+ * tokens; attention as in test_sinks. */
+static void test_clip(void) {
+    static const sink_case cases[] = {
+        /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q, clip */
+        {"clip oscar b2 d128 R64 (the fused pack's shape)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 0, 0, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 1},
+        {"clip kivi b2 d64 R32 S7 lag32", OSCAR_METHOD_KIVI, 2, 64, 2, 4, 32, 7, 32, 1, OSCAR_DTYPE_BF16,
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1},
+        {"clip oscar b4 d256 R64 S32", OSCAR_METHOD_OSCAR, 4, 256, 1, 4, 64, 32, 0, 1, OSCAR_DTYPE_F16,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 1},
+        {"clip scale-only b2 d128 R128 lag64 f32 window", OSCAR_METHOD_SCALE_ONLY, 2, 128, 2, 8, 128, 0, 64, 1,
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1},
+    };
+    const int n = (int)(sizeof cases / sizeof cases[0]);
+    for (int i = 0; i < (g_small ? 1 : n); i++) {
+        const long before = tl_failed;
+        run_sink_case(&cases[i]);
+        printf("  %-60s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
+        fflush(stdout);
+    }
+}
+
+static void test_sinks(void) {
+    static const sink_case cases[] = {
+        /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q */
+        {"sinks oscar b2 d128 R32 S7 (fast decode kernel)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 32, 7, 0, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
+        {"sinks oscar b2 d128 R64 S32 lag64 bf16, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 32, 64, 2,
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
+        {"sinks oscar b2 d64 R128 S64 (fused pack d64)", OSCAR_METHOD_OSCAR, 2, 64, 2, 4, 128, 64, 0, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0},
+        {"sinks kivi b4 d128 R32 S1 lag32", OSCAR_METHOD_KIVI, 4, 128, 1, 4, 32, 1, 32, 1, OSCAR_DTYPE_F16,
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0},
+        {"sinks none d64 R32 S7 lag32", OSCAR_METHOD_NONE, 16, 64, 2, 4, 32, 7, 32, 1, OSCAR_DTYPE_F16,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0},
+        {"sinks quarot b2 d256 R64 S64 f32 window", OSCAR_METHOD_QUAROT, 2, 256, 1, 2, 64, 64, 0, 1,
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0},
+        {"sinks oscar b2 d128 hkv8 hq32 R128 S32 lag64", OSCAR_METHOD_OSCAR, 2, 128, 8, 32, 128, 32, 64, 1,
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
+        {"sinks scale-only b2 d128 R64 S1 gq16 (g=16)", OSCAR_METHOD_SCALE_ONLY, 2, 128, 1, 16, 64, 1, 0, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F32, 0},
+    };
+    const int n = (int)(sizeof cases / sizeof cases[0]);
+    for (int i = 0; i < (g_small ? 2 : n); i++) {
+        const long before = tl_failed;
+        run_sink_case(&cases[i]);
+        printf("  %-60s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
+        fflush(stdout);
+    }
+    printf("  worst GPU attention vs float64 over the read-back: %.3g of the bound\n", g_worst_sink_ref);
+}
+
 int main(int argc, char **argv) {
-    for (int i = 1; i < argc; i++)
+    int sinks_only = 0;
+    for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--small")) g_small = 1;
+        if (!strcmp(argv[i], "--sinks")) sinks_only = 1; /* the sink-token (and clip) tests alone */
+    }
     if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
         printf("SKIP: no CUDA device (the CUDA backend is %s)\n",
                oscar_backend_available(OSCAR_BACKEND_CPU) ? "compiled, no device found" : "unavailable");
         return 77;
     }
-    TL_RUN(test_nonfinite);
-    TL_RUN(test_two_shapes);
-    TL_RUN(test_rollback);
-    TL_RUN(test_matrix);
+    if (!sinks_only) {
+        TL_RUN(test_nonfinite);
+        TL_RUN(test_two_shapes);
+        TL_RUN(test_rollback);
+    }
+    TL_RUN(test_sinks_nonfinite);
+    TL_RUN(test_sinks);
+    TL_RUN(test_clip);
+    if (!sinks_only) TL_RUN(test_matrix);
     printf("codes differing: %lld of %lld (%.2e); parameters differing: %lld of %lld; worst attention rel L2 %.3g\n",
            (long long)g_code_diffs, (long long)g_codes, g_codes ? (double)g_code_diffs / g_codes : 0.0,
            (long long)g_param_diffs, (long long)g_params, g_worst_attn);

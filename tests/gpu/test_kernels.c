@@ -24,6 +24,10 @@
  * appends; every code, (scale, lo) pair, token norm and window byte must be
  * bit-identical. The first difference is printed with its position.
  *
+ * Sink tokens (config.sink_tokens, the cases with a last field): the
+ * stream's sink rows are read as tokens 0 .. S-1, blocks follow from token
+ * S; the same reference covers them (exact tokens, no norm).
+ *
  * Self-test (always). The comparison code is shown to fail on purpose: a
  * sign flipped, one element nudged past its bound, one element unwritten,
  * the causal limit moved by one token, one code changed in a stream.
@@ -123,21 +127,25 @@ static double rd_elem(const unsigned char *p, oscar_dtype dt) {
     return f;
 }
 
-/* Reads layer `layer` of a version-3 stream without sink tokens (FORMAT.md
- * "Export stream": with Sk = 0 the layout is version 2's).
+/* Reads layer `layer` of a version-3 stream (FORMAT.md "Export stream"):
+ * the Sk = sink_tokens first tokens from their sink rows, then the blocks,
+ * then the window. sd->packed counts the packed tokens; they are tokens
+ * [sk, sk + packed), sk = min(T, Sk) (0 without sinks).
  * Returns 0 (with a failed check) if the stream is not what the geometry
  * says. */
 static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, int layer, seqdata *sd) {
     memset(sd, 0, sizeof *sd);
     const size_t hdr = 64 + 16 * (size_t)g->L;
+    const int Sk = g->cfg.sink_tokens;
     if (!CHECKF(size > hdr && memcmp(buf, "OSCARSEQ", 8) == 0 && tl_rd32(buf + 8) == 3 &&
-                      tl_rd32(buf + 60) == 0, "stream: bad header (not version 3 without sink tokens)"))
+                      tl_rd32(buf + 60) == (uint32_t)Sk, "stream: bad header (not version 3 with %d sink tokens)", Sk))
         return 0;
     const uint32_t n_blocks = tl_rd32(buf + 52);
     const int64_t T = (int64_t)tl_rd64(buf + 64 + 16 * (size_t)layer);
     const int64_t P = (int64_t)tl_rd64(buf + 64 + 16 * (size_t)layer + 8);
     const int d = g->d, hkv = g->hkv, R = g->R, w = g->w;
     const int64_t row = (int64_t)hkv * d;
+    const int64_t sk = T < Sk ? T : Sk; /* tokens in the sink rows */
     sd->T = T;
     sd->packed = P * R;
     const size_t n = (size_t)(T > 0 ? T : 1) * (size_t)row;
@@ -159,7 +167,7 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
                 tl_decode_codes(hb + g->codes_bytes, R, d, g->bits, 1, vc);
             }
             for (int tt = 0; tt < R; tt++) {
-                const int64_t t = i * R + tt;
+                const int64_t t = sk + i * R + tt;
                 double *kx = sd->kx + t * row + (int64_t)h * d, *vx = sd->vx + t * row + (int64_t)h * d;
                 double *km = sd->kmag + t * row + (int64_t)h * d, *vm = sd->vmag + t * row + (int64_t)h * d;
                 if (!g->quant) {
@@ -188,27 +196,43 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
             }
         }
         for (int tt = 0; tt < R; tt++)
-            sd->s[i * R + tt] = g->scale ? rdf32(blk + (size_t)hkv * g->head_bytes + 4 * (size_t)tt) : 1.0;
+            sd->s[sk + i * R + tt] = g->scale ? rdf32(blk + (size_t)hkv * g->head_bytes + 4 * (size_t)tt) : 1.0;
     }
     free(kc);
     free(vc);
-    /* windows: per layer K rows, V rows, sums of squares */
+    /* per layer: sink K rows, sink V rows, window K rows, V rows, sums of
+     * squares */
     size_t off = hdr + (size_t)n_blocks * g->L * g->LB;
     for (int l = 0; l < g->L; l++) {
         const int64_t Tl = (int64_t)tl_rd64(buf + 64 + 16 * (size_t)l);
-        const int64_t wt = Tl - (int64_t)tl_rd64(buf + 64 + 16 * (size_t)l + 8) * R;
+        const int64_t skl = Tl < Sk ? Tl : Sk;
+        const size_t sink_bytes = (size_t)skl * row * w;
+        if (l == layer) {
+            if (!CHECKF(off + 2 * sink_bytes <= size, "stream: sink rows past the end")) return 0;
+            for (int64_t t = 0; t < skl; t++) {
+                for (int64_t i = 0; i < row; i++) {
+                    sd->kx[t * row + i] = rd_elem(buf + off + ((size_t)t * row + i) * w, g->W);
+                    sd->vx[t * row + i] = rd_elem(buf + off + sink_bytes + ((size_t)t * row + i) * w, g->W);
+                    sd->kmag[t * row + i] = fabs(sd->kx[t * row + i]);
+                    sd->vmag[t * row + i] = fabs(sd->vx[t * row + i]);
+                }
+                sd->s[t] = 1.0;
+            }
+        }
+        off += 2 * sink_bytes;
+        const int64_t wt = Tl - skl - (int64_t)tl_rd64(buf + 64 + 16 * (size_t)l + 8) * R;
         const size_t rows_bytes = (size_t)wt * row * w;
         if (l == layer) {
             if (!CHECKF(off + 2 * rows_bytes <= size, "stream: window past the end")) return 0;
             for (int64_t j = 0; j < wt; j++)
                 for (int64_t i = 0; i < row; i++) {
-                    const int64_t t = sd->packed + j;
+                    const int64_t t = sk + sd->packed + j;
                     sd->kx[t * row + i] = rd_elem(buf + off + ((size_t)j * row + i) * w, g->W);
                     sd->vx[t * row + i] = rd_elem(buf + off + rows_bytes + ((size_t)j * row + i) * w, g->W);
                     sd->kmag[t * row + i] = fabs(sd->kx[t * row + i]);
                     sd->vmag[t * row + i] = fabs(sd->vx[t * row + i]);
                 }
-            for (int64_t j = 0; j < wt; j++) sd->s[sd->packed + j] = 1.0;
+            for (int64_t j = 0; j < wt; j++) sd->s[sk + sd->packed + j] = 1.0;
         }
         off += 2 * rows_bytes + 4 * (size_t)wt;
     }
@@ -413,6 +437,7 @@ typedef struct kcase {
     int q_len;
     float scale; /* 0: the default 1/sqrt(d) */
     int small;   /* in the --small set */
+    int sinks;   /* config.sink_tokens (0 when not given) */
 } kcase;
 
 static oscar_config case_config(const kcase *K, oscar_backend be) {
@@ -422,6 +447,7 @@ static oscar_config case_config(const kcase *K, oscar_backend be) {
     if (K->R) cfg.residual = K->R;
     cfg.num_layers = K->layers > 0 ? K->layers : 1;
     cfg.window_dtype = K->W;
+    cfg.sink_tokens = K->sinks;
     int64_t blocks = 4;
     for (int s = 0; s < K->nseq; s++) blocks += K->T[s] / cfg.residual + 1;
     cfg.block_count = (int32_t)blocks;
@@ -534,7 +560,7 @@ static void attention_case(const kcase *K, oscar_backend be) {
     double *emu = malloc(sizeof(double) * (size_t)per);
     /* the emulation costs a conversion per (row, token, channel): on the CPU
      * pass only, and not at q_len 4096 */
-    const int emulate = be == OSCAR_BACKEND_CPU && ql <= 64;
+    const int emulate = be == OSCAR_BACKEND_CPU && ql <= 64 && K->sinks == 0; /* it assumes blocks from token 0 */
     float *gotr = malloc(sizeof(float) * (size_t)per);
     for (int s = 0; s < K->nseq && st == OSCAR_OK; s++) {
         size_t size = 0;
@@ -755,35 +781,47 @@ static void pack_case(const kcase *K) {
 #define F32 OSCAR_DTYPE_F32
 
 static const kcase g_cases[] = {
-    /* name, method, bits, d, hkv, hq, layers, gk, gv, R, W, in, q, out, adv, nseq, T, q_len, scale, small */
+    /* name, method, bits, d, hkv, hq, layers, gk, gv, R, W, in, q, out, adv, nseq, T, q_len, scale, small, sinks */
     {"oscar b2 d128 g4 q1 sinks (fast kernel)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 1, 0, 0, 0, F16, BF16, BF16, BF16,
-     ADV_SINKS, 2, {229, 517}, 1, 0.0f, 1},
+     ADV_SINKS, 2, {229, 517}, 1, 0.0f, 1, 0},
     {"oscar b2 d128 g4 q7 outliers, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 2, 0, 0, 0, F16, F16, F32, F32,
-     ADV_OUTLIERS, 2, {301, 130}, 7, 0.0f, 1},
+     ADV_OUTLIERS, 2, {301, 130}, 7, 0.0f, 1, 0},
     {"oscar b2 d128 g4 q64 const", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 1, 0, 0, 0, BF16, BF16, BF16, F16, ADV_CONST, 1,
-     {333}, 64, 0.0f, 0},
+     {333}, 64, 0.0f, 0, 0},
     {"oscar b2 d64 g2 q4096 normal", OSCAR_METHOD_OSCAR, 2, 64, 1, 2, 1, 0, 0, 0, BF16, BF16, BF16, F32, ADV_NORMAL, 1,
-     {4429}, 4096, 0.0f, 0},
+     {4429}, 4096, 0.0f, 0, 0},
     {"kivi b2 d256 g2 q1 huge", OSCAR_METHOD_KIVI, 2, 256, 2, 4, 1, 0, 0, 0, F32, F32, F32, F32, ADV_HUGE, 2,
-     {200, 77}, 1, 0.0f, 0},
+     {200, 77}, 1, 0.0f, 0, 0},
     {"quarot b4 d128 g4 q7 sinks", OSCAR_METHOD_QUAROT, 4, 128, 2, 8, 1, 0, 0, 0, BF16, BF16, BF16, BF16, ADV_SINKS, 1,
-     {190}, 7, 0.0f, 0},
+     {190}, 7, 0.0f, 0, 0},
     {"scale-only b2 d64 g2 q1 outliers", OSCAR_METHOD_SCALE_ONLY, 2, 64, 4, 8, 1, 0, 0, 0, F16, F16, F16, F16,
-     ADV_OUTLIERS, 3, {150, 64, 65}, 1, 0.0f, 0},
+     ADV_OUTLIERS, 3, {150, 64, 65}, 1, 0.0f, 0, 0},
     {"none d128 g4 q7 (dense path)", OSCAR_METHOD_NONE, 2, 128, 2, 8, 1, 0, 0, 0, BF16, BF16, F32, F32, ADV_SINKS, 1,
-     {200}, 7, 0.0f, 1},
+     {200}, 7, 0.0f, 1, 0},
     {"oscar b2 d256 g8 q1 zero-keys", OSCAR_METHOD_OSCAR, 2, 256, 1, 8, 1, 0, 0, 0, F16, F16, F32, F32, ADV_ZERO, 1,
-     {300}, 1, 0.0f, 0},
+     {300}, 1, 0.0f, 0, 0},
     {"oscar b2 d128 gk16 gv16 R48 q3 sinks", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 1, 16, 16, 48, F16, F16, F16, F16,
-     ADV_SINKS, 1, {200}, 3, 0.0f, 1},
+     ADV_SINKS, 1, {200}, 3, 0.0f, 1, 0},
     {"oscar b2 d128 g4 q1 R96 (32-token chunks)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 1, 0, 0, 96, F16, BF16, BF16, F32,
-     ADV_OUTLIERS, 1, {293}, 1, 0.0f, 1},
+     ADV_OUTLIERS, 1, {293}, 1, 0.0f, 1, 0},
     {"oscar b2 d128 g4 q1 window only", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 1, 0, 0, 0, F16, F16, F16, F16, ADV_NORMAL, 1,
-     {40}, 1, 0.0f, 0},
+     {40}, 1, 0.0f, 0, 0},
     {"oscar b4 d64 g2 q64 const, scale 0.3", OSCAR_METHOD_OSCAR, 4, 64, 2, 4, 1, 0, 0, 0, F16, F16, F32, BF16,
-     ADV_CONST, 1, {500}, 64, 0.3f, 0},
+     ADV_CONST, 1, {500}, 64, 0.3f, 0, 0},
     {"oscar b2 d128 hkv8 hq32 q1 normal", OSCAR_METHOD_OSCAR, 2, 128, 8, 32, 1, 0, 0, 128, BF16, BF16, BF16, BF16,
-     ADV_NORMAL, 1, {1000}, 1, 0.0f, 0},
+     ADV_NORMAL, 1, {1000}, 1, 0.0f, 0, 0},
+    /* sink tokens (last field): sink rows, then blocks from token S, then the
+     * window; prompts shorter than S, and query chunks over all three */
+    {"oscar b2 d128 g4 q1 S32 (fast kernel, sink rows)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 1, 0, 0, 0, F16, BF16, BF16,
+     BF16, ADV_SINKS, 3, {229, 20, 32}, 1, 0.0f, 1, 32},
+    {"oscar b2 d64 g2 q140 S7 (queries over sinks, blocks, window)", OSCAR_METHOD_OSCAR, 2, 64, 1, 2, 1, 0, 0, 0, F16,
+     F16, F32, F32, ADV_SINKS, 1, {140}, 140, 0.0f, 1, 7},
+    {"oscar b2 d128 g4 q7 S64 R32, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 2, 0, 0, 32, BF16, BF16, BF16, F32,
+     ADV_OUTLIERS, 2, {300, 9}, 7, 0.0f, 0, 64},
+    {"kivi b4 d128 g4 q3 S1", OSCAR_METHOD_KIVI, 4, 128, 2, 8, 1, 0, 0, 0, F16, F32, F32, F32, ADV_NORMAL, 1, {150}, 3,
+     0.0f, 0, 1},
+    {"none d128 g4 q7 S5 (dense path)", OSCAR_METHOD_NONE, 2, 128, 2, 8, 1, 0, 0, 0, BF16, BF16, F32, F32, ADV_SINKS, 2,
+     {200, 6}, 6, 0.0f, 1, 5},
 };
 #define N_CASES ((int)(sizeof g_cases / sizeof g_cases[0]))
 
@@ -813,7 +851,7 @@ static void test_self(void) {
     /* scale-only: quantised with token norms, no rotation, so each
      * element's bound is its own (no H o' spread) */
     const kcase K = {"self-test scale-only b2 d64 q3", OSCAR_METHOD_SCALE_ONLY, 2, 64, 1, 2, 1, 0, 0, 0, F16, F16, F32,
-                     F32, ADV_NORMAL, 1, {150}, 3, 0.0f, 1};
+                     F32, ADV_NORMAL, 1, {150}, 3, 0.0f, 1, 0};
     oscar_config cfg = case_config(&K, OSCAR_BACKEND_CPU);
     const tl_geom g = tl_geom_of(&cfg);
     oscar_cache *c = tl_create(&cfg);
