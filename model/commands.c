@@ -87,7 +87,7 @@ static void usage(const char *cmd) {
                 "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n"
                 "  --score-from P scores only the predictions made at positions >= P of each window;\n"
                 "  --score-second-half is P = N/2, the tokens llama.cpp's llama-perplexity scores.\n"
-                "  Options past the paper (CPU only; docs/ACCURACY.md): --min-exact L (alias --rollback)\n"
+                "  Options past the paper (docs/ACCURACY.md; --sinks on the CPU runner only): --min-exact L (alias --rollback)\n"
                 "  keeps at least L recent tokens exact (config rollback_tokens); --sinks S keeps the\n"
                 "  first S tokens exact (sink_tokens); --clip searches each group's range (clip_search).\n");
     else
@@ -199,8 +199,9 @@ static int parse_opts(int argc, char **argv, opts *o) {
 #undef NEEDV
 #undef INTV
     }
-    if (o->cfg.backend == OSCAR_BACKEND_CUDA && (o->cfg.rollback_tokens || o->cfg.sink_tokens || o->cfg.clip_search)) {
-        die(cmd, "--min-exact, --sinks and --clip run on the CPU runner only for now (--device cpu)");
+    if (o->cfg.backend == OSCAR_BACKEND_CUDA && o->cfg.sink_tokens) {
+        die(cmd, "--sinks runs on the CPU runner only for now (--device cpu): the GPU runner drives the cache with the "
+                 "batch API, which has no sink rows yet");
         return -1;
     }
     if (o->threads > 0) omp_set_num_threads(o->threads);

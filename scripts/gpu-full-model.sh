@@ -11,7 +11,8 @@
 #     tokens llama.cpp's llama-perplexity scores (its side runs on the CPU:
 #     scripts/kl-llamacpp.sh);
 #  3. the passkey-retrieval grid (`oscar niah --device cuda`) for the 16-bit,
-#     OScaR-2, KIVI-2 and OScaR-4 caches.
+#     OScaR-2, KIVI-2 and OScaR-4 caches (NIAH_KVS: other caches, ';'-separated;
+#     NIAH_TRIALS: trials per cell, default 3).
 # STEPS picks among "runner kl niah" (default: all three).
 # usage: OUT=dir scripts/gpu-full-model.sh [BUILD_DIR]
 set -u
@@ -40,7 +41,9 @@ for kv in "none" "oscar --bits 2" "oscar --bits 4" "kivi --bits 2" "quarot --bit
 done
 fi
 if has niah; then
-for kv in "none" "oscar --bits 2" "kivi --bits 2" "oscar --bits 4"; do
+# NIAH_KVS: the caches, ';'-separated (default: the four of docs/ACCURACY.md)
+IFS=';' read -r -a niah_kvs <<< "${NIAH_KVS:-none;oscar --bits 2;kivi --bits 2;oscar --bits 4}"
+for kv in "${niah_kvs[@]}"; do
   tag=$(echo "$kv" | tr -d ' -')
   "$BUILD/oscar" niah --device cuda --model "$M" --text "$T" --lengths 1024,2048,4096,7680 --depths 0,25,50,75,100 \
     --trials ${NIAH_TRIALS:-3} --kv $kv --json "$OUT/niah_$tag.json" --png "$OUT/niah_$tag.png" 2> "$OUT/niah_$tag.err" || rc=1
