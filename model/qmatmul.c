@@ -275,19 +275,33 @@ typedef void (*quant16_fn)(const float *x, act_q16 *out, int64_t n);
 
 /* ---- dispatch ------------------------------------------------------------- */
 
-int qm_level_available(qm_level level) {
+/* cpuid and xgetbv trap to the hypervisor in a virtual machine (tens of
+ * microseconds each), and qm_gemm asks once per product, hundreds of times
+ * per token: the answer is read once per level and kept. */
+static int level_probe(qm_level level) {
     switch (level) {
     case QM_SCALAR: return 1;
 #ifdef QM_HAVE_X86
     case QM_AVX2:
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && oscar_x86_has_avx_f16c();
     case QM_AVX512:
-        return qm_level_available(QM_AVX2) && __builtin_cpu_supports("avx512f") &&
+        return level_probe(QM_AVX2) && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                __builtin_cpu_supports("avx512vnni");
 #endif
     default: return 0;
     }
+}
+
+int qm_level_available(qm_level level) {
+    static int known[QM_LEVELS] = {-1, -1, -1}; /* a race writes the same value */
+    if (level < 0 || level >= QM_LEVELS) return 0;
+    int v = __atomic_load_n(&known[level], __ATOMIC_RELAXED);
+    if (v < 0) {
+        v = level_probe(level);
+        __atomic_store_n(&known[level], v, __ATOMIC_RELAXED);
+    }
+    return v;
 }
 
 const char *qm_level_name(qm_level level) {
