@@ -79,7 +79,7 @@ extern "C" {
 #define OSCAR_VERSION_MINOR 2
 #define OSCAR_VERSION_PATCH 0
 /* Version of the packed block layout and of the export stream (docs/FORMAT.md). */
-#define OSCAR_FORMAT_VERSION 3
+#define OSCAR_FORMAT_VERSION 4
 
 /* Longest query chunk of one attention call (q_len), on both backends. */
 #define OSCAR_MAX_Q_LEN 4096
@@ -206,6 +206,26 @@ typedef struct oscar_config {
                                   the same rule, so they read, export and import
                                   everywhere. Both backends pick the same pairs,
                                   byte for byte.                                */
+    /* ---- added in format version 4 (docs/ACCURACY.md, "Past the paper").
+     * A caller compiled against the version-3 header (struct_size =
+     * offsetof(oscar_config, key_norm_per_head), or that header's
+     * sizeof(oscar_config)) is accepted: these fields read as 0. All three
+     * change the packed block layout (docs/FORMAT.md); CPU backend only for
+     * now: the CUDA backend refuses non-default values (OSCAR_E_UNSUPPORTED).
+     * The CPU batch API (caller_metadata = 1) supports them. */
+    int key_norm_per_head;     /* 0 (default, as published): one key norm per
+                                  token over all KV heads. 1: one norm per token
+                                  and KV head (each head's key divided by its
+                                  own norm; R * num_kv_heads fp32 norms per
+                                  layer block). A tensor-parallel shard then
+                                  needs no all-gather of key sums of squares
+                                  (oscar_key_sumsq): its blocks are those of one
+                                  cache holding every head. Only matters for the
+                                  methods that scale keys (scale-only, oscar). */
+    int key_bits;              /* 0 (default: `bits`), 2 or 4: bits per key code  */
+    int value_bits;            /* 0 (default: `bits`), 2 or 4: bits per value code.
+                                  E.g. key_bits = 4, value_bits = 2 (K4/V2).
+                                  Like `bits`, ignored for METHOD_NONE.          */
 } oscar_config;
 
 oscar_config oscar_config_default(void);
@@ -473,6 +493,10 @@ typedef struct oscar_batch {
  * as key_head_sumsq. Stream-ordered, capturable. Without it (a shard
  * appending with key_head_sumsq = NULL) each shard normalises keys over its
  * own heads only: a valid cache of its own, but not the single-GPU one.
+ * With config.key_norm_per_head = 1 no gather is needed: each head's norm is
+ * its own, so a shard appending without key_head_sumsq already stores the
+ * bytes of one cache holding every head (key_head_sumsq is then accepted
+ * and changes nothing in the blocks).
  */
 oscar_status oscar_key_sumsq(oscar_cache *cache, int64_t n_rows, const void *k, oscar_dtype dtype, float *out,
                              void *stream);

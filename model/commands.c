@@ -81,7 +81,8 @@ static void usage(const char *cmd) {
                 "                 [--windows K] [--chunk C] [--k-group G] [--v-group G] [--residual R]\n"
                 "                 [--fold-v] [--no-ref] [--dump PREFIX] [--threads N] [--device cpu|cuda]\n"
                 "                 [--gpu-weights bf16|f32] [--score-from P | --score-second-half]\n"
-                "                 [--min-exact L] [--sinks S] [--clip]\n"
+                "                 [--min-exact L] [--sinks S] [--clip] [--norm-per-head]\n"
+                "                 [--key-bits 2|4] [--value-bits 2|4]\n"
                 "  Perplexity over non-overlapping windows of N tokens (default 1024). For a\n"
                 "  quantised cache it also runs the 16-bit cache and reports KL and top-1 agreement.\n"
                 "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n"
@@ -89,7 +90,9 @@ static void usage(const char *cmd) {
                 "  --score-second-half is P = N/2, the tokens llama.cpp's llama-perplexity scores.\n"
                 "  Options past the paper (docs/ACCURACY.md; --sinks on the CPU runner only): --min-exact L (alias --rollback)\n"
                 "  keeps at least L recent tokens exact (config rollback_tokens); --sinks S keeps the\n"
-                "  first S tokens exact (sink_tokens); --clip searches each group's range (clip_search).\n");
+                "  first S tokens exact (sink_tokens); --clip searches each group's range (clip_search);\n"
+                "  --norm-per-head keeps one key norm per token and KV head (key_norm_per_head);\n"
+                "  --key-bits / --value-bits set the keys' and values' widths apart (default --bits).\n");
     else
         fprintf(stderr,
                 "usage: oscar tni --model M.gguf --text FILE [--layer L] [--png out.png] [--tokens N]\n"
@@ -151,6 +154,14 @@ static int parse_opts(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--min-exact") || !strcmp(a, "--rollback")) INTV(0, 1 << 20, o->cfg.rollback_tokens);
         else if (!strcmp(a, "--sinks")) INTV(0, 1 << 20, o->cfg.sink_tokens);
         else if (!strcmp(a, "--clip")) o->cfg.clip_search = 1;
+        else if (!strcmp(a, "--norm-per-head")) o->cfg.key_norm_per_head = 1;
+        else if (!strcmp(a, "--key-bits") || !strcmp(a, "--value-bits")) {
+            int b = 0;
+            INTV(2, 4, b);
+            if (b == 3) { die(cmd, "%s must be 2 or 4", a); return -1; }
+            if (a[2] == 'k') o->cfg.key_bits = b;
+            else o->cfg.value_bits = b;
+        }
         else if (!strcmp(a, "--window-dtype")) {
             NEEDV();
             if (!strcmp(v, "f16")) o->cfg.window_dtype = OSCAR_DTYPE_F16;
@@ -202,6 +213,10 @@ static int parse_opts(int argc, char **argv, opts *o) {
     if (o->cfg.backend == OSCAR_BACKEND_CUDA && o->cfg.sink_tokens) {
         die(cmd, "--sinks runs on the CPU runner only for now (--device cpu): the GPU runner drives the cache with the "
                  "batch API, which has no sink rows yet");
+        return -1;
+    }
+    if (o->cfg.backend == OSCAR_BACKEND_CUDA && (o->cfg.key_norm_per_head || o->cfg.key_bits || o->cfg.value_bits)) {
+        die(cmd, "--norm-per-head, --key-bits and --value-bits run on the CPU runner only for now (--device cpu)");
         return -1;
     }
     if (o->threads > 0) omp_set_num_threads(o->threads);
@@ -257,7 +272,12 @@ static const char *method_label(const opts *o, char *buf, size_t n) {
     if (o->kv_f32) snprintf(buf, n, "f32 (runner's own cache)");
     else if (o->cfg.method == OSCAR_METHOD_NONE) snprintf(buf, n, "none (16-bit)");
     else {
-        int k = snprintf(buf, n, "%s-%d", oscar_method_name(o->cfg.method), o->cfg.bits);
+        int k = o->cfg.key_bits || o->cfg.value_bits
+                    ? snprintf(buf, n, "%s K%d/V%d", oscar_method_name(o->cfg.method),
+                               o->cfg.key_bits ? o->cfg.key_bits : o->cfg.bits,
+                               o->cfg.value_bits ? o->cfg.value_bits : o->cfg.bits)
+                    : snprintf(buf, n, "%s-%d", oscar_method_name(o->cfg.method), o->cfg.bits);
+        if (o->cfg.key_norm_per_head && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " norm-per-head");
         if (o->cfg.rollback_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " min-exact %d", o->cfg.rollback_tokens);
         if (o->cfg.sink_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " sinks %d", o->cfg.sink_tokens);
         if (o->cfg.clip_search && k > 0 && (size_t)k < n) snprintf(buf + k, n - k, " clip");
@@ -557,6 +577,7 @@ int oscar_cmd_ppl(int argc, char **argv) {
         oscar_config rc16 = o.cfg;
         rc16.method = OSCAR_METHOD_NONE;
         rc16.rollback_tokens = rc16.sink_tokens = rc16.clip_search = 0; /* the same 16-bit reference for every option */
+        rc16.key_norm_per_head = rc16.key_bits = rc16.value_bits = 0;
         if (llama_kv_init(&kr, m, &rc16, 0, o.ctx, err, sizeof err) != 0) { die(cmd, "%s", err); goto out; }
         if (llama_state_init(&sr, m, chunk) != 0) { die(cmd, "out of memory"); goto out; }
     }
@@ -696,14 +717,17 @@ int oscar_cmd_ppl(int argc, char **argv) {
                "\"kl_max\":%.6g,\"top1_agree\":%.6f,\"kv_bytes_per_token\":%.2f,"
                "\"kv_bytes_per_token_fp16\":%.0f,\"bits_per_element\":%.4f,\"seconds\":%.1f,"
                "\"kl_top1pct_share\":%.4f,\"kl_by_window_fill\":[%.6g,%.6g,%.6g,%.6g],"
-               "\"min_exact\":%d,\"sinks\":%d,\"clip\":%d,\"exact_tokens_avg_4k\":%.1f,\"bits_per_element_4k\":%.4f}\n",
+               "\"min_exact\":%d,\"sinks\":%d,\"clip\":%d,\"exact_tokens_avg_4k\":%.1f,\"bits_per_element_4k\":%.4f,"
+               "\"norm_per_head\":%d,\"key_bits\":%d,\"value_bits\":%d}\n",
                json_escape(m->name, jn, sizeof jn), json_escape(o.text, jt, sizeof jt), o.kv_f32 ? "f32" : oscar_method_name(o.cfg.method),
                quant ? o.cfg.bits : 16, o.cfg.k_group, o.cfg.v_group, o.cfg.residual, m->v_folded, o.ctx, chunk,
                (long long)n_win, o.score_from, (long long)scored, ppl, ppl_ref, 100.0 * (ppl / ppl_ref - 1), kl_mean, kl_p99,
                kl_max, top1, per_tok, fp16_tok, isnan(bpe) ? 32.0 : bpe, elapsed, kl_top_share,
                kl_fill[0] / (n_fill[0] ? n_fill[0] : 1), kl_fill[1] / (n_fill[1] ? n_fill[1] : 1),
                kl_fill[2] / (n_fill[2] ? n_fill[2] : 1), kl_fill[3] / (n_fill[3] ? n_fill[3] : 1),
-               o.cfg.rollback_tokens, o.cfg.sink_tokens, o.cfg.clip_search, exact_avg, bpe4k);
+               o.cfg.rollback_tokens, o.cfg.sink_tokens, o.cfg.clip_search, exact_avg, bpe4k,
+               quant ? o.cfg.key_norm_per_head : 0, quant ? (o.cfg.key_bits ? o.cfg.key_bits : o.cfg.bits) : 16,
+               quant ? (o.cfg.value_bits ? o.cfg.value_bits : o.cfg.bits) : 16);
     }
     rc = 0;
 out:

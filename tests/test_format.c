@@ -20,7 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HDR 64 /* versions 2 and 3; version 1 had 56 and no packed counts */
+#define HDR 80  /* version 4 */
+#define HDR3 64 /* versions 2 and 3; version 1 had 56 and no packed counts */
 
 /* FORMAT.md's per-head key sum of squares, written from the definition:
  * 32 lanes sum d/32 consecutive squares in order, then s_l += s_(l xor m)
@@ -44,7 +45,7 @@ static float head_sumsq_def(const float *x, int d) {
 typedef struct stream {
     uint32_t version, method, bits, d, hkv, L, gk, gv, R, W, rotv, n_blocks;
     uint64_t tokens[8], packed[8];
-    uint32_t lag, reserved;
+    uint32_t lag, reserved, vbits, norm_per_head, reserved2, reserved3;
     size_t blocks_off, win_off[8], size;
 } stream;
 
@@ -67,12 +68,20 @@ static int parse_stream(const unsigned char *b, size_t n, const tl_geom *g, stre
     s->n_blocks = tl_rd32(b + 52);
     s->lag = tl_rd32(b + 56);
     s->reserved = tl_rd32(b + 60);
+    s->vbits = tl_rd32(b + 64);
+    s->norm_per_head = tl_rd32(b + 68);
+    s->reserved2 = tl_rd32(b + 72);
+    s->reserved3 = tl_rd32(b + 76);
     int ok = 1;
-    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 3, "version %u", s->version);
+    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 4, "version %u", s->version);
+    ok &= CHECKF(s->vbits == (uint32_t)g->vbits && s->norm_per_head == (uint32_t)g->norm_per_head &&
+                     s->reserved2 == 0 && s->reserved3 == 0,
+                 "value bits %u, key_norm_per_head %u, reserved %u %u", s->vbits, s->norm_per_head, s->reserved2,
+                 s->reserved3);
     ok &= CHECKF(s->lag == (uint32_t)g->cfg.rollback_tokens && s->reserved == (uint32_t)g->cfg.sink_tokens,
                  "rollback_tokens %u sink_tokens %u", s->lag, s->reserved);
     ok &= CHECKF(s->method == (uint32_t)g->cfg.method, "method %u", s->method);
-    ok &= CHECKF(s->bits == (uint32_t)(g->quant ? g->cfg.bits : 16), "bits %u", s->bits);
+    ok &= CHECKF(s->bits == (uint32_t)g->kbits, "key bits %u", s->bits);
     ok &= CHECKF(s->d == (uint32_t)g->d && s->hkv == (uint32_t)g->hkv && s->L == (uint32_t)g->L, "shape %u %u %u", s->d,
                  s->hkv, s->L);
     ok &= CHECKF(s->gk == (uint32_t)g->gk && s->gv == (uint32_t)g->gv && s->R == (uint32_t)g->R, "groups %u %u R %u",
@@ -642,10 +651,11 @@ static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_
     size_t n = HDR + 16 + (size_t)nb * g->LB + 2 * (size_t)wt * row * g->w + 4 * (size_t)wt + 8;
     unsigned char *b = calloc(n, 1); /* rollback_tokens 0 and sink_tokens 0 stay 0 */
     memcpy(b, "OSCARSEQ", 8);
-    uint32_t f[12] = {3, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
+    uint32_t f[12] = {4, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
                       (uint32_t)g->gk, (uint32_t)g->gv, (uint32_t)R, (uint32_t)g->W,
                       (uint32_t)(g->cfg.rotate_values != 0), (uint32_t)nb};
     for (int i = 0; i < 12; i++) tl_wr32(b + 8 + 4 * i, f[i]);
+    tl_wr32(b + 64, (uint32_t)g->vbits); /* version 4: value bits; per-head norms 0 */
     tl_wr64(b + HDR, (uint64_t)T);
     tl_wr64(b + HDR + 8, (uint64_t)nb);
     unsigned char *p = b + HDR + 16;
@@ -863,7 +873,7 @@ static void test_corrupt_streams(void) {
         uint64_t val;
         const char *what;
     } crafted[] = {
-        {0, 0, 0x5241435349, "magic"},          {8, 0, 4, "version 4"},
+        {0, 0, 0x5241435349, "magic"},          {8, 0, 5, "version 5"},
         {8, 0, 0, "version 0"},                 {12, 0, OSCAR_METHOD_KIVI, "method"},
         {12, 0, 99, "method 99"},               {16, 0, 4, "bits 4"},
         {16, 0, 3, "bits 3"},                   {20, 0, 128, "head_dim"},
@@ -876,12 +886,16 @@ static void test_corrupt_streams(void) {
         {48, 0, 2, "rotate_values 2"},          {52, 0, 1, "n_blocks 1"},
         {52, 0, 3, "n_blocks 3"},               {52, 0, 0xffffffffu, "n_blocks huge"},
         {56, 0, 1, "rollback_tokens 1"},        {60, 0, 1, "sink_tokens 1"},
-        {64, 1, 2 * 32 + 10, "tokens +1"},      {64, 1, 2 * 32 + 8, "tokens -1"},
-        {64, 1, 3 * 32 + 9, "tokens +R"},       {80, 1, 0, "layer 1 tokens 0"},
-        {64, 1, 1ull << 62, "tokens 2^62"},     {64, 1, ~0ull, "tokens 2^64-1"},
-        {80, 1, 0x8000000000000000ull, "tokens 2^63"},
-        {72, 1, 3, "packed +1"},                {72, 1, 1, "packed -1"},
-        {72, 1, ~0ull, "packed 2^64-1"},        {88, 1, 0x80000000ull, "layer 1 packed 2^31"},
+        {64, 0, 4, "value bits 4"},             {64, 0, 3, "value bits 3"},
+        {64, 0, 0, "value bits 0"},             {68, 0, 1, "key_norm_per_head 1"},
+        {68, 0, 2, "key_norm_per_head 2"},      {72, 0, 1, "reserved word 72"},
+        {76, 0, 1, "reserved word 76"},
+        {HDR, 1, 2 * 32 + 10, "tokens +1"},      {HDR, 1, 2 * 32 + 8, "tokens -1"},
+        {HDR, 1, 3 * 32 + 9, "tokens +R"},       {HDR + 16, 1, 0, "layer 1 tokens 0"},
+        {HDR, 1, 1ull << 62, "tokens 2^62"},     {HDR, 1, ~0ull, "tokens 2^64-1"},
+        {HDR + 16, 1, 0x8000000000000000ull, "tokens 2^63"},
+        {HDR + 8, 1, 3, "packed +1"},            {HDR + 8, 1, 1, "packed -1"},
+        {HDR + 8, 1, ~0ull, "packed 2^64-1"},    {HDR + 24, 1, 0x80000000ull, "layer 1 packed 2^31"},
     };
     for (size_t i = 0; i < sizeof crafted / sizeof crafted[0]; i++) {
         memcpy(buf, good, n);
@@ -931,26 +945,41 @@ static void test_corrupt_streams(void) {
            "a valid stream (changed window value, FNV-1a 64 recomputed) was rejected: %s", oscar_last_error(f.c));
     /* the untouched stream is still accepted */
     CHECK(try_import(f.c, f.seq, &base, good, n, 0, "original") == 1);
-    /* a version-2 stream (written by oscar 0.2: the word at 60 reserved, 0,
-     * no sink rows) is this one with another version number: it imports and
-     * re-exports as version 3 */
-    {
-        memcpy(buf, good, n);
-        tl_wr32(buf + 8, 2);
-        tl_fix_checksum(buf, n);
+    /* a version-3 stream (written before per-head norms and separate widths:
+     * a 64-byte header, one width at 16) is this one without the header
+     * words 64..79; a version-2 stream (the word at 60 reserved, 0, no sink
+     * rows) is that with another version number: both import and re-export
+     * as this version-4 one */
+    for (uint32_t ver = 3; ver >= 2; ver--) {
+        const size_t n3 = n - (HDR - HDR3);
+        memcpy(buf, good, HDR3);
+        memcpy(buf + HDR3, good + HDR, n - HDR);
+        tl_wr32(buf + 8, ver);
+        tl_fix_checksum(buf, n3);
         int32_t id = -1;
-        CHECK_OK(oscar_seq_import(f.c, buf, n, &id));
-        size_t n2 = 0;
-        unsigned char *again = tl_export(f.c, id, &n2);
-        CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-2 stream does not re-export as version 3");
-        free(again);
-        CHECK_OK(oscar_seq_free(f.c, id));
-        tl_wr32(buf + 60, 1); /* version 2 has no sinks: the word must be 0 */
-        tl_fix_checksum(buf, n);
-        try_import(f.c, f.seq, &base, buf, n, 1, "version 2 with reserved word 1");
+        oscar_status st = oscar_seq_import(f.c, buf, n3, &id);
+        CHECKF(st == OSCAR_OK, "a version-%u stream is rejected: %s", ver, oscar_last_error(f.c));
+        if (st == OSCAR_OK) {
+            size_t n2 = 0;
+            unsigned char *again = tl_export(f.c, id, &n2);
+            CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-%u stream does not re-export as version 4",
+                   ver);
+            free(again);
+            CHECK_OK(oscar_seq_free(f.c, id));
+        }
+        /* the same bytes read as version 4 are 16 bytes short */
+        tl_wr32(buf + 8, 4);
+        tl_fix_checksum(buf, n3);
+        try_import(f.c, f.seq, &base, buf, n3, 1, "version-3 bytes labelled version 4");
+        if (ver == 2) {
+            tl_wr32(buf + 8, 2);
+            tl_wr32(buf + 60, 1); /* version 2 has no sinks: the word must be 0 */
+            tl_fix_checksum(buf, n3);
+            try_import(f.c, f.seq, &base, buf, n3, 1, "version 2 with reserved word 1");
+        }
     }
     /* a version-1 stream (56-byte header, tokens only; packed = tokens / R)
-     * of the same sequence imports and re-exports as this version-3 one */
+     * of the same sequence imports and re-exports as this version-4 one */
     {
         /* version 1: no packed counts, and the windows carry no sums of
          * squares (the importer computes them from the K rows) */
@@ -977,7 +1006,7 @@ static void test_corrupt_streams(void) {
         CHECK_OK(oscar_seq_import(f.c, v1, n1, &id));
         size_t n2 = 0;
         unsigned char *again = tl_export(f.c, id, &n2);
-        CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-1 stream does not re-export as version 3");
+        CHECKF(again && n2 == n && memcmp(again, good, n) == 0, "a version-1 stream does not re-export as version 4");
         free(again);
         CHECK_OK(oscar_seq_free(f.c, id));
         free(v1);

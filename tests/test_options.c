@@ -9,7 +9,15 @@
  *    candidate of the grid of docs/FORMAT.md, found here independently in
  *    float64; read-back and attention against that reference;
  *  - the configuration checks: ranges, the batch API and sinks, the older
- *    struct_size.
+ *    struct_size;
+ *  - format version 4: key_norm_per_head (one key norm per token and KV
+ *    head) and key_bits / value_bits (K4/V2, K2/V4), against a float64
+ *    reference of FORMAT.md written here: bit-exact read-back and block
+ *    bytes for the non-rotating methods, attention against float64, OScaR
+ *    with sinks and a lag within a code step; a per-head cache is the sum of
+ *    one-head caches (no all-gather under tensor parallelism); a mixed cache
+ *    is a 4-bit cache's keys and a 2-bit cache's values; export / import,
+ *    version-3 streams, refused imports, the batch API, the checks.
  */
 #include "testlib.h"
 
@@ -217,7 +225,7 @@ static void test_sinks_stream_fork_truncate(void) {
     size_t n = 0;
     unsigned char *s = tl_export(c, seq, &n);
     if (!s) return;
-    CHECKF(tl_rd32(s + 8) == 3 && tl_rd32(s + 60) == (uint32_t)S, "version %u, sink_tokens %u", tl_rd32(s + 8),
+    CHECKF(tl_rd32(s + 8) == 4 && tl_rd32(s + 60) == (uint32_t)S, "version %u, sink_tokens %u", tl_rd32(s + 8),
            tl_rd32(s + 60));
     int32_t imp = -1;
     CHECK_OK(oscar_seq_import(c, s, n, &imp));
@@ -238,20 +246,23 @@ static void test_sinks_stream_fork_truncate(void) {
         CHECKF(strstr(oscar_last_error(c0), "sink_tokens") != NULL, "message: %s", oscar_last_error(c0));
         oscar_cache_destroy(c0);
     }
-    /* a version-2 stream (no sinks) into this cache: OSCAR_E_FORMAT */
+    /* a version-2 stream (no sinks; a 64-byte header) into this cache: OSCAR_E_FORMAT */
+    memmove(s + 64, s + 80, n - 80);
+    n -= 16;
     tl_wr32(s + 8, 2);
     tl_wr32(s + 60, 0);
     tl_fix_checksum(s, n);
     oscar_memory_stats before, after;
     CHECK_OK(oscar_memory(c, &before));
     CHECK_ST(c, oscar_seq_import(c, s, n, &bad), OSCAR_E_FORMAT);
+    CHECKF(strstr(oscar_last_error(c), "version 2") != NULL, "message: %s", oscar_last_error(c));
     CHECK_OK(oscar_memory(c, &after));
     CHECK(before.blocks_free == after.blocks_free && before.seqs_live == after.seqs_live);
     free(s);
     /* a NaN sink value (checksum fixed): rejected, nothing changes */
     s = tl_export(c, seq, &n);
     if (s) {
-        const size_t sink_off = 64 + 16 * 2 + (size_t)tl_rd32(s + 52) * 2 * tl_geom_of(&cfg).LB;
+        const size_t sink_off = 80 + 16 * 2 + (size_t)tl_rd32(s + 52) * 2 * tl_geom_of(&cfg).LB;
         s[sink_off] = 0x00;
         s[sink_off + 1] = 0x7e; /* fp16 NaN: the first K value of sink token 0 */
         tl_fix_checksum(s, n);
@@ -600,6 +611,930 @@ static void test_config_checks(void) {
     CHECK(mb.pool_bytes == ma.pool_bytes);
 }
 
+/* ---- format version 4: per-head key norms, key and value bit widths ------- */
+
+/* FORMAT.md step 4's per-head key sum of squares, written from the
+ * definition: 32 lanes sum d/32 consecutive squares in order, then
+ * s_l += s_(l xor m) for m = 16, 8, 4, 2, 1, lane 0 wins; fp32 throughout. */
+static float head_sumsq_def(const float *x, int d) {
+    float s[32], t[32];
+    for (int l = 0; l < 32; l++) {
+        s[l] = 0.0f;
+        for (int i = 0; i < d / 32; i++) {
+            const float sq = x[l * (d / 32) + i] * x[l * (d / 32) + i];
+            s[l] = s[l] + sq;
+        }
+    }
+    for (int m = 16; m >= 1; m /= 2) {
+        for (int l = 0; l < 32; l++) t[l] = s[l] + s[l ^ m];
+        for (int l = 0; l < 32; l++) s[l] = t[l];
+    }
+    return s[0];
+}
+
+/* The reference of one layer under the version-4 options, from FORMAT.md
+ * steps 1-8 (own Hadamard in float64, own fp16 conversions): P packed
+ * tokens of T. Keys are coded with QK = 2^bK - 1 levels, values with QV;
+ * norms are per token (the same for every head) or per token and head. */
+typedef struct oref {
+    int64_t T, P;
+    float *xk, *xv;            /* [T][hkv][d] window values (rotated, rounded to W) */
+    float *s;                  /* [P][hkv] the norm head h's key was divided by */
+    uint8_t *kcode, *vcode;    /* [P][hkv][d] */
+    uint16_t *ksc, *klo;       /* [P/gk][hkv][d] */
+    uint16_t *vsc, *vlo;       /* [P][hkv][d/gv] */
+    float *kread, *vdeq;       /* [P][hkv][d] fp32: s * x^ (keys), x^ (values): the stored space */
+    double *krec, *vrec;       /* [T][hkv][d] original space, float64 */
+} oref;
+
+static void oref_free(oref *o) {
+    free(o->xk), free(o->xv), free(o->s), free(o->kcode), free(o->vcode), free(o->ksc), free(o->klo);
+    free(o->vsc), free(o->vlo), free(o->kread), free(o->vdeq), free(o->krec), free(o->vrec);
+    memset(o, 0, sizeof *o);
+}
+
+static float deq_f32(int code, uint16_t sc16, uint16_t lo16) {
+    const float sc = (float)tl_f16_to_double(sc16), l0 = (float)tl_f16_to_double(lo16);
+    const float prod = (float)code * sc;
+    return l0 + prod;
+}
+
+static void oref_build(const tl_geom *g, const float *k, const float *v, int64_t T, int64_t P, oref *o) {
+    memset(o, 0, sizeof *o);
+    const int d = g->d, H = g->hkv, ng = d / g->gv;
+    const int64_t row = (int64_t)H * d;
+    o->T = T;
+    o->P = P;
+    const size_t nt = (size_t)(T > 0 ? T : 1) * (size_t)row, np = (size_t)(P > 0 ? P : 1) * (size_t)row;
+    o->xk = calloc(nt, sizeof(float)), o->xv = calloc(nt, sizeof(float));
+    o->krec = calloc(nt, sizeof(double)), o->vrec = calloc(nt, sizeof(double));
+    o->s = calloc((size_t)(P > 0 ? P : 1) * H, sizeof(float));
+    o->kcode = calloc(np, 1), o->vcode = calloc(np, 1);
+    o->kread = calloc(np, sizeof(float)), o->vdeq = calloc(np, sizeof(float));
+    o->ksc = calloc(np, sizeof(uint16_t)), o->klo = calloc(np, sizeof(uint16_t));
+    o->vsc = calloc(np, sizeof(uint16_t)), o->vlo = calloc(np, sizeof(uint16_t));
+    float *kq = calloc(np, sizeof(float));
+    double buf[256];
+    for (int64_t t = 0; t < T; t++) /* steps 1-2 */
+        for (int h = 0; h < H; h++) {
+            const int64_t b = t * row + (int64_t)h * d;
+            for (int c = 0; c < d; c++) buf[c] = k[b + c];
+            if (g->rot) tl_hadamard_ref(buf, buf, d);
+            for (int c = 0; c < d; c++) o->xk[b + c] = (float)tl_round_dtype(g->W, buf[c]);
+            for (int c = 0; c < d; c++) buf[c] = v[b + c];
+            if (g->rotv) tl_hadamard_ref(buf, buf, d);
+            for (int c = 0; c < d; c++) o->xv[b + c] = (float)tl_round_dtype(g->W, buf[c]);
+        }
+    for (int64_t t = 0; t < P; t++) { /* step 4 */
+        float e[64], tot = 0.0f;
+        for (int h = 0; h < H; h++) {
+            e[h] = head_sumsq_def(o->xk + t * row + (int64_t)h * d, d);
+            tot = h == 0 ? e[0] : tot + e[h];
+        }
+        for (int h = 0; h < H; h++) {
+            float s = 1.0f;
+            if (g->scale) {
+                s = sqrtf(g->norm_per_head ? e[h] : tot);
+                if (!(s > 0.0f) || isinf(s)) s = 1.0f;
+            }
+            o->s[t * H + h] = s;
+            for (int c = 0; c < d; c++) {
+                const int64_t i = t * row + (int64_t)h * d + c;
+                kq[i] = g->scale ? o->xk[i] / s : o->xk[i];
+            }
+        }
+    }
+    for (int64_t t0 = 0; t0 < P; t0 += g->gk) /* steps 5-8, keys: QK */
+        for (int64_t i = 0; i < row; i++) {
+            const size_t pi = (size_t)(t0 / g->gk) * row + i;
+            tl_ref_params(kq + t0 * row + i, g->gk, (int)row, g->Qk, &o->ksc[pi], &o->klo[pi]);
+            for (int64_t t = t0; t < t0 + g->gk; t++) {
+                const int code = tl_ref_code(kq[t * row + i], o->ksc[pi], o->klo[pi], g->Qk);
+                o->kcode[t * row + i] = (uint8_t)code;
+                o->kread[t * row + i] = deq_f32(code, o->ksc[pi], o->klo[pi]) * o->s[t * H + i / d];
+            }
+        }
+    for (int64_t t = 0; t < P; t++) /* values: QV */
+        for (int h = 0; h < H; h++)
+            for (int j = 0; j < ng; j++) {
+                const size_t pi = ((size_t)t * H + h) * ng + j;
+                const float *x = o->xv + t * row + (int64_t)h * d + j * g->gv;
+                tl_ref_params(x, g->gv, 1, g->Qv, &o->vsc[pi], &o->vlo[pi]);
+                for (int c = 0; c < g->gv; c++) {
+                    const int64_t i = t * row + (int64_t)h * d + j * g->gv + c;
+                    const int code = tl_ref_code(x[c], o->vsc[pi], o->vlo[pi], g->Qv);
+                    o->vcode[i] = (uint8_t)code;
+                    o->vdeq[i] = deq_f32(code, o->vsc[pi], o->vlo[pi]);
+                }
+            }
+    for (int64_t t = 0; t < T; t++) /* the original space, float64 */
+        for (int h = 0; h < H; h++) {
+            const int64_t b = t * row + (int64_t)h * d;
+            const int packed = g->quant && t < P;
+            for (int c = 0; c < d; c++) buf[c] = packed ? (double)o->kread[b + c] : o->xk[b + c];
+            if (g->rot) tl_hadamard_ref(buf, buf, d);
+            memcpy(o->krec + b, buf, sizeof(double) * (size_t)d);
+            for (int c = 0; c < d; c++) buf[c] = packed ? (double)o->vdeq[b + c] : o->xv[b + c];
+            if (g->rotv) tl_hadamard_ref(buf, buf, d);
+            memcpy(o->vrec + b, buf, sizeof(double) * (size_t)d);
+        }
+    free(kq);
+}
+
+/* Adversarial keys for per-head norms: head 0 huge, head 1 tiny (when there
+ * are two heads or more), outlier channels from the flavour, a constant key
+ * channel group, and every 7th token with an all-zero head 2 (norm 0 -> 1). */
+static void make_adversarial(tl_rng *r, int flavor, float *k, float *v, int64_t T, int hkv, int d, float big,
+                             float tiny) {
+    tl_gen_kv(r, flavor, k, v, T, hkv, d, OSCAR_DTYPE_F32);
+    const int64_t row = (int64_t)hkv * d;
+    for (int64_t t = 0; t < T; t++) {
+        for (int c = 0; c < d; c++) {
+            k[t * row + c] *= big;
+            if (hkv > 1) k[t * row + d + c] *= tiny;
+        }
+        if (hkv > 1) /* a group of 16 channels of head 1 constant over all tokens */
+            for (int c = 16; c < 32; c++) k[t * row + d + c] = 0.25f * tiny;
+        if (hkv > 2 && t % 7 == 3)
+            for (int c = 0; c < d; c++) k[t * row + 2 * d + c] = 0.0f;
+    }
+}
+
+typedef struct v4_case {
+    oscar_method method;
+    int bits, kb, vb, nph, d, hkv, hq, R, gk, gv, q_len, chunk, flavor;
+    int64_t T;
+} v4_case;
+
+/* Exact configurations (no rotation, fp32 window: every number the library
+ * computes is one the reference computes the same way): the read-back equals
+ * the reference bit for bit, the exported block holds the reference's codes,
+ * (scale, lo) pairs and norms where FORMAT.md puts them, and attention
+ * matches float64 attention over the reference. */
+static void run_exact_case(const v4_case *vc, tl_rng *r) {
+    oscar_config cfg = tl_small_config(vc->method, vc->bits, vc->d, vc->hkv, vc->hq);
+    cfg.residual = vc->R;
+    cfg.k_group = vc->gk;
+    cfg.v_group = vc->gv;
+    cfg.window_dtype = OSCAR_DTYPE_F32;
+    cfg.key_norm_per_head = vc->nph;
+    cfg.key_bits = vc->kb;
+    cfg.value_bits = vc->vb;
+    cfg.block_count = 32;
+    const tl_geom g = tl_geom_of(&cfg);
+    printf("   %-10s bits=%d K%d/V%d per-head=%d d=%d Hkv=%d R=%d Gk=%d Gv=%d T=%lld chunk=%d %s\n",
+           oscar_method_name(vc->method), vc->bits, g.kbits, g.vbits, vc->nph, vc->d, vc->hkv, vc->R, vc->gk, vc->gv,
+           (long long)vc->T, vc->chunk, tl_flavor_name(vc->flavor));
+    oscar_cache *c = tl_create(&cfg);
+    if (!c) return;
+    const int d = vc->d, H = vc->hkv, R = vc->R;
+    const int64_t row = (int64_t)H * d, T = vc->T, P = T / R * R;
+    float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+    make_adversarial(r, vc->flavor, k, v, T, H, d, 300.0f, 0.003f);
+    int32_t seq;
+    CHECK_OK(oscar_seq_add(c, &seq));
+    for (int64_t done = 0; done < T;) {
+        int64_t n = vc->chunk ? tl_randint(r, 1, vc->chunk) : T;
+        if (n > T - done) n = T - done;
+        if (!CHECK_OK(tl_append(c, 0, seq, k + done * row, v + done * row, n, H, d, OSCAR_DTYPE_F32))) break;
+        done += n;
+    }
+    oref o;
+    oref_build(&g, k, v, T, P, &o);
+    float *kl, *vl;
+    if (CHECK(tl_read_all(c, seq, 0, H, d, &kl, &vl) == T)) {
+        int64_t bk = 0, bv = 0;
+        for (int64_t i = 0; i < T * row; i++) {
+            const float wk = i < P * row ? o.kread[i] : o.xk[i], wv = i < P * row ? o.vdeq[i] : o.xv[i];
+            bk += memcmp(&kl[i], &wk, 4) != 0;
+            bv += memcmp(&vl[i], &wv, 4) != 0;
+        }
+        CHECKF(bk == 0 && bv == 0, "read-back differs from the FORMAT.md reference: %lld K, %lld V of %lld elements",
+               (long long)bk, (long long)bv, (long long)(T * row));
+        /* the bytes of every block where FORMAT.md puts them */
+        size_t n = 0;
+        unsigned char *s = tl_export(c, seq, &n);
+        int64_t bad_codes = 0, bad_params = 0, bad_norms = 0;
+        if (s) {
+            CHECK(tl_rd32(s + 8) == 4 && tl_rd32(s + 16) == (uint32_t)g.kbits && tl_rd32(s + 64) == (uint32_t)g.vbits &&
+                  tl_rd32(s + 68) == (uint32_t)g.norm_per_head);
+            uint8_t *plane = malloc((size_t)R * d);
+            for (int64_t b = 0; b < P / R; b++) {
+                const unsigned char *blk = s + 80 + 16 + (size_t)b * g.LB;
+                for (int h = 0; h < H; h++) {
+                    const unsigned char *hb = blk + (size_t)h * g.head_bytes;
+                    for (int kv = 0; kv < 2; kv++) {
+                        tl_decode_codes(kv ? hb + g.kcodes_bytes : hb, R, d, kv ? g.vbits : g.kbits, kv, plane);
+                        for (int t = 0; t < R; t++)
+                            for (int ch = 0; ch < d; ch++)
+                                bad_codes += plane[t * d + ch] !=
+                                             (kv ? o.vcode : o.kcode)[(b * R + t) * row + (int64_t)h * d + ch];
+                    }
+                    const unsigned char *kp = hb + g.kcodes_bytes + g.vcodes_bytes, *vp = kp + g.kparams_bytes;
+                    for (int gi = 0; gi < R / vc->gk; gi++)
+                        for (int ch = 0; ch < d; ch++) {
+                            const size_t pi = (size_t)(b * R / vc->gk + gi) * row + (size_t)h * d + ch;
+                            bad_params += tl_rd32(kp + 4 * ((size_t)gi * d + ch)) !=
+                                          ((uint32_t)o.ksc[pi] | (uint32_t)o.klo[pi] << 16);
+                        }
+                    for (int t = 0; t < R; t++)
+                        for (int j = 0; j < d / vc->gv; j++) {
+                            const size_t pi = ((size_t)(b * R + t) * H + h) * (d / vc->gv) + j;
+                            bad_params += tl_rd32(vp + 4 * ((size_t)t * (d / vc->gv) + j)) !=
+                                          ((uint32_t)o.vsc[pi] | (uint32_t)o.vlo[pi] << 16);
+                        }
+                }
+                if (g.scale) /* [R], or [Hkv][R] with per-head norms */
+                    for (int h = 0; h < (g.norm_per_head ? H : 1); h++)
+                        for (int t = 0; t < R; t++) {
+                            uint32_t u;
+                            memcpy(&u, &o.s[(b * R + t) * H + h], 4);
+                            bad_norms += tl_rd32(blk + (size_t)H * g.head_bytes + 4 * ((size_t)h * R + t)) != u;
+                        }
+            }
+            free(plane);
+            CHECKF(s && n > 80 + 16 + (size_t)(P / R) * g.LB, "stream of %zu bytes", n);
+        }
+        CHECKF(bad_codes == 0 && bad_params == 0 && bad_norms == 0,
+               "stored block differs from FORMAT.md: %lld codes, %lld (scale, lo) pairs, %lld norms", (long long)bad_codes,
+               (long long)bad_params, (long long)bad_norms);
+        free(s);
+        /* attention against float64 attention over the reference's tokens */
+        const int64_t nq = (int64_t)vc->q_len * vc->hq * d;
+        float *q = malloc(sizeof(float) * (size_t)nq), *out = malloc(sizeof(float) * (size_t)nq);
+        double *o_ref = malloc(sizeof(double) * (size_t)nq), *mag = malloc(sizeof(double) * (size_t)(vc->q_len * vc->hq));
+        /* queries sized for the tiny head too: logits of a few units there */
+        tl_gen_q(r, q, vc->q_len, vc->hq, d, tl_key_rms_norm(k, T, H, d), 2.0, OSCAR_DTYPE_F32);
+        for (int i = 0; i < vc->q_len; i++)
+            for (int j = 0; j < vc->hq; j++)
+                if (H > 1 && j / (vc->hq / H) == 1)
+                    for (int ch = 0; ch < d; ch++) q[((int64_t)i * vc->hq + j) * d + ch] *= 3e4f;
+        CHECK_OK(tl_attention(c, 0, 1, &seq, vc->q_len, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, out, vc->hq, d));
+        tl_ref_attention(d, H, vc->hq, o.krec, o.vrec, T, vc->q_len, q, 1.0 / sqrt((double)d), o_ref, mag);
+        double w = 0;
+        const int64_t nb = tl_compare_out(out, o_ref, mag, (int64_t)vc->q_len * vc->hq, d, OSCAR_DTYPE_F32, 1e-5, &w);
+        CHECKF(nb == 0, "attention vs float64 over the reference: %lld elements, worst %.3g", (long long)nb, w);
+        free(q), free(out), free(o_ref), free(mag);
+        free(kl), free(vl);
+    }
+    oref_free(&o);
+    free(k), free(v);
+    oscar_cache_destroy(c);
+}
+
+static void test_v4_exact_reference(void) {
+    tl_rng r = tl_rng_for("v4_exact_reference");
+    static const v4_case cases[] = {
+        /* per-head norms: 2 and 4 bits, adversarial heads, odd lengths, decode and chunked prefill */
+        {OSCAR_METHOD_SCALE_ONLY, 2, 0, 0, 1, 64, 3, 9, 32, 32, 32, 1, 0, TL_FLAVOR_OUTLIERS, 3 * 32 + 5},
+        {OSCAR_METHOD_SCALE_ONLY, 4, 0, 0, 1, 64, 3, 6, 32, 16, 16, 5, 13, TL_FLAVOR_SINKS, 4 * 32 + 31},
+        {OSCAR_METHOD_SCALE_ONLY, 2, 0, 0, 1, 128, 4, 8, 64, 32, 32, 9, 0, TL_FLAVOR_CONST, 2 * 64 + 1},
+        /* as published (all-head norms) through the same reference: it must tell the two apart */
+        {OSCAR_METHOD_SCALE_ONLY, 2, 0, 0, 0, 64, 3, 9, 32, 32, 32, 3, 0, TL_FLAVOR_OUTLIERS, 3 * 32 + 5},
+        /* separate widths: K4/V2 and K2/V4, the fast 2-bit kernel on one side and the generic one on the other */
+        {OSCAR_METHOD_KIVI, 2, 4, 2, 0, 64, 2, 4, 32, 32, 32, 3, 0, TL_FLAVOR_OUTLIERS, 2 * 32 + 7},
+        {OSCAR_METHOD_KIVI, 2, 2, 4, 0, 64, 2, 4, 32, 32, 32, 3, 0, TL_FLAVOR_OUTLIERS, 2 * 32 + 7},
+        {OSCAR_METHOD_KIVI, 4, 0, 2, 0, 128, 1, 2, 32, 16, 32, 8, 11, TL_FLAVOR_CONST, 3 * 32 + 9},
+        {OSCAR_METHOD_KIVI, 4, 2, 0, 0, 256, 2, 2, 32, 32, 16, 2, 0, TL_FLAVOR_ZERO, 32 + 17},
+        /* both options together */
+        {OSCAR_METHOD_SCALE_ONLY, 2, 4, 2, 1, 64, 3, 3, 32, 32, 32, 4, 9, TL_FLAVOR_OUTLIERS, 3 * 32 + 3},
+        {OSCAR_METHOD_SCALE_ONLY, 2, 2, 4, 1, 128, 2, 8, 64, 32, 64, 7, 0, TL_FLAVOR_SINKS, 2 * 64 + 63},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_exact_case(&cases[i], &r);
+}
+
+/* Rotating configurations (OScaR itself, fp16 window, sinks and a lag,
+ * chunked appends, several query rows): the library's fp32 rotation may
+ * round a window value differently from the float64 one, so the read-back
+ * is held to the reference within a code flip; attention is held tightly to
+ * float64 attention over the library's own read-back (which checks that the
+ * kernels read each head's norm and each side's width) and loosely to the
+ * reference. */
+static void test_v4_oscar_reference(void) {
+    tl_rng r = tl_rng_for("v4_oscar_reference");
+    static const struct {
+        int bits, kb, vb, nph, d, hkv, hq, R, S, lag, q_len, chunk;
+        int64_t T;
+    } cases[] = {
+        {2, 0, 0, 1, 64, 3, 9, 32, 0, 0, 1, 0, 3 * 32 + 5},
+        {2, 0, 0, 1, 128, 2, 8, 64, 4, 16, 6, 40, 250},
+        {2, 4, 2, 0, 64, 3, 9, 32, 0, 8, 3, 21, 150},
+        {2, 2, 4, 0, 128, 2, 4, 64, 0, 0, 1, 0, 201},
+        {4, 0, 2, 1, 64, 2, 4, 32, 5, 8, 9, 17, 163},
+        {2, 4, 0, 1, 64, 1, 3, 32, 0, 0, 2, 0, 99},
+    };
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int d = cases[ci].d, H = cases[ci].hkv, hq = cases[ci].hq, R = cases[ci].R, S = cases[ci].S;
+        oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, cases[ci].bits, d, H, hq);
+        cfg.residual = R;
+        cfg.sink_tokens = S;
+        cfg.rollback_tokens = cases[ci].lag;
+        cfg.key_bits = cases[ci].kb;
+        cfg.value_bits = cases[ci].vb;
+        cfg.key_norm_per_head = cases[ci].nph;
+        cfg.block_count = 32;
+        const tl_geom g = tl_geom_of(&cfg);
+        printf("   oscar K%d/V%d per-head=%d d=%d Hkv=%d R=%d S=%d L=%d T=%lld q_len=%d\n", g.kbits, g.vbits,
+               cases[ci].nph, d, H, R, S, cases[ci].lag, (long long)cases[ci].T, cases[ci].q_len);
+        oscar_cache *c = tl_create(&cfg);
+        if (!c) continue;
+        const int64_t row = (int64_t)H * d, T = cases[ci].T;
+        float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+        make_adversarial(&r, TL_FLAVOR_OUTLIERS, k, v, T, H, d, 30.0f, 0.01f); /* within fp16 */
+        int32_t seq;
+        CHECK_OK(oscar_seq_add(c, &seq));
+        for (int64_t done = 0; done < T;) {
+            int64_t n = cases[ci].chunk ? tl_randint(&r, 1, cases[ci].chunk) : T;
+            if (n > T - done) n = T - done;
+            if (!CHECK_OK(tl_append(c, 0, seq, k + done * row, v + done * row, n, H, d, OSCAR_DTYPE_F32))) break;
+            done += n;
+        }
+        oscar_seq_info info;
+        CHECK_OK(oscar_seq_info_get(c, seq, 0, &info));
+        const int64_t P = info.packed_tokens, sh = T < S ? T : S;
+        /* the reference: sinks exact, then the tokens after them */
+        oref os, o;
+        oref_build(&g, k, v, sh, 0, &os);
+        oref_build(&g, k + sh * row, v + sh * row, T - sh, P, &o);
+        double *krec = malloc(sizeof(double) * (size_t)(T * row)), *vrec = malloc(sizeof(double) * (size_t)(T * row));
+        memcpy(krec, os.krec, sizeof(double) * (size_t)(sh * row));
+        memcpy(vrec, os.vrec, sizeof(double) * (size_t)(sh * row));
+        memcpy(krec + sh * row, o.krec, sizeof(double) * (size_t)((T - sh) * row));
+        memcpy(vrec + sh * row, o.vrec, sizeof(double) * (size_t)((T - sh) * row));
+        float *kl, *vl;
+        if (CHECK(tl_read_all(c, seq, 0, H, d, &kl, &vl) == T)) {
+            /* per head (the tiny head has its own scale), within one code step */
+            double wk = 0, wv = 0;
+            for (int64_t t = 0; t < T; t++)
+                for (int h = 0; h < H; h++) {
+                    const int64_t b = t * row + (int64_t)h * d;
+                    double mk = tl_max_abs(krec + b, d), mv = tl_max_abs(vrec + b, d);
+                    for (int ch = 0; ch < d; ch++) {
+                        const double ek = fabs(kl[b + ch] - krec[b + ch]) / (mk > 0 ? mk : 1);
+                        const double ev = fabs(vl[b + ch] - vrec[b + ch]) / (mv > 0 ? mv : 1);
+                        if (!(ek <= wk)) wk = ek;
+                        if (!(ev <= wv)) wv = ev;
+                    }
+                }
+            const double ak = g.kbits == 2 ? 0.75 : 0.2, av = g.vbits == 2 ? 0.75 : 0.2;
+            CHECKF(wk < ak && wv < av, "read-back vs the reference: K %.3g (allowed %.2g), V %.3g (allowed %.2g)", wk,
+                   ak, wv, av);
+            /* mean relative error per side: a wrong width or a wrong head's norm shows at once */
+            double ek = 0, nk = 0, ev = 0, nv = 0;
+            for (int64_t i = sh * row; i < (sh + P) * row; i++) {
+                ek += (kl[i] - krec[i]) * (kl[i] - krec[i]), nk += krec[i] * krec[i];
+                ev += (vl[i] - vrec[i]) * (vl[i] - vrec[i]), nv += vrec[i] * vrec[i];
+            }
+            CHECKF(ek <= 1e-4 * nk && ev <= 1e-4 * nv, "packed read-back vs the reference: K %.3g, V %.3g of the energy",
+                   ek / (nk > 0 ? nk : 1), ev / (nv > 0 ? nv : 1));
+            const int q_len = cases[ci].q_len;
+            const int64_t nq = (int64_t)q_len * hq * d;
+            float *q = malloc(sizeof(float) * (size_t)nq), *out = malloc(sizeof(float) * (size_t)nq);
+            double *o_lib = malloc(sizeof(double) * (size_t)nq), *o_ref = malloc(sizeof(double) * (size_t)nq);
+            double *mag = malloc(sizeof(double) * (size_t)(q_len * hq));
+            tl_gen_q(&r, q, q_len, hq, d, tl_key_rms_norm(k, T, H, d), 2.0, OSCAR_DTYPE_F32);
+            CHECK_OK(tl_attention(c, 0, 1, &seq, q_len, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, out, hq, d));
+            const double sm = 1.0 / sqrt((double)d);
+            tl_ref_attention_f(d, H, hq, kl, vl, T, q_len, q, sm, o_lib, mag);
+            double w1 = 0, w2 = 0;
+            const int64_t b1 = tl_compare_out(out, o_lib, mag, (int64_t)q_len * hq, d, OSCAR_DTYPE_F32, 1e-5, &w1);
+            CHECKF(b1 == 0, "attention vs float64 over the read-back: %lld elements, worst %.3g", (long long)b1, w1);
+            tl_ref_attention(d, H, hq, krec, vrec, T, q_len, q, sm, o_ref, mag);
+            const int64_t b2 = tl_compare_out(out, o_ref, mag, (int64_t)q_len * hq, d, OSCAR_DTYPE_F32, 0.05, &w2);
+            CHECKF(b2 == 0, "attention vs the float64 reference: %lld elements, worst %.3g", (long long)b2, w2);
+            free(q), free(out), free(o_lib), free(o_ref), free(mag);
+            free(kl), free(vl);
+        }
+        free(krec), free(vrec);
+        oref_free(&os), oref_free(&o);
+        free(k), free(v);
+        oscar_cache_destroy(c);
+    }
+}
+
+/* Per-head norms make a cache the sum of its heads: a cache of Hkv heads
+ * stores, head for head, the bytes (codes, pairs, norms) and reads back the
+ * numbers of Hkv one-head caches, each given its head alone; that is what
+ * tensor parallelism needs without an all-gather. With one KV head the
+ * per-head and all-head blocks are the same bytes. */
+static void test_norm_per_head_shards(void) {
+    tl_rng r = tl_rng_for("norm_per_head_shards");
+    const int d = 64, H = 3, hq = 6, R = 32;
+    oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, d, H, hq);
+    cfg.residual = R;
+    cfg.key_norm_per_head = 1;
+    cfg.rollback_tokens = 8;
+    oscar_cache *c = tl_create(&cfg);
+    if (!c) return;
+    const int64_t T = 3 * R + 13, row = (int64_t)H * d;
+    float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+    make_adversarial(&r, TL_FLAVOR_SINKS, k, v, T, H, d, 40.0f, 0.002f);
+    int32_t seq;
+    CHECK_OK(oscar_seq_add(c, &seq));
+    CHECK_OK(tl_append(c, 0, seq, k, v, T, H, d, OSCAR_DTYPE_F32));
+    const tl_geom g = tl_geom_of(&cfg);
+    size_t n = 0;
+    unsigned char *s = tl_export(c, seq, &n);
+    float *kl, *vl;
+    tl_read_all(c, seq, 0, H, d, &kl, &vl);
+    const uint32_t nb = s ? tl_rd32(s + 52) : 0;
+    CHECK(nb == (T - 8) / R);
+    float *kh = malloc(sizeof(float) * (size_t)(T * d)), *vh = malloc(sizeof(float) * (size_t)(T * d));
+    for (int h = 0; h < H && s; h++) {
+        for (int nph = 0; nph <= 1; nph++) { /* one head: per-head or not, the same bytes */
+            oscar_config c1 = cfg;
+            c1.num_kv_heads = 1;
+            c1.num_q_heads = hq / H;
+            c1.key_norm_per_head = nph;
+            oscar_cache *one = tl_create(&c1);
+            if (!one) continue;
+            for (int64_t t = 0; t < T; t++) {
+                memcpy(kh + t * d, k + t * row + (int64_t)h * d, sizeof(float) * d);
+                memcpy(vh + t * d, v + t * row + (int64_t)h * d, sizeof(float) * d);
+            }
+            int32_t s1;
+            CHECK_OK(oscar_seq_add(one, &s1));
+            CHECK_OK(tl_append(one, 0, s1, kh, vh, T, 1, d, OSCAR_DTYPE_F32));
+            size_t n1 = 0;
+            unsigned char *e1 = tl_export(one, s1, &n1);
+            const tl_geom g1 = tl_geom_of(&c1);
+            int64_t bad = 0;
+            for (uint32_t b = 0; e1 && b < nb; b++) {
+                const unsigned char *blk = s + 80 + 16 + (size_t)b * g.LB, *blk1 = e1 + 80 + 16 + (size_t)b * g1.LB;
+                bad += memcmp(blk + (size_t)h * g.head_bytes, blk1, g.head_bytes) != 0;
+                bad += memcmp(blk + (size_t)H * g.head_bytes + 4 * (size_t)h * R, blk1 + g1.head_bytes, 4 * (size_t)R) != 0;
+            }
+            CHECKF(e1 && bad == 0, "head %d (one-head cache, per-head %d): %lld block parts differ", h, nph, (long long)bad);
+            float *k1, *v1;
+            tl_read_all(one, s1, 0, 1, d, &k1, &v1);
+            int64_t diff = 0;
+            for (int64_t t = 0; t < T; t++)
+                diff += memcmp(k1 + t * d, kl + t * row + (int64_t)h * d, sizeof(float) * d) != 0 ||
+                        memcmp(v1 + t * d, vl + t * row + (int64_t)h * d, sizeof(float) * d) != 0;
+            CHECKF(diff == 0, "head %d: %lld tokens read back differently from a one-head cache", h, (long long)diff);
+            free(k1), free(v1), free(e1);
+            oscar_cache_destroy(one);
+        }
+    }
+    /* a tensor-parallel append with any gathered sums gives the same blocks
+     * with per-head norms; with all-head norms it does not (so this check
+     * can see a difference) */
+    for (int nph = 1; nph >= 0; nph--) {
+        oscar_config c2 = cfg;
+        c2.key_norm_per_head = nph;
+        oscar_cache *a = tl_create(&c2), *b = tl_create(&c2);
+        if (!a || !b) break;
+        int32_t sa, sb;
+        CHECK_OK(oscar_seq_add(a, &sa));
+        CHECK_OK(oscar_seq_add(b, &sb));
+        float *sums = malloc(sizeof(float) * (size_t)(T * 2 * H));
+        for (int64_t i = 0; i < T * 2 * H; i++) sums[i] = (float)(1.0 + 50.0 * tl_uniform(&r));
+        int32_t nt = (int32_t)T;
+        CHECK_OK(oscar_append(a, 0, 1, &sa, &nt, k, v, OSCAR_DTYPE_F32, NULL));
+        CHECK_OK(oscar_append_with_key_sums(b, 0, 1, &sb, &nt, k, v, OSCAR_DTYPE_F32, sums, 2 * H, NULL));
+        float *ka, *va, *kb, *vb;
+        tl_read_all(a, sa, 0, H, d, &ka, &va);
+        tl_read_all(b, sb, 0, H, d, &kb, &vb);
+        const int same = memcmp(ka, kb, sizeof(float) * (size_t)(T * row)) == 0;
+        if (nph)
+            CHECKF(same, "per-head norms: gathered key sums changed the blocks");
+        else
+            CHECKF(!same, "all-head norms: gathered key sums did not change the blocks");
+        free(ka), free(va), free(kb), free(vb), free(sums);
+        oscar_cache_destroy(a);
+        oscar_cache_destroy(b);
+    }
+    free(kh), free(vh), free(kl), free(vl), free(s), free(k), free(v);
+    oscar_cache_destroy(c);
+}
+
+/* Separate widths: keys of a K4/V2 cache are the keys of a 4-bit cache and
+ * its values those of a 2-bit cache, bytes and read-back (and K2/V4 the
+ * other way round), with the norms of either. */
+static void test_mixed_bits_halves(void) {
+    tl_rng r = tl_rng_for("mixed_bits_halves");
+    const int d = 128, H = 2, hq = 8, R = 64;
+    const int64_t T = 2 * R + 29, row = (int64_t)H * d;
+    float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+    tl_gen_kv(&r, TL_FLAVOR_OUTLIERS, k, v, T, H, d, OSCAR_DTYPE_F32);
+    for (int nph = 0; nph <= 1; nph++)
+        for (int kb = 2; kb <= 4; kb += 2) {
+            const int vb = 6 - kb;
+            oscar_config m = tl_small_config(OSCAR_METHOD_OSCAR, 2, d, H, hq);
+            m.residual = R;
+            m.key_norm_per_head = nph;
+            m.key_bits = kb;
+            m.value_bits = vb;
+            oscar_config uk = m, uv = m;
+            uk.bits = kb, uk.key_bits = uk.value_bits = 0;
+            uv.bits = vb, uv.key_bits = uv.value_bits = 0;
+            oscar_cache *cm = tl_create(&m), *ck = tl_create(&uk), *cv = tl_create(&uv);
+            if (!cm || !ck || !cv) return;
+            int32_t sm, sk, sv;
+            CHECK_OK(oscar_seq_add(cm, &sm));
+            CHECK_OK(oscar_seq_add(ck, &sk));
+            CHECK_OK(oscar_seq_add(cv, &sv));
+            CHECK_OK(tl_append(cm, 0, sm, k, v, T, H, d, OSCAR_DTYPE_F32));
+            CHECK_OK(tl_append(ck, 0, sk, k, v, T, H, d, OSCAR_DTYPE_F32));
+            CHECK_OK(tl_append(cv, 0, sv, k, v, T, H, d, OSCAR_DTYPE_F32));
+            float *km, *vm, *kk, *vk, *kv2, *vv;
+            tl_read_all(cm, sm, 0, H, d, &km, &vm);
+            tl_read_all(ck, sk, 0, H, d, &kk, &vk);
+            tl_read_all(cv, sv, 0, H, d, &kv2, &vv);
+            CHECKF(memcmp(km, kk, sizeof(float) * (size_t)(T * row)) == 0, "K%d/V%d per-head=%d: keys differ from a %d-bit cache's", kb, vb, nph, kb);
+            CHECKF(memcmp(vm, vv, sizeof(float) * (size_t)(T * row)) == 0, "K%d/V%d per-head=%d: values differ from a %d-bit cache's", kb, vb, nph, vb);
+            /* bytes: K codes and K pairs from the one, V codes and V pairs from the other */
+            size_t nm = 0, nk = 0, nv = 0;
+            unsigned char *em = tl_export(cm, sm, &nm), *ek = tl_export(ck, sk, &nk), *ev = tl_export(cv, sv, &nv);
+            const tl_geom gm = tl_geom_of(&m), gk = tl_geom_of(&uk), gv = tl_geom_of(&uv);
+            int64_t bad = 0;
+            for (int b = 0; em && ek && ev && b < (int)(T / R); b++) {
+                const unsigned char *bm = em + 96 + (size_t)b * gm.LB, *bk = ek + 96 + (size_t)b * gk.LB,
+                                    *bv = ev + 96 + (size_t)b * gv.LB;
+                for (int h = 0; h < H; h++) {
+                    const unsigned char *hm = bm + (size_t)h * gm.head_bytes, *hk = bk + (size_t)h * gk.head_bytes,
+                                        *hv = bv + (size_t)h * gv.head_bytes;
+                    bad += memcmp(hm, hk, gm.kcodes_bytes) != 0;                                   /* K codes */
+                    bad += memcmp(hm + gm.kcodes_bytes, hv + gv.kcodes_bytes, gm.vcodes_bytes) != 0; /* V codes */
+                    bad += memcmp(hm + gm.kcodes_bytes + gm.vcodes_bytes, hk + 2 * gk.kcodes_bytes, gm.kparams_bytes) != 0;
+                    bad += memcmp(hm + gm.kcodes_bytes + gm.vcodes_bytes + gm.kparams_bytes,
+                                  hv + 2 * gv.kcodes_bytes + gv.kparams_bytes, gm.vparams_bytes) != 0;
+                }
+                bad += memcmp(bm + (size_t)H * gm.head_bytes, bk + (size_t)H * gk.head_bytes, gm.norms_bytes) != 0;
+            }
+            CHECKF(bad == 0, "K%d/V%d per-head=%d: %lld block parts differ from the uniform caches'", kb, vb, nph,
+                   (long long)bad);
+            CHECKF(gm.LB == (size_t)H * ((size_t)R * d * (kb + vb) / 8 + 4 * (size_t)d * R / 32 + 4 * (size_t)R * d / 32) +
+                                4 * (size_t)R * (nph ? H : 1),
+                   "K%d/V%d layer block is %zu bytes", kb, vb, gm.LB);
+            double bits = 0;
+            CHECK_OK(oscar_config_packed_bits(&m, &bits));
+            CHECKF(fabs(bits - 8.0 * (double)gm.LB / (2.0 * R * d * H)) < 1e-12, "packed bits %.6f", bits);
+            free(em), free(ek), free(ev);
+            free(km), free(vm), free(kk), free(vk), free(kv2), free(vv);
+            oscar_cache_destroy(cm), oscar_cache_destroy(ck), oscar_cache_destroy(cv);
+        }
+    free(k), free(v);
+}
+
+/* Export / import of the version-4 options: the header words, round trips,
+ * equivalent layouts, mismatches and version-3 streams; every refused import
+ * leaves the cache as it was. */
+static int cache_unchanged(oscar_cache *c, int32_t seq, const unsigned char *before, size_t n_before,
+                           const oscar_memory_stats *m0) {
+    oscar_memory_stats m1;
+    CHECK_OK(oscar_memory(c, &m1));
+    size_t n = 0;
+    unsigned char *now = tl_export(c, seq, &n);
+    const int same = now && n == n_before && memcmp(now, before, n) == 0 && m1.blocks_used == m0->blocks_used &&
+                     m1.seqs_live == m0->seqs_live;
+    free(now);
+    return same;
+}
+
+static void expect_refused(oscar_cache *c, int32_t resident, const unsigned char *s, size_t n, const char *word,
+                           const char *what) {
+    size_t n0 = 0;
+    unsigned char *before = tl_export(c, resident, &n0);
+    oscar_memory_stats m0;
+    CHECK_OK(oscar_memory(c, &m0));
+    int32_t got = -7;
+    CHECK_ST(c, oscar_seq_import(c, s, n, &got), OSCAR_E_FORMAT);
+    CHECKF(got == -7, "%s: seq_id written on failure", what);
+    CHECKF(strstr(oscar_last_error(c), word) != NULL, "%s: message \"%s\" does not name %s", what, oscar_last_error(c),
+           word);
+    CHECKF(cache_unchanged(c, resident, before, n0, &m0), "%s: a refused import changed the cache", what);
+    free(before);
+}
+
+/* the stream without the version-4 header words, labelled `version` */
+static unsigned char *as_v3(const unsigned char *s, size_t n, uint32_t version, size_t *n3) {
+    *n3 = n - 16;
+    unsigned char *b = malloc(n);
+    memcpy(b, s, 64);
+    memcpy(b + 64, s + 80, n - 80);
+    tl_wr32(b + 8, version);
+    tl_fix_checksum(b, *n3);
+    return b;
+}
+
+static void test_v4_stream(void) {
+    tl_rng r = tl_rng_for("v4_stream");
+    const int d = 64, H = 2, hq = 4, R = 32, S = 4;
+    oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, d, H, hq);
+    cfg.residual = R;
+    cfg.sink_tokens = S;
+    cfg.rollback_tokens = 8;
+    cfg.num_layers = 2;
+    cfg.key_norm_per_head = 1;
+    cfg.key_bits = 4;
+    cfg.value_bits = 2;
+    oscar_cache *c = tl_create(&cfg);
+    if (!c) return;
+    const int64_t T = 150, row = (int64_t)H * d;
+    float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+    make_adversarial(&r, TL_FLAVOR_SINKS, k, v, T, H, d, 20.0f, 0.01f);
+    int32_t seq;
+    CHECK_OK(oscar_seq_add(c, &seq));
+    CHECK_OK(tl_append(c, 0, seq, k, v, T, H, d, OSCAR_DTYPE_F32));
+    CHECK_OK(tl_append(c, 1, seq, k, v, 77, H, d, OSCAR_DTYPE_F32));
+    size_t n = 0;
+    unsigned char *s = tl_export(c, seq, &n);
+    if (!s) return;
+    CHECKF(tl_rd32(s + 8) == 4 && tl_rd32(s + 16) == 4 && tl_rd32(s + 64) == 2 && tl_rd32(s + 68) == 1 &&
+               tl_rd32(s + 72) == 0 && tl_rd32(s + 76) == 0 && tl_rd32(s + 60) == (uint32_t)S,
+           "header: version %u, key bits %u, value bits %u, per-head %u, reserved %u %u", tl_rd32(s + 8),
+           tl_rd32(s + 16), tl_rd32(s + 64), tl_rd32(s + 68), tl_rd32(s + 72), tl_rd32(s + 76));
+    /* into the same cache and a fresh one: the same bytes, read-back and attention */
+    int32_t imp = -1;
+    CHECK_OK(oscar_seq_import(c, s, n, &imp));
+    CHECK(tl_same_export(c, seq, c, imp));
+    oscar_cache *c2 = tl_create(&cfg);
+    int32_t imp2 = -1;
+    float *q = malloc(sizeof(float) * (size_t)3 * hq * d), *o1 = malloc(sizeof(float) * (size_t)3 * hq * d),
+          *o2 = malloc(sizeof(float) * (size_t)3 * hq * d);
+    tl_gen_q(&r, q, 3, hq, d, tl_key_rms_norm(k, T, H, d), 2.0, OSCAR_DTYPE_F32);
+    if (c2 && CHECK_OK(oscar_seq_import(c2, s, n, &imp2))) {
+        CHECK(tl_same_export(c, seq, c2, imp2));
+        CHECK_OK(tl_attention(c, 0, 1, &seq, 3, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, o1, hq, d));
+        CHECK_OK(tl_attention(c2, 0, 1, &imp2, 3, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, o2, hq, d));
+        CHECK(memcmp(o1, o2, sizeof(float) * (size_t)3 * hq * d) == 0);
+        /* it keeps working: appends after the import agree */
+        CHECK_OK(tl_append(c, 1, seq, k + 77 * row, v + 77 * row, 40, H, d, OSCAR_DTYPE_F32));
+        CHECK_OK(tl_append(c2, 1, imp2, k + 77 * row, v + 77 * row, 40, H, d, OSCAR_DTYPE_F32));
+        CHECK(tl_same_export(c, seq, c2, imp2));
+    }
+    oscar_cache_destroy(c2);
+    CHECK_OK(oscar_seq_free(c, imp));
+    /* the same layout from other fields (bits 4, value_bits 2) imports; a
+     * different one is refused, naming the field, and changes nothing */
+    static const struct {
+        int bits, kb, vb, nph;
+        const char *word;
+    } others[] = {
+        {4, 0, 2, 1, NULL},        {4, 0, 0, 1, "value bits"}, {2, 0, 2, 1, "key bits"},
+        {2, 4, 2, 0, "key_norm_per_head"}, {2, 2, 4, 1, "key bits"},
+    };
+    for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
+        oscar_config oc = cfg;
+        oc.bits = others[i].bits, oc.key_bits = others[i].kb, oc.value_bits = others[i].vb;
+        oc.key_norm_per_head = others[i].nph;
+        oscar_cache *x = tl_create(&oc);
+        if (!x) continue;
+        int32_t resident, got = -1;
+        CHECK_OK(oscar_seq_add(x, &resident));
+        CHECK_OK(tl_append(x, 0, resident, k, v, 100, H, d, OSCAR_DTYPE_F32));
+        if (!others[i].word) {
+            if (CHECK_OK(oscar_seq_import(x, s, n, &got))) {
+                size_t nx = 0;
+                unsigned char *ex = tl_export(x, got, &nx);
+                CHECKF(ex && nx == n && memcmp(ex, s, n) == 0, "the same layout from other fields re-exports differently");
+                free(ex);
+            }
+        } else {
+            char what[96];
+            snprintf(what, sizeof what, "stream K4/V2 per-head into bits %d K%d V%d per-head %d", others[i].bits,
+                     others[i].kb, others[i].vb, others[i].nph);
+            expect_refused(x, resident, s, n, others[i].word, what);
+        }
+        oscar_cache_destroy(x);
+    }
+    /* crafted header words (checksum fixed): refused, nothing changes */
+    static const struct {
+        size_t off;
+        uint32_t val;
+        const char *word;
+    } crafted[] = {{64, 4, "value bits"}, {64, 3, "value bits"}, {68, 0, "key_norm_per_head"},
+                   {68, 2, "key_norm_per_head"}, {72, 1, "reserved"}, {76, 9, "reserved"}, {16, 2, "key bits"}};
+    unsigned char *buf = malloc(n);
+    for (size_t i = 0; i < sizeof crafted / sizeof crafted[0]; i++) {
+        memcpy(buf, s, n);
+        tl_wr32(buf + crafted[i].off, crafted[i].val);
+        tl_fix_checksum(buf, n);
+        char what[64];
+        snprintf(what, sizeof what, "word %zu = %u", crafted[i].off, crafted[i].val);
+        expect_refused(c, seq, buf, n, crafted[i].word, what);
+    }
+    /* a zero norm of head 1 (the second half of the [Hkv][R] norms): refused */
+    {
+        const tl_geom g = tl_geom_of(&cfg);
+        memcpy(buf, s, n);
+        const size_t norms = 80 + 16 * 2 + (size_t)H * g.head_bytes; /* block 0 of layer 0 */
+        tl_wr32(buf + norms + 4 * (size_t)(R + 5), 0);
+        tl_fix_checksum(buf, n);
+        expect_refused(c, seq, buf, n, "norm", "zero norm of head 1");
+    }
+    /* version 3 bytes of a K4/V2 per-head stream: refused (one width, all-head norms) */
+    size_t n3 = 0;
+    unsigned char *v3 = as_v3(s, n, 3, &n3);
+    expect_refused(c, seq, v3, n3, "version 3", "version-3 bytes into K4/V2 per-head");
+    free(v3);
+    free(buf);
+    /* a version-3 stream of the published configuration imports into a
+     * cache of that configuration (and re-exports as version 4), into a
+     * K2/V4 or per-head cache it does not; a method without norms ignores
+     * key_norm_per_head, so the stream of one imports into the other */
+    for (int mi = 0; mi < 2; mi++) {
+        oscar_config p = cfg;
+        p.method = mi ? OSCAR_METHOD_KIVI : OSCAR_METHOD_OSCAR;
+        p.key_norm_per_head = p.key_bits = p.value_bits = 0;
+        oscar_cache *pc = tl_create(&p);
+        if (!pc) continue;
+        int32_t ps, got = -1;
+        CHECK_OK(oscar_seq_add(pc, &ps));
+        CHECK_OK(tl_append(pc, 0, ps, k, v, T, H, d, OSCAR_DTYPE_F32));
+        size_t np = 0, n3p = 0;
+        unsigned char *sp = tl_export(pc, ps, &np), *s3 = sp ? as_v3(sp, np, 3, &n3p) : NULL;
+        if (s3 && CHECK_OK(oscar_seq_import(pc, s3, n3p, &got))) {
+            size_t n2 = 0;
+            unsigned char *again = tl_export(pc, got, &n2);
+            CHECKF(again && n2 == np && memcmp(again, sp, np) == 0, "a version-3 stream does not re-export as version 4");
+            free(again);
+        }
+        oscar_config q2 = p;
+        q2.value_bits = 4;
+        oscar_config q3 = p;
+        q3.key_norm_per_head = 1;
+        oscar_cache *x2 = tl_create(&q2), *x3 = tl_create(&q3);
+        int32_t r2, r3;
+        if (x2 && s3) {
+            CHECK_OK(oscar_seq_add(x2, &r2));
+            expect_refused(x2, r2, s3, n3p, "value bits", "version 3 into K2/V4");
+        }
+        if (x3 && s3) {
+            CHECK_OK(oscar_seq_add(x3, &r3));
+            if (mi == 0) {
+                expect_refused(x3, r3, s3, n3p, "key_norm_per_head", "version 3 into per-head norms");
+            } else { /* KIVI: no norms, nothing differs */
+                int32_t g3 = -1;
+                CHECK_OK(oscar_seq_import(x3, s3, n3p, &g3));
+                CHECK_OK(oscar_seq_import(x3, sp, np, &g3));
+            }
+        }
+        oscar_cache_destroy(x2), oscar_cache_destroy(x3);
+        free(sp), free(s3);
+        oscar_cache_destroy(pc);
+    }
+    free(q), free(o1), free(o2), free(s), free(k), free(v);
+    oscar_cache_destroy(c);
+}
+
+/* The CPU batch API (caller_metadata = 1) runs the options: the same
+ * attention, bit for bit, as the sequence API over the same tokens. */
+static void test_v4_batch_api(void) {
+    tl_rng r = tl_rng_for("v4_batch_api");
+    const int d = 64, H = 2, hq = 4, R = 32, q_len = 3;
+    const int64_t T = 3 * R + 11, row = (int64_t)H * d;
+    float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+    make_adversarial(&r, TL_FLAVOR_OUTLIERS, k, v, T, H, d, 20.0f, 0.01f);
+    for (int variant = 0; variant < 2; variant++) {
+        oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, d, H, hq);
+        cfg.residual = R;
+        cfg.key_norm_per_head = 1;
+        cfg.key_bits = variant ? 2 : 4;
+        cfg.value_bits = variant ? 4 : 2;
+        oscar_config bc = cfg;
+        bc.caller_metadata = 1;
+        oscar_cache *a = tl_create(&cfg), *b = tl_create(&bc);
+        if (!a || !b) return;
+        int32_t seq, nt = (int32_t)T;
+        CHECK_OK(oscar_seq_add(a, &seq));
+        CHECK_OK(oscar_append(a, 0, 1, &seq, &nt, k, v, OSCAR_DTYPE_F32, NULL));
+        int32_t len = (int32_t)T, slot = 0, table[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+        oscar_batch ba;
+        memset(&ba, 0, sizeof ba);
+        ba.num_seqs = 1;
+        ba.tokens_per_seq = (int32_t)T;
+        ba.max_seq_len = (int32_t)T;
+        ba.block_table_stride = 8;
+        ba.seq_lens = &len;
+        ba.window_slots = &slot;
+        ba.block_tables = table;
+        CHECK_OK(oscar_batch_append(b, 0, &ba, k, v, OSCAR_DTYPE_F32, NULL));
+        oscar_batch bq = ba;
+        bq.tokens_per_seq = q_len;
+        const int64_t nq = (int64_t)q_len * hq * d;
+        float *q = malloc(sizeof(float) * (size_t)nq), *oa = malloc(sizeof(float) * (size_t)nq),
+              *ob = malloc(sizeof(float) * (size_t)nq);
+        tl_gen_q(&r, q, q_len, hq, d, tl_key_rms_norm(k, T, H, d), 2.0, OSCAR_DTYPE_F32);
+        CHECK_OK(oscar_attention(a, 0, 1, &seq, q_len, q, OSCAR_DTYPE_F32, oa, OSCAR_DTYPE_F32, 0.0f, NULL));
+        CHECK_OK(oscar_batch_attention(b, 0, &bq, q, OSCAR_DTYPE_F32, ob, OSCAR_DTYPE_F32, 0.0f, NULL));
+        CHECKF(memcmp(oa, ob, sizeof(float) * (size_t)nq) == 0, "K%d/V%d per-head: batch API attention differs",
+               cfg.key_bits, cfg.value_bits);
+        free(q), free(oa), free(ob);
+        oscar_cache_destroy(a), oscar_cache_destroy(b);
+    }
+    free(k), free(v);
+}
+
+static void test_v4_config_checks(void) {
+    char eb[512];
+    oscar_config c = oscar_config_default();
+    CHECK(c.key_norm_per_head == 0 && c.key_bits == 0 && c.value_bits == 0);
+    static const struct {
+        int field, val;
+        const char *word;
+    } bad[] = {{0, 2, "key_norm_per_head"}, {0, -1, "key_norm_per_head"}, {1, 3, "key_bits"}, {1, 1, "key_bits"},
+               {1, 8, "key_bits"},          {1, -2, "key_bits"},          {2, 3, "value_bits"}, {2, 16, "value_bits"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        c = oscar_config_default();
+        *(bad[i].field == 0 ? &c.key_norm_per_head : bad[i].field == 1 ? &c.key_bits : &c.value_bits) = bad[i].val;
+        eb[0] = 0;
+        CHECK_ST(NULL, oscar_config_validate(&c, eb, sizeof eb), OSCAR_E_INVALID_ARGUMENT);
+        CHECKF(strstr(eb, bad[i].word) != NULL, "message: %s", eb);
+        oscar_cache *x = (oscar_cache *)&c; /* must become NULL */
+        CHECK_ST(NULL, oscar_cache_create(&c, &x, eb, sizeof eb), OSCAR_E_INVALID_ARGUMENT);
+        CHECK(x == NULL);
+        c.method = OSCAR_METHOD_NONE; /* ignored by method none, but still checked */
+        CHECK_ST(NULL, oscar_config_validate(&c, eb, sizeof eb), OSCAR_E_INVALID_ARGUMENT);
+    }
+    c = oscar_config_default();
+    c.key_bits = 4;
+    c.value_bits = 2;
+    c.key_norm_per_head = 1;
+    CHECK_OK(oscar_config_validate(&c, eb, sizeof eb));
+    c.caller_metadata = 1; /* the CPU batch API has them */
+    CHECK_OK(oscar_config_validate(&c, eb, sizeof eb));
+    c.method = OSCAR_METHOD_NONE;
+    CHECK_OK(oscar_config_validate(&c, eb, sizeof eb));
+    /* bits per element: default d=128, Hkv=8, R=128, G=32: 2 + 1 + 32/(2*8*128) */
+    static const struct {
+        int bits, kb, vb, nph;
+        double want;
+    } pb[] = {{2, 0, 0, 0, 3.015625}, {2, 0, 0, 1, 3.125},    {2, 4, 0, 0, 4.015625}, {4, 0, 2, 0, 4.015625},
+              {2, 0, 4, 1, 4.125},    {4, 2, 2, 0, 3.015625}, {4, 0, 0, 1, 5.125}};
+    for (size_t i = 0; i < sizeof pb / sizeof pb[0]; i++) {
+        c = oscar_config_default();
+        c.bits = pb[i].bits, c.key_bits = pb[i].kb, c.value_bits = pb[i].vb, c.key_norm_per_head = pb[i].nph;
+        double got = 0;
+        CHECK_OK(oscar_config_packed_bits(&c, &got));
+        CHECKF(fabs(got - pb[i].want) < 1e-12, "bits %d K%d V%d per-head %d: %.6f bits per element, expected %.6f",
+               pb[i].bits, pb[i].kb, pb[i].vb, pb[i].nph, got, pb[i].want);
+    }
+    /* memory: the pool grows by the norms of the other heads */
+    oscar_config a = oscar_config_default(), b = a;
+    b.key_norm_per_head = 1;
+    oscar_memory_requirements ma, mb;
+    CHECK_OK(oscar_memory_requirements_get(&a, &ma, eb, sizeof eb));
+    CHECK_OK(oscar_memory_requirements_get(&b, &mb, eb, sizeof eb));
+    CHECK(mb.pool_bytes == ma.pool_bytes + (size_t)(a.num_kv_heads - 1) * 4 * a.residual * a.num_layers * a.block_count);
+    CHECK(mb.window_bytes == ma.window_bytes);
+    /* the CUDA backend refuses them (without CUDA: not built, also refused) */
+    for (int which = 0; which < 3; which++) {
+        c = oscar_config_default();
+        c.backend = OSCAR_BACKEND_CUDA;
+        if (which == 0) c.key_norm_per_head = 1;
+        if (which == 1) c.key_bits = 4;
+        if (which == 2) c.value_bits = 4;
+        oscar_cache *x = NULL;
+        CHECK_ST(NULL, oscar_cache_create(&c, &x, eb, sizeof eb), OSCAR_E_UNSUPPORTED);
+        CHECK(x == NULL);
+        if (oscar_backend_available(OSCAR_BACKEND_CUDA))
+            CHECKF(strstr(eb, which == 0 ? "key_norm_per_head" : "key_bits") != NULL, "message: %s", eb);
+        oscar_memory_requirements mr;
+        CHECK_ST(NULL, oscar_memory_requirements_get(&c, &mr, eb, sizeof eb), OSCAR_E_UNSUPPORTED);
+    }
+    /* a caller of the version-3 header: its struct_size is the offset of
+     * key_norm_per_head, or that struct's sizeof (rounded up to its
+     * alignment); the new fields read as 0 whatever the bytes hold */
+    const size_t v3 = offsetof(oscar_config, key_norm_per_head);
+    const size_t al = _Alignof(oscar_config), v3_sizeof = (v3 + al - 1) / al * al;
+    for (int variant = 0; variant < 2; variant++) {
+        c = oscar_config_default();
+        c.key_norm_per_head = 9; /* beyond the old struct: ignored */
+        c.key_bits = 3;
+        c.value_bits = -1;
+        c.struct_size = variant ? v3_sizeof : v3;
+        c.head_dim = 64;
+        c.num_kv_heads = 1;
+        c.num_q_heads = 1;
+        c.block_count = 4;
+        c.max_seqs = 1;
+        c.sink_tokens = 2; /* a version-3 field: kept */
+        CHECK_OK(oscar_config_validate(&c, eb, sizeof eb));
+        oscar_cache *x = NULL;
+        CHECK_OK(oscar_cache_create(&c, &x, eb, sizeof eb));
+        if (!x) continue;
+        oscar_config got;
+        memset(&got, 0xab, sizeof got);
+        got.struct_size = c.struct_size;
+        CHECK_OK(oscar_cache_config(x, &got));
+        CHECK(got.struct_size == c.struct_size && got.sink_tokens == 2 && got.head_dim == 64);
+        unsigned char tail[sizeof(oscar_config)];
+        memset(tail, 0xab, sizeof tail);
+        CHECKF(memcmp((unsigned char *)&got + v3, tail, sizeof(oscar_config) - v3) == 0,
+               "cache_config wrote past the version-3 fields");
+        got.struct_size = sizeof got;
+        CHECK_OK(oscar_cache_config(x, &got));
+        CHECK(got.key_norm_per_head == 0 && got.key_bits == 0 && got.value_bits == 0 && got.sink_tokens == 2);
+        oscar_cache_destroy(x);
+    }
+    c = oscar_config_default();
+    c.struct_size = v3 + 4 == v3_sizeof ? v3 + 8 : v3 + 4; /* neither */
+    CHECK_ST(NULL, oscar_config_validate(&c, eb, sizeof eb), OSCAR_E_INVALID_ARGUMENT);
+    CHECKF(strstr(eb, "struct_size") != NULL, "message: %s", eb);
+}
+
 int main(void) {
     printf("oscar %s, test_options\n", oscar_version());
     TL_RUN(test_config_checks);
@@ -608,5 +1543,12 @@ int main(void) {
     TL_RUN(test_sinks_stream_fork_truncate);
     TL_RUN(test_clip_reference);
     TL_RUN(test_clip_oscar);
+    TL_RUN(test_v4_config_checks);
+    TL_RUN(test_v4_exact_reference);
+    TL_RUN(test_v4_oscar_reference);
+    TL_RUN(test_norm_per_head_shards);
+    TL_RUN(test_mixed_bits_halves);
+    TL_RUN(test_v4_stream);
+    TL_RUN(test_v4_batch_api);
     return tl_finish();
 }

@@ -52,10 +52,13 @@ typedef struct parsed {
 
 static int parse(const unsigned char *b, size_t n, int hkv, size_t LB, parsed *p) {
     memset(p, 0, sizeof *p);
-    if (!CHECKF(n > 64 + 16 * LAYERS && tl_rd32(b + 8) == 3 && tl_rd32(b + 60) == 0 && tl_rd32(b + 24) == (uint32_t)hkv, "stream header"))
+    /* format version 4: an 80-byte header, value bits at 64, all-head norms (0) at 68 */
+    if (!CHECKF(n > 80 + 16 * LAYERS && tl_rd32(b + 8) == 4 && tl_rd32(b + 60) == 0 && tl_rd32(b + 24) == (uint32_t)hkv &&
+                    tl_rd32(b + 64) == 2 && tl_rd32(b + 68) == 0,
+                "stream header"))
         return 0;
     p->nb = tl_rd32(b + 52);
-    size_t off = 64;
+    size_t off = 80;
     for (int l = 0; l < LAYERS; l++, off += 16) p->tokens[l] = tl_rd64(b + off), p->packed[l] = tl_rd64(b + off + 8);
     p->blocks = b + off;
     off += (size_t)p->nb * LAYERS * LB;

@@ -63,6 +63,10 @@ class Config(ctypes.Structure):
         # format version 3 (docs/ACCURACY.md, "Past the paper"); 0 = as published
         ("sink_tokens", c_int),
         ("clip_search", c_int),
+        # format version 4; 0 = as published
+        ("key_norm_per_head", c_int),
+        ("key_bits", c_int),
+        ("value_bits", c_int),
     ]
 
 

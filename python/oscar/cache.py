@@ -103,6 +103,9 @@ class OscarConfig:
     caller_metadata: Optional[int] = None
     sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; sequence API only
     clip_search: Optional[int] = None   # 0 or 1
+    key_norm_per_head: Optional[int] = None  # 0 or 1; CPU only
+    key_bits: Optional[int] = None      # 0 (= bits), 2 or 4; CPU only
+    value_bits: Optional[int] = None    # 0 (= bits), 2 or 4; CPU only
 
     def __post_init__(self):
         d = lib().config_default()
@@ -127,7 +130,7 @@ class OscarConfig:
         for name in ("bits", "head_dim", "num_kv_heads", "num_q_heads", "num_layers", "k_group",
                      "v_group", "residual", "rotate_values", "block_count", "max_seqs", "device",
                      "num_threads", "check_finite", "rollback_tokens", "caller_metadata", "sink_tokens",
-                     "clip_search"):
+                     "clip_search", "key_norm_per_head", "key_bits", "value_bits"):
             val = getattr(self, name)
             try:
                 setattr(c, name, int(val))

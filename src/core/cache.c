@@ -75,6 +75,9 @@ oscar_config oscar_config_default(void) {
     c.caller_metadata = 0;
     c.sink_tokens = 0;
     c.clip_search = 0;
+    c.key_norm_per_head = 0;
+    c.key_bits = 0;
+    c.value_bits = 0;
     return c;
 }
 
@@ -110,8 +113,12 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
     lay->hq = cfg->num_q_heads;
     lay->layers = cfg->num_layers;
     lay->quantised = cfg->method != OSCAR_METHOD_NONE;
-    lay->bits = lay->quantised ? cfg->bits : 16;
-    lay->levels = lay->quantised ? (1 << cfg->bits) - 1 : 0;
+    lay->kbits = lay->quantised ? (cfg->key_bits ? cfg->key_bits : cfg->bits) : 16;
+    lay->vbits = lay->quantised ? (cfg->value_bits ? cfg->value_bits : cfg->bits) : 16;
+    lay->klevels = lay->quantised ? (1 << lay->kbits) - 1 : 0;
+    lay->vlevels = lay->quantised ? (1 << lay->vbits) - 1 : 0;
+    lay->bits = lay->kbits;
+    lay->levels = lay->klevels;
     lay->k_group = cfg->k_group;
     lay->v_group = cfg->v_group;
     lay->residual = cfg->residual;
@@ -122,11 +129,14 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
     lay->window_dtype = (int)cfg->window_dtype;
     size_t R = (size_t)cfg->residual, d = (size_t)cfg->head_dim;
     if (lay->quantised) {
-        lay->codes_bytes = R * d * (size_t)cfg->bits / 8;
+        lay->kcodes_bytes = R * d * (size_t)lay->kbits / 8;
+        lay->vcodes_bytes = R * d * (size_t)lay->vbits / 8;
+        lay->codes_bytes = lay->kcodes_bytes;
         lay->kparams_bytes = (R / (size_t)cfg->k_group) * d * 4;
         lay->vparams_bytes = R * (d / (size_t)cfg->v_group) * 4;
-        lay->head_bytes = 2 * lay->codes_bytes + lay->kparams_bytes + lay->vparams_bytes;
-        lay->norms_bytes = lay->scale_keys ? R * 4 : 0;
+        lay->head_bytes = lay->kcodes_bytes + lay->vcodes_bytes + lay->kparams_bytes + lay->vparams_bytes;
+        lay->norm_per_head = lay->scale_keys && cfg->key_norm_per_head;
+        lay->norms_bytes = lay->scale_keys ? R * 4 * (lay->norm_per_head ? (size_t)cfg->num_kv_heads : 1) : 0;
     } else {
         lay->head_bytes = 2 * R * d * (size_t)lay->window_esize;
     }
@@ -146,6 +156,19 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
 /* The size of oscar_config before sink_tokens and clip_search (format
  * version 2): a caller compiled against that header passes it. */
 #define CONFIG_SIZE_V2 offsetof(oscar_config, sink_tokens)
+/* The same for the version-3 header (before key_norm_per_head, key_bits and
+ * value_bits): its fields end at CONFIG_SIZE_V3, and its sizeof, which
+ * callers that copy sizeof(oscar_config) pass (ctypes does), rounds that up
+ * to the struct's alignment (96 bytes on LP64). */
+#define CONFIG_SIZE_V3 offsetof(oscar_config, key_norm_per_head)
+#define CONFIG_SIZEOF_V3                                                                                              \
+    ((CONFIG_SIZE_V3 + _Alignof(oscar_config) - 1) / _Alignof(oscar_config) * _Alignof(oscar_config))
+/* The prefix of oscar_config an older caller's struct_size gives (0: none). */
+static size_t config_prefix(size_t struct_size) {
+    if (struct_size == CONFIG_SIZE_V2) return CONFIG_SIZE_V2;
+    if (struct_size == CONFIG_SIZE_V3 || struct_size == CONFIG_SIZEOF_V3) return CONFIG_SIZE_V3;
+    return 0;
+}
 
 /* A caller's config as this library's struct: the fields an older caller
  * does not have read as 0 (their defaults). NULL if struct_size is neither
@@ -153,9 +176,10 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
 static const oscar_config *config_in(const oscar_config *c, oscar_config *tmp) {
     if (!c) return NULL;
     if (c->struct_size == sizeof(oscar_config)) return c;
-    if (c->struct_size != CONFIG_SIZE_V2) return NULL;
+    const size_t prefix = config_prefix(c->struct_size);
+    if (!prefix) return NULL;
     memset(tmp, 0, sizeof *tmp);
-    memcpy(tmp, c, CONFIG_SIZE_V2);
+    memcpy(tmp, c, prefix);
     tmp->struct_size = sizeof(oscar_config);
     return tmp;
 }
@@ -170,8 +194,10 @@ oscar_status oscar_config_validate(const oscar_config *c, char *eb, size_t en) {
     if (!n)
         return errbuf_set(eb, en, E,
                           "config.struct_size is %zu, this library's oscar_config has %zu bytes (or %zu, the "
-                          "layout before sink_tokens): start from oscar_config_default() (it sets struct_size)",
-                          c->struct_size, sizeof(oscar_config), (size_t)CONFIG_SIZE_V2);
+                          "layout before sink_tokens, or %zu / %zu, the layout before key_norm_per_head): start "
+                          "from oscar_config_default() (it sets struct_size)",
+                          c->struct_size, sizeof(oscar_config), (size_t)CONFIG_SIZE_V2, (size_t)CONFIG_SIZE_V3,
+                          (size_t)CONFIG_SIZEOF_V3);
     return config_check(n, eb, en);
 }
 
@@ -213,6 +239,16 @@ static oscar_status config_check(const oscar_config *c, char *eb, size_t en) {
         return errbuf_set(eb, en, E, "sink_tokens must be in 0..4096, got %d", c->sink_tokens);
     if (c->clip_search != 0 && c->clip_search != 1)
         return errbuf_set(eb, en, E, "clip_search must be 0 or 1, got %d", c->clip_search);
+    if (c->key_norm_per_head != 0 && c->key_norm_per_head != 1)
+        return errbuf_set(eb, en, E,
+                          "key_norm_per_head must be 0 (one key norm per token over all KV heads, as published) or "
+                          "1 (one per token and KV head), got %d",
+                          c->key_norm_per_head);
+    if (c->key_bits != 0 && c->key_bits != 2 && c->key_bits != 4)
+        return errbuf_set(eb, en, E, "key_bits must be 0 (use bits = %d), 2 or 4, got %d", c->bits, c->key_bits);
+    if (c->value_bits != 0 && c->value_bits != 2 && c->value_bits != 4)
+        return errbuf_set(eb, en, E, "value_bits must be 0 (use bits = %d), 2 or 4, got %d", c->bits,
+                          c->value_bits);
     if (c->sink_tokens > 0 && c->caller_metadata)
         return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
                           "sink_tokens = %d needs the sequence API: the batch API (caller_metadata = 1) has no "
@@ -258,6 +294,18 @@ static oscar_status backend_of(const oscar_config *cfg, const oscar_backend_ops 
                               "the CUDA backend was not built into this library (nvcc missing or OSCAR_CUDA=OFF)");
         if (!oscar_cuda_device_available())
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED, "the CUDA backend is built but no CUDA device is usable");
+        /* options the CUDA kernels do not implement yet: refused, never
+         * silently run as something else */
+        if (cfg->key_norm_per_head)
+            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
+                              "key_norm_per_head = 1 is not supported by the CUDA backend yet (CPU backend only); "
+                              "set key_norm_per_head = 0");
+        if (cfg->method != OSCAR_METHOD_NONE && ((cfg->key_bits && cfg->key_bits != cfg->bits) ||
+                                                 (cfg->value_bits && cfg->value_bits != cfg->bits)))
+            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
+                              "key_bits = %d, value_bits = %d with bits = %d: the CUDA backend packs keys and values "
+                              "at one width, `bits` (CPU backend only); set key_bits = value_bits = 0",
+                              cfg->key_bits, cfg->value_bits, cfg->bits);
     }
     return OSCAR_OK;
 }
@@ -363,9 +411,11 @@ void oscar_cache_destroy(oscar_cache *c) {
  * readers are safe (oscar.h, "Thread safety"). */
 oscar_status oscar_cache_config(const oscar_cache *c, oscar_config *out) {
     if (!c || !out) return OSCAR_E_INVALID_ARGUMENT;
-    if (out->struct_size == CONFIG_SIZE_V2) { /* a caller of the older header: its fields only */
-        memcpy(out, &c->cfg, CONFIG_SIZE_V2);
-        out->struct_size = CONFIG_SIZE_V2;
+    const size_t prefix = out->struct_size == sizeof(oscar_config) ? 0 : config_prefix(out->struct_size);
+    if (prefix) { /* a caller of an older header: its fields only */
+        const size_t given = out->struct_size;
+        memcpy(out, &c->cfg, prefix);
+        out->struct_size = given;
         return OSCAR_OK;
     }
     *out = c->cfg;

@@ -78,6 +78,18 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
     for (int t = 0; t < R; t++) {
         const float *x = xk + t * row;
         float s = 1.0f;
+        if (L->norm_per_head) {
+            /* one norm per token and head: the head's own e[h] (FORMAT.md
+             * step 4), from the window values; the token's stored all-head
+             * sum is not used */
+            for (int h = 0; h < H; h++) {
+                float sh = sqrtf(oscar_head_sumsq(x + (size_t)h * d, d));
+                if (!(sh > 0.0f) || isinf(sh)) sh = 1.0f;
+                norms[(size_t)h * R + t] = sh;
+                for (int i = 0; i < d; i++) kn[t * row + (size_t)h * d + i] = x[(size_t)h * d + i] / sh;
+            }
+            continue;
+        }
         if (L->scale_keys) {
             const float ss = token_ss ? token_ss[t] : oscar_row_sumsq(L, x);
             s = sqrtf(ss);
@@ -86,18 +98,20 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
         }
         for (size_t i = 0; i < row; i++) kn[t * row + i] = L->scale_keys ? x[i] / s : x[i];
     }
-    const int Q = L->levels, bits = L->bits;
-    const int chunk = d * bits / 16, tile_bytes = 2 * d * bits;
+    /* keys and values may have different widths (key_bits, value_bits) */
+    const int Qk = L->klevels, kbits = L->kbits, Qv = L->vlevels, vbits = L->vbits;
+    const int kchunk = d * kbits / 16, ktile_bytes = 2 * d * kbits;
+    const int vchunk = d * vbits / 16, vtile_bytes = 2 * d * vbits;
     for (int h = 0; h < H; h++) {
         uint8_t *base = dst + (size_t)h * L->head_bytes;
-        uint8_t *kc = base, *vc = base + L->codes_bytes;
-        uint16_t *kp = (uint16_t *)(base + 2 * L->codes_bytes);
-        uint16_t *vp = (uint16_t *)(base + 2 * L->codes_bytes + L->kparams_bytes);
+        uint8_t *kc = base, *vc = base + L->kcodes_bytes;
+        uint16_t *kp = (uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes);
+        uint16_t *vp = (uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes + L->kparams_bytes);
         for (int g0 = 0; g0 < R; g0 += L->k_group) {
             for (int c = 0; c < d; c++) {
                 const float *col = kn + (size_t)g0 * row + (size_t)h * d + c;
                 uint16_t sc16, lo16;
-                group_params(col, L->k_group, (int)row, Q, &sc16, &lo16);
+                group_params(col, L->k_group, (int)row, Qk, &sc16, &lo16);
                 size_t pi = ((size_t)(g0 / L->k_group) * d + c) * 2;
                 kp[pi] = sc16;
                 kp[pi + 1] = lo16;
@@ -105,8 +119,8 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
                 for (int t = g0; t < g0 + L->k_group; t++) {
                     int lane, q, e;
                     key_slot(t & 15, c, &lane, &q, &e);
-                    uint32_t code = (uint32_t)oscar_quant_code(col[(size_t)(t - g0) * row], sc, l0, Q);
-                    put_code(kc + (size_t)(t >> 4) * tile_bytes, chunk, bits, lane, q, e, code);
+                    uint32_t code = (uint32_t)oscar_quant_code(col[(size_t)(t - g0) * row], sc, l0, Qk);
+                    put_code(kc + (size_t)(t >> 4) * ktile_bytes, kchunk, kbits, lane, q, e, code);
                 }
             }
         }
@@ -116,15 +130,15 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
             for (int gi = 0; gi < ng; gi++) {
                 const float *grp = vrow + gi * L->v_group;
                 uint16_t sc16, lo16;
-                group_params(grp, L->v_group, 1, Q, &sc16, &lo16);
+                group_params(grp, L->v_group, 1, Qv, &sc16, &lo16);
                 vp[((size_t)t * ng + gi) * 2] = sc16;
                 vp[((size_t)t * ng + gi) * 2 + 1] = lo16;
                 float sc = oscar_f16_to_f32(sc16), l0 = oscar_f16_to_f32(lo16);
                 for (int c = gi * L->v_group; c < (gi + 1) * L->v_group; c++) {
                     int lane, q, e;
                     value_slot(t & 15, c, &lane, &q, &e);
-                    uint32_t code = (uint32_t)oscar_quant_code(vrow[c], sc, l0, Q);
-                    put_code(vc + (size_t)(t >> 4) * tile_bytes, chunk, bits, lane, q, e, code);
+                    uint32_t code = (uint32_t)oscar_quant_code(vrow[c], sc, l0, Qv);
+                    put_code(vc + (size_t)(t >> 4) * vtile_bytes, vchunk, vbits, lane, q, e, code);
                 }
             }
         }
@@ -142,23 +156,26 @@ void oscar_unpack_head(const oscar_layout *L, const uint8_t *block, int h, float
         for (int t = 0; t < R; t++) norms_out[t] = 1.0f;
         return;
     }
-    const int bits = L->bits, chunk = d * bits / 16, tile_bytes = 2 * d * bits;
+    const int kbits = L->kbits, kchunk = d * kbits / 16, ktile_bytes = 2 * d * kbits;
+    const int vbits = L->vbits, vchunk = d * vbits / 16, vtile_bytes = 2 * d * vbits;
     const uint8_t *base = block + (size_t)h * L->head_bytes;
-    const uint8_t *kc = base, *vc = base + L->codes_bytes;
-    const uint16_t *kp = (const uint16_t *)(base + 2 * L->codes_bytes);
-    const uint16_t *vp = (const uint16_t *)(base + 2 * L->codes_bytes + L->kparams_bytes);
-    const float *norms = (const float *)(block + (size_t)L->hkv * L->head_bytes);
+    const uint8_t *kc = base, *vc = base + L->kcodes_bytes;
+    const uint16_t *kp = (const uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes);
+    const uint16_t *vp = (const uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes + L->kparams_bytes);
+    /* norms: [R], or [Hkv][R] with one per token and head */
+    const float *norms =
+        (const float *)(block + (size_t)L->hkv * L->head_bytes) + (L->norm_per_head ? (size_t)h * R : 0);
     const int ng = d / L->v_group;
     for (int t = 0; t < R; t++) {
         norms_out[t] = L->scale_keys ? norms[t] : 1.0f;
         for (int c = 0; c < d; c++) {
             int lane, q, e;
             key_slot(t & 15, c, &lane, &q, &e);
-            uint32_t code = get_code(kc + (size_t)(t >> 4) * tile_bytes, chunk, bits, lane, q, e);
+            uint32_t code = get_code(kc + (size_t)(t >> 4) * ktile_bytes, kchunk, kbits, lane, q, e);
             size_t pi = ((size_t)(t / L->k_group) * d + c) * 2;
             k_out[(size_t)t * d + c] = oscar_f16_to_f32(kp[pi + 1]) + (float)code * oscar_f16_to_f32(kp[pi]);
             value_slot(t & 15, c, &lane, &q, &e);
-            code = get_code(vc + (size_t)(t >> 4) * tile_bytes, chunk, bits, lane, q, e);
+            code = get_code(vc + (size_t)(t >> 4) * vtile_bytes, vchunk, vbits, lane, q, e);
             size_t vi = ((size_t)t * ng + c / L->v_group) * 2;
             v_out[(size_t)t * d + c] = oscar_f16_to_f32(vp[vi + 1]) + (float)code * oscar_f16_to_f32(vp[vi]);
         }

@@ -38,11 +38,20 @@ typedef struct oscar_layout {
     int sinks;             /* sink_tokens S: rows per slot and layer ahead
                               of the window rows, in the window dtype   */
     int clip;              /* clip_search: MSE-searched group ranges  */
+    /* Bit widths (format version 4): keys and values may differ
+     * (key_bits / value_bits). bits, levels and codes_bytes are the keys'
+     * (the CUDA backend reads them; it runs equal widths only). */
+    int kbits, vbits;      /* 2 or 4 (16 for method none)             */
+    int klevels, vlevels;  /* 2^bits - 1                              */
+    int norm_per_head;     /* key_norm_per_head and the method scales keys:
+                              norms are [Hkv][R] instead of [R]        */
+    size_t kcodes_bytes;   /* K codes bytes per head: R*d*kbits/8     */
+    size_t vcodes_bytes;   /* V codes bytes per head: R*d*vbits/8     */
     size_t codes_bytes;    /* K codes (= V codes) bytes per head      */
     size_t kparams_bytes;  /* per head                                */
     size_t vparams_bytes;  /* per head                                */
     size_t head_bytes;     /* one head sub-block                      */
-    size_t norms_bytes;    /* R*4 or 0                                */
+    size_t norms_bytes;    /* R*4, R*Hkv*4 (norm_per_head) or 0       */
     size_t layer_block_bytes;
     size_t window_layer_bytes; /* K+V of one slot, one layer          */
     /* The windows region: [layer][slot] K+V slots, then per [layer][slot]

@@ -9,9 +9,11 @@
 static const char MAGIC[8] = {'O', 'S', 'C', 'A', 'R', 'S', 'E', 'Q'};
 /* v1: 56-byte header, u64 tokens per layer. v2: 64-byte header
  * (+ rollback_tokens, reserved), u64 tokens and u64 packed blocks per
- * layer. v3 (written now): v2 with the reserved word holding sink_tokens S
- * and each layer's sink rows ahead of its window rows. docs/FORMAT.md. */
-enum { HEADER_V1 = 56, HEADER_V2 = 64 };
+ * layer. v3: v2 with the reserved word holding sink_tokens S and each
+ * layer's sink rows ahead of its window rows. v4 (written now): v3 with an
+ * 80-byte header: the word at 16 is the key bits, then value bits,
+ * key_norm_per_head and two reserved words (0). docs/FORMAT.md. */
+enum { HEADER_V1 = 56, HEADER_V2 = 64, HEADER_V4 = 80 };
 
 static uint64_t fnv1a(const uint8_t *p, size_t n) {
     uint64_t h = 0xcbf29ce484222325ull; /* FNV-1a 64 offset basis */
@@ -174,7 +176,7 @@ static const char *check_block(const oscar_layout *L, const uint8_t *b) {
         return any_nonfinite(L, b, L->layer_block_bytes / (size_t)L->window_esize) ? "a stored value is NaN or Inf"
                                                                                     : NULL;
     for (int h = 0; h < L->hkv; h++) {
-        const uint8_t *p = b + (size_t)h * L->head_bytes + 2 * L->codes_bytes;
+        const uint8_t *p = b + (size_t)h * L->head_bytes + L->kcodes_bytes + L->vcodes_bytes;
         const size_t pairs = (L->kparams_bytes + L->vparams_bytes) / 4;
         for (size_t i = 0; i < pairs; i++) {
             const uint32_t sc = (uint32_t)p[4 * i] | (uint32_t)p[4 * i + 1] << 8;
@@ -185,7 +187,8 @@ static const char *check_block(const oscar_layout *L, const uint8_t *b) {
     }
     if (L->scale_keys) {
         const uint8_t *nm = b + (size_t)L->hkv * L->head_bytes;
-        for (int t = 0; t < R; t++) {
+        const int n_norms = R * (L->norm_per_head ? L->hkv : 1); /* [R] or [Hkv][R] */
+        for (int t = 0; t < n_norms; t++) {
             const uint32_t u = get32(nm + 4 * (size_t)t);
             float s;
             memcpy(&s, &u, 4);
@@ -195,7 +198,7 @@ static const char *check_block(const oscar_layout *L, const uint8_t *b) {
     return NULL;
 }
 
-static size_t header_bytes(int version) { return version == 1 ? HEADER_V1 : HEADER_V2; }
+static size_t header_bytes(int version) { return version == 1 ? HEADER_V1 : version < 4 ? HEADER_V2 : HEADER_V4; }
 /* sink rows held by a layer of `tokens` tokens in a stream with S sinks */
 static int64_t stream_sinks(int64_t tokens, int S) { return oscar_sinks_held(tokens, S); }
 static size_t per_layer_bytes(int version) { return version == 1 ? 8 : 16; }
@@ -245,7 +248,7 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     uint8_t *p = (uint8_t *)buffer;
     memcpy(p, MAGIC, 8);
     const oscar_config *f = &c->cfg;
-    uint32_t fields[11] = {OSCAR_FORMAT_VERSION, (uint32_t)f->method, (uint32_t)L->bits, (uint32_t)f->head_dim,
+    uint32_t fields[11] = {OSCAR_FORMAT_VERSION, (uint32_t)f->method, (uint32_t)L->kbits, (uint32_t)f->head_dim,
                            (uint32_t)f->num_kv_heads, (uint32_t)f->num_layers, (uint32_t)f->k_group,
                            (uint32_t)f->v_group, (uint32_t)f->residual, (uint32_t)f->window_dtype,
                            (uint32_t)f->rotate_values};
@@ -253,7 +256,13 @@ oscar_status oscar_seq_export(oscar_cache *c, int32_t id, void *buffer, size_t b
     put32(p + 52, (uint32_t)nb);
     put32(p + 56, (uint32_t)f->rollback_tokens);
     put32(p + 60, (uint32_t)f->sink_tokens);
-    size_t off = HEADER_V2;
+    /* version 4: the word at 16 holds the key bits; value bits and the
+     * norm layout follow (as the layout has them: 16 and 0 for method none) */
+    put32(p + 64, (uint32_t)L->vbits);
+    put32(p + 68, (uint32_t)L->norm_per_head);
+    put32(p + 72, 0);
+    put32(p + 76, 0);
+    size_t off = HEADER_V4;
     for (int l = 0; l < L->layers; l++, off += 16) {
         put64(p + off, (uint64_t)q->tokens[l]);
         put64(p + off + 8, (uint64_t)q->packed[l]);
@@ -325,9 +334,9 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     const size_t hb = header_bytes((int)version), plb = per_layer_bytes((int)version);
     if (size < hb + 8) return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a stream", size);
     const oscar_config *f = &c->cfg;
-    static const char *const names[10] = {"method", "bits", "head_dim", "num_kv_heads", "num_layers",
+    static const char *const names[10] = {"method", "key bits", "head_dim", "num_kv_heads", "num_layers",
                                           "k_group", "v_group", "residual", "window_dtype", "rotate_values"};
-    uint32_t want[10] = {(uint32_t)f->method, (uint32_t)L->bits, (uint32_t)f->head_dim, (uint32_t)f->num_kv_heads,
+    uint32_t want[10] = {(uint32_t)f->method, (uint32_t)L->kbits, (uint32_t)f->head_dim, (uint32_t)f->num_kv_heads,
                          (uint32_t)f->num_layers, (uint32_t)f->k_group, (uint32_t)f->v_group,
                          (uint32_t)f->residual, (uint32_t)f->window_dtype, (uint32_t)f->rotate_values};
     for (int i = 0; i < 10; i++)
@@ -347,6 +356,33 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
     if (version < 3 && f->sink_tokens != 0)
         return oscar_set_error(c, F, "seq_import: a version %u stream has no sink tokens, this cache has sink_tokens = %d",
                                version, f->sink_tokens);
+    /* version 4: value bits and the key-norm layout; before, one width (the
+     * word at 16) for keys and values and one norm per token */
+    if (version >= 4) {
+        if (size < HEADER_V4 + 8)
+            return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a version 4 stream", size);
+        if (get32(p + 64) != (uint32_t)L->vbits)
+            return oscar_set_error(c, F, "seq_import: stream has value bits = %u, this cache has %d", get32(p + 64),
+                                   L->vbits);
+        if (get32(p + 68) != (uint32_t)L->norm_per_head)
+            return oscar_set_error(c, F, "seq_import: stream has key_norm_per_head = %u, this cache has %d%s",
+                                   get32(p + 68), L->norm_per_head,
+                                   L->scale_keys ? "" : " (its method stores no key norms)");
+        if (get32(p + 72) != 0 || get32(p + 76) != 0)
+            return oscar_set_error(c, F, "seq_import: reserved header fields are %u, %u, not 0", get32(p + 72),
+                                   get32(p + 76));
+    } else {
+        if (L->vbits != L->kbits)
+            return oscar_set_error(c, F,
+                                   "seq_import: a version %u stream has one bit width (%u) for keys and values, this "
+                                   "cache has key bits %d, value bits %d",
+                                   version, get32(p + 16), L->kbits, L->vbits);
+        if (L->norm_per_head)
+            return oscar_set_error(c, F,
+                                   "seq_import: a version %u stream has one key norm per token over all heads, this "
+                                   "cache has key_norm_per_head = 1",
+                                   version);
+    }
     if (size < hb + plb * (size_t)L->layers + 8)
         return oscar_set_error(c, F, "seq_import: stream truncated in the token counts");
     int64_t *tokens = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);

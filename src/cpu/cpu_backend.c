@@ -361,11 +361,11 @@ static inline __attribute__((always_inline)) v8f exp_nonpositive(v8f x) {
 static inline __attribute__((always_inline)) void block_logits_q(const oscar_layout *L, const uint8_t *blk, int h,
                                                                  float *out, int64_t ld, float sm, attn_scratch *S,
                                                                  const int P, const int NR) {
-    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64;
-    const uint32_t Q = (uint32_t)L->levels;
+    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64; /* bits = L->kbits */
+    const uint32_t Q = (1u << bits) - 1u;
     const uint8_t *base = blk + (size_t)h * L->head_bytes;
-    const uint16_t *kp = (const uint16_t *)(base + 2 * L->codes_bytes);
-    const float *norms = (const float *)(blk + (size_t)L->hkv * L->head_bytes);
+    const uint16_t *kp = (const uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes);
+    const float *norms = (const float *)(blk + (size_t)L->hkv * L->head_bytes) + (L->norm_per_head ? (size_t)h * R : 0);
     const size_t tile_bytes = 2 * (size_t)d * bits;
     float bias[MAX_ROWS], gscale[256], glo[256]; /* glo: group midpoints */
     for (int g0 = 0; g0 < R; g0 += L->k_group) {
@@ -414,11 +414,11 @@ static inline __attribute__((always_inline)) void block_logits_q(const oscar_lay
 static inline __attribute__((always_inline)) void block_values_q(const oscar_layout *L, const uint8_t *blk, int h,
                                                                  const float *prob, int64_t ld, attn_scratch *S,
                                                                  const int P, const int NR) {
-    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64, ng = d / L->v_group;
-    const uint32_t Q = (uint32_t)L->levels;
+    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64, ng = d / L->v_group; /* L->vbits */
+    const uint32_t Q = (1u << bits) - 1u;
     const uint8_t *base = blk + (size_t)h * L->head_bytes;
-    const uint8_t *vc = base + L->codes_bytes;
-    const uint16_t *vp = (const uint16_t *)(base + 2 * L->codes_bytes + L->kparams_bytes);
+    const uint8_t *vc = base + L->kcodes_bytes;
+    const uint16_t *vp = (const uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes + L->kparams_bytes);
     const size_t tile_bytes = 2 * (size_t)d * bits;
     float ps[MAX_ROWS][16][16]; /* [row][token in tile][group] p * scale */
     for (int T = 0; T < R / 16; T++) {
@@ -499,7 +499,8 @@ typedef struct attn_item {
 typedef struct attn_ctx {
     oscar_cache *c;
     const oscar_layout *L;
-    int layer, q_len, g, P, ng;
+    int layer, q_len, g, ng;
+    int Pk, Pv; /* code pairs per 32-bit word of keys, values: 16 / bits */
     float sm;
     size_t max_tok;
 } attn_ctx;
@@ -510,7 +511,7 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
                         int r0, int nr, attn_scratch *S, float *pres) {
     const oscar_layout *L = X->L;
     oscar_cache *c = X->c;
-    const int d = L->d, R = L->residual, h = itm->head, q_len = X->q_len, P = X->P, ng = X->ng;
+    const int d = L->d, R = L->residual, h = itm->head, q_len = X->q_len, ng = X->ng;
     const size_t es = (size_t)L->window_esize, kvrow = (size_t)L->hkv * d;
     const int64_t ld = (int64_t)X->max_tok;
     for (int r = 0; r < nr; r++) {
@@ -539,13 +540,17 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
         } else if (u < J->n_blocks) {
             const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
             if (L->quantised) {
-                if (L->bits == 2) /* src/cpu/attention_q2.c */
+                /* keys by their own width (key_bits): the 2-bit kernel or the generic one */
+                if (L->kbits == 2) /* src/cpu/attention_q2.c */
                     oscar_q2_logits(d, R, L->k_group, blk + (size_t)h * L->head_bytes,
-                                    (const uint16_t *)(blk + (size_t)h * L->head_bytes + 2 * L->codes_bytes),
-                                    L->scale_keys ? (const float *)(blk + (size_t)L->hkv * L->head_bytes) : NULL,
+                                    (const uint16_t *)(blk + (size_t)h * L->head_bytes + L->kcodes_bytes +
+                                                       L->vcodes_bytes),
+                                    L->scale_keys ? (const float *)(blk + (size_t)L->hkv * L->head_bytes) +
+                                                        (L->norm_per_head ? (size_t)h * R : 0)
+                                                  : NULL,
                                     nr, S->qlocal, X->sm, lo, ld);
                 else
-                    logits_q(L, blk, h, nr, lo, ld, X->sm, S, P);
+                    logits_q(L, blk, h, nr, lo, ld, X->sm, S, X->Pk);
                 continue;
             }
             kb = blk + (size_t)h * L->head_bytes;
@@ -619,12 +624,12 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
             const uint8_t *blk = layer_block(c, X->layer, J->block_table[u]);
             if (L->quantised) {
                 const uint8_t *hb = blk + (size_t)h * L->head_bytes;
-                if (L->bits == 2)
-                    oscar_q2_values(d, R, L->v_group, hb + L->codes_bytes,
-                                    (const uint16_t *)(hb + 2 * L->codes_bytes + L->kparams_bytes), nr, pr, ld,
-                                    S->acc, S->vbias);
+                if (L->vbits == 2) /* values by their own width (value_bits) */
+                    oscar_q2_values(d, R, L->v_group, hb + L->kcodes_bytes,
+                                    (const uint16_t *)(hb + L->kcodes_bytes + L->vcodes_bytes + L->kparams_bytes), nr,
+                                    pr, ld, S->acc, S->vbias);
                 else
-                    values_q(L, blk, h, pr, ld, nr, S, P);
+                    values_q(L, blk, h, pr, ld, nr, S, X->Pv);
                 quant = 1;
             } else {
                 vb = blk + (size_t)h * L->head_bytes + (size_t)R * d * es;
@@ -694,7 +699,8 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
     X.q_len = q_len;
     X.g = g;
     X.sm = sm;
-    X.P = L->quantised ? 16 / L->bits : 1;
+    X.Pk = L->quantised ? 16 / L->kbits : 1;
+    X.Pv = L->quantised ? 16 / L->vbits : 1;
     X.ng = L->quantised ? d / L->v_group : 1;
     X.max_tok = (size_t)chunk * R + (size_t)L->lag; /* the window unit holds up to R - 1 + lag */
     if (X.max_tok < (size_t)L->sinks) X.max_tok = (size_t)L->sinks; /* the sink item */

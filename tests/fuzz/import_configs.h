@@ -6,7 +6,7 @@
 
 #include "oscar.h"
 
-enum { FUZZ_IMPORT_CONFIGS = 3 };
+enum { FUZZ_IMPORT_CONFIGS = 4 };
 
 static inline oscar_config fuzz_import_config(int which) {
     oscar_config c = oscar_config_default();
@@ -38,6 +38,22 @@ static inline oscar_config fuzz_import_config(int which) {
         c.v_group = 16;
         c.window_dtype = OSCAR_DTYPE_BF16;
         c.rotate_values = 0;
+        break;
+    case 3: /* format version 4: per-head key norms, 4-bit keys and 2-bit values, sinks */
+        c.method = OSCAR_METHOD_OSCAR;
+        c.bits = 2;
+        c.key_bits = 4;
+        c.value_bits = 2;
+        c.key_norm_per_head = 1;
+        c.sink_tokens = 3;
+        c.num_kv_heads = 2;
+        c.num_q_heads = 2;
+        c.num_layers = 2;
+        c.residual = 16;
+        c.k_group = 16;
+        c.v_group = 16;
+        c.rollback_tokens = 2;
+        c.window_dtype = OSCAR_DTYPE_F16;
         break;
     default: /* no quantisation: blocks hold the window dtype */
         c.method = OSCAR_METHOD_NONE;

@@ -139,8 +139,8 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
                             const char *what) {
     CHECKF(na == nb, "%s: export sizes %zu vs %zu", what, na, nb);
     if (na != nb) return;
-    /* stream version 2: 64-byte header, (tokens, packed blocks) per layer */
-    const size_t hdr = 64 + 16 * (size_t)g->L;
+    /* stream version 4: 80-byte header, (tokens, packed blocks) per layer */
+    const size_t hdr = 80 + 16 * (size_t)g->L;
     CHECKF(memcmp(a, b, hdr) == 0, "%s: headers differ", what);
     const uint32_t n_blocks = tl_rd32(a + 52);
     const unsigned char *A = a + hdr, *B = b + hdr;
@@ -154,7 +154,7 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
         for (int l = 0; l < g->L; l++) {
             const size_t off = ((size_t)i * g->L + l) * g->LB;
             /* a layer that has not packed block i is zeros in both */
-            const int64_t packed = (int64_t)tl_rd64(a + 64 + 16 * (size_t)l + 8);
+            const int64_t packed = (int64_t)tl_rd64(a + 80 + 16 * (size_t)l + 8);
             if ((int64_t)i >= packed) continue;
             const unsigned char *x = A + off, *y = B + off;
             if (!g->quant) {
@@ -611,7 +611,7 @@ static void same_stream(pair *P, int32_t sc, int32_t sg, const char *what) {
         const int same = na == nb && memcmp(a, b, na) == 0;
         size_t first = 0;
         while (!same && first < na && first < nb && a[first] == b[first]) first++;
-        const size_t hdr = 64 + 16 * (size_t)P->g.L;
+        const size_t hdr = 80 + 16 * (size_t)P->g.L;
         const size_t rows = hdr + (size_t)tl_rd32(a + 52) * (size_t)P->g.L * P->g.LB;
         CHECKF(same, "%s: exports differ (%zu vs %zu bytes; first difference at byte %zu, in the %s)", what, na, nb,
                first, first < hdr ? "header" : first < rows ? "blocks" : "sink/window rows or checksum");

@@ -127,7 +127,7 @@ static double rd_elem(const unsigned char *p, oscar_dtype dt) {
     return f;
 }
 
-/* Reads layer `layer` of a version-3 stream (FORMAT.md "Export stream"):
+/* Reads layer `layer` of a version-4 stream (FORMAT.md "Export stream"):
  * the Sk = sink_tokens first tokens from their sink rows, then the blocks,
  * then the window. sd->packed counts the packed tokens; they are tokens
  * [sk, sk + packed), sk = min(T, Sk) (0 without sinks).
@@ -135,14 +135,14 @@ static double rd_elem(const unsigned char *p, oscar_dtype dt) {
  * says. */
 static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, int layer, seqdata *sd) {
     memset(sd, 0, sizeof *sd);
-    const size_t hdr = 64 + 16 * (size_t)g->L;
+    const size_t hdr = 80 + 16 * (size_t)g->L;
     const int Sk = g->cfg.sink_tokens;
-    if (!CHECKF(size > hdr && memcmp(buf, "OSCARSEQ", 8) == 0 && tl_rd32(buf + 8) == 3 &&
-                      tl_rd32(buf + 60) == (uint32_t)Sk, "stream: bad header (not version 3 with %d sink tokens)", Sk))
+    if (!CHECKF(size > hdr && memcmp(buf, "OSCARSEQ", 8) == 0 && tl_rd32(buf + 8) == 4 &&
+                      tl_rd32(buf + 60) == (uint32_t)Sk, "stream: bad header (not version 4 with %d sink tokens)", Sk))
         return 0;
     const uint32_t n_blocks = tl_rd32(buf + 52);
-    const int64_t T = (int64_t)tl_rd64(buf + 64 + 16 * (size_t)layer);
-    const int64_t P = (int64_t)tl_rd64(buf + 64 + 16 * (size_t)layer + 8);
+    const int64_t T = (int64_t)tl_rd64(buf + 80 + 16 * (size_t)layer);
+    const int64_t P = (int64_t)tl_rd64(buf + 80 + 16 * (size_t)layer + 8);
     const int d = g->d, hkv = g->hkv, R = g->R, w = g->w;
     const int64_t row = (int64_t)hkv * d;
     const int64_t sk = T < Sk ? T : Sk; /* tokens in the sink rows */
@@ -204,7 +204,7 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
      * squares */
     size_t off = hdr + (size_t)n_blocks * g->L * g->LB;
     for (int l = 0; l < g->L; l++) {
-        const int64_t Tl = (int64_t)tl_rd64(buf + 64 + 16 * (size_t)l);
+        const int64_t Tl = (int64_t)tl_rd64(buf + 80 + 16 * (size_t)l);
         const int64_t skl = Tl < Sk ? Tl : Sk;
         const size_t sink_bytes = (size_t)skl * row * w;
         if (l == layer) {
@@ -220,7 +220,7 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
             }
         }
         off += 2 * sink_bytes;
-        const int64_t wt = Tl - skl - (int64_t)tl_rd64(buf + 64 + 16 * (size_t)l + 8) * R;
+        const int64_t wt = Tl - skl - (int64_t)tl_rd64(buf + 80 + 16 * (size_t)l + 8) * R;
         const size_t rows_bytes = (size_t)wt * row * w;
         if (l == layer) {
             if (!CHECKF(off + 2 * rows_bytes <= size, "stream: window past the end")) return 0;
@@ -662,7 +662,7 @@ static void compare_streams(const tl_geom *g, const unsigned char *a, size_t na,
         ps->win_diff++;
         return;
     }
-    const size_t hdr = 64 + 16 * (size_t)g->L;
+    const size_t hdr = 80 + 16 * (size_t)g->L;
     for (size_t i = 0; i < hdr; i++)
         if (a[i] != b[i]) {
             first_diff(ps, "header byte %zu: %u vs %u", i, a[i], b[i]);
@@ -673,7 +673,7 @@ static void compare_streams(const tl_geom *g, const unsigned char *a, size_t na,
     uint8_t *ca = malloc((size_t)R * d), *cb = malloc((size_t)R * d);
     for (uint32_t i = 0; i < n_blocks; i++)
         for (int l = 0; l < g->L; l++) {
-            if ((int64_t)i >= (int64_t)tl_rd64(a + 64 + 16 * (size_t)l + 8)) continue;
+            if ((int64_t)i >= (int64_t)tl_rd64(a + 80 + 16 * (size_t)l + 8)) continue;
             const size_t off = hdr + ((size_t)i * g->L + l) * g->LB;
             const unsigned char *x = a + off, *y = b + off;
             if (!g->quant) {
@@ -907,7 +907,7 @@ static void test_self(void) {
         CHECKF(pack_ok(&ps) && ps.codes > 0, "self-test: a stream differs from itself");
         unsigned char *mut = malloc(size);
         memcpy(mut, buf, size);
-        const size_t hdr = 64 + 16 * (size_t)g.L;
+        const size_t hdr = 80 + 16 * (size_t)g.L;
         uint8_t *codes = malloc((size_t)g.R * d);
         tl_decode_codes(mut + hdr, g.R, d, g.bits, 0, codes);
         codes[5 * d + 3] ^= 1;

@@ -180,7 +180,7 @@ static int rank_main(int rank, ncclUniqueId id, int parent) {
 }
 
 static size_t stream_block_offset(int l, uint32_t i, size_t LB) {
-    return 64 + 16 * LAYERS + ((size_t)i * LAYERS + (size_t)l) * LB;
+    return 80 + 16 * LAYERS + ((size_t)i * LAYERS + (size_t)l) * LB;
 }
 
 static void to_hex(const void *p, size_t n, char *out) {
@@ -292,7 +292,7 @@ int main(int argc, char **argv) {
         CHECK(tl_rd32(es + 52) == nb);
         for (uint32_t i = 0; i < nb; i++)
             for (int l = 0; l < LAYERS; l++) {
-                if (tl_rd64(ef + 64 + 16 * l + 8) <= i) continue;
+                if (tl_rd64(ef + 80 + 16 * l + 8) <= i) continue;
                 const unsigned char *F = ef + stream_block_offset(l, i, LBf);
                 const unsigned char *S = es + stream_block_offset(l, i, LBs);
                 for (int h = 0; h < LH; h++)
@@ -300,10 +300,10 @@ int main(int argc, char **argv) {
                 norm_bad += memcmp(S + LH * head, F + HKV * head, norms) != 0;
                 blocks++;
             }
-        size_t of = 64 + 16 * LAYERS + (size_t)nb * LAYERS * LBf, os = 64 + 16 * LAYERS + (size_t)nb * LAYERS * LBs;
+        size_t of = 80 + 16 * LAYERS + (size_t)nb * LAYERS * LBf, os = 80 + 16 * LAYERS + (size_t)nb * LAYERS * LBs;
         for (int l = 0; l < LAYERS; l++) {
-            const uint64_t t = tl_rd64(ef + 64 + 16 * l), p = tl_rd64(ef + 64 + 16 * l + 8);
-            CHECK(tl_rd64(es + 64 + 16 * l) == t && tl_rd64(es + 64 + 16 * l + 8) == p);
+            const uint64_t t = tl_rd64(ef + 80 + 16 * l), p = tl_rd64(ef + 80 + 16 * l + 8);
+            CHECK(tl_rd64(es + 80 + 16 * l) == t && tl_rd64(es + 80 + 16 * l + 8) == p);
             const size_t wn = (size_t)(t - p * R);
             for (int kv = 0; kv < 2; kv++)
                 for (size_t j = 0; j < wn; j++)

@@ -373,14 +373,21 @@ tl_geom tl_geom_of(const oscar_config *cfg) {
     g.rot = cfg->method == OSCAR_METHOD_QUAROT || cfg->method == OSCAR_METHOD_OSCAR;
     g.rotv = g.rot && cfg->rotate_values;
     g.scale = cfg->method == OSCAR_METHOD_SCALE_ONLY || cfg->method == OSCAR_METHOD_OSCAR;
-    g.bits = g.quant ? cfg->bits : 16;
-    g.Q = g.quant ? (1 << cfg->bits) - 1 : 0;
+    g.kbits = g.quant ? (cfg->key_bits ? cfg->key_bits : cfg->bits) : 16;
+    g.vbits = g.quant ? (cfg->value_bits ? cfg->value_bits : cfg->bits) : 16;
+    g.Qk = g.quant ? (1 << g.kbits) - 1 : 0;
+    g.Qv = g.quant ? (1 << g.vbits) - 1 : 0;
+    g.norm_per_head = g.scale && cfg->key_norm_per_head;
+    g.bits = g.kbits;
+    g.Q = g.Qk;
     if (g.quant) {
-        g.codes_bytes = (size_t)g.R * g.d * g.bits / 8;
+        g.kcodes_bytes = (size_t)g.R * g.d * g.kbits / 8;
+        g.vcodes_bytes = (size_t)g.R * g.d * g.vbits / 8;
+        g.codes_bytes = g.kcodes_bytes;
         g.kparams_bytes = (size_t)(g.R / g.gk) * g.d * 4;
         g.vparams_bytes = (size_t)g.R * (g.d / g.gv) * 4;
-        g.head_bytes = 2 * g.codes_bytes + g.kparams_bytes + g.vparams_bytes;
-        g.norms_bytes = g.scale ? (size_t)4 * g.R : 0;
+        g.head_bytes = g.kcodes_bytes + g.vcodes_bytes + g.kparams_bytes + g.vparams_bytes;
+        g.norms_bytes = g.scale ? (size_t)4 * g.R * (g.norm_per_head ? (size_t)g.hkv : 1) : 0;
         g.LB = (size_t)g.hkv * g.head_bytes + g.norms_bytes;
     } else {
         g.LB = (size_t)g.hkv * 2 * g.R * g.d * g.w;

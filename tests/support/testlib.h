@@ -129,6 +129,10 @@ typedef struct tl_geom {
     size_t codes_bytes;    /* per head, K (= V) */
     size_t kparams_bytes, vparams_bytes, head_bytes, norms_bytes;
     size_t LB;             /* layer block bytes */
+    /* format version 4: key and value widths (key_bits / value_bits; bits,
+     * Q and codes_bytes above are the keys') and per-head key norms */
+    int kbits, vbits, Qk, Qv, norm_per_head;
+    size_t kcodes_bytes, vcodes_bytes;
 } tl_geom;
 
 tl_geom tl_geom_of(const oscar_config *cfg);
