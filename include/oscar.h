@@ -27,7 +27,10 @@
  *    no thread makes a non-const call.
  *  - Distinct handles may be used concurrently from different threads.
  *  - The CPU backend parallelises append and attention internally with
- *    config.num_threads threads (OpenMP).
+ *    config.num_threads threads (OpenMP). Its attention keeps its scratch
+ *    in the handle and grows it only when a call needs more than any call
+ *    before it (freed by cache_destroy), so a steady decode loop allocates
+ *    nothing there; its append still allocates a few host buffers per call.
  *
  * Backends
  *  - OSCAR_BACKEND_CPU: all tensor pointers are host pointers.

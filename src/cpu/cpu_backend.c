@@ -35,6 +35,12 @@ typedef struct cpu_state {
     const oscar_allocator *allocator;
     int32_t *packed;  /* [layer][slot] blocks packed (the batch API's state) */
     int32_t *held;    /* [layer][slot] tokens written (lowering seq_len is a rollback) */
+    /* Attention's per-call scratch (work items, rotated queries, partials,
+     * per-thread buffers), 64-byte aligned. Kept in the handle and grown
+     * only when a call needs more than every call before it, so a steady
+     * decode loop allocates nothing (a handle serves one thread at a time). */
+    uint8_t *scratch;
+    size_t scratch_bytes;
 } cpu_state;
 
 static cpu_state *ST(oscar_cache *c) { return (cpu_state *)c->backend_state; }
@@ -102,8 +108,28 @@ static void cpu_destroy(oscar_cache *c) {
     region_free(s, s->windows, s->windows_bytes, s->own_windows);
     free(s->packed);
     free(s->held);
+    free(s->scratch);
     free(s);
     c->backend_state = NULL;
+}
+
+/* At least `bytes` of the handle's scratch (64-byte aligned), or NULL when
+ * growing it fails; the old buffer is kept then, so the cache is as it was. */
+static uint8_t *scratch_at_least(cpu_state *s, size_t bytes) {
+    if (bytes <= s->scratch_bytes) return s->scratch;
+    uint8_t *p = (uint8_t *)alloc64(bytes);
+    if (!p) return NULL;
+    free(s->scratch);
+    s->scratch = p;
+    s->scratch_bytes = bytes;
+    return p;
+}
+
+/* Carves consecutive 64-byte-aligned pieces out of one buffer. */
+static size_t carve(size_t *off, size_t bytes) {
+    const size_t at = *off;
+    *off += (bytes + 63) & ~(size_t)63;
+    return at;
 }
 
 static oscar_status cpu_init(oscar_cache *c, const oscar_memory_source *mem) {
@@ -709,15 +735,17 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
      * every thread's block 64-byte aligned. */
     const size_t scratch_floats =
         ((size_t)nr_max * (X.max_tok + 5 * (size_t)d + X.ng) + d + 16 + 15) / 16 * 16;
-    attn_item *items = (attn_item *)OSCAR_MALLOC(sizeof(attn_item) * (size_t)(n_items ? n_items : 1));
-    float *qr = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)n_jobs * q_len * hq * d);
-    float *part = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)(n_items ? n_items : 1) * rows * (d + 2));
-    float *scratch = (float *)alloc64(sizeof(float) * scratch_floats * (size_t)nt);
-    float *orow = (float *)OSCAR_MALLOC(sizeof(float) * (size_t)d);
-    if (!items || !qr || !part || !scratch || !orow) {
-        free(items), free(qr), free(part), free(scratch), free(orow);
-        return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory for scratch");
-    }
+    size_t total = 0;
+    const size_t o_items = carve(&total, sizeof(attn_item) * (size_t)(n_items ? n_items : 1));
+    const size_t o_qr = carve(&total, sizeof(float) * (size_t)n_jobs * q_len * hq * d);
+    const size_t o_part = carve(&total, sizeof(float) * (size_t)(n_items ? n_items : 1) * rows * (d + 2));
+    const size_t o_scratch = carve(&total, sizeof(float) * scratch_floats * (size_t)nt);
+    const size_t o_orow = carve(&total, sizeof(float) * (size_t)d);
+    uint8_t *arena = scratch_at_least(ST(c), total);
+    if (!arena) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "attention: out of host memory for %zu bytes of scratch", total);
+    attn_item *items = (attn_item *)(arena + o_items);
+    float *qr = (float *)(arena + o_qr), *part = (float *)(arena + o_part);
+    float *scratch = (float *)(arena + o_scratch), *orow = (float *)(arena + o_orow);
     int64_t it = 0;
     for (int i = 0; i < n_jobs; i++) {
         const int32_t u = (int32_t)job_units(&jobs[i]);
@@ -795,7 +823,6 @@ static oscar_status cpu_attention(oscar_cache *c, int layer, const oscar_attn_jo
             }
         }
     }
-    free(items), free(qr), free(part), free(scratch), free(orow);
     return OSCAR_OK;
 }
 
