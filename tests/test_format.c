@@ -23,25 +23,6 @@
 #define HDR 80  /* version 4 */
 #define HDR3 64 /* versions 2 and 3; version 1 had 56 and no packed counts */
 
-/* FORMAT.md's per-head key sum of squares, written from the definition:
- * 32 lanes sum d/32 consecutive squares in order, then s_l += s_(l xor m)
- * for m = 16, 8, 4, 2, 1, lane 0 wins; fp32 throughout. */
-static float head_sumsq_def(const float *x, int d) {
-    float s[32], t[32];
-    for (int l = 0; l < 32; l++) {
-        s[l] = 0.0f;
-        for (int i = 0; i < d / 32; i++) {
-            const float sq = x[l * (d / 32) + i] * x[l * (d / 32) + i];
-            s[l] = s[l] + sq;
-        }
-    }
-    for (int m = 16; m >= 1; m /= 2) {
-        for (int l = 0; l < 32; l++) t[l] = s[l] + s[l ^ m];
-        for (int l = 0; l < 32; l++) s[l] = t[l];
-    }
-    return s[0];
-}
-
 typedef struct stream {
     uint32_t version, method, bits, d, hkv, L, gk, gv, R, W, rotv, n_blocks;
     uint64_t tokens[8], packed[8];
@@ -377,7 +358,7 @@ static void check_stream_contents(const tl_geom *g, const unsigned char *b, cons
             for (int64_t t = 0; t < wt; t++) {
                 tl_decode(wk + (size_t)t * row * es, g->W, krow, row);
                 float total = 0.0f;
-                for (int h = 0; h < hkv; h++) total = total + head_sumsq_def(krow + h * d, d);
+                for (int h = 0; h < hkv; h++) total = total + tl_head_sumsq_def(krow + h * d, d);
                 const uint32_t u = tl_rd32(ssp + 4 * (size_t)t);
                 float got;
                 memcpy(&got, &u, 4);
@@ -711,7 +692,7 @@ static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_
             tl_encode(ref->xk + (nb * R + t) * row, g->W, kw, row);
             tl_decode(kw, g->W, kr, row);
             float total = 0.0f;
-            for (int h = 0; h < hkv; h++) total = total + head_sumsq_def(kr + h * d, d);
+            for (int h = 0; h < hkv; h++) total = total + tl_head_sumsq_def(kr + h * d, d);
             uint32_t u;
             memcpy(&u, &total, 4);
             tl_wr32(p + 4 * (size_t)t, u);

@@ -613,25 +613,6 @@ static void test_config_checks(void) {
 
 /* ---- format version 4: per-head key norms, key and value bit widths ------- */
 
-/* FORMAT.md step 4's per-head key sum of squares, written from the
- * definition: 32 lanes sum d/32 consecutive squares in order, then
- * s_l += s_(l xor m) for m = 16, 8, 4, 2, 1, lane 0 wins; fp32 throughout. */
-static float head_sumsq_def(const float *x, int d) {
-    float s[32], t[32];
-    for (int l = 0; l < 32; l++) {
-        s[l] = 0.0f;
-        for (int i = 0; i < d / 32; i++) {
-            const float sq = x[l * (d / 32) + i] * x[l * (d / 32) + i];
-            s[l] = s[l] + sq;
-        }
-    }
-    for (int m = 16; m >= 1; m /= 2) {
-        for (int l = 0; l < 32; l++) t[l] = s[l] + s[l ^ m];
-        for (int l = 0; l < 32; l++) s[l] = t[l];
-    }
-    return s[0];
-}
-
 /* The reference of one layer under the version-4 options, from FORMAT.md
  * steps 1-8 (own Hadamard in float64, own fp16 conversions): P packed
  * tokens of T. Keys are coded with QK = 2^bK - 1 levels, values with QV;
@@ -688,7 +669,7 @@ static void oref_build(const tl_geom *g, const float *k, const float *v, int64_t
     for (int64_t t = 0; t < P; t++) { /* step 4 */
         float e[64], tot = 0.0f;
         for (int h = 0; h < H; h++) {
-            e[h] = head_sumsq_def(o->xk + t * row + (int64_t)h * d, d);
+            e[h] = tl_head_sumsq_def(o->xk + t * row + (int64_t)h * d, d);
             tot = h == 0 ? e[0] : tot + e[h];
         }
         for (int h = 0; h < H; h++) {

@@ -940,3 +940,22 @@ int64_t tl_compare_out(const float *got, const double *ref, const double *mag, i
     if (worst) *worst = w;
     return bad;
 }
+
+/* FORMAT.md step 4's per-head key sum of squares, written from the
+ * definition: 32 lanes sum d/32 consecutive squares in order, then
+ * s_l += s_(l xor m) for m = 16, 8, 4, 2, 1, lane 0 wins; fp32 throughout. */
+float tl_head_sumsq_def(const float *x, int d) {
+    float s[32], t[32];
+    for (int l = 0; l < 32; l++) {
+        s[l] = 0.0f;
+        for (int i = 0; i < d / 32; i++) {
+            const float sq = x[l * (d / 32) + i] * x[l * (d / 32) + i];
+            s[l] = s[l] + sq;
+        }
+    }
+    for (int m = 16; m >= 1; m /= 2) {
+        for (int l = 0; l < 32; l++) t[l] = s[l] + s[l ^ m];
+        for (int l = 0; l < 32; l++) s[l] = t[l];
+    }
+    return s[0];
+}

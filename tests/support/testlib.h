@@ -259,4 +259,9 @@ double tl_max_abs(const double *b, int64_t n);
 int64_t tl_compare_out(const float *got, const double *ref, const double *mag, int64_t nvec, int d,
                        oscar_dtype out_dt, double rel, double *worst);
 
+/* FORMAT.md step 4's per-head key sum of squares, written from the
+ * definition: 32 lanes sum d/32 consecutive squares in order, then
+ * s_l += s_(l xor m) for m = 16, 8, 4, 2, 1, lane 0 wins; fp32 throughout. */
+float tl_head_sumsq_def(const float *x, int d);
+
 #endif
