@@ -30,6 +30,8 @@
  *    gap is counted), split into "append_kernels_us" and
  *    "attention_kernels_us"; and the ratios eager/graph, graph/kernels,
  *    eager/kernels.
+ * OSCAR_BENCH_CASE="main B1 ctx131072" (a substring of a case's label) runs
+ * only the matching decode/append cases (scripts/gpu-profile.sh uses it).
  * One JSON object per line goes to stdout and to the file.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -136,8 +138,18 @@ static oscar_config base_cfg(int d, int bits, oscar_method m, oscar_dtype dt) {
     return c;
 }
 
+/* OSCAR_BENCH_CASE narrows the run to the cases whose label contains it
+ * (decode: "main B1 ctx131072 d128 b2"; append: its tag), e.g. for ncu. */
+static int case_selected(const char *label) {
+    const char *want = getenv("OSCAR_BENCH_CASE");
+    return !want || !*want || strstr(label, want) != NULL;
+}
+
 static void bench_decode(const dcase *C, void *kin, void *vin) {
     const int hkv = 8, hq = 32, R = 128;
+    char label[128];
+    snprintf(label, sizeof label, "%s B%d ctx%d d%d b%d", C->tag, C->B, C->ctx, C->d, C->bits);
+    if (!case_selected(label)) return;
     oscar_config cfg = base_cfg(C->d, C->bits, C->method, C->dt);
     /* bytes of one batch */
     oscar_cache *probe = NULL;
@@ -208,6 +220,7 @@ static void bench_decode(const dcase *C, void *kin, void *vin) {
 }
 
 static void bench_append(const char *tag, int d, int bits, oscar_method m, oscar_dtype dt, void *kin, void *vin) {
+    if (!case_selected(tag)) return;
     const int T = 131072, hkv = 8, R = 128;
     oscar_config cfg = base_cfg(d, bits, m, dt);
     cfg.block_count = T / R + 8;
