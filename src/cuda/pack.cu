@@ -215,23 +215,95 @@ __device__ __forceinline__ float token_sumsq(const float *head_ss, int hkv, cons
     return s;
 }
 
+/* head_sumsq with D/32 lanes per row: each lane holds 32 consecutive
+ * channels (32 * wd ..), so 32 / (D/32) rows share a warp. The same bits:
+ * the rotation's stages run in the same order with the same roundings
+ * (fused_finish's layout: 5 stages in registers, the rest through
+ * shuffles), and the squares are summed in head_sumsq's order: its lane l
+ * holds channels [l E, (l+1) E), here group j of lane wd is l = G wd + j
+ * (G = 32 / E groups per lane), and the xor butterfly over l runs its high
+ * bits (m >= G) across lanes and its low bits in registers. About 2.5x
+ * fewer instructions per row than one warp per row (ncu: the row_sumsq
+ * kernel was issue-bound, 191 us of a 128K-token append). Every lane of
+ * the row returns the sum. */
+template <int D>
+__device__ __forceinline__ float head_sumsq_wide(const void *k, int dtype, int64_t row, int hkv, int h, int rotate,
+                                                 int w_dtype, int wd) {
+    constexpr int LPR = D / 32, E = D / 32, G = 32 / E;
+    float x[32];
+    ld_row<32>(k, dtype, ((size_t)row * hkv + h) * D + (size_t)wd * 32, x);
+    if (rotate) {
+#pragma unroll
+        for (int hh = 1; hh < 32; hh <<= 1) {
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                if (!(i & hh)) {
+                    const float a = x[i], b = x[i + hh];
+                    x[i] = a + b;
+                    x[i + hh] = a - b;
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 1; m < LPR; m <<= 1) {
+            const bool upper = (wd & m) != 0;
+#pragma unroll
+            for (int i = 0; i < 32; i++) {
+                const float o = __shfl_xor_sync(OSCAR_FULL_MASK, x[i], m);
+                x[i] = __fmaf_rn(upper ? -1.0f : 1.0f, x[i], o);
+            }
+        }
+        const float norm = (float)(1.0 / sqrt((double)D));
+#pragma unroll
+        for (int i = 0; i < 32; i++) x[i] *= norm;
+    }
+    float s[G];
+#pragma unroll
+    for (int j = 0; j < G; j++) {
+        s[j] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < E; i++) {
+            const float v = oscar_round_to(x[j * E + i], w_dtype);
+            s[j] = __fadd_rn(s[j], __fmul_rn(v, v));
+        }
+    }
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) {
+        if (m >= G) {
+#pragma unroll
+            for (int j = 0; j < G; j++) s[j] = __fadd_rn(s[j], __shfl_xor_sync(OSCAR_FULL_MASK, s[j], m / G));
+        } else {
+            float t[G];
+#pragma unroll
+            for (int j = 0; j < G; j++) t[j] = __fadd_rn(s[j], s[j ^ m]);
+#pragma unroll
+            for (int j = 0; j < G; j++) s[j] = t[j];
+        }
+    }
+    return s[0];
+}
+
 /* Per-head (head_out) and per-token (ss_out) key sums of squares of new
- * rows: one warp per (row, head), then per row the heads in order. A CTA
- * takes SUMSQ_ROWS rows. */
+ * rows: D/32 lanes per (row, head) (head_sumsq_wide), then per row the
+ * heads in order. A CTA takes SUMSQ_ROWS rows. */
 constexpr int SUMSQ_ROWS = 8;
 template <int D>
 __global__ void __launch_bounds__(256) row_sumsq_kernel(const void *k, int dtype, int64_t n_rows, int hkv,
                                                         int rotate, int w_dtype, const float *tp, int tp_heads,
                                                         float *head_out, float *ss_out) {
     extern __shared__ float hs[]; /* [SUMSQ_ROWS][hkv] */
+    constexpr int LPR = D / 32, RPW = 32 / LPR; /* lanes per (row, head); (row, head) pairs per warp */
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int wd = lane % LPR, rj = lane / LPR;
     const int64_t row0 = (int64_t)blockIdx.x * SUMSQ_ROWS;
     const int rows = (int)min((int64_t)SUMSQ_ROWS, n_rows - row0);
     if (!tp || head_out) {
-        for (int task = w; task < rows * hkv; task += 8) {
+        const int n_tasks = rows * hkv;
+        for (int base = w * RPW; base < n_tasks; base += 8 * RPW) { /* warp-uniform: all lanes shuffle */
+            const int task = min(base + rj, n_tasks - 1);
             const int r = task / hkv, h = task - r * hkv;
-            const float s = head_sumsq<D>(k, dtype, row0 + r, hkv, h, rotate, w_dtype, lane);
-            if (lane == 0) {
+            const float s = head_sumsq_wide<D>(k, dtype, row0 + r, hkv, h, rotate, w_dtype, wd);
+            if (wd == 0 && base + rj < n_tasks) {
                 hs[r * hkv + h] = s;
                 if (head_out) head_out[(size_t)(row0 + r) * hkv + h] = s;
             }
