@@ -1396,27 +1396,29 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
     write_cta_partial<D, RPC>(P, smem);
 }
 
-/* Combines the splits of one (sequence, kv head, row chunk). The CTA's 8
- * warps are spread over the chunk's rows, 8 at a time: with n rows in a
- * round, 8 / n warps per row, each summing every (8 / n)-th split with
+/* Combines the splits of one query row: one CTA per (sequence, kv head
+ * and row chunk, row), its 8 warps each summing every 8th split with
  * independent loads; their partial sums meet in shared memory in a fixed
- * order (deterministic). Why: with one warp per row walking up to ~50 splits
- * one after another, the merge was latency-bound at batch 1 (ncu: 21.6 us of
- * the 95 us of B1/128K, 5% of cycles active, long-scoreboard stalls). Every
- * warp reduces (m, l) over all the splits itself (lanes in parallel), so no
- * barrier is needed before the weighted sums. */
+ * order (deterministic). Every warp reduces (m, l) over all the splits
+ * itself (lanes in parallel), so only one barrier comes before the final
+ * sum. Why: with one warp per row walking up to ~50 splits one after
+ * another, the merge was latency-bound at batch 1 (ncu: 21.6 us of the
+ * 95 us of B1/128K, 5% of cycles active, long-scoreboard stalls; two warps
+ * per row in one CTA per row chunk: 14.3 us). */
 template <int D>
 __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ AttnParams P) {
     constexpr int WARPS_M = 8, E = D / 32;
     __shared__ float wgt[WARPS_M][OSCAR_MERGE_MAX];
     __shared__ __align__(16) float part[WARPS_M][D];
-    __shared__ float row_l[WARPS_M]; /* each row's softmax sum, for its finishing warp */
+    __shared__ float row_l;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int zi = blockIdx.x;
     const int yu = blockIdx.y + P.y_base;
     const int h = yu / P.qchunks, qc = yu - h * P.qchunks;
+    const int r = blockIdx.z, RPC = P.rpc, S = P.splits;
+    const int gr = qc * RPC + r;
+    if (gr >= P.rows) return; /* a padding row of the last row chunk (the whole CTA) */
     const int seq = P.seq_base + zi;
-    const int RPC = P.rpc, S = P.splits;
     /* a failed sequence (non-finite input) or bad metadata: NaN rows */
     const SeqView sv = seq_view(P, seq);
     /* a block id out of range anywhere in the table (the attention kernel
@@ -1426,70 +1428,57 @@ __global__ void __launch_bounds__(256) merge_kernel(const __grid_constant__ Attn
     for (int j = threadIdx.x; j < sv.nblk; j += blockDim.x)
         bad_block |= (unsigned)sv.table[j] >= (unsigned)P.meta.block_count;
     bad_block = __syncthreads_or(bad_block);
-    if (threadIdx.x == 0 && (!sv.valid || bad_block)) {
+    if (threadIdx.x == 0 && r == 0 && (!sv.valid || bad_block)) {
         P.report->bad_first = seq;
         __threadfence_system();
         P.report->bad_meta = 1;
     }
     const bool poison = !sv.valid || bad_block || P.failed[sv.slot] != 0;
     const size_t cta0 = ((size_t)zi * gridDim.y + blockIdx.y) * S;
-    const int rows_here = min(RPC, P.rows - qc * RPC); /* >= 1: the grid has no empty row chunk */
-    for (int r0 = 0; r0 < rows_here; r0 += WARPS_M) {
-        const int n = min(WARPS_M, rows_here - r0); /* rows this round */
-        const int wpr = WARPS_M / n;                /* warps per row */
-        const int r = r0 + warp % n, part_i = warp / n;
-        const bool active = part_i < wpr;
-        if (active) {
-            float M = -INFINITY;
-            for (int s = lane; s < S; s += 32) M = fmaxf(M, P.ws[P.ml_off + ((cta0 + s) * RPC + r) * 2]);
+    const float *ml = P.ws + P.ml_off + (cta0 * RPC + r) * 2; /* split s: ml[s * RPC * 2 + {0, 1}] */
+    float M = -INFINITY;
+    for (int s = lane; s < S; s += 32) M = fmaxf(M, ml[(size_t)s * RPC * 2]);
 #pragma unroll
-            for (int m = 16; m >= 1; m >>= 1) M = fmaxf(M, __shfl_xor_sync(OSCAR_FULL_MASK, M, m));
-            float L = 0.0f;
-            for (int s = lane; s < S; s += 32) {
-                const float ms = P.ws[P.ml_off + ((cta0 + s) * RPC + r) * 2];
-                const float w = (M == -INFINITY || ms == -INFINITY) ? 0.0f : exp2f(ms - M);
-                wgt[warp][s] = w;
-                L += w * P.ws[P.ml_off + ((cta0 + s) * RPC + r) * 2 + 1];
-            }
-#pragma unroll
-            for (int m = 16; m >= 1; m >>= 1) L += __shfl_xor_sync(OSCAR_FULL_MASK, L, m);
-            __syncwarp();
-            float o[E];
-#pragma unroll
-            for (int i = 0; i < E; i++) o[i] = 0.0f;
-            const float *src = P.ws + (cta0 * RPC + r) * D + lane * E;
-            const size_t stride = (size_t)RPC * D;
-#pragma unroll 8
-            for (int s = part_i; s < S; s += wpr) {
-                const float w = wgt[warp][s];
-#pragma unroll
-                for (int i = 0; i < E; i++) o[i] += w * src[s * stride + i];
-            }
-#pragma unroll
-            for (int i = 0; i < E; i++) part[warp][lane * E + i] = o[i];
-            if (part_i == 0 && lane == 0) row_l[warp] = L;
-        }
-        __syncthreads();
-        if (active && part_i == 0) {
-            const float L = row_l[warp];
-            float o[E];
-#pragma unroll
-            for (int i = 0; i < E; i++) o[i] = part[warp][lane * E + i];
-            for (int j = 1; j < wpr; j++)
-#pragma unroll
-                for (int i = 0; i < E; i++) o[i] += part[warp + j * n][lane * E + i];
-            const float inv = poison ? __int_as_float(0x7fc00000) : L > 0.0f ? 1.0f / L : 0.0f;
-#pragma unroll
-            for (int i = 0; i < E; i++) o[i] = poison ? inv : o[i] * inv;
-            if (P.lay.rotate_v) oscar_warp_fwht<D>(o, lane);
-            const int gr = qc * RPC + r;
-            const int qi = gr / P.g, hj = gr - qi * P.g;
-            const size_t base = (((size_t)seq * P.q_len + qi) * P.hq + (size_t)h * P.g + hj) * D + lane * E;
-#pragma unroll
-            for (int i = 0; i < E; i++) oscar_st(P.out, P.out_dtype, base + i, o[i]);
-        }
-        __syncthreads(); /* part and wgt are reused by the next round */
+    for (int m = 16; m >= 1; m >>= 1) M = fmaxf(M, __shfl_xor_sync(OSCAR_FULL_MASK, M, m));
+    float L = 0.0f;
+    for (int s = lane; s < S; s += 32) {
+        const float ms = ml[(size_t)s * RPC * 2];
+        const float w = (M == -INFINITY || ms == -INFINITY) ? 0.0f : exp2f(ms - M);
+        wgt[warp][s] = w;
+        L += w * ml[(size_t)s * RPC * 2 + 1];
     }
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) L += __shfl_xor_sync(OSCAR_FULL_MASK, L, m);
+    __syncwarp();
+    float o[E];
+#pragma unroll
+    for (int i = 0; i < E; i++) o[i] = 0.0f;
+    const float *src = P.ws + (cta0 * RPC + r) * D + lane * E;
+    const size_t stride = (size_t)RPC * D;
+#pragma unroll 4
+    for (int s = warp; s < S; s += WARPS_M) {
+        const float w = wgt[warp][s];
+#pragma unroll
+        for (int i = 0; i < E; i++) o[i] += w * src[s * stride + i];
+    }
+#pragma unroll
+    for (int i = 0; i < E; i++) part[warp][lane * E + i] = o[i];
+    if (warp == 0 && lane == 0) row_l = L;
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < E; i++) o[i] = part[0][lane * E + i];
+    for (int j = 1; j < WARPS_M; j++)
+#pragma unroll
+        for (int i = 0; i < E; i++) o[i] += part[j][lane * E + i];
+    const float inv = poison ? __int_as_float(0x7fc00000) : row_l > 0.0f ? 1.0f / row_l : 0.0f;
+#pragma unroll
+    for (int i = 0; i < E; i++) o[i] = poison ? inv : o[i] * inv;
+    if (P.lay.rotate_v) oscar_warp_fwht<D>(o, lane);
+    const int qi = gr / P.g, hj = gr - qi * P.g;
+    const size_t base = (((size_t)seq * P.q_len + qi) * P.hq + (size_t)h * P.g + hj) * D + lane * E;
+#pragma unroll
+    for (int i = 0; i < E; i++) oscar_st(P.out, P.out_dtype, base + i, o[i]);
 }
 
 /* ---- host side ---------------------------------------------------------- */
@@ -1734,7 +1723,7 @@ oscar_status oscar_cuda_attention_call(oscar_cache *c, int layer, const SeqMeta 
             dim3 grid((unsigned)splits, (unsigned)nyl, (unsigned)nb);
             kern<<<grid, 128, smem, st>>>(P);
             OSCAR_CK_LAUNCH(c, "attn_kernel");
-            merge<<<dim3((unsigned)nb, (unsigned)nyl), 256, 0, st>>>(P);
+            merge<<<dim3((unsigned)nb, (unsigned)nyl, (unsigned)RPC), 256, 0, st>>>(P);
             OSCAR_CK_LAUNCH(c, "merge_kernel");
         }
         done += nb;
