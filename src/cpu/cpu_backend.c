@@ -898,8 +898,30 @@ static int32_t packed_before(oscar_cache *c, int layer, const oscar_batch *b, in
     return ST(c)->packed[(size_t)layer * c->cfg.max_seqs + b->window_slots[i]];
 }
 
+/* What a batch call does to sequence i (its slot already checked): tokens
+ * before the call's append (all of them for attention) and after, the sink
+ * rows held before and after (oscar_sinks_held), and the blocks packed
+ * before and after (the rule under oscar_config on the tokens after the
+ * sinks; attention packs nothing). The checks and the append both read it,
+ * so they cannot disagree on which block-table entries a call writes. */
+typedef struct batch_plan {
+    int64_t before, len, s0, s1, p0, p1;
+} batch_plan;
+
+static batch_plan plan_of(oscar_cache *c, int layer, const oscar_batch *b, int i, int appending) {
+    const int S = c->lay.sinks;
+    batch_plan p;
+    p.len = b->seq_lens[i];
+    p.before = appending ? p.len - b->tokens_per_seq : p.len;
+    p.s0 = oscar_sinks_held(p.before, S);
+    p.s1 = oscar_sinks_held(p.len, S);
+    p.p0 = packed_before(c, layer, b, i, appending);
+    p.p1 = appending ? oscar_packed_after(p.p0, p.len - p.s1, c->cfg.residual, c->cfg.rollback_tokens) : p.p0;
+    return p;
+}
+
 static oscar_status check_batch(oscar_cache *c, int layer, const oscar_batch *b, int appending, const char *what) {
-    const int R = c->cfg.residual, lag = c->cfg.rollback_tokens, S = c->lay.sinks;
+    const int R = c->cfg.residual, S = c->lay.sinks;
     for (int i = 0; i < b->num_seqs; i++) {
         const int32_t slot = b->window_slots[i], len = b->seq_lens[i];
         if (slot < 0 || slot >= c->cfg.max_seqs)
@@ -914,15 +936,14 @@ static oscar_status check_batch(oscar_cache *c, int layer, const oscar_batch *b,
                                    "%s: seq_lens[%d] = %d is outside tokens_per_seq %d .. max_seq_len %d", what, i,
                                    (int)len, b->tokens_per_seq, b->max_seq_len);
         const int32_t *row = b->block_tables + (size_t)i * b->block_table_stride;
-        const int64_t p0 = packed_before(c, layer, b, i, appending);
-        const int64_t before = appending ? len - b->tokens_per_seq : len;
+        const batch_plan plan = plan_of(c, layer, b, i, appending);
+        const int64_t p0 = plan.p0, p1 = plan.p1, before = plan.before;
         const int64_t frozen = oscar_frozen_tokens(p0, S, R);
         if (before < frozen)
             return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
                                    "%s: sequence %d (slot %d) holds %lld tokens in %spacked blocks; its length cannot "
                                    "go below that (seq_lens[%d] = %d)",
                                    what, i, (int)slot, (long long)frozen, S ? "sink rows and " : "", i, (int)len);
-        const int64_t p1 = appending ? oscar_packed_after(p0, len - oscar_sinks_held(len, S), R, lag) : p0;
         /* the slot can only be read up to what was written to it */
         const int64_t held = appending && before == 0 ? 0 : ST(c)->held[(size_t)layer * c->cfg.max_seqs + slot];
         if (before > held)
@@ -947,26 +968,23 @@ static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batc
     if (st != OSCAR_OK) return st;
     oscar_append_job *jobs = (oscar_append_job *)OSCAR_CALLOC((size_t)b->num_seqs, sizeof *jobs);
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_append: out of host memory");
-    const int R = c->cfg.residual, n = b->tokens_per_seq, S = c->lay.sinks;
+    const int R = c->cfg.residual, n = b->tokens_per_seq;
     for (int i = 0; i < b->num_seqs; i++) {
         /* as oscar_append builds its jobs: the sink tokens first (none
          * without sinks), then the stream of the tokens after them */
-        const int64_t len = b->seq_lens[i], before = len - n;
-        const int64_t s0 = oscar_sinks_held(before, S), s1 = oscar_sinks_held(len, S);
-        const int64_t after0 = before - s0, after1 = len - s1; /* tokens after the sinks */
-        const int64_t p0 = packed_before(c, layer, b, i, 1);
-        const int64_t p1 = oscar_packed_after(p0, after1, R, c->cfg.rollback_tokens);
+        const batch_plan p = plan_of(c, layer, b, i, 1);
+        const int64_t after0 = p.before - p.s0, after1 = p.len - p.s1; /* tokens after the sinks */
         oscar_append_job *j = &jobs[i];
-        j->sink_before = (int32_t)s0;
-        j->sink_new = (int32_t)(s1 - s0);
+        j->sink_before = (int32_t)p.s0;
+        j->sink_new = (int32_t)(p.s1 - p.s0);
         j->input_row = (int64_t)i * n + j->sink_new;
         j->n_new = n - j->sink_new;
         j->seq_slot = b->window_slots[i];
-        j->window_before = (int32_t)(after0 - p0 * R);
-        j->n_flush = (int32_t)(p1 - p0);
-        j->window_after = (int32_t)(after1 - p1 * R);
-        j->first_flush_index = (int32_t)p0;
-        j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + p0;
+        j->window_before = (int32_t)(after0 - p.p0 * R);
+        j->n_flush = (int32_t)(p.p1 - p.p0);
+        j->window_after = (int32_t)(after1 - p.p1 * R);
+        j->first_flush_index = (int32_t)p.p0;
+        j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + p.p0;
     }
     st = cpu_append(c, layer, jobs, b->num_seqs, (int64_t)b->num_seqs * n, k, v, dtype, b->key_head_sumsq,
                     b->key_heads_total, stream);
@@ -989,14 +1007,13 @@ static oscar_status cpu_batch_attention(oscar_cache *c, int layer, const oscar_b
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_attention: out of host memory");
     const int R = c->cfg.residual;
     for (int i = 0; i < b->num_seqs; i++) {
-        const int32_t len = b->seq_lens[i];
-        const int32_t p = packed_before(c, layer, b, i, 0);
+        const batch_plan p = plan_of(c, layer, b, i, 0);
         jobs[i].seq_slot = b->window_slots[i];
-        jobs[i].n_blocks = p;
+        jobs[i].n_blocks = (int32_t)p.p0;
         jobs[i].block_table = b->block_tables + (size_t)i * b->block_table_stride;
-        jobs[i].sink_tokens = (int32_t)oscar_sinks_held(len, c->lay.sinks);
-        jobs[i].window_tokens = (int32_t)(len - jobs[i].sink_tokens - (int64_t)p * R);
-        jobs[i].tokens = len;
+        jobs[i].sink_tokens = (int32_t)p.s1;
+        jobs[i].window_tokens = (int32_t)(p.len - p.s1 - p.p0 * R);
+        jobs[i].tokens = p.len;
     }
     st = cpu_attention(c, layer, jobs, b->num_seqs, b->tokens_per_seq, q, q_dtype, out, out_dtype, sm, stream);
     free(jobs);
