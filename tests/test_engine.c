@@ -557,11 +557,60 @@ static void test_batch_equals_sequence_api(void) {
  * decode (some 3-token steps) until every sequence has crossed two block
  * boundaries after its sinks, with a restart in a dirty slot. Both caches
  * get the same tokens; every attention must be bit-identical. */
+/* A cache over a pool of the test's own (docs/FORMAT.md: layer block (l, i)
+ * at byte (l * block_count + i) * LB), so that its blocks can be read. */
+static oscar_cache *create_over_pool(oscar_config cfg, int caller_metadata, void **pool) {
+    cfg.caller_metadata = caller_metadata;
+    oscar_memory_requirements rq;
+    char eb[256] = "";
+    *pool = NULL;
+    if (!CHECKF(oscar_memory_requirements_get(&cfg, &rq, eb, sizeof eb) == OSCAR_OK, "requirements: %s", eb) ||
+        posix_memalign(pool, rq.alignment, rq.pool_bytes ? rq.pool_bytes : rq.alignment) != 0)
+        return NULL;
+    oscar_memory_source src;
+    memset(&src, 0, sizeof src);
+    src.pool = *pool;
+    oscar_cache *c = NULL;
+    CHECKF(oscar_cache_create_with_memory(&cfg, &src, &c, eb, sizeof eb) == OSCAR_OK, "create over a pool: %s", eb);
+    return c;
+}
+
+/* Every packed block of sequences 0..n-1, layer by layer, byte for byte:
+ * the sequence API's (its own block ids) against the batch API's (the
+ * test's table). Returns the blocks compared. */
+static int64_t same_blocks(pair *P, int n, const uint8_t *pool_a, const uint8_t *pool_b) {
+    const oscar_config *cfg = &P->a->cfg;
+    oscar_memory_stats ms;
+    CHECK_OK(oscar_memory(P->a->c, &ms));
+    const size_t LB = (size_t)ms.block_bytes / (size_t)cfg->num_layers; /* one layer block */
+    int64_t compared = 0;
+    for (int i = 0; i < n; i++) {
+        int32_t table[MAXB], count = 0;
+        CHECK_OK(oscar_seq_block_table(P->a->c, P->a->ids[i], table, MAXB, &count));
+        for (int l = 0; l < cfg->num_layers; l++) {
+            oscar_seq_info info;
+            CHECK_OK(oscar_seq_info_get(P->a->c, P->a->ids[i], l, &info));
+            const int64_t packed = info.packed_tokens / cfg->residual;
+            CHECKF(packed <= count && packed <= P->b->nblk[i], "%s: sequence %d layer %d: %lld blocks packed, tables "
+                   "of %d and %d", P->what, i, l, (long long)packed, (int)count, (int)P->b->nblk[i]);
+            for (int64_t j = 0; j < packed && j < count && j < P->b->nblk[i]; j++, compared++) {
+                const uint8_t *x = pool_a + ((size_t)l * cfg->block_count + (size_t)table[j]) * LB;
+                const uint8_t *y = pool_b + ((size_t)l * cfg->block_count + (size_t)P->b->table[i][j]) * LB;
+                CHECKF(memcmp(x, y, LB) == 0, "%s: sequence %d layer %d block %lld: the batch API packed other bytes "
+                       "than the sequence API", P->what, i, l, (long long)j);
+            }
+        }
+    }
+    return compared;
+}
+
 static void sinks_scenario(const char *what, oscar_config cfg, int flavor, int ref_check, tl_rng *r) {
-    oscar_cache *A = create_mode(cfg, 0), *B = create_mode(cfg, 1);
+    void *pool_a = NULL, *pool_b = NULL;
+    oscar_cache *A = create_over_pool(cfg, 0, &pool_a), *B = create_over_pool(cfg, 1, &pool_b);
     if (!A || !B) {
         oscar_cache_destroy(A);
         oscar_cache_destroy(B);
+        free(pool_a), free(pool_b);
         return;
     }
     const int S = cfg.sink_tokens, R = cfg.residual, L = cfg.rollback_tokens;
@@ -613,12 +662,16 @@ static void sinks_scenario(const char *what, oscar_config cfg, int flavor, int r
                    (long long)info.tokens, (long long)info.packed_tokens, (long long)T);
         }
     CHECKF(P.max_len >= S + 2 * R, "%s: the longest sequence holds only %lld tokens", what, (long long)P.max_len);
+    /* the packed blocks themselves, byte for byte */
+    const int64_t blocks = same_blocks(&P, NS, pool_a, pool_b);
+    CHECKF(blocks >= NS * cfg.num_layers, "%s: only %lld packed blocks compared", what, (long long)blocks);
     /* blocks the batch side's manager handed out: exactly what packing needs */
     for (int i = 0; i < NS; i++) pair_free(&P, i);
     CHECKF(P.b->bm.top == cfg.block_count, "%s: the test's block manager lost blocks", what);
     pair_done(&P);
     oscar_cache_destroy(A);
     oscar_cache_destroy(B);
+    free(pool_a), free(pool_b);
 }
 
 static oscar_config sinks_cfg(oscar_config c, int S, int L) {
