@@ -345,8 +345,10 @@ static void kv_usage(const llama_kv *kv, const llama_model *m, double *used, dou
             *used = *per_tok = NAN;
             return;
         }
-        const int64_t R = kv->residual > 0 ? kv->residual : 0;
-        const int64_t packed = R ? kv->len / R * R : 0;
+        /* the packing rule (oscar.h): blocks of R after the sink tokens and
+         * the rollback lag, pack_offset = S + L (the runner never rolls back) */
+        const int64_t R = kv->residual > 0 ? kv->residual : 0, off = kv->pack_offset;
+        const int64_t packed = R && kv->len >= off ? (kv->len - off) / R * R : 0;
         *used = (double)packed * ms.packed_bytes_per_token + (double)(kv->len - packed) * ms.window_bytes_per_token;
         *per_tok = ms.packed_bytes_per_token;
         return;
