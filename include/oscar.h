@@ -450,8 +450,7 @@ oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64
  *                 [j*R, (j+1)*R) of the sequence for every layer. The caller's
  *                 block manager chooses them, shares them between forks and
  *                 frees them; packed blocks are never written again.
- * Sink tokens (config.sink_tokens = S > 0) shift the blocks by S and change
- * nothing else:
+ * Sink tokens (config.sink_tokens = S > 0) shift the blocks by S:
  *  - seq_lens, tokens_per_seq and max_seq_len count every token, the sink
  *    tokens included; an append writes tokens [seq_len - tokens_per_seq,
  *    seq_len) whether they fall in the sink rows, the window or both.
@@ -464,8 +463,8 @@ oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64
  *    at most the P' blocks packed so far. block_table_stride must be
  *    >= (max_seq_len - S) / R (0 when max_seq_len <= S), and max_seq_len
  *    may reach the pool's capacity plus S.
- *  - The window holds tokens [S + P*R, seq_len) once P > 0 blocks are
- *    packed (with P = 0: [S, seq_len) past the sink rows).
+ *  - The window holds tokens [S + P*R, seq_len) (none while seq_len <= S);
+ *    rollback and slot_copy below say what S changes for them.
  * The host fields (num_seqs, tokens_per_seq, max_seq_len, block_table_stride)
  * are fixed for a captured graph; the arrays are read when the kernels run,
  * so an engine updates them between replays (cudaMemcpyAsync from pinned
