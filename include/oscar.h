@@ -197,9 +197,11 @@ typedef struct oscar_config {
                                   and the packing rule under oscar_config reads
                                   n - S for n (P' = max(P, (n - S - L) / R)
                                   once n >= S + L). Costs S window rows per
-                                  slot and layer. Both backends, sequence API
-                                  only for now: caller_metadata = 1 refuses
-                                  S > 0 with OSCAR_E_UNSUPPORTED.              */
+                                  slot and layer. Both backends, both APIs:
+                                  with caller_metadata = 1 seq_lens still
+                                  count the sink tokens and block_tables
+                                  entry j holds tokens [S + jR, S + (j+1)R)
+                                  (oscar_batch says exactly what changes).   */
     int clip_search;           /* 0 (default, as published) or 1: at pack time
                                   each group's range [lo, hi] is searched over a
                                   fixed grid of shrunken ranges and the one with
@@ -440,13 +442,29 @@ oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64
  *                 distinct within a batch (the CPU backend rejects a repeated
  *                 slot; on CUDA the two sequences' windows would mix). The
  *                 slot holds the sequence's unquantised tail, tokens
- *                 [P * R, seq_len), for every layer.
+ *                 [P * R, seq_len), for every layer (with sink tokens, see
+ *                 below, also the sink rows).
  *   block_tables: int32 [num_seqs, block_table_stride]: physical block ids
  *                 (0..block_count-1). Entries 0 .. seq_len / R - 1 must be
  *                 valid when the call runs; block j holds tokens
  *                 [j*R, (j+1)*R) of the sequence for every layer. The caller's
  *                 block manager chooses them, shares them between forks and
  *                 frees them; packed blocks are never written again.
+ * Sink tokens (config.sink_tokens = S > 0) shift the blocks by S:
+ *  - seq_lens, tokens_per_seq and max_seq_len count every token, the sink
+ *    tokens included; an append writes tokens [seq_len - tokens_per_seq,
+ *    seq_len) whether they fall in the sink rows, the window or both.
+ *  - The first min(seq_len, S) tokens sit in the slot's S sink rows, ahead
+ *    of its window rows (the slot's size, oscar_memory_requirements_get,
+ *    already counts them); they are never packed.
+ *  - Block j holds tokens [S + j*R, S + (j+1)*R), the packing rule under
+ *    oscar_config reads seq_len - S for n, and the entries that must be
+ *    valid are 0 .. (seq_len - S) / R - 1 when seq_len > S (none before):
+ *    at most the P' blocks packed so far. block_table_stride must be
+ *    >= (max_seq_len - S) / R (0 when max_seq_len <= S), and max_seq_len
+ *    may reach the pool's capacity plus S.
+ *  - The window holds tokens [S + P*R, seq_len) (none while seq_len <= S);
+ *    rollback and slot_copy below say what S changes for them.
  * The host fields (num_seqs, tokens_per_seq, max_seq_len, block_table_stride)
  * are fixed for a captured graph; the arrays are read when the kernels run,
  * so an engine updates them between replays (cudaMemcpyAsync from pinned
@@ -458,21 +476,28 @@ oscar_status oscar_seq_read(oscar_cache *cache, int32_t seq_id, int layer, int64
  * sequence's seq_len before the next call to any value >= P * R (its
  * tokens still in the window); appending again then overwrites the removed
  * tokens. Blocks 0 .. P' - 1 must be valid in block_tables when an append
- * packs them (P' <= seq_len / R).
+ * packs them (P' <= seq_len / R). With sink tokens the floor is S + P * R
+ * once P > 0 (the sink rows and the blocks stay); while P = 0 any value is
+ * allowed, below S too: the sink rows past it are then overwritten by the
+ * next appends, exactly like removed window rows (as oscar_seq_truncate),
+ * and P' <= (seq_len - S) / R.
  * Entries out of range (a slot outside 0..max_seqs-1, a seq_len below its
- * packed tokens or above what was written to the slot, a block id outside
- * 0..block_count-1) are found on the device: the sequence is skipped, its
+ * packed tokens (S + P * R with sinks, once P > 0) or above what was
+ * written to the slot, a block id outside 0..block_count-1 where a block is
+ * packed or read) are found on the device: the sequence is skipped, its
  * attention rows are NaN and oscar_poll reports OSCAR_E_INVALID_ARGUMENT
  * naming one such batch entry. The CPU backend checks them at once and
  * returns the error. On CUDA max_seq_len only sizes the grid: a longer
- * sequence is still attended correctly, with fewer splits than ideal.
+ * sequence is still attended correctly, with fewer splits than ideal
+ * (the grid is sized for max_seq_len - S tokens in blocks and window).
  */
 typedef struct oscar_batch {
     int32_t num_seqs;           /* 1 .. max_seqs                                  */
     int32_t tokens_per_seq;     /* new tokens per sequence (append) = q_len
                                    (attention); 1 for decode; 1..OSCAR_MAX_Q_LEN  */
     int32_t max_seq_len;        /* bound on every seq_lens entry; sizes the grid  */
-    int32_t block_table_stride; /* >= max_seq_len / R                            */
+    int32_t block_table_stride; /* >= max_seq_len / R ((max_seq_len - S) / R
+                                   with sink_tokens = S, 0 if max_seq_len <= S) */
     const int32_t *seq_lens;
     const int32_t *window_slots;
     const int32_t *block_tables;
@@ -517,11 +542,15 @@ oscar_status oscar_batch_append(oscar_cache *cache, int layer, const oscar_batch
 oscar_status oscar_batch_attention(oscar_cache *cache, int layer, const oscar_batch *batch, const void *q,
                                    oscar_dtype q_dtype, void *out, oscar_dtype out_dtype, float softmax_scale,
                                    void *stream);
-/* Forks slot src into slot dst: the window tokens of every layer, the
- * per-layer packed-block counts and (CUDA) the failed mark; the caller copies
- * the block table row and shares its blocks. n_tokens is the source
- * sequence's length (the CPU copies its window rows, CUDA the whole slot).
- * Stream-ordered on the CUDA backend, capturable. */
+/* Forks slot src into slot dst: the sink rows (sink_tokens) and window
+ * tokens of every layer, the per-layer packed-block counts and (CUDA) the
+ * failed mark; the caller copies the block table row and shares its blocks.
+ * n_tokens is the source sequence's length, every layer the same, sink
+ * tokens included (the CPU copies min(n_tokens, S) sink rows and the window
+ * rows, CUDA the whole slot). The CPU backend refuses an n_tokens below the
+ * source's sink rows and packed blocks (S + P * R once P > 0), one that
+ * leaves R + rollback_tokens or more window rows, or one above what the
+ * slot holds. Stream-ordered on the CUDA backend, capturable. */
 oscar_status oscar_slot_copy(oscar_cache *cache, int32_t src_slot, int32_t dst_slot, int64_t n_tokens,
                              void *stream);
 

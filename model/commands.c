@@ -88,7 +88,7 @@ static void usage(const char *cmd) {
                 "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n"
                 "  --score-from P scores only the predictions made at positions >= P of each window;\n"
                 "  --score-second-half is P = N/2, the tokens llama.cpp's llama-perplexity scores.\n"
-                "  Options past the paper (docs/ACCURACY.md; --sinks on the CPU runner only): --min-exact L (alias --rollback)\n"
+                "  Options past the paper (docs/ACCURACY.md): --min-exact L (alias --rollback)\n"
                 "  keeps at least L recent tokens exact (config rollback_tokens); --sinks S keeps the\n"
                 "  first S tokens exact (sink_tokens); --clip searches each group's range (clip_search);\n"
                 "  --norm-per-head keeps one key norm per token and KV head (key_norm_per_head);\n"
@@ -209,11 +209,6 @@ static int parse_opts(int argc, char **argv, opts *o) {
         }
 #undef NEEDV
 #undef INTV
-    }
-    if (o->cfg.backend == OSCAR_BACKEND_CUDA && o->cfg.sink_tokens) {
-        die(cmd, "--sinks runs on the CPU runner only for now (--device cpu): the GPU runner drives the cache with the "
-                 "batch API, which has no sink rows yet");
-        return -1;
     }
     if (o->cfg.backend == OSCAR_BACKEND_CUDA && (o->cfg.key_norm_per_head || o->cfg.key_bits || o->cfg.value_bits)) {
         die(cmd, "--norm-per-head, --key-bits and --value-bits run on the CPU runner only for now (--device cpu)");
@@ -350,8 +345,10 @@ static void kv_usage(const llama_kv *kv, const llama_model *m, double *used, dou
             *used = *per_tok = NAN;
             return;
         }
-        const int64_t R = kv->residual > 0 ? kv->residual : 0;
-        const int64_t packed = R ? kv->len / R * R : 0;
+        /* the packing rule (oscar.h): blocks of R after the sink tokens and
+         * the rollback lag, pack_offset = S + L (the runner never rolls back) */
+        const int64_t R = kv->residual > 0 ? kv->residual : 0, off = kv->pack_offset;
+        const int64_t packed = R && kv->len >= off ? (kv->len - off) / R * R : 0;
         *used = (double)packed * ms.packed_bytes_per_token + (double)(kv->len - packed) * ms.window_bytes_per_token;
         *per_tok = ms.packed_bytes_per_token;
         return;

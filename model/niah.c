@@ -84,7 +84,7 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
                     "                  [--kv none|kivi|quarot|scale-only|oscar] [--bits 2|4] [--residual R]\n"
                     "                  [--k-group G] [--v-group G] [--device cpu|cuda] [--threads N]\n"
                     "                  [--png grid.png] [--json out.json] [--control]\n"
-                    "                  [--min-exact L] [--sinks S (CPU only)] [--clip]   (docs/ACCURACY.md)\n"
+                    "                  [--min-exact L] [--sinks S] [--clip]   (docs/ACCURACY.md)\n"
                     "  Passkey retrieval: a random 5-digit key stated once at each depth (%% of the\n"
                     "  filler) of prompts of each length, greedy answer, exact match. Prints the\n"
                     "  accuracy grid (depths x lengths) for one cache configuration. --control\n"
@@ -146,11 +146,6 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
     }
     if (a->cfg.bits != 2 && a->cfg.bits != 4) { fprintf(stderr, "oscar niah: --bits must be 2 or 4\n"); return -1; }
     if (!a->text) { fprintf(stderr, "oscar niah: --text is required (the filler: scripts/get-text.sh)\n"); return -1; }
-    if (a->cuda && a->cfg.sink_tokens) {
-        fprintf(stderr, "oscar niah: --sinks runs on the CPU runner only for now (--device cpu): the GPU runner drives "
-                        "the cache with the batch API, which has no sink rows yet\n");
-        return -1;
-    }
     if (a->cuda) a->cfg.backend = OSCAR_BACKEND_CUDA;
     return 0;
 }

@@ -121,9 +121,18 @@ static drv *drv_new(oscar_cache *c, const oscar_config *cfg, int batch, uint64_t
     return D;
 }
 
+/* Most blocks a sequence of n tokens can have packed (oscar.h, oscar_batch):
+ * block j holds tokens [S + jR, S + (j+1)R), so the first S don't count. */
+static int64_t blocks_needed(const oscar_config *cfg, int64_t n) {
+    const int64_t S = cfg->sink_tokens;
+    return n > S ? (n - S) / cfg->residual : 0;
+}
+
+/* The table grows only as far as packing can reach; entries past that stay
+ * -1 (drv_batch), so a backend that packs or reads a block too many fails. */
 static void drv_grow(drv *D, int i, int64_t newlen) {
-    const int R = D->cfg.residual;
-    while (D->nblk[i] < newlen / R && D->nblk[i] < MAXB) D->table[i][D->nblk[i]++] = bm_get(&D->bm);
+    while (D->nblk[i] < blocks_needed(&D->cfg, newlen) && D->nblk[i] < MAXB)
+        D->table[i][D->nblk[i]++] = bm_get(&D->bm);
 }
 
 /* The batch arrays for sequences idx[0..n) at their current length in
@@ -139,7 +148,7 @@ static oscar_batch drv_batch(drv *D, int n, const int *idx, int tps, int layer, 
     }
     int64_t msl = maxlen + (tl_randint(&D->lr, 0, 2) ? tl_randint(&D->lr, 1, 40) : 0);
     if (msl / R > MAXB) msl = maxlen;
-    int stride = (int)(msl / R) + tl_randint(&D->lr, 0, 2);
+    int stride = (int)blocks_needed(&D->cfg, msl) + tl_randint(&D->lr, 0, 2); /* the least allowed, or more */
     if (stride < 1) stride = 1;
     if (stride > MAXB) stride = MAXB;
     for (int i = 0; i < n * stride; i++) D->b_tables[i] = -1;
@@ -541,6 +550,155 @@ static void test_batch_equals_sequence_api(void) {
     equiv_scenario("quarot-2, folded V", qr, TL_FLAVOR_OUTLIERS, 0, &r);
 }
 
+/* ---- 1b. sink tokens: batch API == sequence API ------------------------------- */
+
+/* With sink_tokens = S: prompts shorter than S, of exactly S, one past S and
+ * crossing S and a block, a prompt in two chunks across S, then batched
+ * decode (some 3-token steps) until every sequence has crossed two block
+ * boundaries after its sinks, with a restart in a dirty slot. Both caches
+ * get the same tokens; every attention must be bit-identical. */
+/* A cache over a pool of the test's own (docs/FORMAT.md: layer block (l, i)
+ * at byte (l * block_count + i) * LB), so that its blocks can be read. */
+static oscar_cache *create_over_pool(oscar_config cfg, int caller_metadata, void **pool) {
+    cfg.caller_metadata = caller_metadata;
+    oscar_memory_requirements rq;
+    char eb[256] = "";
+    *pool = NULL;
+    if (!CHECKF(oscar_memory_requirements_get(&cfg, &rq, eb, sizeof eb) == OSCAR_OK, "requirements: %s", eb) ||
+        posix_memalign(pool, rq.alignment, rq.pool_bytes ? rq.pool_bytes : rq.alignment) != 0)
+        return NULL;
+    oscar_memory_source src;
+    memset(&src, 0, sizeof src);
+    src.pool = *pool;
+    oscar_cache *c = NULL;
+    CHECKF(oscar_cache_create_with_memory(&cfg, &src, &c, eb, sizeof eb) == OSCAR_OK, "create over a pool: %s", eb);
+    return c;
+}
+
+/* Every packed block of sequences 0..n-1, layer by layer, byte for byte:
+ * the sequence API's (its own block ids) against the batch API's (the
+ * test's table). Returns the blocks compared. */
+static int64_t same_blocks(pair *P, int n, const uint8_t *pool_a, const uint8_t *pool_b) {
+    const oscar_config *cfg = &P->a->cfg;
+    oscar_memory_stats ms;
+    CHECK_OK(oscar_memory(P->a->c, &ms));
+    const size_t LB = (size_t)ms.block_bytes / (size_t)cfg->num_layers; /* one layer block */
+    int64_t compared = 0;
+    for (int i = 0; i < n; i++) {
+        int32_t table[MAXB], count = 0;
+        CHECK_OK(oscar_seq_block_table(P->a->c, P->a->ids[i], table, MAXB, &count));
+        for (int l = 0; l < cfg->num_layers; l++) {
+            oscar_seq_info info;
+            CHECK_OK(oscar_seq_info_get(P->a->c, P->a->ids[i], l, &info));
+            const int64_t packed = info.packed_tokens / cfg->residual;
+            CHECKF(packed <= count && packed <= P->b->nblk[i], "%s: sequence %d layer %d: %lld blocks packed, tables "
+                   "of %d and %d", P->what, i, l, (long long)packed, (int)count, (int)P->b->nblk[i]);
+            for (int64_t j = 0; j < packed && j < count && j < P->b->nblk[i]; j++, compared++) {
+                const uint8_t *x = pool_a + ((size_t)l * cfg->block_count + (size_t)table[j]) * LB;
+                const uint8_t *y = pool_b + ((size_t)l * cfg->block_count + (size_t)P->b->table[i][j]) * LB;
+                CHECKF(memcmp(x, y, LB) == 0, "%s: sequence %d layer %d block %lld: the batch API packed other bytes "
+                       "than the sequence API", P->what, i, l, (long long)j);
+            }
+        }
+    }
+    return compared;
+}
+
+static void sinks_scenario(const char *what, oscar_config cfg, int flavor, int ref_check, tl_rng *r) {
+    void *pool_a = NULL, *pool_b = NULL;
+    oscar_cache *A = create_over_pool(cfg, 0, &pool_a), *B = create_over_pool(cfg, 1, &pool_b);
+    if (!A || !B) {
+        oscar_cache_destroy(A);
+        oscar_cache_destroy(B);
+        free(pool_a), free(pool_b);
+        return;
+    }
+    const int S = cfg.sink_tokens, R = cfg.residual, L = cfg.rollback_tokens;
+    printf("   sinks: %s (S %d, R %d, L %d, %s, %s window)\n", what, S, R, L, oscar_method_name(cfg.method),
+           tl_dtype_name(cfg.window_dtype));
+    pair P;
+    const int64_t cap = S + 2 * (int64_t)(R + L) + 3 * R + 120;
+    pair_init(&P, drv_new(A, &cfg, 0, 71), drv_new(B, &cfg, 1, 72), what, r, flavor, ref_check, cap);
+    enum { NS = 4 };
+    const int32_t slots[NS] = {6, 1, 3, 0};
+    for (int i = 0; i < NS; i++) pair_add(&P, i, slots[i]);
+    const oscar_dtype dt0 = ref_check ? OSCAR_DTYPE_F32 : OSCAR_DTYPE_F16;
+    /* prompts: 1 token (then S more: 1 + S crosses S), S - 1, S, S + R + 3 */
+    const int32_t prompt[NS] = {1, S > 1 ? S - 1 : 1, S, S + R + 3};
+    for (int i = 0; i < NS; i++) pair_step(&P, 1, &i, &prompt[i], dt0, OSCAR_DTYPE_F32, 0.0f);
+    {
+        const int zero = 0;
+        const int32_t n = S;
+        pair_step(&P, 1, &zero, &n, dt0, OSCAR_DTYPE_F32, 0.0f);
+    }
+    /* decode until the shortest sequence (S - 1 tokens) has packed two
+     * blocks: S + 2R + L tokens, and a little more */
+    const int steps = 2 * R + L + 8;
+    for (int s = 0; s < steps; s++) {
+        if (s == steps / 2) { /* sequence 2 restarts in slot 7, then in its own old slot */
+            pair_free(&P, 2);
+            pair_add(&P, 2, 7);
+            const int two = 2;
+            const int32_t n = S + 2;
+            pair_step(&P, 1, &two, &n, dt0, OSCAR_DTYPE_F32, 0.0f);
+        }
+        int perm[NS] = {0, 1, 2, 3};
+        shuffle(r, perm, NS);
+        const int32_t tps = s % 7 == 3 ? 3 : 1;
+        const int32_t nt[NS] = {tps, tps, tps, tps};
+        const oscar_dtype dt = ref_check ? OSCAR_DTYPE_F32 : rand_dtype(r);
+        const oscar_dtype qdt = s % 4 == 1 ? OSCAR_DTYPE_BF16 : OSCAR_DTYPE_F32;
+        pair_step(&P, NS, perm, nt, dt, qdt, s % 5 == 2 ? 0.09f : 0.0f);
+    }
+    /* the sequence API's view agrees with the test's: sink rows exact, the
+     * blocks after them */
+    for (int i = 0; i < NS; i++)
+        for (int l = 0; l < cfg.num_layers; l++) {
+            oscar_seq_info info;
+            CHECK_OK(oscar_seq_info_get(A, P.a->ids[i], l, &info));
+            const int64_t T = P.b->len[i][l];
+            CHECKF(info.tokens == T && info.packed_tokens == blocks_needed(&cfg, T - L) * R,
+                   "%s: sequence %d layer %d: %lld tokens, %lld packed (test: %lld tokens)", what, i, l,
+                   (long long)info.tokens, (long long)info.packed_tokens, (long long)T);
+        }
+    CHECKF(P.max_len >= S + 2 * R, "%s: the longest sequence holds only %lld tokens", what, (long long)P.max_len);
+    /* the packed blocks themselves, byte for byte */
+    const int64_t blocks = same_blocks(&P, NS, pool_a, pool_b);
+    CHECKF(blocks >= NS * cfg.num_layers, "%s: only %lld packed blocks compared", what, (long long)blocks);
+    /* blocks the batch side's manager handed out: exactly what packing needs */
+    for (int i = 0; i < NS; i++) pair_free(&P, i);
+    CHECKF(P.b->bm.top == cfg.block_count, "%s: the test's block manager lost blocks", what);
+    pair_done(&P);
+    oscar_cache_destroy(A);
+    oscar_cache_destroy(B);
+    free(pool_a), free(pool_b);
+}
+
+static oscar_config sinks_cfg(oscar_config c, int S, int L) {
+    c.sink_tokens = S;
+    c.rollback_tokens = L;
+    return c;
+}
+
+static void test_batch_sinks(void) {
+    tl_rng r = tl_rng_for("batch_sinks");
+    const oscar_config base = base_cfg(); /* R 32 */
+    sinks_scenario("S 1", sinks_cfg(base, 1, 0), TL_FLAVOR_SINKS, 0, &r);
+    sinks_scenario("S 5, L 3", sinks_cfg(base, 5, 3), TL_FLAVOR_OUTLIERS, 0, &r);
+    sinks_scenario("S 32 = R", sinks_cfg(base, 32, 0), TL_FLAVOR_SINKS, 0, &r);
+    sinks_scenario("S 33 (odd, > R), L 32", sinks_cfg(base, 33, 32), TL_FLAVOR_NORMAL, 0, &r);
+    sinks_scenario("S 40 > R, none, f32 window",
+                   sinks_cfg(engine_cfg(OSCAR_METHOD_NONE, 2, 64, 2, 4, 32, 16, 16, OSCAR_DTYPE_F32, 2), 40, 5),
+                   TL_FLAVOR_NORMAL, 1, &r);
+    oscar_config rec = engine_cfg(OSCAR_METHOD_OSCAR, 2, 64, 2, 4, 64, 32, 32, OSCAR_DTYPE_F16, 2);
+    sinks_scenario("S 64, R 64, L 64 (the recommended shape)", sinks_cfg(rec, 64, 64), TL_FLAVOR_SINKS, 0, &r);
+    sinks_scenario("S 32, R 64, L 64 (the recommended configuration)", sinks_cfg(rec, 32, 64), TL_FLAVOR_SINKS, 0,
+                   &r);
+    oscar_config k4 = engine_cfg(OSCAR_METHOD_KIVI, 4, 64, 2, 4, 32, 16, 16, OSCAR_DTYPE_BF16, 2);
+    k4.clip_search = 1;
+    sinks_scenario("S 7, kivi-4, clipped", sinks_cfg(k4, 7, 0), TL_FLAVOR_OUTLIERS, 0, &r);
+}
+
 /* ---- 2. forks: oscar_slot_copy == oscar_seq_fork ------------------------------ */
 
 static void fork_scenario(oscar_config cfg, int ref_check, int64_t t0, tl_rng *r) {
@@ -551,7 +709,8 @@ static void fork_scenario(oscar_config cfg, int ref_check, int64_t t0, tl_rng *r
         return;
     }
     char what[96];
-    snprintf(what, sizeof what, "fork %s at %lld tokens", oscar_method_name(cfg.method), (long long)t0);
+    snprintf(what, sizeof what, "fork %s at %lld tokens (S %d, L %d)", oscar_method_name(cfg.method), (long long)t0,
+             cfg.sink_tokens, cfg.rollback_tokens);
     printf("   %s\n", what);
     pair P;
     pair_init(&P, drv_new(A, &cfg, 0, 21), drv_new(B, &cfg, 1, 22), what, r, TL_FLAVOR_SINKS, ref_check, 220);
@@ -633,6 +792,16 @@ static void test_slot_copy_fork(void) {
     fork_scenario(c, 0, 7, &r);
     fork_scenario(c, 0, 3 * 32 - 1, &r);
     fork_scenario(engine_cfg(OSCAR_METHOD_NONE, 2, 64, 2, 4, 32, 16, 16, OSCAR_DTYPE_F32, 2), 1, 32 + 17, &r);
+    /* with sink tokens: forks inside the sink rows, at exactly S, past S
+     * and a block (the sink rows must travel with the window) */
+    const oscar_config s5 = sinks_cfg(c, 5, 0), s40 = sinks_cfg(c, 40, 4);
+    fork_scenario(s5, 0, 3, &r);
+    fork_scenario(s5, 0, 5, &r);
+    fork_scenario(s5, 0, 5 + 32 + 6, &r);
+    fork_scenario(s40, 0, 39, &r);
+    fork_scenario(s40, 0, 40 + 2 * 32 + 4 + 1, &r);
+    fork_scenario(sinks_cfg(engine_cfg(OSCAR_METHOD_NONE, 2, 64, 2, 4, 32, 16, 16, OSCAR_DTYPE_F32, 2), 9, 0), 1,
+                  9 + 32 + 2, &r);
 }
 
 /* ---- 3. bad input ------------------------------------------------------------- */
@@ -960,6 +1129,120 @@ static void test_bad_batch_input(void) {
         CHECKF(oscar_batch_attention(X, l, &t.b, q, OSCAR_DTYPE_F32, out, OSCAR_DTYPE_F32, 0.0f, NULL) == OSCAR_OK &&
                    tl_count_nonfinite(out, (int64_t)3 * tps * hq * d) == 0,
                "the valid template attention (layer %d) failed: %s", l, oscar_last_error(X));
+    }
+    free(k);
+    free(v);
+    free(q);
+    free(out);
+    bad_teardown(&P);
+}
+
+/* Bad batches with sink_tokens = S = 5 (R 32): what the S offset changes.
+ * Sequences 0, 1, 2 hold 40, 75, 20 tokens: 1, 2 and 0 blocks packed, so
+ * their first 37, 69 and 0 tokens can never be removed. Every rejected call
+ * leaves the cache as its twin; the boundaries right next to them pass. */
+static void test_bad_batch_sinks(void) {
+    tl_rng r = tl_rng_for("bad_batch_sinks");
+    oscar_config cfg = sinks_cfg(base_cfg(), 5, 0);
+    cfg.block_count = 200;
+    const int S = 5, R = cfg.residual, hq = cfg.num_q_heads, d = cfg.head_dim;
+    pair P;
+    bad_setup(&P, cfg, &r, "bad input");
+    oscar_cache *X = P.a->c;
+    if (!X || !P.b->c) return;
+    const int64_t row = (int64_t)cfg.num_kv_heads * d;
+    float *k = malloc(sizeof(float) * (size_t)(100 * row)), *v = malloc(sizeof(float) * (size_t)(100 * row));
+    tl_gen_kv(&r, TL_FLAVOR_NORMAL, k, v, 100, cfg.num_kv_heads, d, OSCAR_DTYPE_F32);
+    float *q = malloc(sizeof(float) * (size_t)(100 * hq * d)), *out = malloc(sizeof(float) * (size_t)(100 * hq * d));
+    tl_fill_normal(&r, q, 100LL * hq * d, 0.2);
+    const int idx3[3] = {0, 1, 2}, zero = 0;
+    const size_t out3 = sizeof(float) * (size_t)(3 * 2 * hq * d);
+    tmpl t;
+    oscar_status st;
+    /* seq_len below the sink rows and blocks: 68 < S + 2R = 69 (a backend
+     * that forgot the sinks would allow down to 2R = 64); append and
+     * attention. 69 itself is allowed. */
+    for (int l = 0; l < 2; l++) {
+        tmpl_make(&t, P.a, 3, idx3, 2, l, 0);
+        t.lens[1] = S + 2 * R - 1;
+        memset(out, 0x5a, out3);
+        st = oscar_batch_attention(X, l, &t.b, q, OSCAR_DTYPE_F32, out, OSCAR_DTYPE_F32, 0.0f, NULL);
+        CHECKF(st == OSCAR_E_INVALID_ARGUMENT && strstr(oscar_last_error(X), "sink") != NULL,
+               "batch_attention, seq_len %d below its sink rows and 2 blocks: %s (%s)", S + 2 * R - 1,
+               oscar_status_name(st), oscar_last_error(X));
+        CHECK(filled_with(out, 0x5a, out3));
+        t.lens[1] = S + 2 * R - 1 + 2; /* an append of 2 after lowering to 68 */
+        st = oscar_batch_append(X, l, &t.b, k, v, OSCAR_DTYPE_F32, NULL);
+        CHECKF(st == OSCAR_E_INVALID_ARGUMENT, "batch_append after lowering seq_len to %d: %s", S + 2 * R - 1,
+               oscar_status_name(st));
+        TWINS_SAME(&P, cfg, &r, "seq_len below the sink rows and blocks (layer %d) changed the cache", l);
+        tmpl_make(&t, P.a, 3, idx3, 2, l, 0);
+        t.lens[1] = S + 2 * R;
+        CHECKF(oscar_batch_attention(X, l, &t.b, q, OSCAR_DTYPE_F32, out, OSCAR_DTYPE_F32, 0.0f, NULL) == OSCAR_OK &&
+                   tl_count_nonfinite(out, 3LL * 2 * hq * d) == 0,
+               "batch_attention at seq_len S + 2R = %d (layer %d): %s", S + 2 * R, l, oscar_last_error(X));
+    }
+    /* a packed block's table entry missing (-1 or out of range): sequence 1
+     * needs entries 0 and 1 */
+    for (int bad = 0; bad < 4; bad++) {
+        tmpl_make(&t, P.a, 3, idx3, 2, 0, 0);
+        t.tables[(size_t)t.b.block_table_stride + (bad & 1)] = bad < 2 ? -1 : cfg.block_count;
+        memset(out, 0x5a, out3);
+        st = oscar_batch_attention(X, 0, &t.b, q, OSCAR_DTYPE_F32, out, OSCAR_DTYPE_F32, 0.0f, NULL);
+        CHECKF(st == OSCAR_E_INVALID_ARGUMENT && oscar_last_error(X)[0],
+               "batch_attention with block_tables[1][%d] bad: %s", bad & 1, oscar_status_name(st));
+        CHECK(filled_with(out, 0x5a, out3));
+    }
+    /* an append that packs block 1 of sequence 0 (40 -> 70 tokens: 65 after
+     * the sinks) into a missing or bad entry */
+    for (int bad = 0; bad < 2; bad++) {
+        tmpl_make(&t, P.a, 1, &zero, 30, 0, 30);
+        CHECK(t.b.block_table_stride == 2 && t.tables[0] >= 0 && t.tables[1] == -1);
+        if (bad) t.tables[1] = cfg.block_count;
+        st = oscar_batch_append(X, 0, &t.b, k, v, OSCAR_DTYPE_F32, NULL);
+        CHECKF(st == OSCAR_E_INVALID_ARGUMENT && strstr(oscar_last_error(X), "block_tables[0][1]") != NULL,
+               "batch_append packing into block_tables[0][1] = %d: %s (%s)", (int)t.tables[1],
+               oscar_status_name(st), oscar_last_error(X));
+    }
+    TWINS_SAME(&P, cfg, &r, "bad block table entries with sinks changed the cache");
+    /* slot_copy below what can be removed, or past what the slot holds,
+     * into sequence 2's slot (which would change if it were accepted) */
+    {
+        const int32_t s1 = P.a->slot[1], s0 = P.a->slot[0], s2 = P.a->slot[2];
+        CHECK_ST(X, oscar_slot_copy(X, s1, s2, S + 2 * R - 1, NULL), OSCAR_E_INVALID_ARGUMENT);
+        CHECK_ST(X, oscar_slot_copy(X, s1, s2, 76, NULL), OSCAR_E_INVALID_ARGUMENT);
+        CHECK_ST(X, oscar_slot_copy(X, s0, s2, S + R - 1, NULL), OSCAR_E_INVALID_ARGUMENT);
+        TWINS_SAME(&P, cfg, &r, "rejected slot_copy calls with sinks changed the cache");
+        /* inside the sink rows of a slot with nothing packed: allowed */
+        CHECKF(oscar_slot_copy(X, s2, 6, 3, NULL) == OSCAR_OK, "slot_copy of 3 tokens (< S, nothing packed): %s",
+               oscar_last_error(X));
+    }
+    /* block_table_stride: (max_seq_len - S) / R is enough; one less is not.
+     * A fresh cache: one sequence of 66 tokens packs (66 - 5) / 32 = 1 block. */
+    {
+        oscar_config c1 = cfg;
+        c1.num_layers = 1;
+        oscar_cache *Z = create_mode(c1, 1);
+        if (Z) {
+            int32_t len = 66, slot = 3, table[2] = {17, -1};
+            oscar_batch b = {.num_seqs = 1, .tokens_per_seq = 66, .max_seq_len = 66, .block_table_stride = 0,
+                             .seq_lens = &len, .window_slots = &slot, .block_tables = table};
+            st = oscar_batch_append(Z, 0, &b, k, v, OSCAR_DTYPE_F32, NULL);
+            CHECKF(st == OSCAR_E_INVALID_ARGUMENT && strstr(oscar_last_error(Z), "block_table_stride") != NULL,
+                   "block_table_stride 0 for 66 tokens with S 5: %s (%s)", oscar_status_name(st), oscar_last_error(Z));
+            b.block_table_stride = 1;
+            CHECKF(oscar_batch_append(Z, 0, &b, k, v, OSCAR_DTYPE_F32, NULL) == OSCAR_OK,
+                   "block_table_stride (66 - S) / R = 1: %s", oscar_last_error(Z));
+            CHECKF(oscar_batch_attention(Z, 0, &b, q, OSCAR_DTYPE_F32, out, OSCAR_DTYPE_F32, 0.0f, NULL) == OSCAR_OK &&
+                       tl_count_nonfinite(out, 66LL * hq * d) == 0,
+                   "attention over 66 tokens, 1 block: %s", oscar_last_error(Z));
+            /* the pool's capacity counts the sink rows too */
+            b.max_seq_len = c1.block_count * R + R - 1 + S + 1;
+            b.block_table_stride = c1.block_count + 1;
+            CHECK_ST(Z, oscar_batch_attention(Z, 0, &b, q, OSCAR_DTYPE_F32, out, OSCAR_DTYPE_F32, 0.0f, NULL),
+                     OSCAR_E_INVALID_ARGUMENT);
+            oscar_cache_destroy(Z);
+        }
     }
     free(k);
     free(v);
@@ -1633,8 +1916,10 @@ static void test_max_q_len(void) {
 int main(void) {
     printf("oscar %s, test_engine\n", oscar_version());
     TL_RUN(test_batch_equals_sequence_api);
+    TL_RUN(test_batch_sinks);
     TL_RUN(test_slot_copy_fork);
     TL_RUN(test_bad_batch_input);
+    TL_RUN(test_bad_batch_sinks);
     TL_RUN(test_wrong_mode);
     TL_RUN(test_memory);
     TL_RUN(test_const_calls_read_only);

@@ -30,24 +30,25 @@ typedef struct walk {
     oscar_config cfg;
     oscar_cache *a, *b, *ab; /* A (sequence API), B (accepted only), A' (batch API) */
     int32_t sa, sb;
-    int hkv, hq, d, R, L;
+    int hkv, hq, d, R, L, S;
     /* A' block manager: one sequence, slot 0 */
     int32_t table[64];
     int32_t next_block;
     int64_t len_ab;
 } walk;
 
-static int walk_make(walk *w, oscar_method m, int bits, oscar_dtype wdt, int L) {
+static int walk_make(walk *w, oscar_method m, int bits, oscar_dtype wdt, int L, int R, int S) {
     memset(w, 0, sizeof *w);
     w->cfg = tl_small_config(m, bits, 64, 2, 4);
     w->cfg.num_layers = LAYERS;
-    w->cfg.residual = 32;
+    w->cfg.residual = R;
     w->cfg.k_group = 16;
     w->cfg.v_group = 16;
     w->cfg.window_dtype = wdt;
     w->cfg.rollback_tokens = L;
+    w->cfg.sink_tokens = S;
     w->cfg.block_count = 64;
-    w->hkv = 2, w->hq = 4, w->d = 64, w->R = 32, w->L = L;
+    w->hkv = 2, w->hq = 4, w->d = 64, w->R = R, w->L = L, w->S = S;
     w->a = tl_create(&w->cfg);
     w->b = tl_create(&w->cfg);
     oscar_config cb = w->cfg;
@@ -122,22 +123,34 @@ static int same_packing(walk *w) {
     return 1;
 }
 
+/* Tokens of a layer that stay exact for good or are packed: the sink rows
+ * and the blocks after them once a block exists (oscar.h). */
+static int64_t frozen_tokens(const walk *w, const oscar_seq_info *info) {
+    return info->packed_tokens > 0 ? w->S + info->packed_tokens : 0;
+}
+
 /* A's window tokens read back equal B's (which holds the same history). */
 static void check_windows(walk *w) {
     for (int l = 0; l < LAYERS; l++) {
         oscar_seq_info ia;
         CHECK_OK(oscar_seq_info_get(w->a, w->sa, l, &ia));
-        CHECKF(ia.window_tokens <= w->R - 1 + w->L, "layer %d window holds %d tokens, more than R - 1 + L", l,
-               ia.window_tokens);
+        CHECKF(ia.window_tokens <= w->R - 1 + w->L + w->S,
+               "layer %d window holds %d tokens, more than R - 1 + L + S (sink rows included)", l, ia.window_tokens);
         float *ka, *va, *kb, *vb;
         int64_t na = tl_read_all(w->a, w->sa, l, w->hkv, w->d, &ka, &va);
         int64_t nb = tl_read_all(w->b, w->sb, l, w->hkv, w->d, &kb, &vb);
         CHECKF(na == nb, "layer %d: A holds %lld tokens, B %lld", l, (long long)na, (long long)nb);
-        const int64_t row = (int64_t)w->hkv * w->d, from = ia.packed_tokens;
-        /* tokens B also still has in its window read back exactly alike */
+        const int64_t row = (int64_t)w->hkv * w->d, from = frozen_tokens(w, &ia);
+        /* tokens B also still has in its window read back exactly alike (and
+         * the sink rows, exact in both) */
         oscar_seq_info ib;
         CHECK_OK(oscar_seq_info_get(w->b, w->sb, l, &ib));
-        const int64_t common = from > ib.packed_tokens ? from : ib.packed_tokens;
+        const int64_t common = from > frozen_tokens(w, &ib) ? from : frozen_tokens(w, &ib);
+        const int64_t sinks = na < w->S ? na : w->S;
+        if (na == nb && sinks > 0)
+            CHECKF(memcmp(ka, kb, sizeof(float) * (size_t)(sinks * row)) == 0 &&
+                       memcmp(va, vb, sizeof(float) * (size_t)(sinks * row)) == 0,
+                   "layer %d: sink rows differ between A and B", l);
         if (na == nb && common < na)
             CHECKF(memcmp(ka + common * row, kb + common * row, sizeof(float) * (size_t)((na - common) * row)) == 0 &&
                        memcmp(va + common * row, vb + common * row, sizeof(float) * (size_t)((na - common) * row)) == 0,
@@ -146,10 +159,10 @@ static void check_windows(walk *w) {
     }
 }
 
-static void run_walk(oscar_method m, int bits, oscar_dtype wdt, int L, const char *name) {
+static void run_walk(oscar_method m, int bits, oscar_dtype wdt, int L, int R, int S, const char *name) {
     tl_rng r = tl_rng_for(name);
     walk w;
-    if (!walk_make(&w, m, bits, wdt, L)) {
+    if (!walk_make(&w, m, bits, wdt, L, R, S)) {
         walk_free(&w);
         return;
     }
@@ -160,23 +173,29 @@ static void run_walk(oscar_method m, int bits, oscar_dtype wdt, int L, const cha
     float *hk = malloc(sizeof(float) * (size_t)(MAXTOK * row)), *hv = malloc(sizeof(float) * (size_t)(MAXTOK * row));
     int64_t hn = 0;
     /* a prompt */
-    int prompt = tl_randint(&r, 1, 50);
+    /* with sinks, a prompt short of S, so that the first rounds roll back
+     * inside the sink rows */
+    int prompt = w.S > 0 ? tl_randint(&r, 1, (w.S + 1) / 2) : tl_randint(&r, 1, 50);
     tl_gen_kv(&r, 1, k, v, prompt, w.hkv, w.d, OSCAR_DTYPE_F16);
     append_all(&w, k, v, prompt, 1);
     memcpy(hk, k, sizeof(float) * (size_t)(prompt * row));
     memcpy(hv, v, sizeof(float) * (size_t)(prompt * row));
     hn = prompt;
-    int rounds = 0, exact_checks = 0, rejected_all = 0;
+    int rounds = 0, exact_checks = 0, rejected_all = 0, rollbacks_refused = 0, in_sinks = 0;
     while (hn + L + 2 < MAXTOK - 2 * (w.R + L) && rounds < 120) {
         rounds++;
-        const int kdraft = tl_randint(&r, 1, L);
+        /* with sinks the first round drafts L tokens from inside the sink
+         * rows (often past S) and rejects them all: a rollback into them */
+        const int first_in_sinks = w.S > 0 && rounds == 1;
+        const int kdraft = first_in_sinks ? L : tl_randint(&r, 1, L);
         tl_gen_kv(&r, (int)(tl_next(&r) % 3), k, v, kdraft, w.hkv, w.d, OSCAR_DTYPE_F16);
         append_all(&w, k, v, kdraft, 0);
         attend_pair(&w, kdraft, &r, out);
-        const int acc = tl_randint(&r, 0, kdraft);
+        const int acc = first_in_sinks ? 0 : tl_randint(&r, 0, kdraft);
         rejected_all += acc == 0;
         /* the drafts are all still in the window: any of them can go */
         const int64_t keep = hn + acc;
+        in_sinks += keep < w.S; /* a rollback inside the sink rows (nothing packed yet) */
         CHECK_OK(oscar_seq_truncate(w.a, w.sa, keep));
         w.len_ab = keep; /* the batch API: lower seq_lens */
         /* B gets the accepted drafts now */
@@ -219,10 +238,22 @@ static void run_walk(oscar_method m, int bits, oscar_dtype wdt, int L, const cha
         if (ia.packed_tokens > 0) {
             size_t n0 = 0, n1 = 0;
             unsigned char *e0 = tl_export(w.a, w.sa, &n0);
-            CHECK_ST(w.a, oscar_seq_truncate(w.a, w.sa, ia.packed_tokens - 1), OSCAR_E_INVALID_ARGUMENT);
+            CHECK_ST(w.a, oscar_seq_truncate(w.a, w.sa, frozen_tokens(&w, &ia) - 1), OSCAR_E_INVALID_ARGUMENT);
             unsigned char *e1 = tl_export(w.a, w.sa, &n1);
             CHECK(e0 && e1 && n0 == n1 && memcmp(e0, e1, n0) == 0);
             free(e0), free(e1);
+            /* the batch API refuses the same rollback, and accepts the
+             * boundary, with the same attention afterwards */
+            int32_t slot = 0, len = (int32_t)frozen_tokens(&w, &ia) - 1;
+            oscar_batch b = batch_of(&w, &len, &slot, 1);
+            float *q = calloc((size_t)(w.hq * w.d), sizeof(float)), *ob = malloc(sizeof(float) * (size_t)(w.hq * w.d));
+            tl_poison(ob, w.hq * w.d);
+            CHECK_ST(w.ab, oscar_batch_attention(w.ab, 0, &b, q, OSCAR_DTYPE_F32, ob, OSCAR_DTYPE_F32, 0.0f, NULL),
+                     OSCAR_E_INVALID_ARGUMENT);
+            len++;
+            CHECK_OK(oscar_batch_attention(w.ab, 0, &b, q, OSCAR_DTYPE_F32, ob, OSCAR_DTYPE_F32, 0.0f, NULL));
+            free(q), free(ob);
+            rollbacks_refused++;
         }
     }
     /* float64 reference over B's tokens (exact caches only) */
@@ -250,8 +281,10 @@ static void run_walk(oscar_method m, int bits, oscar_dtype wdt, int L, const cha
     CHECKF(same_packing(&w), "%s: after a common tail A and B still pack differently", name);
     CHECKF(tl_same_export(w.a, w.sa, w.b, w.sb), "%s: after rollback and a common tail, A's export differs from B's",
            name);
-    printf("   %s: %d rounds (%d rejected every draft), %lld tokens kept, %d bit-exact A/B attention checks\n", name,
-           rounds, rejected_all, (long long)hn, exact_checks);
+    printf("   %s: %d rounds (%d rejected every draft, %d rolled back into the sink rows), %lld tokens kept, %d "
+           "bit-exact A/B attention checks, %d refused rollbacks\n",
+           name, rounds, rejected_all, in_sinks, (long long)hn, exact_checks, rollbacks_refused);
+    CHECKF(w.S == 0 || in_sinks > 0, "%s: no rollback inside the sink rows", name);
     CHECKF(exact_checks > rounds / 4, "%s: too few rounds with equal packing (%d of %d) to compare exactly", name,
            exact_checks, rounds);
     free(k), free(v), free(out), free(hk), free(hv);
@@ -259,10 +292,20 @@ static void run_walk(oscar_method m, int bits, oscar_dtype wdt, int L, const cha
 }
 
 static void test_speculative_walks(void) {
-    run_walk(OSCAR_METHOD_OSCAR, 2, OSCAR_DTYPE_F16, 8, "oscar-2 L8");
-    run_walk(OSCAR_METHOD_KIVI, 4, OSCAR_DTYPE_BF16, 5, "kivi-4 L5");
-    run_walk(OSCAR_METHOD_NONE, 2, OSCAR_DTYPE_F32, 32, "none f32 L32 (=R)");
-    run_walk(OSCAR_METHOD_QUAROT, 2, OSCAR_DTYPE_F16, 1, "quarot-2 L1");
+    run_walk(OSCAR_METHOD_OSCAR, 2, OSCAR_DTYPE_F16, 8, 32, 0, "oscar-2 L8");
+    run_walk(OSCAR_METHOD_KIVI, 4, OSCAR_DTYPE_BF16, 5, 32, 0, "kivi-4 L5");
+    run_walk(OSCAR_METHOD_NONE, 2, OSCAR_DTYPE_F32, 32, 32, 0, "none f32 L32 (=R)");
+    run_walk(OSCAR_METHOD_QUAROT, 2, OSCAR_DTYPE_F16, 1, 32, 0, "quarot-2 L1");
+}
+
+/* The same walks with sink tokens: the batch API's rollback (lowering
+ * seq_len, also below S while nothing is packed) against seq_truncate. */
+static void test_speculative_walks_sinks(void) {
+    run_walk(OSCAR_METHOD_OSCAR, 2, OSCAR_DTYPE_F16, 8, 32, 5, "oscar-2 L8 S5");
+    run_walk(OSCAR_METHOD_KIVI, 4, OSCAR_DTYPE_BF16, 5, 32, 33, "kivi-4 L5 S33 (odd, > R)");
+    run_walk(OSCAR_METHOD_NONE, 2, OSCAR_DTYPE_F32, 32, 32, 40, "none f32 L32 S40");
+    run_walk(OSCAR_METHOD_OSCAR, 2, OSCAR_DTYPE_F16, 64, 64, 64, "oscar-2 R64 L64 S64");
+    run_walk(OSCAR_METHOD_OSCAR, 2, OSCAR_DTYPE_F16, 64, 64, 32, "oscar-2 R64 L64 S32 (recommended)");
 }
 
 /* Without a lag a block is packed as soon as it is full; truncation then
@@ -303,5 +346,6 @@ int main(void) {
     printf("oscar %s, test_rollback\n", oscar_version());
     TL_RUN(test_limits);
     TL_RUN(test_speculative_walks);
+    TL_RUN(test_speculative_walks_sinks);
     return tl_finish();
 }

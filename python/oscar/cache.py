@@ -101,7 +101,7 @@ class OscarConfig:
     check_finite: Optional[int] = None
     rollback_tokens: Optional[int] = None
     caller_metadata: Optional[int] = None
-    sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; sequence API only
+    sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; both APIs
     clip_search: Optional[int] = None   # 0 or 1
     key_norm_per_head: Optional[int] = None  # 0 or 1; CPU only
     key_bits: Optional[int] = None      # 0 (= bits), 2 or 4; CPU only

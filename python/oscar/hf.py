@@ -105,8 +105,10 @@ def _text_config(config):
     return config
 
 
-def _packed_after(packed: int, n: int, R: int, L: int) -> int:
-    """Blocks packed after a layer reaches n tokens (include/oscar.h, oscar_config)."""
+def _packed_after(packed: int, n: int, R: int, L: int, S: int = 0) -> int:
+    """Blocks packed after a layer reaches n tokens (include/oscar.h, oscar_config): the
+    rule reads the tokens after the S sink tokens."""
+    n -= min(n, S)
     p = (n - L) // R if n >= L else 0
     return max(packed, p)
 
@@ -236,6 +238,7 @@ class OscarHFCache(Cache):
         self.pool: Optional[OscarPool] = None
         self._R = int(residual)
         self._L = int(rollback_tokens)
+        self._S = int(oscar_kwargs.get("sink_tokens") or 0)   # blocks start after the sinks
         self._nb = self.max_cache_len // self._R + 1   # table entries: seq_len / R <= nb - 1
         self._reset_host_state()
         layers = [OscarHFLayer(self, i) for i in range(num_layers)]
@@ -331,7 +334,7 @@ class OscarHFCache(Cache):
         for i, n in enumerate(lens):
             if n - self._lens[i] != grown:
                 raise InvalidArgumentError("the device lengths grew unevenly (%s -> %s)" % (self._lens, lens))
-            self._packed[i] = _packed_after(self._packed[i], n, self._R, self._L)
+            self._packed[i] = _packed_after(self._packed[i], n, self._R, self._L, self._S)
         self._lens = lens
         self._hf_len += grown
         self._stale = False
@@ -429,7 +432,7 @@ class OscarHFCache(Cache):
         kept = []
         for i in range(self._rows):
             n = self._lens[i] - remove
-            floor = self._packed[i] * self._R
+            floor = self._S + self._packed[i] * self._R if self._packed[i] else 0  # sinks + blocks
             if n < floor:
                 raise UnsupportedError(
                     "crop(%d): row %d would keep %d tokens, but its first %d are already quantised "
@@ -556,7 +559,8 @@ class OscarHFCache(Cache):
         else:
             plan = ("pieces", self._pieces(new, B, T, before))
             self._lens = [n + (T if new is None else int(new[i].sum())) for i, n in enumerate(before)]
-        self._packed = [_packed_after(p, n, self._R, self._L) for p, n in zip(self._packed, self._lens)]
+        self._packed = [_packed_after(p, n, self._R, self._L, self._S)
+                        for p, n in zip(self._packed, self._lens)]
         self._hf_len += T
         self._lens_dev[:B].copy_(torch.tensor(self._lens, dtype=torch.int32))
         return plan

@@ -45,6 +45,11 @@ def test_gpu_assisted_decoding(method):
     test_hf.check_assisted(DEV, method)
 
 
+@pytest.mark.parametrize("method", ["none", "oscar"])
+def test_gpu_assisted_decoding_with_sinks(method):
+    test_hf.check_assisted(DEV, method, sink_tokens=5)
+
+
 def test_gpu_chunked_prefill_over_4096():
     test_hf.check_chunked_prefill(DEV)
 

@@ -141,17 +141,19 @@ def check_beam2(device):
     assert same >= need, (q, fq)
 
 
-def check_assisted(device, method="none"):
-    """Assisted decoding crops rejected drafts (exact rollback): same tokens as greedy."""
+def check_assisted(device, method="none", sink_tokens=0):
+    """Assisted decoding crops rejected drafts (exact rollback): same tokens as greedy.
+    With sink_tokens the batch API's blocks start after the sinks."""
     ref, model, cfg = make_pair(device)
     _, draft, _ = make_pair(device, layers=1, seed=7)
     draft.config._attn_implementation = "sdpa"
     draft.set_attn_implementation("sdpa")
     ids = torch.randint(1, 1000, (1, 20), generator=torch.Generator().manual_seed(8)).to(device)
     plain = generate(model, ids, OscarHFCache(model.config, method=method, window_dtype="f32",
-                                              residual=32, rollback_tokens=32, max_cache_len=256), 60)
+                                              residual=32, rollback_tokens=32, max_cache_len=256,
+                                              sink_tokens=sink_tokens), 60)
     cache = OscarHFCache(model.config, method=method, window_dtype="f32", residual=32,
-                         rollback_tokens=32, max_cache_len=256)
+                         rollback_tokens=32, max_cache_len=256, sink_tokens=sink_tokens)
     crops = []
     real_crop = cache.crop
     cache.crop = lambda n: (crops.append(n), real_crop(n))[1]
@@ -221,6 +223,30 @@ def test_beam2_cpu():
 @pytest.mark.parametrize("method", ["none", "oscar"])
 def test_assisted_decoding_cpu(method):
     check_assisted("cpu", method)
+
+
+@pytest.mark.parametrize("method", ["none", "oscar"])
+def test_assisted_decoding_with_sinks_cpu(method):
+    check_assisted("cpu", method, sink_tokens=5)
+
+
+def test_crop_with_sinks_stops_at_the_sinks_and_blocks():
+    """With sink_tokens S the floor of a crop is S + P R (the sinks and the packed blocks)."""
+    _, model, _ = make_pair("cpu")
+    cache = OscarHFCache(model.config, method="none", window_dtype="f32", residual=32,
+                         rollback_tokens=4, max_cache_len=128, sink_tokens=5)
+    ids = torch.randint(1, 1000, (1, 70))
+    with torch.no_grad():
+        model(ids, **{cache_kwarg(model): cache})
+    assert cache.seq_lengths == [70] and cache._packed == [1]     # (70 - 5 - 4) // 32, not (70 - 4) // 32
+    with pytest.raises(oscar.UnsupportedError, match="rollback_tokens"):
+        cache.crop(36)            # below 5 + 1 * 32 = 37
+    assert cache.seq_lengths == [70]
+    cache.crop(37)
+    assert cache.seq_lengths == [37]
+    with torch.no_grad():         # and on from there: the batch API took the lowered length
+        model(torch.randint(1, 1000, (1, 3)), **{cache_kwarg(model): cache})
+    assert cache.seq_lengths == [40]
 
 
 def test_chunked_prefill_over_4096_cpu():

@@ -249,11 +249,6 @@ static oscar_status config_check(const oscar_config *c, char *eb, size_t en) {
     if (c->value_bits != 0 && c->value_bits != 2 && c->value_bits != 4)
         return errbuf_set(eb, en, E, "value_bits must be 0 (use bits = %d), 2 or 4, got %d", c->bits,
                           c->value_bits);
-    if (c->sink_tokens > 0 && c->caller_metadata)
-        return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
-                          "sink_tokens = %d needs the sequence API: the batch API (caller_metadata = 1) has no "
-                          "sink rows yet; set sink_tokens = 0",
-                          c->sink_tokens);
     if (c->block_count < 1)
         return errbuf_set(eb, en, E, "block_count must be >= 1, got %d", c->block_count);
     if (c->max_seqs < 1 || c->max_seqs > (1 << 20))
@@ -559,7 +554,7 @@ oscar_status oscar_seq_truncate(oscar_cache *c, int32_t seq_id, int64_t new_leng
                                (long long)new_length);
     for (int l = 0; l < c->cfg.num_layers; l++) {
         /* with sinks, blocks start after the S sink tokens */
-        const int64_t packed = q->packed[l] ? (int64_t)q->packed[l] * c->cfg.residual + c->cfg.sink_tokens : 0;
+        const int64_t packed = oscar_frozen_tokens(q->packed[l], c->cfg.sink_tokens, c->cfg.residual);
         if (new_length < q->tokens[l] && new_length < packed)
             return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
                                    "seq_truncate: sequence %d layer %d has its first %lld tokens quantised into "
@@ -905,13 +900,17 @@ static oscar_status check_batch_host(oscar_cache *c, int layer, const oscar_batc
     if (b->tokens_per_seq < 1 || b->tokens_per_seq > OSCAR_MAX_Q_LEN)
         return oscar_set_error(c, E, "%s: tokens_per_seq %d is outside 1..%d", what, (int)b->tokens_per_seq,
                                OSCAR_MAX_Q_LEN);
-    const int64_t cap = (int64_t)c->cfg.block_count * c->cfg.residual + c->cfg.residual - 1;
+    /* the pool's blocks, a window short of a block and the sink rows */
+    const int S = c->cfg.sink_tokens;
+    const int64_t cap = (int64_t)c->cfg.block_count * c->cfg.residual + c->cfg.residual - 1 + S;
     if (b->max_seq_len < b->tokens_per_seq || b->max_seq_len > cap || b->max_seq_len > INT32_MAX - 1)
         return oscar_set_error(c, E, "%s: max_seq_len %d is outside tokens_per_seq %d .. %lld (the pool's capacity)",
                                what, (int)b->max_seq_len, (int)b->tokens_per_seq, (long long)cap);
-    if (b->block_table_stride < b->max_seq_len / c->cfg.residual || b->block_table_stride < 0)
-        return oscar_set_error(c, E, "%s: block_table_stride %d is less than max_seq_len / R = %d", what,
-                               (int)b->block_table_stride, b->max_seq_len / c->cfg.residual);
+    const int64_t max_blocks = oscar_max_blocks(b->max_seq_len, S, c->cfg.residual);
+    if (b->block_table_stride < max_blocks || b->block_table_stride < 0)
+        return oscar_set_error(c, E, "%s: block_table_stride %d is less than %s = %lld", what,
+                               (int)b->block_table_stride, S ? "(max_seq_len - sink_tokens) / R" : "max_seq_len / R",
+                               (long long)max_blocks);
     if (!b->seq_lens || !b->window_slots || !b->block_tables)
         return oscar_set_error(c, E, "%s: seq_lens, window_slots or block_tables is NULL", what);
     if (b->key_head_sumsq && (b->key_heads_total < c->cfg.num_kv_heads || b->key_heads_total > 65536))

@@ -74,6 +74,18 @@ static inline int64_t oscar_packed_after(int64_t packed_before, int64_t n, int R
  * window holds n - sinks - P*R tokens, and packing reads n - sinks for n. */
 static inline int64_t oscar_sinks_held(int64_t n, int S) { return n < S ? n : S; }
 
+/* Tokens of a layer holding n tokens that can never be removed again with P
+ * blocks packed: the sink rows and the blocks once a block exists (a
+ * rollback may lower the length to this), none before the first block (the
+ * sink rows are then overwritten by later appends like window rows). */
+static inline int64_t oscar_frozen_tokens(int64_t packed_blocks, int S, int R) {
+    return packed_blocks > 0 ? (int64_t)S + packed_blocks * R : 0;
+}
+
+/* Most blocks a layer holding n tokens can have packed: the block-table
+ * entries the batch API may need (oscar.h, oscar_batch). */
+static inline int64_t oscar_max_blocks(int64_t n, int S, int R) { return (n - oscar_sinks_held(n, S)) / R; }
+
 /* Position of pair element (lane, q, e) inside a 16-token code tile: which
  * 32-bit word of the lane chunk and which bit. Shared by CPU code and tests. */
 static inline void oscar_code_position(int bits, int lane, int q, int e, int *word, int *bit) {
@@ -100,7 +112,7 @@ typedef struct oscar_append_job {
     int32_t n_flush;
     int32_t first_flush_index;  /* block-table index of flush_blocks[0]    */
     const int32_t *flush_blocks;/* host array of n_flush block ids         */
-    /* Sink tokens (config.sink_tokens, CPU only): input rows
+    /* Sink tokens (config.sink_tokens): input rows
      * [input_row - sink_new, input_row) go to sink rows [sink_before,
      * sink_before + sink_new); everything above counts the tokens after the
      * sinks only. 0 and 0 without sinks. */

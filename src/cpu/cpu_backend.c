@@ -898,8 +898,30 @@ static int32_t packed_before(oscar_cache *c, int layer, const oscar_batch *b, in
     return ST(c)->packed[(size_t)layer * c->cfg.max_seqs + b->window_slots[i]];
 }
 
+/* What a batch call does to sequence i (its slot already checked): tokens
+ * before the call's append (all of them for attention) and after, the sink
+ * rows held before and after (oscar_sinks_held), and the blocks packed
+ * before and after (the rule under oscar_config on the tokens after the
+ * sinks; attention packs nothing). The checks and the append both read it,
+ * so they cannot disagree on which block-table entries a call writes. */
+typedef struct batch_plan {
+    int64_t before, len, s0, s1, p0, p1;
+} batch_plan;
+
+static batch_plan plan_of(oscar_cache *c, int layer, const oscar_batch *b, int i, int appending) {
+    const int S = c->lay.sinks;
+    batch_plan p;
+    p.len = b->seq_lens[i];
+    p.before = appending ? p.len - b->tokens_per_seq : p.len;
+    p.s0 = oscar_sinks_held(p.before, S);
+    p.s1 = oscar_sinks_held(p.len, S);
+    p.p0 = packed_before(c, layer, b, i, appending);
+    p.p1 = appending ? oscar_packed_after(p.p0, p.len - p.s1, c->cfg.residual, c->cfg.rollback_tokens) : p.p0;
+    return p;
+}
+
 static oscar_status check_batch(oscar_cache *c, int layer, const oscar_batch *b, int appending, const char *what) {
-    const int R = c->cfg.residual, lag = c->cfg.rollback_tokens;
+    const int R = c->cfg.residual, S = c->lay.sinks;
     for (int i = 0; i < b->num_seqs; i++) {
         const int32_t slot = b->window_slots[i], len = b->seq_lens[i];
         if (slot < 0 || slot >= c->cfg.max_seqs)
@@ -914,14 +936,14 @@ static oscar_status check_batch(oscar_cache *c, int layer, const oscar_batch *b,
                                    "%s: seq_lens[%d] = %d is outside tokens_per_seq %d .. max_seq_len %d", what, i,
                                    (int)len, b->tokens_per_seq, b->max_seq_len);
         const int32_t *row = b->block_tables + (size_t)i * b->block_table_stride;
-        const int64_t p0 = packed_before(c, layer, b, i, appending);
-        const int64_t before = appending ? len - b->tokens_per_seq : len;
-        if (before < p0 * R)
+        const batch_plan plan = plan_of(c, layer, b, i, appending);
+        const int64_t p0 = plan.p0, p1 = plan.p1, before = plan.before;
+        const int64_t frozen = oscar_frozen_tokens(p0, S, R);
+        if (before < frozen)
             return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
-                                   "%s: sequence %d (slot %d) holds %lld tokens in packed blocks; its length cannot "
+                                   "%s: sequence %d (slot %d) holds %lld tokens in %spacked blocks; its length cannot "
                                    "go below that (seq_lens[%d] = %d)",
-                                   what, i, (int)slot, (long long)(p0 * R), i, (int)len);
-        const int64_t p1 = appending ? oscar_packed_after(p0, len, R, lag) : p0;
+                                   what, i, (int)slot, (long long)frozen, S ? "sink rows and " : "", i, (int)len);
         /* the slot can only be read up to what was written to it */
         const int64_t held = appending && before == 0 ? 0 : ST(c)->held[(size_t)layer * c->cfg.max_seqs + slot];
         if (before > held)
@@ -932,8 +954,10 @@ static oscar_status check_batch(oscar_cache *c, int layer, const oscar_batch *b,
         for (int64_t j = appending ? p0 : 0; j < p1; j++)
             if (row[j] < 0 || row[j] >= c->cfg.block_count)
                 return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
-                                       "%s: block_tables[%d][%d] = %d is outside 0..%d", what, i, (int)j, (int)row[j],
-                                       c->cfg.block_count - 1);
+                                       "%s: block_tables[%d][%d] = %d is outside 0..%d%s", what, i, (int)j, (int)row[j],
+                                       c->cfg.block_count - 1,
+                                       S ? " (with sink_tokens = S, block j holds tokens S + jR .. S + (j+1)R - 1)"
+                                         : "");
     }
     return OSCAR_OK;
 }
@@ -946,18 +970,21 @@ static oscar_status cpu_batch_append(oscar_cache *c, int layer, const oscar_batc
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_append: out of host memory");
     const int R = c->cfg.residual, n = b->tokens_per_seq;
     for (int i = 0; i < b->num_seqs; i++) {
-        const int64_t before = b->seq_lens[i] - n;
-        const int64_t p0 = packed_before(c, layer, b, i, 1);
-        const int64_t p1 = oscar_packed_after(p0, b->seq_lens[i], R, c->cfg.rollback_tokens);
+        /* as oscar_append builds its jobs: the sink tokens first (none
+         * without sinks), then the stream of the tokens after them */
+        const batch_plan p = plan_of(c, layer, b, i, 1);
+        const int64_t after0 = p.before - p.s0, after1 = p.len - p.s1; /* tokens after the sinks */
         oscar_append_job *j = &jobs[i];
-        j->input_row = (int64_t)i * n;
-        j->n_new = n;
+        j->sink_before = (int32_t)p.s0;
+        j->sink_new = (int32_t)(p.s1 - p.s0);
+        j->input_row = (int64_t)i * n + j->sink_new;
+        j->n_new = n - j->sink_new;
         j->seq_slot = b->window_slots[i];
-        j->window_before = (int32_t)(before - p0 * R);
-        j->n_flush = (int32_t)(p1 - p0);
-        j->window_after = (int32_t)(b->seq_lens[i] - p1 * R);
-        j->first_flush_index = (int32_t)p0;
-        j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + p0;
+        j->window_before = (int32_t)(after0 - p.p0 * R);
+        j->n_flush = (int32_t)(p.p1 - p.p0);
+        j->window_after = (int32_t)(after1 - p.p1 * R);
+        j->first_flush_index = (int32_t)p.p0;
+        j->flush_blocks = b->block_tables + (size_t)i * b->block_table_stride + p.p0;
     }
     st = cpu_append(c, layer, jobs, b->num_seqs, (int64_t)b->num_seqs * n, k, v, dtype, b->key_head_sumsq,
                     b->key_heads_total, stream);
@@ -980,13 +1007,13 @@ static oscar_status cpu_batch_attention(oscar_cache *c, int layer, const oscar_b
     if (!jobs) return oscar_set_error(c, OSCAR_E_OUT_OF_MEMORY, "batch_attention: out of host memory");
     const int R = c->cfg.residual;
     for (int i = 0; i < b->num_seqs; i++) {
-        const int32_t len = b->seq_lens[i];
-        const int32_t p = packed_before(c, layer, b, i, 0);
+        const batch_plan p = plan_of(c, layer, b, i, 0);
         jobs[i].seq_slot = b->window_slots[i];
-        jobs[i].n_blocks = p;
+        jobs[i].n_blocks = (int32_t)p.p0;
         jobs[i].block_table = b->block_tables + (size_t)i * b->block_table_stride;
-        jobs[i].window_tokens = (int32_t)(len - (int64_t)p * R);
-        jobs[i].tokens = len;
+        jobs[i].sink_tokens = (int32_t)p.s1;
+        jobs[i].window_tokens = (int32_t)(p.len - p.s1 - p.p0 * R);
+        jobs[i].tokens = p.len;
     }
     st = cpu_attention(c, layer, jobs, b->num_seqs, b->tokens_per_seq, q, q_dtype, out, out_dtype, sm, stream);
     free(jobs);
@@ -995,23 +1022,31 @@ static oscar_status cpu_batch_attention(oscar_cache *c, int layer, const oscar_b
 
 static oscar_status cpu_slot_copy(oscar_cache *c, int32_t src, int32_t dst, int64_t n_tokens, void *stream) {
     const size_t rowb = (size_t)c->lay.hkv * c->lay.d * c->lay.window_esize;
-    int32_t *packed = ST(c)->packed;
+    const int R = c->cfg.residual, S = c->lay.sinks;
+    const int64_t sinks = oscar_sinks_held(n_tokens, S);
+    int32_t *packed = ST(c)->packed, *held = ST(c)->held;
     for (int l = 0; l < c->cfg.num_layers; l++) {
         const int32_t p = packed[(size_t)l * c->cfg.max_seqs + src];
-        int64_t n = n_tokens - (int64_t)p * c->cfg.residual;
-        if (n < 0 || n > c->lay.window_rows - 1)
+        const int64_t frozen = oscar_frozen_tokens(p, S, R), n = n_tokens - sinks - (int64_t)p * R;
+        if (n_tokens < frozen || n > c->lay.window_rows - 1)
             return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
-                                   "slot_copy: slot %d layer %d has %lld tokens packed; %lld tokens cannot be copied",
-                                   (int)src, l, (long long)p * c->cfg.residual, (long long)n_tokens);
+                                   "slot_copy: slot %d layer %d has %lld tokens %spacked; %lld tokens cannot be copied",
+                                   (int)src, l, (long long)frozen, S ? "in sink rows and " : "", (long long)n_tokens);
+        if (n_tokens > held[(size_t)l * c->cfg.max_seqs + src])
+            return oscar_set_error(c, OSCAR_E_INVALID_ARGUMENT,
+                                   "slot_copy: slot %d layer %d holds %lld tokens, fewer than n_tokens %lld", (int)src,
+                                   l, (long long)held[(size_t)l * c->cfg.max_seqs + src], (long long)n_tokens);
     }
     for (int l = 0; l < c->cfg.num_layers; l++) {
         const int32_t p = packed[(size_t)l * c->cfg.max_seqs + src];
-        const size_t n = (size_t)(n_tokens - (int64_t)p * c->cfg.residual);
+        const size_t n = (size_t)(n_tokens - sinks - (int64_t)p * R);
+        memcpy(sink_k(c, l, dst), sink_k(c, l, src), (size_t)sinks * rowb);
+        memcpy(sink_v(c, l, dst), sink_v(c, l, src), (size_t)sinks * rowb);
         memcpy(window_k(c, l, dst), window_k(c, l, src), n * rowb);
         memcpy(window_v(c, l, dst), window_v(c, l, src), n * rowb);
         memcpy(window_ss(c, l, dst), window_ss(c, l, src), n * sizeof(float));
         packed[(size_t)l * c->cfg.max_seqs + dst] = p;
-        ST(c)->held[(size_t)l * c->cfg.max_seqs + dst] = (int32_t)n_tokens;
+        held[(size_t)l * c->cfg.max_seqs + dst] = (int32_t)n_tokens;
     }
     return OSCAR_OK;
 }

@@ -507,7 +507,10 @@ oscar_status cuda_batch_attention(oscar_cache *c, int layer, const oscar_batch *
                                   void *out, oscar_dtype out_dtype, float softmax_scale, void *stream) {
     CudaState *S = cuda_state(c);
     ENTER(c, S);
-    return oscar_cuda_attention_call(c, layer, batch_meta(c, layer, b), b->num_seqs, b->max_seq_len, b->tokens_per_seq, q,
+    /* the grid is sized by the tokens in blocks and window, as the sequence
+     * API sizes it (the sink rows are attended with the window) */
+    const int max_len = b->max_seq_len - (int)oscar_sinks_held(b->max_seq_len, c->lay.sinks);
+    return oscar_cuda_attention_call(c, layer, batch_meta(c, layer, b), b->num_seqs, max_len, b->tokens_per_seq, q,
                                      q_dtype, out, out_dtype, softmax_scale, (cudaStream_t)stream);
 }
 

@@ -111,7 +111,8 @@ struct SeqMeta {
     int lag;
     int sinks;              /* config.sink_tokens S: lens count them; the first
                                min(len, S) tokens sit in the slot's sink rows,
-                               blocks and window follow (0 in the batch API) */
+                               blocks and window follow (both APIs: the batch
+                               API's seq_lens count them the same way) */
 };
 
 /* Reads sequence i's metadata and checks it; an entry out of range makes

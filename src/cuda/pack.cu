@@ -954,10 +954,15 @@ __device__ __forceinline__ AppendSeq append_seq(const AppendCall &C, int i) {
  * wtasks[n_seqs + i]. A sequence that starts here (nothing before this
  * append) clears its failed mark. Entries out of range are reported and
  * skipped: no task of theirs writes anything.
- * Sink tokens (config.sink_tokens = S; 0 in the batch API): lens and n_new
- * count them; the first min(len, S) tokens of the sequence go to its sink
- * rows, and the packing rule and the stream read the tokens after them
- * (oscar_config: n - S for n). */
+ * Sink tokens (config.sink_tokens = S, both APIs): lens and n_new count
+ * them; the first min(len, S) tokens of the sequence go to its sink rows,
+ * and the packing rule and the stream read the tokens after them
+ * (oscar_config: n - S for n), so block f of the table holds tokens
+ * [S + fR, S + (f+1)R). The batch API's rollback rule follows: a length
+ * before the append below S + p0 R with p0 > 0 blocks packed makes
+ * after_before < p0 R and is refused; with nothing packed any length is
+ * valid and the sink rows past it are overwritten. S = 0 makes sb = sn = 0
+ * and the code reads as it did before sinks. */
 __device__ void build_seq_tasks(const AppendCall &C, int i, int R, int per_seq, const int32_t *task0,
                                 PackTask *tasks, WinTask *wtasks, int32_t *failed, OscarReport *report) {
     /* Called by every thread of the CTA (it has barriers): the scalar part is

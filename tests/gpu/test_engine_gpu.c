@@ -30,6 +30,14 @@
  *                reported as OSCAR_E_INVALID_ARGUMENT after a sync, skips
  *                only that sequence, touches no memory out of bounds (run it
  *                under compute-sanitizer); bad host fields fail at once.
+ *  7 [sinks]     sink_tokens S > 0 through the batch API (S 32 / R 64 / L 64,
+ *                S 5, S 33 > R at 4 bits): prompts below, at and past S in
+ *                chunks, decode across block boundaries as a captured graph
+ *                (bit-equal to eager), a rollback to S + P R, a slot_copy
+ *                fork; attention against the CPU backend's batch API at
+ *                every call, the whole pool byte-identical to the CPU's
+ *                (caller-provided pools), and a seq_len below S + P R
+ *                reported from the device.
  *
  * --small runs reduced sizes (for compute-sanitizer); it also turns the
  * wall-clock, stream-query and hold-timeout checks of [nosync] and the
@@ -1711,6 +1719,393 @@ static void test_badmeta(void) {
     rig_free(&G);
 }
 
+/* =================================================================================
+ * 7. Sink tokens in the batch API (config.sink_tokens = S): the CUDA batch API
+ *    against the CPU backend's batch API, fed the same tokens and block tables.
+ * ================================================================================= */
+
+typedef struct sink_case {
+    const char *name;
+    int S, R, L, bits;
+} sink_case;
+
+/* Blocks packed once a sequence has reached n tokens: the rule under
+ * oscar_config on the tokens after the S sinks, with the lag L (the test's
+ * own copy of oscar.h). */
+static int sink_packed(const sink_case *C, int n) {
+    const int after = n - imin(n, C->S);
+    return after >= C->L ? (after - C->L) / C->R : 0;
+}
+
+/* The host twin of a meta's batch: the same arrays, as the CPU reads them. */
+static oscar_batch host_batch(const meta *m, int first, int n, int tps, int max_len) {
+    oscar_batch b;
+    memset(&b, 0, sizeof b);
+    b.num_seqs = n;
+    b.tokens_per_seq = tps;
+    b.max_seq_len = max_len;
+    b.block_table_stride = m->stride;
+    b.seq_lens = m->h_lens + first;
+    b.window_slots = m->h_slots + first;
+    b.block_tables = m->h_tables + (size_t)first * (size_t)m->stride;
+    return b;
+}
+
+/* The device batch of entries [first, first + n) of a meta. */
+static oscar_batch dev_batch(const meta *m, int first, int n, int tps, int max_len) {
+    oscar_batch b = meta_batch(m, tps, max_len);
+    b.num_seqs = n;
+    b.seq_lens = m->d_lens + first;
+    b.window_slots = m->d_slots + first;
+    b.block_tables = m->d_tables + (size_t)first * (size_t)m->stride;
+    return b;
+}
+
+/* The test's block manager: entry i holds the blocks its sequence can have
+ * packed at length len ((len - S) / R, none before S), fresh ones from a
+ * shuffled list; entries past them stay -1 in both metas. */
+typedef struct sink_tables {
+    meta *m[2];
+    int32_t *perm;
+    int next, nblk[8];
+} sink_tables;
+
+static void sink_grow(sink_tables *T, const sink_case *C, int i, int len) {
+    const int need = len > C->S ? (len - C->S) / C->R : 0;
+    for (; T->nblk[i] < need; T->nblk[i]++) {
+        const int32_t b = T->perm[T->next++];
+        for (int k = 0; k < 2; k++) T->m[k]->h_tables[i * T->m[k]->stride + T->nblk[i]] = b;
+    }
+}
+
+/* Decodes bf16 outputs of the GPU and of the CPU and compares them. */
+static double sink_compare(const uint16_t *gpu16, const uint16_t *cpu16, int64_t n, float *fg, float *fc) {
+    tl_decode(gpu16, BF16, fg, n);
+    tl_decode(cpu16, BF16, fc, n);
+    return rel_l2(fg, fc, n);
+}
+
+static void run_batch_sinks(const sink_case *C) {
+    enum { NL = 2, NS = 3, NF = NS + 1 /* and a fork */ };
+    const int hkv = 2, hq = 8, d = 128, S = C->S, R = C->R;
+    const int chunk = 13; /* prefill chunks, aligned to neither S nor R */
+    const int steps = g_small ? R + C->L + 4 : 2 * R + C->L + 8;
+    const int tail = 4;   /* decode steps after the rollback and the fork */
+    const int prompt[NS] = {S > 1 ? S - 1 : 1, S, S + R + 3};
+    const int32_t slots[NF] = {5, 0, 2, 7};
+    int max_len = 0;
+    for (int i = 0; i < NS; i++) max_len = imax(max_len, prompt[i] + steps + R + C->L + tail + 4);
+    const int stride = (max_len - S) / R; /* the least the header allows */
+    printf("   %s: S %d, R %d, L %d, %d-bit, %d decode steps\n", C->name, S, R, C->L, C->bits, steps);
+
+    oscar_config cfg = qwen_cfg(NL, C->bits);
+    cfg.num_kv_heads = hkv;
+    cfg.num_q_heads = hq;
+    cfg.residual = R;
+    cfg.rollback_tokens = C->L;
+    cfg.sink_tokens = S;
+    cfg.caller_metadata = 1;
+    cfg.block_count = NF * stride + 4;
+    cfg.max_seqs = 8;
+    oscar_config ccpu = cfg;
+    ccpu.backend = OSCAR_BACKEND_CPU;
+    /* the eager GPU cache and the CPU cache over pools of the test's own:
+     * docs/FORMAT.md's pool layout, compared byte for byte at the end */
+    char eb[256] = "";
+    oscar_memory_requirements rqg, rqc;
+    CHECK_OK(oscar_memory_requirements_get(&cfg, &rqg, eb, sizeof eb));
+    CHECK_OK(oscar_memory_requirements_get(&ccpu, &rqc, eb, sizeof eb));
+    CHECKF(rqg.pool_bytes == rqc.pool_bytes, "pool bytes: CUDA %zu, CPU %zu", rqg.pool_bytes, rqc.pool_bytes);
+    const size_t pool_bytes = rqg.pool_bytes;
+    void *gpool = dmalloc(pool_bytes);
+    void *cpool = NULL;
+    if (posix_memalign(&cpool, 256, pool_bytes ? pool_bytes : 256) != 0) {
+        printf("FATAL: out of host memory for a %zu-byte pool\n", pool_bytes);
+        exit(2);
+    }
+    uint8_t *gpool_h = xmalloc(pool_bytes);
+    oscar_memory_source gsrc, csrc;
+    memset(&gsrc, 0, sizeof gsrc);
+    memset(&csrc, 0, sizeof csrc);
+    gsrc.pool = gpool;
+    csrc.pool = cpool;
+    oscar_cache *ce = NULL, *cpu = NULL, *cg = tl_create(&cfg);
+    oscar_status st = oscar_cache_create_with_memory(&cfg, &gsrc, &ce, eb, sizeof eb);
+    CHECKF(st == OSCAR_OK, "CUDA cache over a caller pool with sink_tokens %d, caller_metadata 1: %s (%s)", S,
+           oscar_status_name(st), eb);
+    st = oscar_cache_create_with_memory(&ccpu, &csrc, &cpu, eb, sizeof eb);
+    CHECKF(st == OSCAR_OK, "CPU cache over a caller pool: %s (%s)", oscar_status_name(st), eb);
+    if (!ce || !cpu || !cg) {
+        oscar_cache_destroy(ce), oscar_cache_destroy(cpu), oscar_cache_destroy(cg);
+        CU(cudaFree(gpool));
+        free(cpool), free(gpool_h);
+        return;
+    }
+    tl_rng r = tl_rng_for(C->name);
+    cudaStream_t s;
+    CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    meta me, mg;
+    meta_init(&me, NF, stride);
+    meta_init(&mg, NF, stride);
+    for (int i = 0; i < NF; i++) me.h_slots[i] = mg.h_slots[i] = slots[i];
+    sink_tables T;
+    memset(&T, 0, sizeof T);
+    T.m[0] = &me;
+    T.m[1] = &mg;
+    T.perm = permutation(&r, cfg.block_count);
+    int len[NF] = {0}, reach[NF] = {0}; /* lengths now, and the longest each reached */
+
+    const int64_t row = (int64_t)hkv * d, qrow = (int64_t)hq * d;
+    const int rows_max = imax(chunk, R + C->L + 2) * NF; /* the most rows of one call */
+    uint16_t *hk = pinned(sizeof(uint16_t) * (size_t)(NL * rows_max * row));
+    uint16_t *hv = pinned(sizeof(uint16_t) * (size_t)(NL * rows_max * row));
+    uint16_t *hqb = pinned(sizeof(uint16_t) * (size_t)(NL * rows_max * qrow));
+    uint16_t *hoe = pinned(sizeof(uint16_t) * (size_t)(NL * rows_max * qrow));
+    uint16_t *hog = pinned(sizeof(uint16_t) * (size_t)(NL * rows_max * qrow));
+    uint16_t *hoc = xmalloc(sizeof(uint16_t) * (size_t)(NL * rows_max * qrow));
+    float *fg = xmalloc(sizeof(float) * (size_t)(rows_max * qrow)), *fc = xmalloc(sizeof(float) * (size_t)(rows_max * qrow));
+    const size_t kvb = sizeof(uint16_t) * (size_t)(NL * rows_max * row), qb = sizeof(uint16_t) * (size_t)(NL * rows_max * qrow);
+    uint16_t *dke = dmalloc(kvb), *dve = dmalloc(kvb), *dqe = dmalloc(qb), *doe = dmalloc(qb);
+    uint16_t *dkg = dmalloc(kvb), *dvg = dmalloc(kvb), *dqg = dmalloc(qb), *dog = dmalloc(qb);
+    double worst = 0.0;
+    int cpu_checks = 0;
+
+    /* One call of tps tokens for entries [first, first + n) on the eager
+     * cache (and the graph's twin, eagerly, when twin is set) and on the
+     * CPU; attention compared per layer. The lengths are set already. */
+#define SINK_CALL(first, n, tps, twin, what)                                                                         \
+    do {                                                                                                           \
+        const int64_t kv_l = (int64_t)(n) * (tps) * row, q_l = (int64_t)(n) * (tps) * qrow;                        \
+        for (int l = 0; l < NL; l++) {                                                                             \
+            gen_kv16(&r, (int64_t)(n) * (tps), hkv, d, hk + l * kv_l, hv + l * kv_l);                              \
+            gen_q16(&r, (int64_t)(n) * (tps), hq, d, hqb + l * q_l);                                               \
+        }                                                                                                          \
+        meta_upload(&me, s);                                                                                       \
+        meta_upload(&mg, s);                                                                                       \
+        CU(cudaMemcpyAsync(dke, hk, sizeof(uint16_t) * (size_t)(NL * kv_l), cudaMemcpyHostToDevice, s));           \
+        CU(cudaMemcpyAsync(dve, hv, sizeof(uint16_t) * (size_t)(NL * kv_l), cudaMemcpyHostToDevice, s));           \
+        CU(cudaMemcpyAsync(dqe, hqb, sizeof(uint16_t) * (size_t)(NL * q_l), cudaMemcpyHostToDevice, s));           \
+        CU(cudaMemsetAsync(doe, 0xff, sizeof(uint16_t) * (size_t)(NL * q_l), s));                                  \
+        const oscar_batch bd = dev_batch(&me, (first), (n), (tps), max_len);                                       \
+        const oscar_batch bt = dev_batch(&mg, (first), (n), (tps), max_len);                                       \
+        for (int l = 0; l < NL; l++) {                                                                             \
+            ST_OK(ce, oscar_batch_append(ce, l, &bd, dke + l * kv_l, dve + l * kv_l, BF16, s));                    \
+            ST_OK(ce, oscar_batch_attention(ce, l, &bd, dqe + l * q_l, BF16, doe + l * q_l, BF16, 0.0f, s));      \
+            if (twin) ST_OK(cg, oscar_batch_append(cg, l, &bt, dke + l * kv_l, dve + l * kv_l, BF16, s));          \
+        }                                                                                                          \
+        CU(cudaMemcpyAsync(hoe, doe, sizeof(uint16_t) * (size_t)(NL * q_l), cudaMemcpyDeviceToHost, s));           \
+        ST_OK(ce, oscar_synchronize(ce, s));                                                                       \
+        if (twin) ST_OK(cg, oscar_synchronize(cg, s));                                                             \
+        const oscar_batch bc = host_batch(&me, (first), (n), (tps), max_len);                                      \
+        memset(hoc, 0xff, sizeof(uint16_t) * (size_t)(NL * q_l));                                                  \
+        for (int l = 0; l < NL; l++) {                                                                             \
+            ST_OK(cpu, oscar_batch_append(cpu, l, &bc, hk + l * kv_l, hv + l * kv_l, BF16, NULL));                 \
+            ST_OK(cpu, oscar_batch_attention(cpu, l, &bc, hqb + l * q_l, BF16, hoc + l * q_l, BF16, 0.0f, NULL));  \
+            const double e_ = sink_compare(hoe + l * q_l, hoc + l * q_l, q_l, fg, fc);                             \
+            if (e_ > worst) worst = e_;                                                                            \
+            CHECKF(e_ <= 2e-3, "%s: %s, layer %d (entry %d, %d sequences, %d tokens each, lengths %d %d %d %d): "   \
+                   "GPU vs CPU batch attention rel L2 %.3g", C->name, what, l, (first), (n), (tps), len[0], len[1], \
+                   len[2], len[3], e_);                                                                            \
+            cpu_checks++;                                                                                          \
+        }                                                                                                          \
+    } while (0)
+
+    /* ---- prefill, one sequence per call in chunks: prompts of S - 1, S and
+     *      S + R + 3 tokens ---- */
+    for (int i = 0; i < NS; i++)
+        for (int pos = 0; pos < prompt[i];) {
+            const int n = imin(chunk, prompt[i] - pos);
+            len[i] = reach[i] = pos + n;
+            sink_grow(&T, C, i, len[i]);
+            me.h_lens[i] = mg.h_lens[i] = len[i];
+            SINK_CALL(i, 1, n, 1, "prefill");
+            pos += n;
+        }
+
+    /* ---- decode, all three per call: eager on ce, a captured graph on cg ---- */
+    const oscar_batch bg = dev_batch(&mg, 0, NS, 1, max_len);
+    const size_t kvL = (size_t)NS * (size_t)row, qL = (size_t)NS * (size_t)qrow;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    int graph_ok = 0;
+    {
+        CU(cudaStreamSynchronize(s));
+        cudaError_t e = cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal);
+        CHECKF(e == cudaSuccess, "cudaStreamBeginCapture: %s", cudaGetErrorString(e));
+        if (e == cudaSuccess) {
+            int calls_ok = 1;
+            for (int l = 0; l < NL; l++) {
+                oscar_status a = oscar_batch_append(cg, l, &bg, dkg + l * kvL, dvg + l * kvL, BF16, s);
+                calls_ok &= CHECKF(a == OSCAR_OK, "during capture: oscar_batch_append layer %d: %s (%s)", l,
+                                   oscar_status_name(a), oscar_last_error(cg));
+                oscar_status t = oscar_batch_attention(cg, l, &bg, dqg + l * qL, BF16, dog + l * qL, BF16, 0.0f, s);
+                calls_ok &= CHECKF(t == OSCAR_OK, "during capture: oscar_batch_attention layer %d: %s (%s)", l,
+                                   oscar_status_name(t), oscar_last_error(cg));
+            }
+            cudaError_t e2 = cudaStreamEndCapture(s, &graph);
+            CHECKF(e2 == cudaSuccess, "cudaStreamEndCapture with sink tokens: %s", cudaGetErrorString(e2));
+            if (e2 == cudaSuccess && calls_ok && graph) {
+                cudaError_t e3 = cudaGraphInstantiate(&exec, graph, 0);
+                CHECKF(e3 == cudaSuccess, "cudaGraphInstantiate: %s", cudaGetErrorString(e3));
+                graph_ok = e3 == cudaSuccess;
+            }
+        }
+        cudaError_t le = cudaGetLastError();
+        CHECKF(le == cudaSuccess, "CUDA error left after capture: %s", cudaGetErrorString(le));
+    }
+    int64_t graph_diff = 0;
+    for (int step = 0; step < steps; step++) {
+        for (int i = 0; i < NS; i++) {
+            len[i] = reach[i] = len[i] + 1;
+            sink_grow(&T, C, i, len[i]);
+            me.h_lens[i] = mg.h_lens[i] = len[i];
+        }
+        for (int l = 0; l < NL; l++) {
+            gen_kv16(&r, NS, hkv, d, hk + l * kvL, hv + l * kvL);
+            gen_q16(&r, NS, hq, d, hqb + l * qL);
+        }
+        meta_upload(&me, s);
+        meta_upload(&mg, s);
+        CU(cudaMemcpyAsync(dke, hk, sizeof(uint16_t) * NL * kvL, cudaMemcpyHostToDevice, s));
+        CU(cudaMemcpyAsync(dve, hv, sizeof(uint16_t) * NL * kvL, cudaMemcpyHostToDevice, s));
+        CU(cudaMemcpyAsync(dqe, hqb, sizeof(uint16_t) * NL * qL, cudaMemcpyHostToDevice, s));
+        CU(cudaMemcpyAsync(dkg, hk, sizeof(uint16_t) * NL * kvL, cudaMemcpyHostToDevice, s));
+        CU(cudaMemcpyAsync(dvg, hv, sizeof(uint16_t) * NL * kvL, cudaMemcpyHostToDevice, s));
+        CU(cudaMemcpyAsync(dqg, hqb, sizeof(uint16_t) * NL * qL, cudaMemcpyHostToDevice, s));
+        CU(cudaMemsetAsync(doe, 0xff, sizeof(uint16_t) * NL * qL, s));
+        CU(cudaMemsetAsync(dog, 0xff, sizeof(uint16_t) * NL * qL, s));
+        const oscar_batch be = dev_batch(&me, 0, NS, 1, max_len);
+        for (int l = 0; l < NL; l++) {
+            ST_OK(ce, oscar_batch_append(ce, l, &be, dke + l * kvL, dve + l * kvL, BF16, s));
+            ST_OK(ce, oscar_batch_attention(ce, l, &be, dqe + l * qL, BF16, doe + l * qL, BF16, 0.0f, s));
+        }
+        if (graph_ok) {
+            CU(cudaGraphLaunch(exec, s));
+        } else { /* the twin stays in step eagerly */
+            for (int l = 0; l < NL; l++) {
+                ST_OK(cg, oscar_batch_append(cg, l, &bg, dkg + l * kvL, dvg + l * kvL, BF16, s));
+                ST_OK(cg, oscar_batch_attention(cg, l, &bg, dqg + l * qL, BF16, dog + l * qL, BF16, 0.0f, s));
+            }
+        }
+        CU(cudaMemcpyAsync(hoe, doe, sizeof(uint16_t) * NL * qL, cudaMemcpyDeviceToHost, s));
+        CU(cudaMemcpyAsync(hog, dog, sizeof(uint16_t) * NL * qL, cudaMemcpyDeviceToHost, s));
+        ST_OK(ce, oscar_synchronize(ce, s));
+        ST_OK(cg, oscar_synchronize(cg, s));
+        const int64_t dd = count_diff16(hoe, hog, (int64_t)(NL * qL));
+        graph_diff += dd;
+        CHECKF(dd == 0, "%s step %d: %lld outputs differ between the graph replay and the eager calls", C->name, step,
+               (long long)dd);
+        const oscar_batch bc = host_batch(&me, 0, NS, 1, max_len);
+        for (int l = 0; l < NL; l++) {
+            ST_OK(cpu, oscar_batch_append(cpu, l, &bc, hk + l * kvL, hv + l * kvL, BF16, NULL));
+            memset(hoc + l * qL, 0xff, sizeof(uint16_t) * qL);
+            ST_OK(cpu, oscar_batch_attention(cpu, l, &bc, hqb + l * qL, BF16, hoc + l * qL, BF16, 0.0f, NULL));
+            const double e = sink_compare(hoe + l * qL, hoc + l * qL, (int64_t)qL, fg, fc);
+            if (e > worst) worst = e;
+            CHECKF(e <= 2e-3, "%s step %d layer %d (lengths %d %d %d): GPU vs CPU batch attention rel L2 %.3g",
+                   C->name, step, l, len[0], len[1], len[2], e);
+            cpu_checks++;
+        }
+    }
+    printf("   %s: graph replay vs eager, %d steps: %lld outputs differ%s\n", C->name, steps, (long long)graph_diff,
+           graph_ok ? "" : " [graph capture failed: eager twin]");
+
+    /* ---- rollback: sequence 1 lowered to its sink rows and blocks exactly
+     *      (S + P R, the floor once P > 0), then appended past where it was ---- */
+    {
+        const int p = sink_packed(C, reach[1]);
+        const int floor_len = p > 0 ? S + p * R : 0;
+        const int drop = len[1] - floor_len, n = drop + 2;
+        CHECKF(p > 0, "%s: sequence 1 has no block packed before the rollback", C->name);
+        len[1] = floor_len + n;
+        if (len[1] > reach[1]) reach[1] = len[1];
+        sink_grow(&T, C, 1, len[1]);
+        me.h_lens[1] = mg.h_lens[1] = len[1];
+        SINK_CALL(1, 1, n, 0, "rollback to S + P R and re-append");
+    }
+    /* ---- fork: sequence 0 into slot 7 (entry 3), sharing its packed blocks ---- */
+    {
+        const int p0 = sink_packed(C, reach[0]);
+        ST_OK(ce, oscar_slot_copy(ce, slots[0], slots[3], len[0], s));
+        ST_OK(cpu, oscar_slot_copy(cpu, slots[0], slots[3], len[0], NULL));
+        for (int j = 0; j < p0; j++)
+            me.h_tables[3 * stride + j] = mg.h_tables[3 * stride + j] = me.h_tables[0 * stride + j];
+        T.nblk[3] = p0; /* entries past the packed ones: fresh blocks of the child's own */
+        len[3] = len[0];
+        reach[3] = reach[0];
+        for (int t = 0; t < tail; t++) {
+            for (int i = 0; i < NF; i++) {
+                len[i] = len[i] + 1;
+                if (len[i] > reach[i]) reach[i] = len[i];
+                sink_grow(&T, C, i, len[i]);
+                me.h_lens[i] = mg.h_lens[i] = len[i];
+            }
+            SINK_CALL(0, NF, 1, 0, "after the fork");
+        }
+    }
+    /* ---- every packed block byte-identical to the CPU's ---- */
+    {
+        d2h(gpool_h, gpool, pool_bytes, s);
+        size_t diff = 0, first = 0;
+        for (size_t i = 0; i < pool_bytes; i++)
+            if (gpool_h[i] != ((const uint8_t *)cpool)[i]) {
+                if (!diff) first = i;
+                diff++;
+            }
+        CHECKF(diff == 0, "%s: %zu of %zu pool bytes differ between the CUDA and the CPU batch API (first at byte %zu, "
+               "layer block %zu)", C->name, diff, pool_bytes, first, first / (pool_bytes / (size_t)NL / (size_t)cfg.block_count));
+        printf("   %s: pools byte-identical over %d blocks used; %d CPU comparisons, worst rel L2 %.3g\n", C->name,
+               T.next, cpu_checks, worst);
+    }
+    /* ---- a seq_len one below S + P R on the device: reported, that
+     *      sequence's rows NaN, the others attended; the CPU refuses it ---- */
+    {
+        const int p2 = sink_packed(C, reach[2]);
+        const int keep = len[2];
+        me.h_lens[2] = S + p2 * R - 1;
+        meta_upload(&me, s);
+        gen_q16(&r, NS, hq, d, hqb);
+        CU(cudaMemcpyAsync(dqe, hqb, sizeof(uint16_t) * qL, cudaMemcpyHostToDevice, s));
+        CU(cudaMemsetAsync(doe, 0, sizeof(uint16_t) * qL, s));
+        const oscar_batch be = dev_batch(&me, 0, NS, 1, max_len);
+        ST_OK(ce, oscar_batch_attention(ce, 0, &be, dqe, BF16, doe, BF16, 0.0f, s));
+        CU(cudaMemcpyAsync(hoe, doe, sizeof(uint16_t) * qL, cudaMemcpyDeviceToHost, s));
+        expect_report(ce, s, OSCAR_E_INVALID_ARGUMENT, "seq_len below the sink rows and blocks");
+        tl_decode(hoe, BF16, fg, (int64_t)qL);
+        expect_all_nan("seq_len S + P R - 1", 2, fg, qrow);
+        CHECKF(count_nan(fg, 2 * qrow) == 0, "%s: the valid sequences of a batch with a bad entry got NaN", C->name);
+        const oscar_batch bc = host_batch(&me, 0, NS, 1, max_len);
+        CHECK_ST(cpu, oscar_batch_attention(cpu, 0, &bc, hqb, BF16, hoc, BF16, 0.0f, NULL), OSCAR_E_INVALID_ARGUMENT);
+        me.h_lens[2] = keep;
+        meta_upload_sync(&me, s);
+    }
+#undef SINK_CALL
+    if (exec) CU(cudaGraphExecDestroy(exec));
+    if (graph) CU(cudaGraphDestroy(graph));
+    CU(cudaFreeHost(hk)); CU(cudaFreeHost(hv)); CU(cudaFreeHost(hqb)); CU(cudaFreeHost(hoe)); CU(cudaFreeHost(hog));
+    CU(cudaFree(dke)); CU(cudaFree(dve)); CU(cudaFree(dqe)); CU(cudaFree(doe));
+    CU(cudaFree(dkg)); CU(cudaFree(dvg)); CU(cudaFree(dqg)); CU(cudaFree(dog));
+    free(hoc), free(fg), free(fc), free(T.perm);
+    meta_free(&me);
+    meta_free(&mg);
+    CU(cudaStreamDestroy(s));
+    oscar_cache_destroy(ce);
+    oscar_cache_destroy(cg);
+    oscar_cache_destroy(cpu);
+    CU(cudaFree(gpool));
+    free(cpool), free(gpool_h);
+}
+
+static void test_batch_sinks(void) {
+    static const sink_case cases[] = {
+        {"batch sinks S 32 R 64 L 64 (recommended)", 32, 64, 64, 2},
+        {"batch sinks S 5 R 32", 5, 32, 0, 2},
+        {"batch sinks S 33 (odd, > R) R 32 L 8, 4-bit", 33, 32, 8, 4},
+    };
+    const int n = g_small ? 2 : (int)(sizeof cases / sizeof cases[0]);
+    for (int i = 0; i < n; i++) run_batch_sinks(&cases[i]);
+}
+
 /* ---- main ----------------------------------------------------------------------- */
 
 typedef struct entry {
@@ -1726,6 +2121,7 @@ static const entry g_tests[] = {
     {"prefill", test_prefill, "chunked prefill q_len up to 4096 vs CPU"},
     {"nonfinite", test_nonfinite, "NaN/Inf found on the device, reported once, slot restart"},
     {"badmeta", test_badmeta, "out-of-range batch metadata"},
+    {"sinks", test_batch_sinks, "sink tokens in the batch API vs the CPU's, graph replay, rollback, fork"},
 };
 
 static int selected(const char *name) {
