@@ -82,7 +82,7 @@ extern "C" {
 #define OSCAR_VERSION_MINOR 2
 #define OSCAR_VERSION_PATCH 0
 /* Version of the packed block layout and of the export stream (docs/FORMAT.md). */
-#define OSCAR_FORMAT_VERSION 4
+#define OSCAR_FORMAT_VERSION 5
 
 /* Longest query chunk of one attention call (q_len), on both backends. */
 #define OSCAR_MAX_Q_LEN 4096
@@ -227,10 +227,14 @@ typedef struct oscar_config {
                                   (oscar_key_sumsq): its blocks are those of one
                                   cache holding every head. Only matters for the
                                   methods that scale keys (scale-only, oscar). */
-    int key_bits;              /* 0 (default: `bits`), 2 or 4: bits per key code  */
-    int value_bits;            /* 0 (default: `bits`), 2 or 4: bits per value code.
-                                  E.g. key_bits = 4, value_bits = 2 (K4/V2).
-                                  Like `bits`, ignored for METHOD_NONE.          */
+    int key_bits;              /* 0 (default: `bits`), 2, 3 or 4: bits per key code */
+    int value_bits;            /* 0 (default: `bits`), 2, 3 or 4: bits per value
+                                  code. E.g. key_bits = 4, value_bits = 2
+                                  (K4/V2), or key_bits = 3 (K3/V2). 3-bit codes
+                                  (7 levels; format version 5) are stored as a
+                                  2-bit plane and a 1-bit plane: R*d*3/8 bytes
+                                  per head and side; the CUDA backend refuses
+                                  3. Like `bits`, ignored for METHOD_NONE.       */
 } oscar_config;
 
 oscar_config oscar_config_default(void);
@@ -240,7 +244,9 @@ oscar_config oscar_config_default(void);
 oscar_status oscar_config_validate(const oscar_config *config, char *errbuf, size_t errbuf_size);
 
 /* Bits per K/V element of a full quantised block, codes plus (scale, lo)
- * pairs plus token norms. 16 (or 32 for an F32 window) for METHOD_NONE. */
+ * pairs plus token norms, keys and values averaged (K3/V2, k_group 64,
+ * v_group 64, one norm per token: (3 + 32/64 + 2 + 32/64) / 2 + 32 / (2 *
+ * Hkv * d)). 16 (or 32 for an F32 window) for METHOD_NONE. */
 oscar_status oscar_config_packed_bits(const oscar_config *config, double *bits_per_element);
 
 typedef struct oscar_cache oscar_cache;

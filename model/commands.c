@@ -82,7 +82,7 @@ static void usage(const char *cmd) {
                 "                 [--fold-v] [--no-ref] [--dump PREFIX] [--threads N] [--device cpu|cuda]\n"
                 "                 [--gpu-weights bf16|f32] [--score-from P | --score-second-half]\n"
                 "                 [--min-exact L] [--sinks S] [--clip] [--norm-per-head]\n"
-                "                 [--key-bits 2|4] [--value-bits 2|4]\n"
+                "                 [--key-bits 2|3|4] [--value-bits 2|3|4]\n"
                 "  Perplexity over non-overlapping windows of N tokens (default 1024). For a\n"
                 "  quantised cache it also runs the 16-bit cache and reports KL and top-1 agreement.\n"
                 "  Tokens go through the cache in chunks of C (default 32; 1 = one token per step).\n"
@@ -92,7 +92,7 @@ static void usage(const char *cmd) {
                 "  keeps at least L recent tokens exact (config rollback_tokens); --sinks S keeps the\n"
                 "  first S tokens exact (sink_tokens); --clip searches each group's range (clip_search);\n"
                 "  --norm-per-head keeps one key norm per token and KV head (key_norm_per_head);\n"
-                "  --key-bits / --value-bits set the keys' and values' widths apart (default --bits).\n");
+                "  --key-bits / --value-bits set the keys' and values' widths apart (2, 3 or 4; default --bits).\n");
     else
         fprintf(stderr,
                 "usage: oscar tni --model M.gguf --text FILE [--layer L] [--png out.png] [--tokens N]\n"
@@ -157,8 +157,7 @@ static int parse_opts(int argc, char **argv, opts *o) {
         else if (!strcmp(a, "--norm-per-head")) o->cfg.key_norm_per_head = 1;
         else if (!strcmp(a, "--key-bits") || !strcmp(a, "--value-bits")) {
             int b = 0;
-            INTV(2, 4, b);
-            if (b == 3) { die(cmd, "%s must be 2 or 4", a); return -1; }
+            INTV(2, 4, b); /* 2, 3 (format version 5) or 4 */
             if (a[2] == 'k') o->cfg.key_bits = b;
             else o->cfg.value_bits = b;
         }

@@ -20,7 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define HDR 80  /* version 4 */
+#define HDR 80  /* versions 4 and 5 */
 #define HDR3 64 /* versions 2 and 3; version 1 had 56 and no packed counts */
 
 typedef struct stream {
@@ -54,7 +54,7 @@ static int parse_stream(const unsigned char *b, size_t n, const tl_geom *g, stre
     s->reserved2 = tl_rd32(b + 72);
     s->reserved3 = tl_rd32(b + 76);
     int ok = 1;
-    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 4, "version %u", s->version);
+    ok &= CHECKF(s->version == OSCAR_FORMAT_VERSION && s->version == 5, "version %u", s->version);
     ok &= CHECKF(s->vbits == (uint32_t)g->vbits && s->norm_per_head == (uint32_t)g->norm_per_head &&
                      s->reserved2 == 0 && s->reserved3 == 0,
                  "value bits %u, key_norm_per_head %u, reserved %u %u", s->vbits, s->norm_per_head, s->reserved2,
@@ -632,11 +632,11 @@ static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_
     size_t n = HDR + 16 + (size_t)nb * g->LB + 2 * (size_t)wt * row * g->w + 4 * (size_t)wt + 8;
     unsigned char *b = calloc(n, 1); /* rollback_tokens 0 and sink_tokens 0 stay 0 */
     memcpy(b, "OSCARSEQ", 8);
-    uint32_t f[12] = {4, (uint32_t)g->cfg.method, (uint32_t)g->bits, (uint32_t)d, (uint32_t)hkv, 1,
+    uint32_t f[12] = {5, (uint32_t)g->cfg.method, (uint32_t)g->kbits, (uint32_t)d, (uint32_t)hkv, 1,
                       (uint32_t)g->gk, (uint32_t)g->gv, (uint32_t)R, (uint32_t)g->W,
                       (uint32_t)(g->cfg.rotate_values != 0), (uint32_t)nb};
     for (int i = 0; i < 12; i++) tl_wr32(b + 8 + 4 * i, f[i]);
-    tl_wr32(b + 64, (uint32_t)g->vbits); /* version 4: value bits; per-head norms 0 */
+    tl_wr32(b + 64, (uint32_t)g->vbits); /* version 4 on: value bits; per-head norms 0 */
     tl_wr64(b + HDR, (uint64_t)T);
     tl_wr64(b + HDR + 8, (uint64_t)nb);
     unsigned char *p = b + HDR + 16;
@@ -659,9 +659,9 @@ static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_
                 for (int t = 0; t < R; t++)
                     for (int c = 0; c < d; c++)
                         plane[t * d + c] = (kv ? ref->vcode : ref->kcode)[(i * R + t) * row + h * d + c];
-                tl_encode_codes(plane, R, d, g->bits, kv, hb + (size_t)kv * g->codes_bytes);
+                tl_encode_codes(plane, R, d, kv ? g->vbits : g->kbits, kv, hb + (size_t)kv * g->kcodes_bytes);
             }
-            unsigned char *kp = hb + 2 * g->codes_bytes, *vp = kp + g->kparams_bytes;
+            unsigned char *kp = hb + g->kcodes_bytes + g->vcodes_bytes, *vp = kp + g->kparams_bytes;
             for (int gi = 0; gi < R / g->gk; gi++)
                 for (int c = 0; c < d; c++) {
                     size_t pi = ((size_t)(i * R / g->gk + gi) * hkv + h) * d + c;
@@ -710,9 +710,14 @@ static unsigned char *handmade_stream(const tl_geom *g, const tl_ref *ref, size_
 static void test_handmade_streams(void) {
     tl_rng r = tl_rng_for("handmade_streams");
     static const oscar_method ms[] = {OSCAR_METHOD_NONE, OSCAR_METHOD_KIVI, OSCAR_METHOD_SCALE_ONLY, OSCAR_METHOD_OSCAR};
+    /* bits, then key_bits / value_bits: 3-bit codes are format version 5 */
+    static const int widths[][3] = {{2, 0, 0}, {4, 0, 0}, {2, 3, 0}, {2, 0, 3}, {4, 3, 3}};
     for (int mi = 0; mi < 4; mi++)
-        for (int bits = 2; bits <= 4; bits += 2) {
+        for (int wi = 0; wi < 5; wi++) {
+            const int bits = widths[wi][0];
+            if (ms[mi] == OSCAR_METHOD_NONE && wi >= 2) continue;
             oscar_config cfg = tl_small_config(ms[mi], bits, 64, 2, 4);
+            cfg.key_bits = widths[wi][1], cfg.value_bits = widths[wi][2];
             cfg.residual = 32;
             cfg.k_group = 16;
             tl_geom g = tl_geom_of(&cfg);
@@ -747,9 +752,29 @@ static void test_handmade_streams(void) {
                 /* and it re-exports to the same bytes */
                 size_t n2 = 0;
                 unsigned char *b2 = tl_export(c, seq, &n2);
-                CHECKF(b2 && n2 == n && memcmp(b, b2, n) == 0, "%s b=%d: handmade stream does not re-export identically",
-                       oscar_method_name(cfg.method), bits);
+                CHECKF(b2 && n2 == n && memcmp(b, b2, n) == 0,
+                       "%s b=%d K%d/V%d: handmade stream does not re-export identically", oscar_method_name(cfg.method),
+                       bits, g.kbits, g.vbits);
                 free(b2);
+                /* labelled version 4: the same import for 2- and 4-bit codes (re-exported as
+                 * version 5); refused with a 3-bit width, which no version-4 writer wrote */
+                tl_wr32(b + 8, 4);
+                tl_fix_checksum(b, n);
+                int32_t s4 = -1;
+                const oscar_status st4 = oscar_seq_import(c, b, n, &s4);
+                if (g.kbits == 3 || g.vbits == 3) {
+                    CHECKF(st4 == OSCAR_E_FORMAT && strstr(oscar_last_error(c), "3-bit"),
+                           "%s K%d/V%d: a version-4 stream with 3-bit codes: %s (%s)", oscar_method_name(cfg.method),
+                           g.kbits, g.vbits, oscar_status_name(st4), oscar_last_error(c));
+                } else if (CHECKF(st4 == OSCAR_OK, "%s b=%d: a version-4 stream is rejected: %s",
+                                  oscar_method_name(cfg.method), bits, oscar_last_error(c))) {
+                    b2 = tl_export(c, s4, &n2);
+                    tl_wr32(b + 8, 5);
+                    tl_fix_checksum(b, n);
+                    CHECKF(b2 && n2 == n && memcmp(b, b2, n) == 0, "%s b=%d: a version-4 stream re-exports differently",
+                           oscar_method_name(cfg.method), bits);
+                    free(b2);
+                }
             }
             free(b);
             tl_ref_free(&ref);
@@ -854,7 +879,7 @@ static void test_corrupt_streams(void) {
         uint64_t val;
         const char *what;
     } crafted[] = {
-        {0, 0, 0x5241435349, "magic"},          {8, 0, 5, "version 5"},
+        {0, 0, 0x5241435349, "magic"},          {8, 0, 6, "version 6"},
         {8, 0, 0, "version 0"},                 {12, 0, OSCAR_METHOD_KIVI, "method"},
         {12, 0, 99, "method 99"},               {16, 0, 4, "bits 4"},
         {16, 0, 3, "bits 3"},                   {20, 0, 128, "head_dim"},

@@ -225,7 +225,7 @@ static void test_sinks_stream_fork_truncate(void) {
     size_t n = 0;
     unsigned char *s = tl_export(c, seq, &n);
     if (!s) return;
-    CHECKF(tl_rd32(s + 8) == 4 && tl_rd32(s + 60) == (uint32_t)S, "version %u, sink_tokens %u", tl_rd32(s + 8),
+    CHECKF(tl_rd32(s + 8) == 5 && tl_rd32(s + 60) == (uint32_t)S, "version %u, sink_tokens %u", tl_rd32(s + 8),
            tl_rd32(s + 60));
     int32_t imp = -1;
     CHECK_OK(oscar_seq_import(c, s, n, &imp));
@@ -800,7 +800,7 @@ static void run_exact_case(const v4_case *vc, tl_rng *r) {
         unsigned char *s = tl_export(c, seq, &n);
         int64_t bad_codes = 0, bad_params = 0, bad_norms = 0;
         if (s) {
-            CHECK(tl_rd32(s + 8) == 4 && tl_rd32(s + 16) == (uint32_t)g.kbits && tl_rd32(s + 64) == (uint32_t)g.vbits &&
+            CHECK(tl_rd32(s + 8) == 5 && tl_rd32(s + 16) == (uint32_t)g.kbits && tl_rd32(s + 64) == (uint32_t)g.vbits &&
                   tl_rd32(s + 68) == (uint32_t)g.norm_per_head);
             uint8_t *plane = malloc((size_t)R * d);
             for (int64_t b = 0; b < P / R; b++) {
@@ -883,6 +883,15 @@ static void test_v4_exact_reference(void) {
         /* both options together */
         {OSCAR_METHOD_SCALE_ONLY, 2, 4, 2, 1, 64, 3, 3, 32, 32, 32, 4, 9, TL_FLAVOR_OUTLIERS, 3 * 32 + 3},
         {OSCAR_METHOD_SCALE_ONLY, 2, 2, 4, 1, 128, 2, 8, 64, 32, 64, 7, 0, TL_FLAVOR_SINKS, 2 * 64 + 63},
+        /* 3-bit codes (format version 5): K3/V2, K2/V3, K3/V3, K3/V4, every head_dim, groups of 16 to 128,
+         * adversarial data (outlier channels, constant groups, zeros, sinks), odd lengths, decode and chunks */
+        {OSCAR_METHOD_KIVI, 2, 3, 2, 0, 64, 2, 4, 64, 64, 64, 3, 0, TL_FLAVOR_OUTLIERS, 2 * 64 + 7},
+        {OSCAR_METHOD_KIVI, 2, 2, 3, 0, 64, 2, 4, 32, 32, 32, 3, 0, TL_FLAVOR_OUTLIERS, 3 * 32 + 1},
+        {OSCAR_METHOD_KIVI, 2, 3, 3, 0, 128, 1, 2, 32, 16, 16, 8, 11, TL_FLAVOR_CONST, 3 * 32 + 9},
+        {OSCAR_METHOD_KIVI, 4, 3, 0, 0, 256, 2, 2, 32, 32, 16, 2, 0, TL_FLAVOR_ZERO, 32 + 17},
+        {OSCAR_METHOD_SCALE_ONLY, 2, 3, 2, 0, 64, 3, 9, 128, 128, 64, 4, 37, TL_FLAVOR_OUTLIERS, 2 * 128 + 5},
+        {OSCAR_METHOD_SCALE_ONLY, 2, 3, 3, 1, 128, 2, 8, 64, 32, 64, 7, 0, TL_FLAVOR_SINKS, 2 * 64 + 63},
+        {OSCAR_METHOD_SCALE_ONLY, 2, 2, 3, 1, 64, 3, 3, 32, 32, 32, 1, 9, TL_FLAVOR_CONST, 3 * 32 + 3},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_exact_case(&cases[i], &r);
 }
@@ -906,6 +915,11 @@ static void test_v4_oscar_reference(void) {
         {2, 2, 4, 0, 128, 2, 4, 64, 0, 0, 1, 0, 201},
         {4, 0, 2, 1, 64, 2, 4, 32, 5, 8, 9, 17, 163},
         {2, 4, 0, 1, 64, 1, 3, 32, 0, 0, 2, 0, 99},
+        /* 3-bit codes (format version 5) */
+        {2, 3, 2, 0, 64, 3, 9, 64, 32, 64, 3, 21, 300},
+        {2, 2, 3, 0, 128, 2, 4, 64, 0, 0, 1, 0, 201},
+        {2, 3, 3, 1, 64, 2, 4, 32, 5, 8, 9, 17, 163},
+        {4, 3, 0, 0, 256, 1, 2, 32, 0, 0, 2, 0, 99},
     };
     for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
         const int d = cases[ci].d, H = cases[ci].hkv, hq = cases[ci].hq, R = cases[ci].R, S = cases[ci].S;
@@ -960,7 +974,9 @@ static void test_v4_oscar_reference(void) {
                         if (!(ev <= wv)) wv = ev;
                     }
                 }
-            const double ak = g.kbits == 2 ? 0.75 : 0.2, av = g.vbits == 2 ? 0.75 : 0.2;
+            /* one step of a group, relative: 1/3, 1/7, 1/15 of its range */
+            const double ak = g.kbits == 2 ? 0.75 : g.kbits == 3 ? 0.35 : 0.2;
+            const double av = g.vbits == 2 ? 0.75 : g.vbits == 3 ? 0.35 : 0.2;
             CHECKF(wk < ak && wv < av, "read-back vs the reference: K %.3g (allowed %.2g), V %.3g (allowed %.2g)", wk,
                    ak, wv, av);
             /* mean relative error per side: a wrong width or a wrong head's norm shows at once */
@@ -1225,7 +1241,7 @@ static void test_v4_stream(void) {
     size_t n = 0;
     unsigned char *s = tl_export(c, seq, &n);
     if (!s) return;
-    CHECKF(tl_rd32(s + 8) == 4 && tl_rd32(s + 16) == 4 && tl_rd32(s + 64) == 2 && tl_rd32(s + 68) == 1 &&
+    CHECKF(tl_rd32(s + 8) == 5 && tl_rd32(s + 16) == 4 && tl_rd32(s + 64) == 2 && tl_rd32(s + 68) == 1 &&
                tl_rd32(s + 72) == 0 && tl_rd32(s + 76) == 0 && tl_rd32(s + 60) == (uint32_t)S,
            "header: version %u, key bits %u, value bits %u, per-head %u, reserved %u %u", tl_rd32(s + 8),
            tl_rd32(s + 16), tl_rd32(s + 64), tl_rd32(s + 68), tl_rd32(s + 72), tl_rd32(s + 76));
@@ -1371,12 +1387,12 @@ static void test_v4_batch_api(void) {
     const int64_t T = 3 * R + 11, row = (int64_t)H * d;
     float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
     make_adversarial(&r, TL_FLAVOR_OUTLIERS, k, v, T, H, d, 20.0f, 0.01f);
-    for (int variant = 0; variant < 2; variant++) {
+    for (int variant = 0; variant < 3; variant++) {
         oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, d, H, hq);
         cfg.residual = R;
         cfg.key_norm_per_head = 1;
-        cfg.key_bits = variant ? 2 : 4;
-        cfg.value_bits = variant ? 4 : 2;
+        cfg.key_bits = variant == 2 ? 3 : variant ? 2 : 4; /* K4/V2, K2/V4, K3/V3 (format version 5) */
+        cfg.value_bits = variant == 2 ? 3 : variant ? 4 : 2;
         oscar_config bc = cfg;
         bc.caller_metadata = 1;
         oscar_cache *a = tl_create(&cfg), *b = tl_create(&bc);
@@ -1418,8 +1434,9 @@ static void test_v4_config_checks(void) {
     static const struct {
         int field, val;
         const char *word;
-    } bad[] = {{0, 2, "key_norm_per_head"}, {0, -1, "key_norm_per_head"}, {1, 3, "key_bits"}, {1, 1, "key_bits"},
-               {1, 8, "key_bits"},          {1, -2, "key_bits"},          {2, 3, "value_bits"}, {2, 16, "value_bits"}};
+    } bad[] = {{0, 2, "key_norm_per_head"}, {0, -1, "key_norm_per_head"}, {1, 5, "key_bits"}, {1, 1, "key_bits"},
+               {1, 8, "key_bits"},          {1, -2, "key_bits"},          {2, 5, "value_bits"}, {2, 16, "value_bits"},
+               {2, 1, "value_bits"}};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         c = oscar_config_default();
         *(bad[i].field == 0 ? &c.key_norm_per_head : bad[i].field == 1 ? &c.key_bits : &c.value_bits) = bad[i].val;
@@ -1441,12 +1458,22 @@ static void test_v4_config_checks(void) {
     CHECK_OK(oscar_config_validate(&c, eb, sizeof eb));
     c.method = OSCAR_METHOD_NONE;
     CHECK_OK(oscar_config_validate(&c, eb, sizeof eb));
+    for (int kb = 0; kb <= 4; kb++) /* 3-bit codes: format version 5 */
+        for (int vb = 0; vb <= 4; vb++) {
+            if (kb == 1 || vb == 1) continue;
+            c = oscar_config_default();
+            c.key_bits = kb, c.value_bits = vb;
+            CHECKF(oscar_config_validate(&c, eb, sizeof eb) == OSCAR_OK, "K%d/V%d refused: %s", kb, vb, eb);
+        }
     /* bits per element: default d=128, Hkv=8, R=128, G=32: 2 + 1 + 32/(2*8*128) */
     static const struct {
         int bits, kb, vb, nph;
         double want;
     } pb[] = {{2, 0, 0, 0, 3.015625}, {2, 0, 0, 1, 3.125},    {2, 4, 0, 0, 4.015625}, {4, 0, 2, 0, 4.015625},
-              {2, 0, 4, 1, 4.125},    {4, 2, 2, 0, 3.015625}, {4, 0, 0, 1, 5.125}};
+              {2, 0, 4, 1, 4.125},    {4, 2, 2, 0, 3.015625}, {4, 0, 0, 1, 5.125},
+              /* 3-bit codes: (3 + 1 + 2 + 1) / 2 + 1/64, ... */
+              {2, 3, 0, 0, 3.515625}, {2, 0, 3, 0, 3.515625}, {2, 3, 3, 0, 4.015625}, {4, 3, 0, 1, 4.625},
+              {2, 3, 3, 1, 4.125}};
     for (size_t i = 0; i < sizeof pb / sizeof pb[0]; i++) {
         c = oscar_config_default();
         c.bits = pb[i].bits, c.key_bits = pb[i].kb, c.value_bits = pb[i].vb, c.key_norm_per_head = pb[i].nph;
@@ -1464,17 +1491,20 @@ static void test_v4_config_checks(void) {
     CHECK(mb.pool_bytes == ma.pool_bytes + (size_t)(a.num_kv_heads - 1) * 4 * a.residual * a.num_layers * a.block_count);
     CHECK(mb.window_bytes == ma.window_bytes);
     /* the CUDA backend refuses them (without CUDA: not built, also refused) */
-    for (int which = 0; which < 3; which++) {
+    for (int which = 0; which < 5; which++) {
         c = oscar_config_default();
         c.backend = OSCAR_BACKEND_CUDA;
         if (which == 0) c.key_norm_per_head = 1;
         if (which == 1) c.key_bits = 4;
         if (which == 2) c.value_bits = 4;
+        if (which == 3) c.key_bits = 3; /* 3-bit codes: CPU only */
+        if (which == 4) c.value_bits = 3, c.bits = 4;
         oscar_cache *x = NULL;
         CHECK_ST(NULL, oscar_cache_create(&c, &x, eb, sizeof eb), OSCAR_E_UNSUPPORTED);
         CHECK(x == NULL);
         if (oscar_backend_available(OSCAR_BACKEND_CUDA))
-            CHECKF(strstr(eb, which == 0 ? "key_norm_per_head" : "key_bits") != NULL, "message: %s", eb);
+            CHECKF(strstr(eb, which == 0 ? "key_norm_per_head" : which >= 3 ? "3-bit" : "key_bits") != NULL,
+                   "message: %s", eb);
         oscar_memory_requirements mr;
         CHECK_ST(NULL, oscar_memory_requirements_get(&c, &mr, eb, sizeof eb), OSCAR_E_UNSUPPORTED);
     }
@@ -1486,7 +1516,7 @@ static void test_v4_config_checks(void) {
     for (int variant = 0; variant < 2; variant++) {
         c = oscar_config_default();
         c.key_norm_per_head = 9; /* beyond the old struct: ignored */
-        c.key_bits = 3;
+        c.key_bits = 5;
         c.value_bits = -1;
         c.struct_size = variant ? v3_sizeof : v3;
         c.head_dim = 64;
@@ -1519,6 +1549,189 @@ static void test_v4_config_checks(void) {
     CHECKF(strstr(eb, "struct_size") != NULL, "message: %s", eb);
 }
 
+
+/* ---- format version 5: 3-bit codes ------------------------------------------ */
+
+/* The bytes of a 3-bit code array, written here from the text of FORMAT.md
+ * (version 5) alone: the low two bits of the code of (token, channel) go to
+ * the 2-bit plane (R*d/4 bytes, 16-token tiles of 4d bytes, lane chunks of
+ * d/8 bytes, pair q in word q/8 at bits 16e + 2(q%8)), the high bit to the
+ * 1-bit plane after it (tiles of 2d bytes, lane chunks of d/16 bytes, pair
+ * q in word q/16 at bit 16e + q%16). Lane, pair and element by the table of
+ * "Code tiles". */
+static void v5_expected_codes(const uint8_t *code, int R, int d, int is_value, unsigned char *out) {
+    memset(out, 0, (size_t)R * d * 3 / 8);
+    for (int T = 0; T < R / 16; T++)
+        for (int l = 0; l < 32; l++)
+            for (int q = 0; q < d / 4; q++)
+                for (int e = 0; e < 2; e++) {
+                    const int g = l / 4, t = l % 4, s = q / 4, j = q % 4;
+                    const int tok = is_value ? 16 * T + 2 * t + 8 * (j >> 1) + e : 16 * T + g + 8 * (j & 1);
+                    const int ch = is_value ? 16 * s + g + 8 * (j & 1) : 16 * s + 2 * t + 8 * (j >> 1) + e;
+                    const unsigned c = code[(size_t)tok * d + ch];
+                    const size_t lo_bit = 8 * ((size_t)T * 4 * d + (size_t)l * (d / 8) + (size_t)(q / 8) * 4) +
+                                          (size_t)(16 * e + 2 * (q % 8));
+                    const size_t hi_bit = 8 * ((size_t)R * d / 4 + (size_t)T * 2 * d + (size_t)l * (d / 16) +
+                                               (size_t)(q / 16) * 4) +
+                                          (size_t)(16 * e + q % 16);
+                    /* little-endian words: bit b of a word is bit b%8 of its byte b/8 */
+                    out[lo_bit / 8] |= (unsigned char)((c & 3u) << (lo_bit % 8));
+                    out[hi_bit / 8] |= (unsigned char)(((c >> 2) & 1u) << (hi_bit % 8));
+                }
+}
+
+/* A 3-bit cache's block bytes against FORMAT.md written out by hand (above),
+ * its codes against the float64 reference quantiser with 7 levels, and every
+ * code value 0..7 seen (a width of 2 or 4, or Q = 8, would miss or exceed). */
+static void test_v5_layout(void) {
+    tl_rng r = tl_rng_for("v5_layout");
+    static const struct {
+        int kb, vb, d, R, gk, gv;
+    } cases[] = {{3, 3, 64, 32, 32, 32}, {3, 2, 128, 64, 64, 64}, {2, 3, 256, 32, 16, 16}, {3, 4, 64, 48, 16, 64}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        const int d = cases[ci].d, H = 2, R = cases[ci].R;
+        oscar_config cfg = tl_small_config(OSCAR_METHOD_KIVI, 2, d, H, 2 * H);
+        cfg.residual = R, cfg.k_group = cases[ci].gk, cfg.v_group = cases[ci].gv;
+        cfg.key_bits = cases[ci].kb, cfg.value_bits = cases[ci].vb;
+        cfg.window_dtype = OSCAR_DTYPE_F32;
+        const tl_geom g = tl_geom_of(&cfg);
+        printf("   kivi K%d/V%d d=%d R=%d Gk=%d Gv=%d\n", g.kbits, g.vbits, d, R, cases[ci].gk, cases[ci].gv);
+        CHECKF(g.Qk == (g.kbits == 3 ? 7 : g.Qk) && g.Qv == (g.vbits == 3 ? 7 : g.Qv), "levels %d %d", g.Qk, g.Qv);
+        oscar_cache *c = tl_create(&cfg);
+        if (!c) continue;
+        const int64_t row = (int64_t)H * d, T = 3 * R + 5, P = 3 * R;
+        float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+        make_adversarial(&r, TL_FLAVOR_OUTLIERS, k, v, T, H, d, 5.0f, 0.02f);
+        int32_t seq;
+        CHECK_OK(oscar_seq_add(c, &seq));
+        CHECK_OK(tl_append(c, 0, seq, k, v, T, H, d, OSCAR_DTYPE_F32));
+        oref o;
+        oref_build(&g, k, v, T, P, &o);
+        size_t n = 0;
+        unsigned char *s = tl_export(c, seq, &n);
+        const size_t kcb = (size_t)R * d * g.kbits / 8, vcb = (size_t)R * d * g.vbits / 8;
+        CHECKF(g.kcodes_bytes == kcb && g.vcodes_bytes == vcb, "codes bytes %zu %zu", g.kcodes_bytes, g.vcodes_bytes);
+        int64_t bad = 0, seen[2][8] = {{0}};
+        unsigned char *want = malloc((size_t)R * d);
+        uint8_t *plane = malloc((size_t)R * d);
+        for (int b = 0; s && b < P / R; b++)
+            for (int h = 0; h < H; h++)
+                for (int kv = 0; kv < 2; kv++) {
+                    const int bits = kv ? g.vbits : g.kbits;
+                    if (bits != 3) continue;
+                    for (int t = 0; t < R; t++)
+                        for (int ch = 0; ch < d; ch++) {
+                            plane[t * d + ch] = (kv ? o.vcode : o.kcode)[(b * R + t) * row + (int64_t)h * d + ch];
+                            seen[kv][plane[t * d + ch] & 7]++;
+                            bad += plane[t * d + ch] > 7;
+                        }
+                    v5_expected_codes(plane, R, d, kv, want);
+                    const unsigned char *got = s + 96 + (size_t)b * g.LB + (size_t)h * g.head_bytes + (kv ? kcb : 0);
+                    bad += memcmp(got, want, (size_t)R * d * 3 / 8) != 0;
+                }
+        CHECKF(bad == 0, "K%d/V%d: %lld 3-bit code arrays differ from FORMAT.md version 5", g.kbits, g.vbits,
+               (long long)bad);
+        for (int kv = 0; kv < 2; kv++)
+            if ((kv ? g.vbits : g.kbits) == 3)
+                for (int cv = 0; cv < 8; cv++)
+                    CHECKF(seen[kv][cv] > 0, "%s: code %d never used (7 levels expected)", kv ? "values" : "keys", cv);
+        free(want), free(plane), free(s);
+        oref_free(&o);
+        /* NaN and Inf are refused as at any width; the sequence is failed, the cache stays usable */
+        for (int which = 0; which < 2; which++) {
+            int32_t bad_seq;
+            CHECK_OK(oscar_seq_add(c, &bad_seq));
+            k[5 * row + 3] = which ? INFINITY : NAN;
+            CHECK_ST(c, tl_append(c, 0, bad_seq, k, v, R + 7, H, d, OSCAR_DTYPE_F32), OSCAR_E_NONFINITE);
+            k[5 * row + 3] = 0.5f;
+            CHECK_OK(oscar_seq_free(c, bad_seq));
+        }
+        free(k), free(v);
+        oscar_cache_destroy(c);
+    }
+}
+
+/* Export / import with 3-bit codes: version 5 written, export -> import ->
+ * export byte for byte, equal attention; the stream relabelled version 4 is
+ * refused (no earlier writer wrote a width of 3), as are mismatched widths;
+ * version-4 streams of 2- and 4-bit caches still import. */
+static void test_v5_stream(void) {
+    tl_rng r = tl_rng_for("v5_stream");
+    const int d = 64, H = 3, hq = 6, R = 64;
+    oscar_config cfg = tl_small_config(OSCAR_METHOD_OSCAR, 2, d, H, hq);
+    cfg.residual = R, cfg.k_group = 64, cfg.v_group = 64;
+    cfg.sink_tokens = 8, cfg.rollback_tokens = 16, cfg.num_layers = 2;
+    cfg.key_bits = 3, cfg.value_bits = 2;
+    const int64_t T = 3 * R + 41, row = (int64_t)H * d;
+    float *k = malloc(sizeof(float) * (size_t)(T * row)), *v = malloc(sizeof(float) * (size_t)(T * row));
+    make_adversarial(&r, TL_FLAVOR_SINKS, k, v, T, H, d, 20.0f, 0.01f);
+    oscar_cache *c = tl_create(&cfg), *c2 = tl_create(&cfg);
+    if (!c || !c2) return;
+    int32_t seq;
+    CHECK_OK(oscar_seq_add(c, &seq));
+    CHECK_OK(tl_append(c, 0, seq, k, v, T, H, d, OSCAR_DTYPE_F32));
+    CHECK_OK(tl_append(c, 1, seq, k, v, R + 9, H, d, OSCAR_DTYPE_F32));
+    size_t n = 0;
+    unsigned char *s = tl_export(c, seq, &n);
+    if (!s) return;
+    CHECKF(tl_rd32(s + 8) == 5 && OSCAR_FORMAT_VERSION == 5 && tl_rd32(s + 16) == 3 && tl_rd32(s + 64) == 2,
+           "header: version %u, key bits %u, value bits %u", tl_rd32(s + 8), tl_rd32(s + 16), tl_rd32(s + 64));
+    const tl_geom g = tl_geom_of(&cfg);
+    CHECKF(g.LB == (size_t)H * ((size_t)R * d * 5 / 8 + 4 * (size_t)d + 4 * (size_t)R) + 4 * (size_t)R,
+           "K3/V2 layer block is %zu bytes", g.LB);
+    int32_t imp = -1;
+    if (CHECK_OK(oscar_seq_import(c2, s, n, &imp))) {
+        size_t n2 = 0;
+        unsigned char *s2 = tl_export(c2, imp, &n2);
+        CHECKF(s2 && n2 == n && memcmp(s, s2, n) == 0, "export -> import -> export differs");
+        free(s2);
+        float *q = malloc(sizeof(float) * (size_t)2 * hq * d), *o1 = malloc(sizeof(float) * (size_t)2 * hq * d),
+              *o2 = malloc(sizeof(float) * (size_t)2 * hq * d);
+        tl_gen_q(&r, q, 2, hq, d, tl_key_rms_norm(k, T, H, d), 2.0, OSCAR_DTYPE_F32);
+        CHECK_OK(tl_attention(c, 0, 1, &seq, 2, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, o1, hq, d));
+        CHECK_OK(tl_attention(c2, 0, 1, &imp, 2, q, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0.0f, o2, hq, d));
+        CHECK(memcmp(o1, o2, sizeof(float) * (size_t)2 * hq * d) == 0);
+        free(q), free(o1), free(o2);
+    }
+    /* the same bytes labelled version 4: refused, naming the version */
+    unsigned char *buf = malloc(n);
+    memcpy(buf, s, n);
+    tl_wr32(buf + 8, 4);
+    tl_fix_checksum(buf, n);
+    expect_refused(c, seq, buf, n, "3-bit", "a version-4 stream with 3-bit keys");
+    /* a 3-bit stream into caches of other widths, and theirs into it */
+    static const struct {
+        int bits, kb, vb;
+        const char *word;
+    } others[] = {{2, 0, 0, "key bits"}, {4, 0, 2, "key bits"}, {2, 3, 3, "value bits"}, {2, 2, 3, "key bits"}};
+    for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
+        oscar_config oc = cfg;
+        oc.bits = others[i].bits, oc.key_bits = others[i].kb, oc.value_bits = others[i].vb;
+        oscar_cache *x = tl_create(&oc);
+        if (!x) continue;
+        int32_t resident;
+        CHECK_OK(oscar_seq_add(x, &resident));
+        CHECK_OK(tl_append(x, 0, resident, k, v, 100, H, d, OSCAR_DTYPE_F32));
+        char what[96];
+        snprintf(what, sizeof what, "stream K3/V2 into bits %d K%d V%d", others[i].bits, others[i].kb, others[i].vb);
+        expect_refused(x, resident, s, n, others[i].word, what);
+        size_t nx = 0;
+        unsigned char *sx = tl_export(x, resident, &nx);
+        if (sx) expect_refused(c, seq, sx, nx, others[i].word, "another width's stream into K3/V2");
+        /* version-4 streams (the same bytes labelled 4) of widths 2 and 4 still import */
+        if (sx && others[i].kb != 3 && others[i].vb != 3) {
+            tl_wr32(sx + 8, 4);
+            tl_fix_checksum(sx, nx);
+            int32_t got = -1;
+            if (CHECK_OK(oscar_seq_import(x, sx, nx, &got))) CHECK(tl_same_export(x, resident, x, got));
+        }
+        free(sx);
+        oscar_cache_destroy(x);
+    }
+    free(buf), free(s), free(k), free(v);
+    oscar_cache_destroy(c), oscar_cache_destroy(c2);
+}
+
 int main(void) {
     printf("oscar %s, test_options\n", oscar_version());
     TL_RUN(test_config_checks);
@@ -1534,5 +1747,7 @@ int main(void) {
     TL_RUN(test_mixed_bits_halves);
     TL_RUN(test_v4_stream);
     TL_RUN(test_v4_batch_api);
+    TL_RUN(test_v5_layout);
+    TL_RUN(test_v5_stream);
     return tl_finish();
 }

@@ -52,8 +52,8 @@ typedef struct parsed {
 
 static int parse(const unsigned char *b, size_t n, int hkv, size_t LB, parsed *p) {
     memset(p, 0, sizeof *p);
-    /* format version 4: an 80-byte header, value bits at 64, all-head norms (0) at 68 */
-    if (!CHECKF(n > 80 + 16 * LAYERS && tl_rd32(b + 8) == 4 && tl_rd32(b + 60) == 0 && tl_rd32(b + 24) == (uint32_t)hkv &&
+    /* format version 5 (4's layout): an 80-byte header, value bits at 64, all-head norms (0) at 68 */
+    if (!CHECKF(n > 80 + 16 * LAYERS && tl_rd32(b + 8) == 5 && tl_rd32(b + 60) == 0 && tl_rd32(b + 24) == (uint32_t)hkv &&
                     tl_rd32(b + 64) == 2 && tl_rd32(b + 68) == 0,
                 "stream header"))
         return 0;

@@ -244,10 +244,10 @@ static oscar_status config_check(const oscar_config *c, char *eb, size_t en) {
                           "key_norm_per_head must be 0 (one key norm per token over all KV heads, as published) or "
                           "1 (one per token and KV head), got %d",
                           c->key_norm_per_head);
-    if (c->key_bits != 0 && c->key_bits != 2 && c->key_bits != 4)
-        return errbuf_set(eb, en, E, "key_bits must be 0 (use bits = %d), 2 or 4, got %d", c->bits, c->key_bits);
-    if (c->value_bits != 0 && c->value_bits != 2 && c->value_bits != 4)
-        return errbuf_set(eb, en, E, "value_bits must be 0 (use bits = %d), 2 or 4, got %d", c->bits,
+    if (c->key_bits != 0 && (c->key_bits < 2 || c->key_bits > 4))
+        return errbuf_set(eb, en, E, "key_bits must be 0 (use bits = %d), 2, 3 or 4, got %d", c->bits, c->key_bits);
+    if (c->value_bits != 0 && (c->value_bits < 2 || c->value_bits > 4))
+        return errbuf_set(eb, en, E, "value_bits must be 0 (use bits = %d), 2, 3 or 4, got %d", c->bits,
                           c->value_bits);
     if (c->block_count < 1)
         return errbuf_set(eb, en, E, "block_count must be >= 1, got %d", c->block_count);
@@ -295,6 +295,11 @@ static oscar_status backend_of(const oscar_config *cfg, const oscar_backend_ops 
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
                               "key_norm_per_head = 1 is not supported by the CUDA backend yet (CPU backend only); "
                               "set key_norm_per_head = 0");
+        if (cfg->method != OSCAR_METHOD_NONE && (cfg->key_bits == 3 || cfg->value_bits == 3))
+            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
+                              "key_bits = %d, value_bits = %d: 3-bit codes (format version 5) are not supported by "
+                              "the CUDA backend yet (CPU backend only); use 2 or 4",
+                              cfg->key_bits, cfg->value_bits);
         if (cfg->method != OSCAR_METHOD_NONE && ((cfg->key_bits && cfg->key_bits != cfg->bits) ||
                                                  (cfg->value_bits && cfg->value_bits != cfg->bits)))
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,

@@ -44,6 +44,28 @@ static inline uint32_t get_code(const uint8_t *tile, int chunk_bytes, int bits, 
     return (x >> bit) & ((1u << bits) - 1u);
 }
 
+/* One code of a head's K or V codes array `codes` (R tokens, d channels,
+ * `bits` wide) at tile T, slot (lane, q, e). 2 and 4 bits: one array of
+ * tiles. 3 bits (format version 5): two planes, each in the tile order of
+ * its own width: the low two bits of every code are the 2-bit array of
+ * R*d/4 bytes, the high bit a 1-bit array of R*d/8 bytes after it. */
+static inline void put_code_at(uint8_t *codes, int R, int d, int bits, int T, int lane, int q, int e,
+                               uint32_t code) {
+    if (bits == 3) {
+        put_code(codes + (size_t)T * 4 * d, d / 8, 2, lane, q, e, code & 3u);
+        put_code(codes + (size_t)R * d / 4 + (size_t)T * 2 * d, d / 16, 1, lane, q, e, code >> 2);
+        return;
+    }
+    put_code(codes + (size_t)T * 2 * d * bits, d * bits / 16, bits, lane, q, e, code);
+}
+
+static inline uint32_t get_code_at(const uint8_t *codes, int R, int d, int bits, int T, int lane, int q, int e) {
+    if (bits == 3)
+        return get_code(codes + (size_t)T * 4 * d, d / 8, 2, lane, q, e) |
+               get_code(codes + (size_t)R * d / 4 + (size_t)T * 2 * d, d / 16, 1, lane, q, e) << 2;
+    return get_code(codes + (size_t)T * 2 * d * bits, d * bits / 16, bits, lane, q, e);
+}
+
 float oscar_row_sumsq(const oscar_layout *L, const float *row) {
     float hs[1024]; /* num_kv_heads <= 1024 (oscar_config_validate) */
     for (int h = 0; h < L->hkv; h++) hs[h] = oscar_head_sumsq(row + (size_t)h * L->d, L->d);
@@ -100,8 +122,6 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
     }
     /* keys and values may have different widths (key_bits, value_bits) */
     const int Qk = L->klevels, kbits = L->kbits, Qv = L->vlevels, vbits = L->vbits;
-    const int kchunk = d * kbits / 16, ktile_bytes = 2 * d * kbits;
-    const int vchunk = d * vbits / 16, vtile_bytes = 2 * d * vbits;
     for (int h = 0; h < H; h++) {
         uint8_t *base = dst + (size_t)h * L->head_bytes;
         uint8_t *kc = base, *vc = base + L->kcodes_bytes;
@@ -120,7 +140,7 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
                     int lane, q, e;
                     key_slot(t & 15, c, &lane, &q, &e);
                     uint32_t code = (uint32_t)oscar_quant_code(col[(size_t)(t - g0) * row], sc, l0, Qk);
-                    put_code(kc + (size_t)(t >> 4) * ktile_bytes, kchunk, kbits, lane, q, e, code);
+                    put_code_at(kc, R, d, kbits, t >> 4, lane, q, e, code);
                 }
             }
         }
@@ -138,7 +158,7 @@ void oscar_pack_block(const oscar_layout *L, const float *xk, const float *xv, c
                     int lane, q, e;
                     value_slot(t & 15, c, &lane, &q, &e);
                     uint32_t code = (uint32_t)oscar_quant_code(vrow[c], sc, l0, Qv);
-                    put_code(vc + (size_t)(t >> 4) * vtile_bytes, vchunk, vbits, lane, q, e, code);
+                    put_code_at(vc, R, d, vbits, t >> 4, lane, q, e, code);
                 }
             }
         }
@@ -156,8 +176,7 @@ void oscar_unpack_head(const oscar_layout *L, const uint8_t *block, int h, float
         for (int t = 0; t < R; t++) norms_out[t] = 1.0f;
         return;
     }
-    const int kbits = L->kbits, kchunk = d * kbits / 16, ktile_bytes = 2 * d * kbits;
-    const int vbits = L->vbits, vchunk = d * vbits / 16, vtile_bytes = 2 * d * vbits;
+    const int kbits = L->kbits, vbits = L->vbits;
     const uint8_t *base = block + (size_t)h * L->head_bytes;
     const uint8_t *kc = base, *vc = base + L->kcodes_bytes;
     const uint16_t *kp = (const uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes);
@@ -171,11 +190,11 @@ void oscar_unpack_head(const oscar_layout *L, const uint8_t *block, int h, float
         for (int c = 0; c < d; c++) {
             int lane, q, e;
             key_slot(t & 15, c, &lane, &q, &e);
-            uint32_t code = get_code(kc + (size_t)(t >> 4) * ktile_bytes, kchunk, kbits, lane, q, e);
+            uint32_t code = get_code_at(kc, R, d, kbits, t >> 4, lane, q, e);
             size_t pi = ((size_t)(t / L->k_group) * d + c) * 2;
             k_out[(size_t)t * d + c] = oscar_f16_to_f32(kp[pi + 1]) + (float)code * oscar_f16_to_f32(kp[pi]);
             value_slot(t & 15, c, &lane, &q, &e);
-            code = get_code(vc + (size_t)(t >> 4) * vtile_bytes, vchunk, vbits, lane, q, e);
+            code = get_code_at(vc, R, d, vbits, t >> 4, lane, q, e);
             size_t vi = ((size_t)t * ng + c / L->v_group) * 2;
             v_out[(size_t)t * d + c] = oscar_f16_to_f32(vp[vi + 1]) + (float)code * oscar_f16_to_f32(vp[vi]);
         }

@@ -10,9 +10,11 @@ static const char MAGIC[8] = {'O', 'S', 'C', 'A', 'R', 'S', 'E', 'Q'};
 /* v1: 56-byte header, u64 tokens per layer. v2: 64-byte header
  * (+ rollback_tokens, reserved), u64 tokens and u64 packed blocks per
  * layer. v3: v2 with the reserved word holding sink_tokens S and each
- * layer's sink rows ahead of its window rows. v4 (written now): v3 with an
+ * layer's sink rows ahead of its window rows. v4: v3 with an
  * 80-byte header: the word at 16 is the key bits, then value bits,
- * key_norm_per_head and two reserved words (0). docs/FORMAT.md. */
+ * key_norm_per_head and two reserved words (0). v5 (written now): v4's
+ * bytes, and a width may be 3 (two code planes per array); a stream before
+ * v5 never holds 3-bit codes. docs/FORMAT.md. */
 enum { HEADER_V1 = 56, HEADER_V2 = 64, HEADER_V4 = 80 };
 
 static uint64_t fnv1a(const uint8_t *p, size_t n) {
@@ -360,7 +362,7 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
      * word at 16) for keys and values and one norm per token */
     if (version >= 4) {
         if (size < HEADER_V4 + 8)
-            return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a version 4 stream", size);
+            return oscar_set_error(c, F, "seq_import: %zu bytes is too short for a version %u stream", size, version);
         if (get32(p + 64) != (uint32_t)L->vbits)
             return oscar_set_error(c, F, "seq_import: stream has value bits = %u, this cache has %d", get32(p + 64),
                                    L->vbits);
@@ -383,6 +385,12 @@ oscar_status oscar_seq_import(oscar_cache *c, const void *buffer, size_t size, i
                                    "cache has key_norm_per_head = 1",
                                    version);
     }
+    /* version 5: 3-bit codes; no earlier writer wrote a width of 3 */
+    if (version < 5 && (L->kbits == 3 || L->vbits == 3))
+        return oscar_set_error(c, F,
+                               "seq_import: a version %u stream has no 3-bit codes (format version 5), this cache has "
+                               "key bits %d, value bits %d",
+                               version, L->kbits, L->vbits);
     if (size < hb + plb * (size_t)L->layers + 8)
         return oscar_set_error(c, F, "seq_import: stream truncated in the token counts");
     int64_t *tokens = (int64_t *)OSCAR_MALLOC(sizeof(int64_t) * (size_t)L->layers);

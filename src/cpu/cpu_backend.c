@@ -358,6 +358,12 @@ static inline __attribute__((always_inline)) v8f decode(v8u x, int shift, uint32
     return __builtin_convertvector((x >> shift) & mask, v8f) - (float)mask * 0.5f;
 }
 
+/* A 3-bit code (format version 5): its low two bits from the 2-bit plane's
+ * word x, its high bit from the 1-bit plane's word xh; centred, code - 3.5. */
+static inline __attribute__((always_inline)) v8f decode3(v8u x, int shift, v8u xh, int hshift) {
+    return __builtin_convertvector(((x >> shift) & 3u) | (((xh >> hshift) & 1u) << 2), v8f) - 3.5f;
+}
+
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 /* exp(x) for x <= 0, 8 at a time (Cephes expf: x = n ln2 + r, |r| <= ln2/2,
@@ -382,17 +388,22 @@ static inline __attribute__((always_inline)) v8f exp_nonpositive(v8f x) {
 }
 
 /* Logits of the R tokens of one quantised block for one KV head. P (pairs
- * per word) and NR (query rows) are compile-time constants at each call
- * site, so the accumulators live in registers. */
+ * per word), NR (query rows) and B3 are compile-time constants at each call
+ * site, so the accumulators live in registers. B3: 3-bit codes, read as the
+ * 2-bit plane (P = 8) plus the high-bit plane after it (FORMAT.md, version
+ * 5): low-plane word w of a lane holds pairs 8w..8w+7, which sit in
+ * high-plane word w/2 at slots 8(w&1)..8(w&1)+7. */
 static inline __attribute__((always_inline)) void block_logits_q(const oscar_layout *L, const uint8_t *blk, int h,
                                                                  float *out, int64_t ld, float sm, attn_scratch *S,
-                                                                 const int P, const int NR) {
-    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64; /* bits = L->kbits */
-    const uint32_t Q = (1u << bits) - 1u;
+                                                                 const int P, const int NR, const int B3) {
+    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64; /* bits = L->kbits (2 if B3) */
+    const uint32_t Q = B3 ? 7u : (1u << bits) - 1u;
+    const int Wh = d / 64; /* B3: words per lane chunk of the high-bit plane */
     const uint8_t *base = blk + (size_t)h * L->head_bytes;
     const uint16_t *kp = (const uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes);
     const float *norms = (const float *)(blk + (size_t)L->hkv * L->head_bytes) + (L->norm_per_head ? (size_t)h * R : 0);
     const size_t tile_bytes = 2 * (size_t)d * bits;
+    const uint8_t *hplane = base + (size_t)R * d / 4; /* B3 */
     float bias[MAX_ROWS], gscale[256], glo[256]; /* glo: group midpoints */
     for (int g0 = 0; g0 < R; g0 += L->k_group) {
         const uint16_t *gp = kp + (size_t)(g0 / L->k_group) * d * 2;
@@ -410,16 +421,19 @@ static inline __attribute__((always_inline)) void block_logits_q(const oscar_lay
         }
         for (int T = g0 / 16; T < (g0 + L->k_group) / 16; T++) {
             const uint32_t *tile = (const uint32_t *)(base + (size_t)T * tile_bytes);
+            const uint32_t *htile = (const uint32_t *)(hplane + (size_t)T * 2 * d);
             v8f acc[MAX_ROWS][2]; /* tokens 0..7 and 8..15 of the tile */
             for (int r = 0; r < NR; r++) acc[r][0] = acc[r][1] = (v8f){0};
             for (int t = 0; t < 4; t++)
                 for (int w = 0; w < W; w++) {
                     const v8u x = gather_words(tile, t, w, W);
+                    const v8u xh = B3 ? gather_words(htile, t, w >> 1, Wh) : x;
                     for (int p = 0; p < P; p++)
                         for (int e = 0; e < 2; e++) {
                             const int q = w * P + p, j = q & 3;
                             const int ch = 16 * (q >> 2) + 2 * t + 8 * (j >> 1) + e;
-                            const v8f cv = decode(x, 16 * e + bits * p, Q);
+                            const v8f cv = B3 ? decode3(x, 16 * e + 2 * p, xh, 16 * e + 8 * (w & 1) + p)
+                                              : decode(x, 16 * e + bits * p, Q);
                             for (int r = 0; r < NR; r++) acc[r][j & 1] += S->qt[(size_t)r * d + ch] * cv;
                         }
                 }
@@ -439,9 +453,10 @@ static inline __attribute__((always_inline)) void block_logits_q(const oscar_lay
  * accumulators stay in registers across the four t lanes. */
 static inline __attribute__((always_inline)) void block_values_q(const oscar_layout *L, const uint8_t *blk, int h,
                                                                  const float *prob, int64_t ld, attn_scratch *S,
-                                                                 const int P, const int NR) {
-    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64, ng = d / L->v_group; /* L->vbits */
-    const uint32_t Q = (1u << bits) - 1u;
+                                                                 const int P, const int NR, const int B3) {
+    /* L->vbits; B3: 3-bit codes, two planes, as in block_logits_q */
+    const int d = L->d, R = L->residual, bits = 16 / P, W = d * bits / 64, ng = d / L->v_group, Wh = d / 64;
+    const uint32_t Q = B3 ? 7u : (1u << bits) - 1u;
     const uint8_t *base = blk + (size_t)h * L->head_bytes;
     const uint8_t *vc = base + L->kcodes_bytes;
     const uint16_t *vp = (const uint16_t *)(base + L->kcodes_bytes + L->vcodes_bytes + L->kparams_bytes);
@@ -461,6 +476,7 @@ static inline __attribute__((always_inline)) void block_values_q(const oscar_lay
                 }
         }
         const uint32_t *tile = (const uint32_t *)(vc + (size_t)T * tile_bytes);
+        const uint32_t *htile = (const uint32_t *)(vc + (size_t)R * d / 4 + (size_t)T * 2 * d);
         for (int w = 0; w < W; w++) {
             /* Octet o of this word: channels 16*(w*P/4 + o/2) + 8*(o&1) + 0..7. */
             v8f acc[MAX_ROWS][4];
@@ -470,12 +486,14 @@ static inline __attribute__((always_inline)) void block_values_q(const oscar_lay
                     memcpy(&acc[r][o], S->acc + (size_t)r * d + c_first + 8 * o, sizeof(v8f));
             for (int t = 0; t < 4; t++) {
                 const v8u x = gather_words(tile, t, w, W);
+                const v8u xh = B3 ? gather_words(htile, t, w >> 1, Wh) : x;
                 for (int p = 0; p < P; p++)
                     for (int e = 0; e < 2; e++) {
                         const int q = w * P + p, j = q & 3;
                         const int tok = 2 * t + 8 * (j >> 1) + e, o = ((q >> 2) - w * P / 4) * 2 + (j & 1);
                         const int gi = 16 * (q >> 2) / L->v_group;
-                        const v8f cv = decode(x, 16 * e + bits * p, Q);
+                        const v8f cv = B3 ? decode3(x, 16 * e + 2 * p, xh, 16 * e + 8 * (w & 1) + p)
+                                          : decode(x, 16 * e + bits * p, Q);
                         for (int r = 0; r < NR; r++) acc[r][o] += ps[r][tok][gi] * cv;
                     }
             }
@@ -500,20 +518,38 @@ static inline __attribute__((always_inline)) void block_values_q(const oscar_lay
 
 CPU_DISPATCH static void logits_q(const oscar_layout *L, const uint8_t *blk, int h, int nr, float *out, int64_t ld, float sm,
                      attn_scratch *S, int P) {
-#define L8(n) block_logits_q(L, blk, h, out, ld, sm, S, 8, n)
-#define L4(n) block_logits_q(L, blk, h, out, ld, sm, S, 4, n)
+#define L8(n) block_logits_q(L, blk, h, out, ld, sm, S, 8, n, 0)
+#define L4(n) block_logits_q(L, blk, h, out, ld, sm, S, 4, n, 0)
     ROW_SWITCH(L8, L4)
 #undef L8
 #undef L4
 }
 
+/* 3-bit codes (format version 5): the 2-bit plane's word order (P = 8) plus
+ * the high-bit plane. */
+CPU_DISPATCH static void logits_q3(const oscar_layout *L, const uint8_t *blk, int h, int nr, float *out, int64_t ld,
+                                   float sm, attn_scratch *S) {
+    const int P = 8;
+#define L3(n) block_logits_q(L, blk, h, out, ld, sm, S, 8, n, 1)
+    ROW_SWITCH(L3, L3)
+#undef L3
+}
+
 CPU_DISPATCH static void values_q(const oscar_layout *L, const uint8_t *blk, int h, const float *prob, int64_t ld, int nr,
                      attn_scratch *S, int P) {
-#define V8(n) block_values_q(L, blk, h, prob, ld, S, 8, n)
-#define V4(n) block_values_q(L, blk, h, prob, ld, S, 4, n)
+#define V8(n) block_values_q(L, blk, h, prob, ld, S, 8, n, 0)
+#define V4(n) block_values_q(L, blk, h, prob, ld, S, 4, n, 0)
     ROW_SWITCH(V8, V4)
 #undef V8
 #undef V4
+}
+
+CPU_DISPATCH static void values_q3(const oscar_layout *L, const uint8_t *blk, int h, const float *prob, int64_t ld,
+                                   int nr, attn_scratch *S) {
+    const int P = 8;
+#define V3(n) block_values_q(L, blk, h, prob, ld, S, 8, n, 1)
+    ROW_SWITCH(V3, V3)
+#undef V3
 }
 
 typedef struct attn_item {
@@ -526,7 +562,7 @@ typedef struct attn_ctx {
     oscar_cache *c;
     const oscar_layout *L;
     int layer, q_len, g, ng;
-    int Pk, Pv; /* code pairs per 32-bit word of keys, values: 16 / bits */
+    int Pk, Pv; /* code pairs per 32-bit word of keys, values: 16 / bits (2 and 4 bits) */
     float sm;
     size_t max_tok;
 } attn_ctx;
@@ -575,6 +611,8 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
                                                         (L->norm_per_head ? (size_t)h * R : 0)
                                                   : NULL,
                                     nr, S->qlocal, X->sm, lo, ld);
+                else if (L->kbits == 3) /* two code planes */
+                    logits_q3(L, blk, h, nr, lo, ld, X->sm, S);
                 else
                     logits_q(L, blk, h, nr, lo, ld, X->sm, S, X->Pk);
                 continue;
@@ -654,6 +692,8 @@ CPU_DISPATCH static void attend_rows(const attn_ctx *X, const oscar_attn_job *J,
                     oscar_q2_values(d, R, L->v_group, hb + L->kcodes_bytes,
                                     (const uint16_t *)(hb + L->kcodes_bytes + L->vcodes_bytes + L->kparams_bytes), nr,
                                     pr, ld, S->acc, S->vbias);
+                else if (L->vbits == 3)
+                    values_q3(L, blk, h, pr, ld, nr, S);
                 else
                     values_q(L, blk, h, pr, ld, nr, S, X->Pv);
                 quant = 1;

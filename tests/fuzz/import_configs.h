@@ -6,7 +6,7 @@
 
 #include "oscar.h"
 
-enum { FUZZ_IMPORT_CONFIGS = 4 };
+enum { FUZZ_IMPORT_CONFIGS = 5 };
 
 static inline oscar_config fuzz_import_config(int which) {
     oscar_config c = oscar_config_default();
@@ -53,6 +53,21 @@ static inline oscar_config fuzz_import_config(int which) {
         c.k_group = 16;
         c.v_group = 16;
         c.rollback_tokens = 2;
+        c.window_dtype = OSCAR_DTYPE_F16;
+        break;
+    case 4: /* format version 5: 3-bit keys and values (two code planes), groups of 32 */
+        c.method = OSCAR_METHOD_OSCAR;
+        c.bits = 2;
+        c.key_bits = 3;
+        c.value_bits = 3;
+        c.sink_tokens = 2;
+        c.num_kv_heads = 2;
+        c.num_q_heads = 4;
+        c.num_layers = 2;
+        c.residual = 32;
+        c.k_group = 32;
+        c.v_group = 32;
+        c.rollback_tokens = 3;
         c.window_dtype = OSCAR_DTYPE_F16;
         break;
     default: /* no quantisation: blocks hold the window dtype */

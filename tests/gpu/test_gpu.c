@@ -139,7 +139,7 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
                             const char *what) {
     CHECKF(na == nb, "%s: export sizes %zu vs %zu", what, na, nb);
     if (na != nb) return;
-    /* stream version 4: 80-byte header, (tokens, packed blocks) per layer */
+    /* stream version 5 (as version 4): 80-byte header, (tokens, packed blocks) per layer */
     const size_t hdr = 80 + 16 * (size_t)g->L;
     CHECKF(memcmp(a, b, hdr) == 0, "%s: headers differ", what);
     const uint32_t n_blocks = tl_rd32(a + 52);

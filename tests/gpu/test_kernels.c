@@ -127,7 +127,7 @@ static double rd_elem(const unsigned char *p, oscar_dtype dt) {
     return f;
 }
 
-/* Reads layer `layer` of a version-4 stream (FORMAT.md "Export stream"):
+/* Reads layer `layer` of a version-5 stream (version 4's bytes) (FORMAT.md "Export stream"):
  * the Sk = sink_tokens first tokens from their sink rows, then the blocks,
  * then the window. sd->packed counts the packed tokens; they are tokens
  * [sk, sk + packed), sk = min(T, Sk) (0 without sinks).
@@ -137,8 +137,8 @@ static int read_stream(const tl_geom *g, const unsigned char *buf, size_t size, 
     memset(sd, 0, sizeof *sd);
     const size_t hdr = 80 + 16 * (size_t)g->L;
     const int Sk = g->cfg.sink_tokens;
-    if (!CHECKF(size > hdr && memcmp(buf, "OSCARSEQ", 8) == 0 && tl_rd32(buf + 8) == 4 &&
-                      tl_rd32(buf + 60) == (uint32_t)Sk, "stream: bad header (not version 4 with %d sink tokens)", Sk))
+    if (!CHECKF(size > hdr && memcmp(buf, "OSCARSEQ", 8) == 0 && tl_rd32(buf + 8) == 5 &&
+                      tl_rd32(buf + 60) == (uint32_t)Sk, "stream: bad header (not version 5 with %d sink tokens)", Sk))
         return 0;
     const uint32_t n_blocks = tl_rd32(buf + 52);
     const int64_t T = (int64_t)tl_rd64(buf + 80 + 16 * (size_t)layer);

@@ -529,10 +529,10 @@ void tl_ref_build_packed(const tl_geom *g, const float *k, const float *v, int64
                 for (int j = 0; j < nvg; j++) {
                     size_t pi = ((size_t)t * hkv + h) * nvg + j;
                     const float *x = o->xv + t * row + h * d + j * g->gv;
-                    tl_ref_params(x, g->gv, 1, g->Q, &o->vsc[pi], &o->vlo[pi]);
+                    tl_ref_params(x, g->gv, 1, g->Qv, &o->vsc[pi], &o->vlo[pi]);
                     for (int c = 0; c < g->gv; c++) {
                         int64_t idx = t * row + h * d + j * g->gv + c;
-                        int code = tl_ref_code(x[c], o->vsc[pi], o->vlo[pi], g->Q);
+                        int code = tl_ref_code(x[c], o->vsc[pi], o->vlo[pi], g->Qv);
                         o->vcode[idx] = (uint8_t)code;
                         o->vdeq[idx] = tl_ref_deq(code, o->vsc[pi], o->vlo[pi]);
                     }
@@ -882,12 +882,30 @@ static void tl_code_walk(unsigned char *codes, const unsigned char *ccodes, int 
         }
 }
 
+/* 3-bit codes (format version 5): the low two bits of every code are a
+ * 2-bit array of R*d/4 bytes, the high bit a 1-bit array after it. */
 void tl_decode_codes(const unsigned char *codes, int R, int d, int bits, int is_value, uint8_t *out) {
     memset(out, 0xff, (size_t)R * d);
+    if (bits == 3) {
+        uint8_t *hi = malloc((size_t)R * d);
+        tl_code_walk(NULL, codes, R, d, 2, is_value, out, 0);
+        tl_code_walk(NULL, codes + (size_t)R * d / 4, R, d, 1, is_value, hi, 0);
+        for (size_t i = 0; i < (size_t)R * d; i++) out[i] = (uint8_t)(out[i] | hi[i] << 2);
+        free(hi);
+        return;
+    }
     tl_code_walk(NULL, codes, R, d, bits, is_value, out, 0);
 }
 
 void tl_encode_codes(const uint8_t *in, int R, int d, int bits, int is_value, unsigned char *codes) {
+    if (bits == 3) {
+        uint8_t *hi = malloc((size_t)R * d);
+        for (size_t i = 0; i < (size_t)R * d; i++) hi[i] = (uint8_t)((in[i] >> 2) & 1);
+        tl_code_walk(codes, NULL, R, d, 2, is_value, (uint8_t *)in, 1); /* masks to the low two bits */
+        tl_code_walk(codes + (size_t)R * d / 4, NULL, R, d, 1, is_value, hi, 1);
+        free(hi);
+        return;
+    }
     tl_code_walk(codes, NULL, R, d, bits, is_value, (uint8_t *)in, 1);
 }
 

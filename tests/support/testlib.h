@@ -237,7 +237,8 @@ void tl_wr64(unsigned char *p, uint64_t v);
 /* Recomputes the trailing checksum of a stream in place. */
 void tl_fix_checksum(unsigned char *buf, size_t size);
 
-/* Decodes a K or V code array of one head (R tokens, FORMAT.md tiles)
+/* Decodes a K or V code array of one head (R tokens, FORMAT.md tiles; 3 bits:
+ * the 2-bit plane then the 1-bit plane of format version 5)
  * into out[R][d]. */
 void tl_decode_codes(const unsigned char *codes, int R, int d, int bits, int is_value,
                      uint8_t *out);
