@@ -77,6 +77,7 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
         const char *o = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(o, "--control")) { a->control = 1; continue; }
         if (!strcmp(o, "--clip")) { a->cfg.clip_search = 1; continue; }
+        if (!strcmp(o, "--norm-per-head")) { a->cfg.key_norm_per_head = 1; continue; }
         if (!strcmp(o, "-h") || !strcmp(o, "--help")) {
             fprintf(stderr,
                     "usage: oscar niah --model M.gguf --text FILE [--lengths 1024,2048,4096,8192]\n"
@@ -84,7 +85,8 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
                     "                  [--kv none|kivi|quarot|scale-only|oscar] [--bits 2|4] [--residual R]\n"
                     "                  [--k-group G] [--v-group G] [--device cpu|cuda] [--threads N]\n"
                     "                  [--png grid.png] [--json out.json] [--control]\n"
-                    "                  [--min-exact L] [--sinks S] [--clip]   (docs/ACCURACY.md)\n"
+                    "                  [--min-exact L] [--sinks S] [--clip] [--norm-per-head]\n"
+                    "                  [--key-bits 2|3|4] [--value-bits 2|3|4]   (docs/ACCURACY.md)\n"
                     "  Passkey retrieval: a random 5-digit key stated once at each depth (%% of the\n"
                     "  filler) of prompts of each length, greedy answer, exact match. Prints the\n"
                     "  accuracy grid (depths x lengths) for one cache configuration. --control\n"
@@ -139,6 +141,8 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
             else if (!strcmp(o, "--v-group")) a->cfg.v_group = ival;
             else if (!strcmp(o, "--min-exact") || !strcmp(o, "--rollback")) a->cfg.rollback_tokens = ival;
             else if (!strcmp(o, "--sinks")) a->cfg.sink_tokens = ival;
+            else if (!strcmp(o, "--key-bits")) a->cfg.key_bits = ival;     /* 2, 3 or 4: checked by the library */
+            else if (!strcmp(o, "--value-bits")) a->cfg.value_bits = ival;
             else if (!strcmp(o, "--threads")) a->threads = ival;
             else { fprintf(stderr, "oscar niah: unknown option '%s' (see oscar niah --help)\n", o); return -1; }
         }
