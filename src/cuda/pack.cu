@@ -215,6 +215,37 @@ __device__ __forceinline__ float token_sumsq(const float *head_ss, int hkv, cons
     return s;
 }
 
+/* The rotation of one 32-channel chunk (channels 32 wd ..) of a D-channel
+ * row held by D/32 lanes: 5 butterfly stages in registers, the rest
+ * through shuffles (xor over wd), then the 1/sqrt(D) scale; the stages,
+ * their order and roundings of oscar_fwht, so the bits of the CPU backend. */
+template <int D>
+__device__ __forceinline__ void fwht_chunk32(float (&x)[32], int wd) {
+#pragma unroll
+    for (int hh = 1; hh < 32; hh <<= 1) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            if (!(i & hh)) {
+                const float a = x[i], b = x[i + hh];
+                x[i] = a + b;
+                x[i + hh] = a - b;
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 1; m < D / 32; m <<= 1) {
+        const bool upper = (wd & m) != 0;
+#pragma unroll
+        for (int i = 0; i < 32; i++) {
+            const float o = __shfl_xor_sync(OSCAR_FULL_MASK, x[i], m);
+            x[i] = __fmaf_rn(upper ? -1.0f : 1.0f, x[i], o);
+        }
+    }
+    const float norm = (float)(1.0 / sqrt((double)D));
+#pragma unroll
+    for (int i = 0; i < 32; i++) x[i] *= norm;
+}
+
 /* head_sumsq with D/32 lanes per row: each lane holds 32 consecutive
  * channels (32 * wd ..), so 32 / (D/32) rows share a warp. The same bits:
  * the rotation's stages run in the same order with the same roundings
@@ -229,34 +260,10 @@ __device__ __forceinline__ float token_sumsq(const float *head_ss, int hkv, cons
 template <int D>
 __device__ __forceinline__ float head_sumsq_wide(const void *k, int dtype, int64_t row, int hkv, int h, int rotate,
                                                  int w_dtype, int wd) {
-    constexpr int LPR = D / 32, E = D / 32, G = 32 / E;
+    constexpr int E = D / 32, G = 32 / E;
     float x[32];
     ld_row<32>(k, dtype, ((size_t)row * hkv + h) * D + (size_t)wd * 32, x);
-    if (rotate) {
-#pragma unroll
-        for (int hh = 1; hh < 32; hh <<= 1) {
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                if (!(i & hh)) {
-                    const float a = x[i], b = x[i + hh];
-                    x[i] = a + b;
-                    x[i + hh] = a - b;
-                }
-            }
-        }
-#pragma unroll
-        for (int m = 1; m < LPR; m <<= 1) {
-            const bool upper = (wd & m) != 0;
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                const float o = __shfl_xor_sync(OSCAR_FULL_MASK, x[i], m);
-                x[i] = __fmaf_rn(upper ? -1.0f : 1.0f, x[i], o);
-            }
-        }
-        const float norm = (float)(1.0 / sqrt((double)D));
-#pragma unroll
-        for (int i = 0; i < 32; i++) x[i] *= norm;
-    }
+    if (rotate) fwht_chunk32<D>(x, wd);
     float s[G];
 #pragma unroll
     for (int j = 0; j < G; j++) {
@@ -574,29 +581,7 @@ __device__ __forceinline__ void fused_finish(const AppendArgs &A, const PackTask
     const uint8_t *wbase = A.win_layer + (size_t)T.slot * A.lay.wlb + (is_v ? A.lay.wlb / 2 : 0) + A.lay.wsink;
     const size_t widx = ((size_t)sidx * A.lay.hkv + h) * D + (size_t)wd * 32;
     if (rot) {
-#pragma unroll
-        for (int hh = 1; hh < 32; hh <<= 1) {
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                if (!(i & hh)) {
-                    const float a = x[i], b = x[i + hh];
-                    x[i] = a + b;
-                    x[i + hh] = a - b;
-                }
-            }
-        }
-#pragma unroll
-        for (int m = 1; m < D / 32; m <<= 1) {
-            const bool upper = (wd & m) != 0;
-#pragma unroll
-            for (int i = 0; i < 32; i++) {
-                const float o = __shfl_xor_sync(OSCAR_FULL_MASK, x[i], m);
-                x[i] = __fmaf_rn(upper ? -1.0f : 1.0f, x[i], o);
-            }
-        }
-        const float norm = (float)(1.0 / sqrt((double)D));
-#pragma unroll
-        for (int i = 0; i < 32; i++) x[i] *= norm;
+        fwht_chunk32<D>(x, wd);
         if (!inp) ld_row<32>(wbase, A.lay.w_dtype, widx, x); /* window rows are final already */
     }
 #pragma unroll
