@@ -262,21 +262,28 @@ static int check_config(const char *cmd, const llama_model *m, const opts *o) {
     return 0;
 }
 
-static const char *method_label(const opts *o, char *buf, size_t n) {
-    if (o->kv_f32) snprintf(buf, n, "f32 (runner's own cache)");
-    else if (o->cfg.method == OSCAR_METHOD_NONE) snprintf(buf, n, "none (16-bit)");
-    else {
-        int k = o->cfg.key_bits || o->cfg.value_bits
-                    ? snprintf(buf, n, "%s K%d/V%d", oscar_method_name(o->cfg.method),
-                               o->cfg.key_bits ? o->cfg.key_bits : o->cfg.bits,
-                               o->cfg.value_bits ? o->cfg.value_bits : o->cfg.bits)
-                    : snprintf(buf, n, "%s-%d", oscar_method_name(o->cfg.method), o->cfg.bits);
-        if (o->cfg.key_norm_per_head && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " norm-per-head");
-        if (o->cfg.rollback_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " min-exact %d", o->cfg.rollback_tokens);
-        if (o->cfg.sink_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " sinks %d", o->cfg.sink_tokens);
-        if (o->cfg.clip_search && k > 0 && (size_t)k < n) snprintf(buf + k, n - k, " clip");
+const char *oscar_kv_label(const oscar_config *cfg, char *buf, size_t n) {
+    if (cfg->method == OSCAR_METHOD_NONE) {
+        snprintf(buf, n, "none (16-bit)");
+        return buf;
     }
+    int k = cfg->key_bits || cfg->value_bits
+                ? snprintf(buf, n, "%s K%d/V%d", oscar_method_name(cfg->method), cfg->key_bits ? cfg->key_bits : cfg->bits,
+                           cfg->value_bits ? cfg->value_bits : cfg->bits)
+                : snprintf(buf, n, "%s-%d", oscar_method_name(cfg->method), cfg->bits);
+    if (cfg->key_norm_per_head && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " norm-per-head");
+    if (cfg->rollback_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " min-exact %d", cfg->rollback_tokens);
+    if (cfg->sink_tokens && k > 0 && (size_t)k < n) k += snprintf(buf + k, n - k, " sinks %d", cfg->sink_tokens);
+    if (cfg->clip_search && k > 0 && (size_t)k < n) snprintf(buf + k, n - k, " clip");
     return buf;
+}
+
+static const char *method_label(const opts *o, char *buf, size_t n) {
+    if (o->kv_f32) {
+        snprintf(buf, n, "f32 (runner's own cache)");
+        return buf;
+    }
+    return oscar_kv_label(&o->cfg, buf, n);
 }
 
 static char *read_file(const char *path, size_t *len) {

@@ -16,5 +16,9 @@ int oscar_cmd_bench_e2e(int argc, char **argv);
 /* `oscar bench-e2e --device cpu|cuda` (model/e2e_cpu.c): the CPU runner on a
  * GGUF model, or the GPU benchmark above. */
 int oscar_cmd_bench_e2e_device(int argc, char **argv);
+/* A cache configuration as the commands print it ("oscar-2", "oscar K3/V2
+ * min-exact 64 sinks 32", "none (16-bit)"); returns buf. */
+struct oscar_config;
+const char *oscar_kv_label(const struct oscar_config *cfg, char *buf, size_t n);
 
 #endif

@@ -18,6 +18,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "llama.h"
+#include "model_commands.h"
 #include "png.h"
 
 #include <errno.h>
@@ -234,11 +235,10 @@ int oscar_cmd_niah(int argc, char **argv) {
         fprintf(stderr, "oscar niah: %s\n", err[0] ? err : "out of memory");
         goto out;
     }
-    const char *label = a.cfg.method == OSCAR_METHOD_NONE ? "none (16-bit)" : oscar_method_name(a.cfg.method);
-    fprintf(stderr, "oscar niah: %s, cache %s%s%s, %d lengths x %d depths x %d trials, %s\n",
-            m->name ? m->name : a.model, label, a.cfg.method == OSCAR_METHOD_NONE ? "" : "-",
-            a.cfg.method == OSCAR_METHOD_NONE ? "" : (a.cfg.bits == 2 ? "2" : "4"), a.n_lengths, a.n_depths, a.trials,
-            a.cuda ? "GPU" : "CPU");
+    char label[160];
+    oscar_kv_label(&a.cfg, label, sizeof label);
+    fprintf(stderr, "oscar niah: %s, cache %s, %d lengths x %d depths x %d trials, %s\n", m->name ? m->name : a.model,
+            label, a.n_lengths, a.n_depths, a.trials, a.cuda ? "GPU" : "CPU");
     int64_t done = 0, total = (int64_t)a.n_lengths * a.n_depths * a.trials;
     for (int li = 0; li < a.n_lengths; li++)
         for (int di = 0; di < a.n_depths; di++)
@@ -308,9 +308,8 @@ int oscar_cmd_niah(int argc, char **argv) {
             }
     fputc('\n', stderr);
     /* the grid: depths down, lengths across, % of trials answered exactly */
-    printf("passkey retrieval%s, cache %s%s%s, %d trials per cell (%% exact)\n", a.control ? " (CONTROL: no key)" : "", label,
-           a.cfg.method == OSCAR_METHOD_NONE ? "" : "-",
-           a.cfg.method == OSCAR_METHOD_NONE ? "" : (a.cfg.bits == 2 ? "2" : "4"), a.trials);
+    printf("passkey retrieval%s, cache %s, %d trials per cell (%% exact)\n", a.control ? " (CONTROL: no key)" : "", label,
+           a.trials);
     printf("depth \\ length");
     for (int li = 0; li < a.n_lengths; li++) printf(" %7d", a.lengths[li]);
     printf("\n");
@@ -328,9 +327,12 @@ int oscar_cmd_niah(int argc, char **argv) {
     if (a.json) {
         FILE *f = fopen(a.json, "w");
         if (!f) { fprintf(stderr, "oscar niah: cannot write '%s': %s\n", a.json, strerror(errno)); goto out; }
-        fprintf(f, "{\"method\":\"%s\",\"bits\":%d,\"trials\":%d,\"seed\":%llu,\"control\":%d,\"cells\":[",
+        fprintf(f,
+                "{\"method\":\"%s\",\"bits\":%d,\"cache\":\"%s\",\"key_bits\":%d,\"value_bits\":%d,\"residual\":%d,"
+                "\"min_exact\":%d,\"sinks\":%d,\"trials\":%d,\"seed\":%llu,\"control\":%d,\"cells\":[",
                 a.cfg.method == OSCAR_METHOD_NONE ? "none" : oscar_method_name(a.cfg.method),
-                a.cfg.method == OSCAR_METHOD_NONE ? 16 : a.cfg.bits, a.trials, a.seed, a.control);
+                a.cfg.method == OSCAR_METHOD_NONE ? 16 : a.cfg.bits, label, a.cfg.key_bits, a.cfg.value_bits,
+                a.cfg.residual, a.cfg.rollback_tokens, a.cfg.sink_tokens, a.trials, a.seed, a.control);
         for (int li = 0, k = 0; li < a.n_lengths; li++)
             for (int di = 0; di < a.n_depths; di++, k++)
                 fprintf(f, "%s{\"length\":%d,\"depth\":%d,\"correct\":%d}", k ? "," : "", a.lengths[li],
