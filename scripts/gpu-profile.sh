@@ -37,6 +37,9 @@ CASES=(
   "b32_32k;decode;main B32 ctx32768 d128 b2;$DECODE_KERNELS;20;2"
   "d256_b8_32k;decode variants;d256 B8 ctx32768 d256 b2;$DECODE_KERNELS;20;2"
   "4bit_b8_32k;decode variants;4bit B8 ctx32768 d128 b4;$DECODE_KERNELS;20;2"
+  "d64_b8_32k;decode variants;d64 B8 ctx32768 d64 b2;$DECODE_KERNELS;20;2"
+  "kivi_b8_32k;decode variants;kivi B8 ctx32768 d128 b2;$DECODE_KERNELS;20;2"
+  "none_b8_32k;decode variants;none B8 ctx32768 d128 b2;$DECODE_KERNELS;20;2"
   "append_b2_d128;append;append oscar b2 d128 bf16;$APPEND_KERNELS;20;8"
 )
 want=${PROFILE_CASES:-}
