@@ -119,6 +119,10 @@ typedef struct dcase {
     int B, ctx, d, bits;
     oscar_method method;
     oscar_dtype dt; /* window, q, out and K/V input dtype */
+    /* past the paper (0: base_cfg's): key_bits, value_bits, k_group,
+     * v_group, residual R, sink_tokens, rollback_tokens (min-exact),
+     * key_norm_per_head */
+    int kbits, vbits, gk, gv, R, sinks, lag, norm_per_head;
 } dcase;
 
 static oscar_config base_cfg(int d, int bits, oscar_method m, oscar_dtype dt) {
@@ -146,11 +150,19 @@ static int case_selected(const char *label) {
 }
 
 static void bench_decode(const dcase *C, void *kin, void *vin) {
-    const int hkv = 8, hq = 32, R = 128;
+    const int hkv = 8, hq = 32, R = C->R ? C->R : 128;
     char label[128];
     snprintf(label, sizeof label, "%s B%d ctx%d d%d b%d", C->tag, C->B, C->ctx, C->d, C->bits);
     if (!case_selected(label)) return;
     oscar_config cfg = base_cfg(C->d, C->bits, C->method, C->dt);
+    cfg.key_bits = C->kbits;
+    cfg.value_bits = C->vbits;
+    if (C->gk) cfg.k_group = C->gk;
+    if (C->gv) cfg.v_group = C->gv;
+    cfg.residual = R;
+    cfg.sink_tokens = C->sinks;
+    cfg.rollback_tokens = C->lag;
+    cfg.key_norm_per_head = C->norm_per_head;
     /* bytes of one batch */
     oscar_cache *probe = NULL;
     char err[256];
@@ -160,8 +172,10 @@ static void bench_decode(const dcase *C, void *kin, void *vin) {
     oscar_memory_stats ms;
     OK(probe, oscar_memory(probe, &ms));
     oscar_cache_destroy(probe);
-    const int64_t blocks_per_seq = C->ctx / R;
-    const int wtok = C->ctx % R;
+    /* blocks packed at ctx tokens (FORMAT.md step 3); the rest is exact */
+    const int64_t after_sinks = C->ctx - C->sinks;
+    const int64_t blocks_per_seq = after_sinks >= C->lag ? (after_sinks - C->lag) / R : 0;
+    const int64_t wtok = C->ctx - blocks_per_seq * R;
     const double batch_bytes = (double)C->B * ((double)blocks_per_seq * (double)ms.block_bytes +
                                                (double)wtok * hkv * C->d * 2 * 2);
     int sets = (int)ceil(4.0 * (double)g_l2 / batch_bytes);
@@ -205,9 +219,13 @@ static void bench_decode(const dcase *C, void *kin, void *vin) {
     char line[512];
     snprintf(line, sizeof line,
              "{\"kind\":\"decode\",\"tag\":\"%s\",\"B\":%d,\"ctx\":%d,\"d\":%d,\"bits\":%d,\"method\":\"%s\","
-             "\"dtype\":\"%s\",\"ms\":%.5f,\"bytes\":%.0f,\"GBps\":%.1f,\"sets\":%d,\"min_ms\":%.5f}",
+             "\"dtype\":\"%s\",\"ms\":%.5f,\"bytes\":%.0f,\"GBps\":%.1f,\"sets\":%d,\"min_ms\":%.5f,"
+             "\"key_bits\":%d,\"value_bits\":%d,\"k_group\":%d,\"v_group\":%d,\"residual\":%d,\"sinks\":%d,"
+             "\"min_exact\":%d,\"norm_per_head\":%d}",
              C->tag, C->B, C->ctx, C->d, C->bits, oscar_method_name(C->method),
-             C->dt == OSCAR_DTYPE_BF16 ? "bf16" : "fp16", ms_med, batch_bytes, gbs, sets, t[0]);
+             C->dt == OSCAR_DTYPE_BF16 ? "bf16" : "fp16", ms_med, batch_bytes, gbs, sets, t[0],
+             C->kbits ? C->kbits : C->bits, C->vbits ? C->vbits : C->bits, cfg.k_group, cfg.v_group, R, C->sinks,
+             C->lag, C->norm_per_head);
     printf("%s\n", line);
     if (g_out) fprintf(g_out, "%s\n", line);
     fflush(stdout);
@@ -679,27 +697,38 @@ int main(int argc, char **argv) {
     }
     if (!only || strstr(only, "decode")) {
         const dcase main_cases[] = {
-            {"main", 1, 8192, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-            {"main", 1, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-            {"main", 1, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-            {"main", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-            {"main", 8, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-            {"main", 32, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
+            {"main", 1, 8192, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+            {"main", 1, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+            {"main", 1, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+            {"main", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+            {"main", 8, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+            {"main", 32, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
         };
         for (size_t i = 0; i < sizeof main_cases / sizeof main_cases[0]; i++)
             bench_decode(&main_cases[i], kb, vb);
         if (!only || strstr(only, "variants")) {
             const dcase var_cases[] = {
-                {"fp16", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_F16},
-                {"fp16", 1, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_F16},
-                {"4bit", 8, 32768, 128, 4, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-                {"4bit", 1, 131072, 128, 4, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-                {"d64", 8, 32768, 64, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-                {"d64", 1, 131072, 64, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-                {"d256", 8, 32768, 256, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-                {"d256", 1, 131072, 256, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16},
-                {"kivi", 8, 32768, 128, 2, OSCAR_METHOD_KIVI, OSCAR_DTYPE_BF16},
-                {"none", 8, 32768, 128, 2, OSCAR_METHOD_NONE, OSCAR_DTYPE_BF16},
+                {"fp16", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_F16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"fp16", 1, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_F16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"4bit", 8, 32768, 128, 4, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"4bit", 1, 131072, 128, 4, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"d64", 8, 32768, 64, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"d64", 1, 131072, 64, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"d256", 8, 32768, 256, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"d256", 1, 131072, 256, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"kivi", 8, 32768, 128, 2, OSCAR_METHOD_KIVI, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                {"none", 8, 32768, 128, 2, OSCAR_METHOD_NONE, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+                /* the recommended configurations (docs/ACCURACY.md): OScaR-2
+                 * with R 64, 32 sinks, 64 exact recent tokens; K3/V2 with
+                 * 64/64 groups and the same window; and K4/V2, per-head norms */
+                {"rec2", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 64, 32, 64, 0},
+                {"rec2", 1, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 64, 32, 64, 0},
+                {"k3v2", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 3, 2, 64, 64, 64, 32, 64, 0},
+                {"k3v2", 1, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 3, 2, 64, 64, 64, 32, 64, 0},
+                {"k3v2", 8, 131072, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 3, 2, 64, 64, 64, 32, 64, 0},
+                {"k3v2", 8, 32768, 64, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 3, 2, 64, 64, 64, 32, 64, 0},
+                {"k4v2", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 4, 2, 0, 0, 0, 0, 0, 0},
+                {"perhead", 8, 32768, 128, 2, OSCAR_METHOD_OSCAR, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0, 0, 1},
             };
             for (size_t i = 0; i < sizeof var_cases / sizeof var_cases[0]; i++)
                 bench_decode(&var_cases[i], var_cases[i].dt == OSCAR_DTYPE_F16 ? kh : kb,

@@ -289,23 +289,6 @@ static oscar_status backend_of(const oscar_config *cfg, const oscar_backend_ops 
                               "the CUDA backend was not built into this library (nvcc missing or OSCAR_CUDA=OFF)");
         if (!oscar_cuda_device_available())
             return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED, "the CUDA backend is built but no CUDA device is usable");
-        /* options the CUDA kernels do not implement yet: refused, never
-         * silently run as something else */
-        if (cfg->key_norm_per_head)
-            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
-                              "key_norm_per_head = 1 is not supported by the CUDA backend yet (CPU backend only); "
-                              "set key_norm_per_head = 0");
-        if (cfg->method != OSCAR_METHOD_NONE && (cfg->key_bits == 3 || cfg->value_bits == 3))
-            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
-                              "key_bits = %d, value_bits = %d: 3-bit codes (format version 5) are not supported by "
-                              "the CUDA backend yet (CPU backend only); use 2 or 4",
-                              cfg->key_bits, cfg->value_bits);
-        if (cfg->method != OSCAR_METHOD_NONE && ((cfg->key_bits && cfg->key_bits != cfg->bits) ||
-                                                 (cfg->value_bits && cfg->value_bits != cfg->bits)))
-            return errbuf_set(eb, en, OSCAR_E_UNSUPPORTED,
-                              "key_bits = %d, value_bits = %d with bits = %d: the CUDA backend packs keys and values "
-                              "at one width, `bits` (CPU backend only); set key_bits = value_bits = 0",
-                              cfg->key_bits, cfg->value_bits, cfg->bits);
     }
     return OSCAR_OK;
 }

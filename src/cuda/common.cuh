@@ -48,12 +48,16 @@ struct WinTask {
 struct DeviceLayout {
     long long LB;            /* bytes of one block in one layer              */
     long long head_bytes;    /* bytes of one KV head in a block              */
-    long long codes_bytes;   /* key (or value) codes of one head             */
+    long long kcodes_bytes;  /* key codes of one head (3 bits: both planes)  */
+    long long vcodes_bytes;  /* value codes of one head                      */
     long long kparams_bytes; /* key (scale, lo) pairs of one head            */
     long long wlb;           /* bytes of one window slot in one layer (K, V) */
     long long wsink;         /* bytes from a slot's K (or V) rows to its window
                                 rows: the sink rows come first (0 without)   */
-    int R, Gk, Gv, hkv, levels;
+    int R, Gk, Gv, hkv;
+    int kbits, vbits;        /* code widths: 2, 3 (two planes) or 4          */
+    int klevels, vlevels;    /* top codes 2^bits - 1                         */
+    int norm_per_head;       /* norms [Hkv][R] (one per token and head)      */
     int w_dtype, w_esize;    /* window element type and size                 */
     int rotate, rotate_v, scale_keys;
 };
@@ -62,7 +66,8 @@ static inline DeviceLayout oscar_cuda_device_layout(const oscar_layout *L) {
     DeviceLayout d;
     d.LB = (long long)L->layer_block_bytes;
     d.head_bytes = (long long)L->head_bytes;
-    d.codes_bytes = (long long)L->codes_bytes;
+    d.kcodes_bytes = (long long)L->kcodes_bytes;
+    d.vcodes_bytes = (long long)L->vcodes_bytes;
     d.kparams_bytes = (long long)L->kparams_bytes;
     d.wlb = (long long)L->window_layer_bytes;
     d.wsink = (long long)L->sinks * L->hkv * L->d * L->window_esize;
@@ -70,7 +75,11 @@ static inline DeviceLayout oscar_cuda_device_layout(const oscar_layout *L) {
     d.Gk = L->k_group;
     d.Gv = L->v_group;
     d.hkv = L->hkv;
-    d.levels = L->levels;
+    d.kbits = L->kbits;
+    d.vbits = L->vbits;
+    d.klevels = L->klevels;
+    d.vlevels = L->vlevels;
+    d.norm_per_head = L->norm_per_head;
     d.w_dtype = L->window_dtype;
     d.w_esize = L->window_esize;
     d.rotate = L->rotate;
@@ -138,6 +147,7 @@ struct AttnParams {
     int q_dtype, out_dtype;
     int gv_shift, hq, g, q_len, rows, rpc, qchunks, splits, cpb;
     int stage_bytes, kc_off, vc_off, kp_off, vp_off, nm_off, warp_region;
+    int kch_off, vch_off;       /* 3-bit codes: the high-bit plane's tiles */
     int off_mbar, off_qf, off_qinv, off_qexp, off_m, off_l, off_pbuf, off_qfrag, off_qbias;
     int gk_shift;               /* log2(Gk) (fast kernel: Gk a power of two) */
     long long ml_off;           /* floats from ws to the (m, l) pairs     */

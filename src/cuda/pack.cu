@@ -378,15 +378,91 @@ __device__ __noinline__ void clip_params(const float *x, int n, int stride, int 
     lo16 = bl;
 }
 
-/* 2. Pack one key group (Gk tokens) of one head of one block. */
-template <int D, int BITS>
+/* Codes of tiles [tile0, tile0 + tiles) of a head's K or V codes array at
+ * width BITS (FORMAT.md, "Code tiles"): code(tl, l, q, e) is the code of
+ * pair element (lane l, pair q, element e) of tile tl of the group. One
+ * thread writes one 32-bit word; consecutive threads take consecutive
+ * lanes. 3 bits (FORMAT.md, "3-bit codes"): a thread takes one high-plane
+ * word (16 pairs), writes it and the two low-plane words of the same pairs;
+ * the low plane is the 2-bit array, the high plane starts R*D/4 bytes in. */
+template <int D, int BITS, class CodeFn>
+__device__ __forceinline__ void write_code_tiles(uint8_t *codes, int R, int tile0, int tiles, CodeFn code) {
+    if constexpr (BITS == 3) {
+        constexpr int NWL = D / 32, NWH = D / 64; /* words per lane chunk: low, high plane */
+        uint32_t *lo_plane = (uint32_t *)codes, *hi_plane = (uint32_t *)(codes + (size_t)R * D / 4);
+        const int total = tiles * 32 * NWH;
+        for (int wi = threadIdx.x; wi < total; wi += blockDim.x) {
+            const int tl = wi / (32 * NWH), rem = wi - tl * 32 * NWH;
+            const int wh = rem >> 5, l = rem & 31;
+            uint32_t lw0 = 0, lw1 = 0, hw = 0;
+#pragma unroll
+            for (int p = 0; p < 16; p++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const uint32_t c = code(tl, l, 16 * wh + p, e);
+                    const uint32_t lo = (c & 3u) << (16 * e + 2 * (p & 7));
+                    if (p < 8) lw0 |= lo;
+                    else lw1 |= lo;
+                    hw |= (c >> 2) << (16 * e + p);
+                }
+            }
+            const size_t T = (size_t)(tile0 + tl) * 32 + l;
+            lo_plane[T * NWL + 2 * wh] = lw0;
+            lo_plane[T * NWL + 2 * wh + 1] = lw1;
+            hi_plane[T * NWH + wh] = hw;
+        }
+    } else {
+        constexpr int NW = D * BITS / 64; /* words per lane chunk */
+        constexpr int P = 16 / BITS;      /* pairs per word       */
+        uint32_t *dst = (uint32_t *)codes;
+        const int total = tiles * 32 * NW;
+        for (int wi = threadIdx.x; wi < total; wi += blockDim.x) {
+            const int tl = wi / (32 * NW), rem = wi - tl * 32 * NW;
+            const int wd = rem >> 5, l = rem & 31;
+            uint32_t w = 0;
+#pragma unroll
+            for (int p = 0; p < P; p++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) w |= code(tl, l, wd * P + p, e) << (16 * e + BITS * p);
+            dst[((size_t)(tile0 + tl) * 32 + l) * NW + wd] = w;
+        }
+    }
+}
+
+/* write_code_tiles at a width known only at run time (key_bits, value_bits). */
+template <int D, class CodeFn>
+__device__ __forceinline__ void write_code_tiles_w(int bits, uint8_t *codes, int R, int tile0, int tiles,
+                                                   CodeFn code) {
+    if (bits == 2) write_code_tiles<D, 2>(codes, R, tile0, tiles, code);
+    else if (bits == 3) write_code_tiles<D, 3>(codes, R, tile0, tiles, code);
+    else write_code_tiles<D, 4>(codes, R, tile0, tiles, code);
+}
+
+/* A key row's norm with key_norm_per_head (FORMAT.md step 4, NH = 1): the
+ * head's own sum of squares in the lane order of head_sumsq (each lane's
+ * D/32 channels in order, then the xor butterfly), from the rotated,
+ * window-rounded row x; every lane returns it. */
+template <int D>
+__device__ __forceinline__ float row_head_norm(const float (&x)[D / 32]) {
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < D / 32; i++) s = __fadd_rn(s, __fmul_rn(x[i], x[i]));
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) s = __fadd_rn(s, __shfl_xor_sync(OSCAR_FULL_MASK, s, m));
+    return norm_of(s);
+}
+
+/* 2. Pack one key group (Gk tokens) of one head of one block: any width
+ * (key_bits and value_bits each 2, 3 or 4), all-head or per-head norms. */
+template <int D>
 __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     extern __shared__ float sm[];
     const PackTask T = A.tasks[blockIdx.x];
     if (skip_task(A, T)) return;
     const int h = blockIdx.y, gi = blockIdx.z;
-    const int Gk = A.lay.Gk, Gv = A.lay.Gv, NG = D / Gv, Q = A.lay.levels;
+    const int Gk = A.lay.Gk, Gv = A.lay.Gv, NG = D / Gv, QK = A.lay.klevels, QV = A.lay.vlevels;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const bool per_head = A.lay.norm_per_head;
     constexpr int E = D / 32;
     constexpr int LD = D + 1;             /* padded rows: no bank conflicts */
     float *Ks = sm;                       /* [Gk][LD] */
@@ -400,7 +476,9 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
 
     uint8_t *blk = A.pool_layer + (size_t)T.block * A.lay.LB;
     uint8_t *head = blk + (size_t)h * A.lay.head_bytes;
-    const float *norms = (const float *)(blk + (size_t)A.lay.hkv * A.lay.head_bytes);
+    /* all-head norms: [R], written by norm_kernel before this kernel;
+     * per-head norms: this head's [R], written here */
+    float *norms = (float *)(blk + (size_t)A.lay.hkv * A.lay.head_bytes) + (per_head ? (size_t)h * A.lay.R : 0);
 
     for (int j0 = w; j0 < Gk; j0 += 16) {
         /* two tokens per step, K and V: four rows' loads in flight */
@@ -412,7 +490,7 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
                 const int t = gi * Gk + j;
                 stream_load<D>(A, T, false, T.stream0 + t, h, lane, xk[u]);
                 stream_load<D>(A, T, true, T.stream0 + t, h, lane, xv[u]);
-                sn[u] = A.lay.scale_keys ? norms[t] : 1.0f;
+                sn[u] = A.lay.scale_keys && !per_head ? norms[t] : 1.0f;
             }
         }
 #pragma unroll
@@ -422,6 +500,10 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
                 const int t = gi * Gk + j;
                 stream_finish<D>(A, T, false, T.stream0 + t, lane, xk[u]);
                 if (A.lay.scale_keys) {
+                    if (per_head) {
+                        sn[u] = row_head_norm<D>(xk[u]);
+                        if (lane == 0) norms[t] = sn[u];
+                    }
 #pragma unroll
                     for (int i = 0; i < E; i++) xk[u][i] = __fdiv_rn(xk[u][i], sn[u]);
                 }
@@ -435,8 +517,8 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     }
     __syncthreads();
 
-    uint16_t *kp = (uint16_t *)(head + 2 * A.lay.codes_bytes);
-    uint16_t *vp = (uint16_t *)(head + 2 * A.lay.codes_bytes + A.lay.kparams_bytes);
+    uint16_t *kp = (uint16_t *)(head + A.lay.kcodes_bytes + A.lay.vcodes_bytes);
+    uint16_t *vp = (uint16_t *)(head + A.lay.kcodes_bytes + A.lay.vcodes_bytes + A.lay.kparams_bytes);
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
         float lo = Ks[c], hi = lo;
         for (int j = 1; j < Gk; j++) {
@@ -444,9 +526,9 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
             lo = x < lo ? x : lo;
             hi = x > hi ? x : hi;
         }
-        unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)Q));
+        unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)QK));
         unsigned short lo16 = oscar_f16_bits(lo);
-        if (A.clip) clip_params(Ks + c, Gk, LD, Q, lo, hi, sc16, lo16);
+        if (A.clip) clip_params(Ks + c, Gk, LD, QK, lo, hi, sc16, lo16);
         size_t pi = ((size_t)gi * D + c) * 2;
         *(uint32_t *)(kp + pi) = (uint32_t)sc16 | ((uint32_t)lo16 << 16);
         const float sc = __half2float(__ushort_as_half(sc16));
@@ -462,9 +544,9 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
             lo = x[i] < lo ? x[i] : lo;
             hi = x[i] > hi ? x[i] : hi;
         }
-        unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)Q));
+        unsigned short sc16 = oscar_f16_bits(__fdiv_rn(__fsub_rn(hi, lo), (float)QV));
         unsigned short lo16 = oscar_f16_bits(lo);
-        if (A.clip) clip_params(x, Gv, 1, Q, lo, hi, sc16, lo16);
+        if (A.clip) clip_params(x, Gv, 1, QV, lo, hi, sc16, lo16);
         size_t pi = ((size_t)(gi * Gk + j) * NG + vg) * 2;
         *(uint32_t *)(vp + pi) = (uint32_t)sc16 | ((uint32_t)lo16 << 16);
         const float sc = __half2float(__ushort_as_half(sc16));
@@ -474,35 +556,23 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     }
     __syncthreads();
 
-    constexpr int NW = D * BITS / 64; /* words per lane chunk */
-    constexpr int P = 16 / BITS;      /* pairs per word       */
     const int tiles = Gk / 16, tile0 = gi * Gk / 16;
-    const int total = tiles * 32 * NW;
-    uint32_t *kc = (uint32_t *)head, *vc = (uint32_t *)(head + A.lay.codes_bytes);
-    for (int wi = threadIdx.x; wi < total; wi += blockDim.x) {
-        const int tl = wi / (32 * NW), rem = wi - tl * 32 * NW;
-        const int wd = rem >> 5, l = rem & 31; /* lanes of a warp: consecutive l */
-        const int g = l >> 2, t = l & 3;
-        uint32_t kw = 0, vw = 0;
-#pragma unroll
-        for (int p = 0; p < P; p++) {
-            const int q = wd * P + p, s = q >> 2, j = q & 3;
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                /* keys: token g + 8(j&1), channel 16s + 2t + 8(j>>1) + e */
-                int tok = tl * 16 + g + 8 * (j & 1), ch = 16 * s + 2 * t + 8 * (j >> 1) + e;
-                kw |= quant_code(Ks[(size_t)tok * LD + ch], ksc[ch], kin[ch], kl0[ch], Q) << (16 * e + BITS * p);
-                /* values: token 2t + 8(j>>1) + e, channel 16s + g + 8(j&1) */
-                tok = tl * 16 + 2 * t + 8 * (j >> 1) + e;
-                ch = 16 * s + g + 8 * (j & 1);
-                const int pi = tok * NG + ch / Gv;
-                vw |= quant_code(Vs[(size_t)tok * LD + ch], vsc[pi], vin[pi], vl0[pi], Q) << (16 * e + BITS * p);
-            }
-        }
-        const size_t o = (size_t)(tile0 + tl) * 32 * NW + l * NW + wd;
-        kc[o] = kw;
-        vc[o] = vw;
-    }
+    /* keys: token g + 8(j&1), channel 16s + 2t + 8(j>>1) + e of the tile
+     * (q = 4s + j, lane l = 4g + t) */
+    auto key_code = [&](int tl, int l, int q, int e) -> uint32_t {
+        const int g = l >> 2, t = l & 3, s = q >> 2, j = q & 3;
+        const int tok = tl * 16 + g + 8 * (j & 1), ch = 16 * s + 2 * t + 8 * (j >> 1) + e;
+        return quant_code(Ks[(size_t)tok * LD + ch], ksc[ch], kin[ch], kl0[ch], QK);
+    };
+    /* values: token 2t + 8(j>>1) + e, channel 16s + g + 8(j&1) */
+    auto value_code = [&](int tl, int l, int q, int e) -> uint32_t {
+        const int g = l >> 2, t = l & 3, s = q >> 2, j = q & 3;
+        const int tok = tl * 16 + 2 * t + 8 * (j >> 1) + e, ch = 16 * s + g + 8 * (j & 1);
+        const int pi = tok * NG + ch / Gv;
+        return quant_code(Vs[(size_t)tok * LD + ch], vsc[pi], vin[pi], vl0[pi], QV);
+    };
+    write_code_tiles_w<D>(A.lay.kbits, head, A.lay.R, tile0, tiles, key_code);
+    write_code_tiles_w<D>(A.lay.vbits, head + A.lay.kcodes_bytes, A.lay.R, tile0, tiles, value_code);
 }
 
 /* 2''. Fused pack (v9): one CTA per (block, key group) holding every KV head
@@ -611,7 +681,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
     const FusedGeom G = fused_geom(A, D);
     constexpr int NWD = D / 32; /* 32-bit words per lane chunk at 2 bits = 32-channel chunks */
     constexpr int LPR = D / 32, RPW = 32 / LPR;
-    const int H = A.lay.hkv, TOK = G.TOK, NT = G.NT, Q = A.lay.levels, Gv = A.lay.Gv, NG = D / Gv;
+    const int H = A.lay.hkv, TOK = G.TOK, NT = G.NT, Q = A.lay.klevels, Gv = A.lay.Gv, NG = D / Gv;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     uint32_t *Ks = fsm;                                         /* [TOK][ROWW] words (16-bit pairs) */
     uint16_t *Vh = (uint16_t *)(Ks + (size_t)TOK * G.ROWW);     /* [H][NT][32][NWD][4] */
@@ -690,7 +760,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
                 for (int m = 1; m < Gv / 32; m <<= 1) minmax_xor(lo0, hi0, m, (wd & m) != 0);
                 lo1 = lo0, hi1 = hi0;
             }
-            uint16_t *vp = (uint16_t *)(blk + (size_t)h * A.lay.head_bytes + 2 * A.lay.codes_bytes + A.lay.kparams_bytes);
+            uint16_t *vp = (uint16_t *)(blk + (size_t)h * A.lay.head_bytes + (A.lay.kcodes_bytes + A.lay.vcodes_bytes) + A.lay.kparams_bytes);
             uint32_t *vpw = (uint32_t *)vp + (size_t)(tok0 + tok) * NG;
             float sc[2], inv[2], l0[2];
 #pragma unroll
@@ -764,7 +834,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             pin[h * D + c + k] = sc > 0.0f ? __frcp_rn(sc) : 0.0f;
             pl0[h * D + c + k] = __half2float(__ushort_as_half(lo16));
         }
-        uint32_t *kp = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + 2 * A.lay.codes_bytes);
+        uint32_t *kp = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + (A.lay.kcodes_bytes + A.lay.vcodes_bytes));
         *(uint2 *)(kp + (size_t)gi * D + c) = make_uint2(pw[0], pw[1]);
     }
     /* P3b: value code words from the patterns, one thread per (head, tile, lane) */
@@ -778,7 +848,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             const uint32_t e0 = (p.x | (p.x >> 16)) & 0xffffu, e1 = (p.y | (p.y >> 16)) & 0xffffu;
             wv[q] = e0 | (e1 << 16);
         }
-        uint32_t *vc = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + A.lay.codes_bytes) +
+        uint32_t *vc = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + A.lay.kcodes_bytes) +
                        ((size_t)(gi * NT + Tt) * 32 + l) * NWD;
         if constexpr (NWD % 4 == 0) {
 #pragma unroll
@@ -837,11 +907,12 @@ size_t fused_smem_bytes(const oscar_layout *L) {
     return (size_t)TOK * roww * 4 + (size_t)H * NT * 32 * NWD * 4 * 2 + (size_t)3 * H * D * 4 + (size_t)32 * 4;
 }
 
-/* The fused kernel covers 2-bit codes, d 64 or 128, a 16-bit window, Gk 16
- * or 32 and 16-byte aligned inputs, without clip_search; everything else
- * runs the v8 kernels (d 256 measured slower fused: 3.25 against 2.98 ms). */
+/* The fused kernel covers 2-bit keys and values, all-head norms, d 64 or
+ * 128, a 16-bit window, Gk 16 or 32 and 16-byte aligned inputs, without
+ * clip_search; everything else runs the v8 kernels (d 256 measured slower
+ * fused: 3.25 against 2.98 ms). */
 bool fused_ok(const oscar_layout *L, size_t optin) {
-    return L->quantised && L->bits == 2 && L->d <= 128 && L->window_esize == 2 && (L->k_group == 16 || L->k_group == 32) &&
+    return L->quantised && L->kbits == 2 && L->vbits == 2 && !L->norm_per_head && L->d <= 128 && L->window_esize == 2 && (L->k_group == 16 || L->k_group == 32) &&
            !L->clip && fused_smem_bytes(L) <= optin;
 }
 
@@ -1132,18 +1203,14 @@ oscar_status launch_append_d(oscar_cache *c, const AppendArgs &A, int n_tasks, i
                 }
                 OSCAR_CK_LAUNCH(c, "fused_pack_kernel");
             } else {
-            if (L->scale_keys) {
+            if (L->scale_keys && !L->norm_per_head) { /* per-head norms: pack_kernel */
                 norm_kernel<<<n_tasks, 128, 0, st>>>(A);
                 OSCAR_CK_LAUNCH(c, "norm_kernel");
             }
             const int NG = D / A.lay.Gv;
             size_t smem = ((size_t)2 * A.lay.Gk * (D + 1) + 3 * D + (size_t)3 * A.lay.Gk * NG) * sizeof(float);
             dim3 grid(n_tasks, A.lay.hkv, A.lay.R / A.lay.Gk);
-            if (L->bits == 2) {
-                pack_kernel<D, 2><<<grid, 256, smem, st>>>(A);
-            } else {
-                pack_kernel<D, 4><<<grid, 256, smem, st>>>(A);
-            }
+            pack_kernel<D><<<grid, 256, smem, st>>>(A);
             OSCAR_CK_LAUNCH(c, "pack_kernel");
             }
         } else {
@@ -1161,9 +1228,9 @@ oscar_status launch_append_d(oscar_cache *c, const AppendArgs &A, int n_tasks, i
     return OSCAR_OK;
 }
 
-template <int D, int BITS>
+template <int D>
 cudaError_t set_pack_smem(size_t bytes) {
-    return cudaFuncSetAttribute(pack_kernel<D, BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    return cudaFuncSetAttribute(pack_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
 }
 
 template <int D>
@@ -1194,9 +1261,9 @@ oscar_status oscar_cuda_pack_init(oscar_cache *c) {
      * later cache of another shape can lower them (attention.cu says why) */
     const size_t limit = S->smem_optin;
     cudaError_t e = cudaSuccess;
-    if (L->d == 64) e = L->bits == 2 ? set_pack_smem<64, 2>(limit) : set_pack_smem<64, 4>(limit);
-    if (L->d == 128) e = L->bits == 2 ? set_pack_smem<128, 2>(limit) : set_pack_smem<128, 4>(limit);
-    if (L->d == 256) e = L->bits == 2 ? set_pack_smem<256, 2>(limit) : set_pack_smem<256, 4>(limit);
+    if (L->d == 64) e = set_pack_smem<64>(limit);
+    if (L->d == 128) e = set_pack_smem<128>(limit);
+    if (L->d == 256) e = set_pack_smem<256>(limit);
     if (e != cudaSuccess)
         return oscar_set_error(c, OSCAR_E_BACKEND, "CUDA: cudaFuncSetAttribute(pack_kernel): %s",
                                cudaGetErrorString(e));

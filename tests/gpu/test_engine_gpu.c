@@ -31,7 +31,8 @@
  *                only that sequence, touches no memory out of bounds (run it
  *                under compute-sanitizer); bad host fields fail at once.
  *  7 [sinks]     sink_tokens S > 0 through the batch API (S 32 / R 64 / L 64,
- *                S 5, S 33 > R at 4 bits): prompts below, at and past S in
+ *                S 5, S 33 > R at 4 bits; K3/V2 with 64/64 groups and
+ *                K4/V2 with per-head norms): prompts below, at and past S in
  *                chunks, decode across block boundaries as a captured graph
  *                (bit-equal to eager), a rollback to S + P R, a slot_copy
  *                fork; attention against the CPU backend's batch API at
@@ -1727,6 +1728,8 @@ static void test_badmeta(void) {
 typedef struct sink_case {
     const char *name;
     int S, R, L, bits;
+    /* 0: the default: key_bits, value_bits, key_norm_per_head, k_group, v_group */
+    int kbits, vbits, norm_per_head, gk, gv;
 } sink_case;
 
 /* Blocks packed once a sequence has reached n tokens: the rule under
@@ -1796,7 +1799,8 @@ static void run_batch_sinks(const sink_case *C) {
     int max_len = 0;
     for (int i = 0; i < NS; i++) max_len = imax(max_len, prompt[i] + steps + R + C->L + tail + 4);
     const int stride = (max_len - S) / R; /* the least the header allows */
-    printf("   %s: S %d, R %d, L %d, %d-bit, %d decode steps\n", C->name, S, R, C->L, C->bits, steps);
+    printf("   %s: S %d, R %d, L %d, %d-bit (K %d, V %d, per-head norms %d), %d decode steps\n", C->name, S, R, C->L,
+           C->bits, C->kbits ? C->kbits : C->bits, C->vbits ? C->vbits : C->bits, C->norm_per_head, steps);
 
     oscar_config cfg = qwen_cfg(NL, C->bits);
     cfg.num_kv_heads = hkv;
@@ -1804,6 +1808,11 @@ static void run_batch_sinks(const sink_case *C) {
     cfg.residual = R;
     cfg.rollback_tokens = C->L;
     cfg.sink_tokens = S;
+    cfg.key_bits = C->kbits;
+    cfg.value_bits = C->vbits;
+    cfg.key_norm_per_head = C->norm_per_head;
+    if (C->gk) cfg.k_group = C->gk;
+    if (C->gv) cfg.v_group = C->gv;
     cfg.caller_metadata = 1;
     cfg.block_count = NF * stride + 4;
     cfg.max_seqs = 8;
@@ -2098,9 +2107,11 @@ static void run_batch_sinks(const sink_case *C) {
 
 static void test_batch_sinks(void) {
     static const sink_case cases[] = {
-        {"batch sinks S 32 R 64 L 64 (recommended)", 32, 64, 64, 2},
-        {"batch sinks S 5 R 32", 5, 32, 0, 2},
-        {"batch sinks S 33 (odd, > R) R 32 L 8, 4-bit", 33, 32, 8, 4},
+        {"batch sinks S 32 R 64 L 64 (recommended)", 32, 64, 64, 2, 0, 0, 0, 0, 0},
+        {"batch sinks S 5 R 32", 5, 32, 0, 2, 0, 0, 0, 0, 0},
+        {"batch sinks S 33 (odd, > R) R 32 L 8, 4-bit", 33, 32, 8, 4, 0, 0, 0, 0, 0},
+        {"batch K3/V2 g64/64 S 32 R 64 L 64 (recommended K3/V2)", 32, 64, 64, 2, 3, 2, 0, 64, 64},
+        {"batch K4/V2 per-head norms S 5 R 32", 5, 32, 0, 2, 4, 2, 1, 0, 0},
     };
     const int n = g_small ? 2 : (int)(sizeof cases / sizeof cases[0]);
     for (int i = 0; i < n; i++) run_batch_sinks(&cases[i]);
@@ -2121,7 +2132,8 @@ static const entry g_tests[] = {
     {"prefill", test_prefill, "chunked prefill q_len up to 4096 vs CPU"},
     {"nonfinite", test_nonfinite, "NaN/Inf found on the device, reported once, slot restart"},
     {"badmeta", test_badmeta, "out-of-range batch metadata"},
-    {"sinks", test_batch_sinks, "sink tokens in the batch API vs the CPU's, graph replay, rollback, fork"},
+    {"sinks", test_batch_sinks,
+     "sink tokens (and K3/V2, per-head norms) in the batch API vs the CPU's, graph replay, rollback, fork"},
 };
 
 static int selected(const char *name) {

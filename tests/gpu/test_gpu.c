@@ -18,10 +18,12 @@
  *    and is reported by the next poll (see test_nonfinite);
  *  - sink tokens (test_sinks): exports byte-identical to the CPU backend's
  *    through prompts shorter than, equal to and crossing S, decode runs,
- *    drafts and truncation, query chunks crossing S, fork and import.
+ *    drafts and truncation, query chunks crossing S, fork and import;
+ *  - key and value widths 2/3/4 and per-head key norms (test_widths): the
+ *    same walk, byte-identical exports.
  * Without a CUDA device the test prints a skip message and exits 77.
  * `test_gpu --small` runs a reduced set (used under compute-sanitizer);
- * `test_gpu --sinks` only the sink-token tests.
+ * `test_gpu --sinks` only the sink-token tests, `--widths` only test_widths.
  */
 #include "testlib.h"
 
@@ -164,8 +166,11 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
             for (int h = 0; h < g->hkv; h++) {
                 const unsigned char *hx = x + (size_t)h * g->head_bytes, *hy = y + (size_t)h * g->head_bytes;
                 for (int isv = 0; isv < 2; isv++) {
-                    tl_decode_codes(hx + isv * g->codes_bytes, g->R, g->d, g->bits, isv, ca);
-                    tl_decode_codes(hy + isv * g->codes_bytes, g->R, g->d, g->bits, isv, cb);
+                    /* K codes, then V codes, each at its own width (3 bits: two planes) */
+                    const size_t off_c = isv ? g->kcodes_bytes : 0;
+                    const int bits = isv ? g->vbits : g->kbits;
+                    tl_decode_codes(hx + off_c, g->R, g->d, bits, isv, ca);
+                    tl_decode_codes(hy + off_c, g->R, g->d, bits, isv, cb);
                     for (int j = 0; j < g->R * g->d; j++) {
                         int dd = (int)ca[j] - (int)cb[j];
                         code_diff += dd != 0;
@@ -174,16 +179,18 @@ static void compare_exports(const tl_geom *g, const unsigned char *a, size_t na,
                     codes += (int64_t)g->R * g->d;
                 }
                 const size_t np = (g->kparams_bytes + g->vparams_bytes) / 2;
-                const uint16_t *px = (const uint16_t *)(hx + 2 * g->codes_bytes);
-                const uint16_t *py = (const uint16_t *)(hy + 2 * g->codes_bytes);
+                const uint16_t *px = (const uint16_t *)(hx + g->kcodes_bytes + g->vcodes_bytes);
+                const uint16_t *py = (const uint16_t *)(hy + g->kcodes_bytes + g->vcodes_bytes);
                 for (size_t j = 0; j < np; j++) par_diff += px[j] != py[j];
                 pars += (int64_t)np;
             }
             if (g->scale) {
                 const float *sx = (const float *)(x + (size_t)g->hkv * g->head_bytes);
                 const float *sy = (const float *)(y + (size_t)g->hkv * g->head_bytes);
-                /* the sum of squares has one defined order (FORMAT.md): same bits */
-                for (int t = 0; t < g->R; t++) norm_bad += memcmp(&sx[t], &sy[t], 4) != 0;
+                /* the sum of squares has one defined order (FORMAT.md): same bits
+                 * ([R] norms, or [Hkv][R] with per-head norms) */
+                const int nn = g->R * (g->norm_per_head ? g->hkv : 1);
+                for (int t = 0; t < nn; t++) norm_bad += memcmp(&sx[t], &sy[t], 4) != 0;
             }
         }
     free(ca);
@@ -596,6 +603,9 @@ typedef struct sink_case {
     int bits, d, hkv, hq, R, S, lag, layers;
     oscar_dtype W, in_dt, q_dt;
     int clip; /* config.clip_search (test_clip) */
+    /* test_widths (0: the config's default): key_bits, value_bits,
+     * key_norm_per_head, k_group, v_group */
+    int kbits, vbits, norm_per_head, gk, gv;
 } sink_case;
 
 static double g_worst_sink_ref = 0.0; /* GPU attention vs float64 over its read-back, / bound */
@@ -740,6 +750,11 @@ static void run_sink_case(const sink_case *C) {
     cfg.num_layers = C->layers;
     cfg.window_dtype = C->W;
     cfg.clip_search = C->clip;
+    cfg.key_bits = C->kbits;
+    cfg.value_bits = C->vbits;
+    cfg.key_norm_per_head = C->norm_per_head;
+    if (C->gk) cfg.k_group = C->gk;
+    if (C->gv) cfg.v_group = C->gv;
     cfg.block_count = 256;
     cfg.max_seqs = 12;
     pair P;
@@ -883,13 +898,13 @@ static void test_clip(void) {
     static const sink_case cases[] = {
         /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q, clip */
         {"clip oscar b2 d128 R64 (the fused pack's shape)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 0, 0, 1,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 1},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 1, 0, 0, 0, 0, 0},
         {"clip kivi b2 d64 R32 S7 lag32", OSCAR_METHOD_KIVI, 2, 64, 2, 4, 32, 7, 32, 1, OSCAR_DTYPE_BF16,
-         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1},
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1, 0, 0, 0, 0, 0},
         {"clip oscar b4 d256 R64 S32", OSCAR_METHOD_OSCAR, 4, 256, 1, 4, 64, 32, 0, 1, OSCAR_DTYPE_F16,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 1},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 1, 0, 0, 0, 0, 0},
         {"clip scale-only b2 d128 R128 lag64 f32 window", OSCAR_METHOD_SCALE_ONLY, 2, 128, 2, 8, 128, 0, 64, 1,
-         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1},
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1, 0, 0, 0, 0, 0},
     };
     const int n = (int)(sizeof cases / sizeof cases[0]);
     for (int i = 0; i < (g_small ? 1 : n); i++) {
@@ -904,21 +919,21 @@ static void test_sinks(void) {
     static const sink_case cases[] = {
         /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q */
         {"sinks oscar b2 d128 R32 S7 (fast decode kernel)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 32, 7, 0, 1,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0},
         {"sinks oscar b2 d128 R64 S32 lag64 bf16, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 32, 64, 2,
-         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0},
         {"sinks oscar b2 d64 R128 S64 (fused pack d64)", OSCAR_METHOD_OSCAR, 2, 64, 2, 4, 128, 64, 0, 1,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0, 0, 0, 0, 0, 0},
         {"sinks kivi b4 d128 R32 S1 lag32", OSCAR_METHOD_KIVI, 4, 128, 1, 4, 32, 1, 32, 1, OSCAR_DTYPE_F16,
-         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0},
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0, 0, 0, 0, 0, 0},
         {"sinks none d64 R32 S7 lag32", OSCAR_METHOD_NONE, 16, 64, 2, 4, 32, 7, 32, 1, OSCAR_DTYPE_F16,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0, 0, 0, 0, 0, 0},
         {"sinks quarot b2 d256 R64 S64 f32 window", OSCAR_METHOD_QUAROT, 2, 256, 1, 2, 64, 64, 0, 1,
-         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0},
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0, 0, 0, 0, 0, 0},
         {"sinks oscar b2 d128 hkv8 hq32 R128 S32 lag64", OSCAR_METHOD_OSCAR, 2, 128, 8, 32, 128, 32, 64, 1,
-         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0},
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0},
         {"sinks scale-only b2 d128 R64 S1 gq16 (g=16)", OSCAR_METHOD_SCALE_ONLY, 2, 128, 1, 16, 64, 1, 0, 1,
-         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F32, 0},
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F32, 0, 0, 0, 0, 0, 0},
     };
     const int n = (int)(sizeof cases / sizeof cases[0]);
     for (int i = 0; i < (g_small ? 2 : n); i++) {
@@ -930,26 +945,77 @@ static void test_sinks(void) {
     printf("  worst GPU attention vs float64 over the read-back: %.3g of the bound\n", g_worst_sink_ref);
 }
 
+/* Key and value widths (key_bits, value_bits: 2, 3 or 4 each; 3 bits are
+ * two code planes, format version 5) and per-head key norms
+ * (key_norm_per_head, version 4) on the CUDA backend: the same walk as the
+ * sink tests (prefill, decode with drafts, query chunks, fork, export and
+ * import both ways), exports byte-identical to the CPU backend's, attention
+ * within 2e-3 of it and within the bound of float64 attention over the
+ * read-back. Every (key, value) width pair runs on one of the head dims, the
+ * recommended K3/V2 configuration on SmolLM2's shape and on d = 128. */
+static void test_widths(void) {
+    static const sink_case cases[] = {
+        /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q, clip, kbits, vbits, per-head, gk, gv */
+        {"K3/V2 oscar d64 hkv3 hq9 R64 S32 lag64 g64/64 (recommended, SmolLM2 shape)", OSCAR_METHOD_OSCAR, 2, 64, 3, 9,
+         64, 32, 64, 1, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0, 3, 2, 0, 64, 64},
+        {"K3/V2 oscar d128 R64 S32 lag64 g64/64 bf16, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 32, 64, 2,
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 3, 2, 0, 64, 64},
+        {"K4/V2 oscar d128 R32", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 32, 0, 0, 1, OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16,
+         OSCAR_DTYPE_BF16, 0, 4, 2, 0, 0, 0},
+        {"K2/V4 oscar d64 R32 S4", OSCAR_METHOD_OSCAR, 2, 64, 2, 4, 32, 4, 0, 1, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16,
+         OSCAR_DTYPE_F16, 0, 2, 4, 0, 0, 0},
+        {"K3/V3 kivi d256 R32 f32 window", OSCAR_METHOD_KIVI, 2, 256, 1, 2, 32, 0, 0, 1, OSCAR_DTYPE_F32,
+         OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 0, 3, 3, 0, 0, 0},
+        {"K2/V3 quarot d128 R48 g16/16", OSCAR_METHOD_QUAROT, 2, 128, 2, 8, 48, 0, 16, 1, OSCAR_DTYPE_F16,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F32, 0, 2, 3, 0, 16, 16},
+        {"K4/V3 scale-only d64 R32 S1 (g=16)", OSCAR_METHOD_SCALE_ONLY, 2, 64, 1, 16, 32, 1, 0, 1, OSCAR_DTYPE_BF16,
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 4, 3, 0, 0, 0},
+        {"K3/V4 oscar d128 R32 clip", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 32, 0, 0, 1, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16,
+         OSCAR_DTYPE_F16, 1, 3, 4, 0, 0, 0},
+        {"K2/V2 oscar d128 R32 per-head norms (not the fast kernel)", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 32, 0, 0, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 0, 0, 1, 0, 0},
+        {"K3/V2 oscar d64 hkv3 hq9 R64 S16 lag32 per-head norms", OSCAR_METHOD_OSCAR, 2, 64, 3, 9, 64, 16, 32, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0, 3, 2, 1, 64, 64},
+        {"b4 scale-only d256 hkv2 R32 per-head norms", OSCAR_METHOD_SCALE_ONLY, 4, 256, 2, 4, 32, 0, 0, 1,
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_F32, 0, 0, 0, 1, 0, 0},
+        {"K2/V2 oscar d128 hkv8 hq32 R128 per-head norms, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 8, 32, 128, 0, 64, 2,
+         OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 0, 0, 1, 0, 0},
+    };
+    const int n = (int)(sizeof cases / sizeof cases[0]);
+    for (int i = 0; i < (g_small ? 3 : n); i++) {
+        const long before = tl_failed;
+        run_sink_case(&cases[i]);
+        printf("  %-72s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
+        fflush(stdout);
+    }
+}
+
 int main(int argc, char **argv) {
-    int sinks_only = 0;
+    int sinks_only = 0, widths_only = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--small")) g_small = 1;
-        if (!strcmp(argv[i], "--sinks")) sinks_only = 1; /* the sink-token (and clip) tests alone */
+        if (!strcmp(argv[i], "--sinks")) sinks_only = 1;   /* the sink-token (and clip) tests alone */
+        if (!strcmp(argv[i], "--widths")) widths_only = 1; /* key/value widths and per-head norms alone */
     }
     if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
         printf("SKIP: no CUDA device (the CUDA backend is %s)\n",
                oscar_backend_available(OSCAR_BACKEND_CPU) ? "compiled, no device found" : "unavailable");
         return 77;
     }
-    if (!sinks_only) {
-        TL_RUN(test_nonfinite);
-        TL_RUN(test_two_shapes);
-        TL_RUN(test_rollback);
+    if (widths_only) {
+        TL_RUN(test_widths);
+    } else {
+        if (!sinks_only) {
+            TL_RUN(test_nonfinite);
+            TL_RUN(test_two_shapes);
+            TL_RUN(test_rollback);
+        }
+        TL_RUN(test_sinks_nonfinite);
+        TL_RUN(test_sinks);
+        TL_RUN(test_clip);
+        TL_RUN(test_widths);
+        if (!sinks_only) TL_RUN(test_matrix);
     }
-    TL_RUN(test_sinks_nonfinite);
-    TL_RUN(test_sinks);
-    TL_RUN(test_clip);
-    if (!sinks_only) TL_RUN(test_matrix);
     printf("codes differing: %lld of %lld (%.2e); parameters differing: %lld of %lld; worst attention rel L2 %.3g\n",
            (long long)g_code_diffs, (long long)g_codes, g_codes ? (double)g_code_diffs / g_codes : 0.0,
            (long long)g_param_diffs, (long long)g_params, g_worst_attn);
