@@ -209,10 +209,6 @@ static int parse_opts(int argc, char **argv, opts *o) {
 #undef NEEDV
 #undef INTV
     }
-    if (o->cfg.backend == OSCAR_BACKEND_CUDA && (o->cfg.key_norm_per_head || o->cfg.key_bits || o->cfg.value_bits)) {
-        die(cmd, "--norm-per-head, --key-bits and --value-bits run on the CPU runner only for now (--device cpu)");
-        return -1;
-    }
     if (o->threads > 0) omp_set_num_threads(o->threads);
     if (o->score_from < 0) o->score_from = o->ctx / 2;
     if (o->score_from > 0 && o->score_from >= o->ctx - 1) {

@@ -63,11 +63,12 @@ if has sanitize; then
       echo "== memcheck $run"; timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool memcheck --leak-check no $BUILD/tests/gpu/$run
       echo "memcheck ${run%% *} rc=$?"
     done
-    for run in "test_gpu --small" "test_kernels --small" \
+    # test_gpu in three parts (racecheck runs test_widths --small alone for ~2 minutes)
+    for run in "test_gpu --small --basic" "test_gpu --small --sinks" "test_gpu --small --widths" "test_kernels --small" \
                "test_engine_gpu --small --only nosync,noalloc,prefill,nonfinite,badmeta" \
                "test_kv_bf16 --small"; do
       [ -x "$BUILD/tests/gpu/${run%% *}" ] || continue
-      echo "== racecheck $run"; timeout "${SAN_TIMEOUT:-150}" compute-sanitizer --tool racecheck $BUILD/tests/gpu/$run
+      echo "== racecheck $run"; timeout "${SAN_TIMEOUT:-240}" compute-sanitizer --tool racecheck $BUILD/tests/gpu/$run
       echo "racecheck ${run%% *} rc=$?"
     done
   } > "$OUT/sanitizer.log" 2>&1

@@ -1351,9 +1351,13 @@ __device__ __forceinline__ void dense_warp_chunks(const AttnParams &P, const Seq
     dense_merge<D, RPC>(ds, O, wm, wl, lane);
 }
 
-/* The exact tokens (the last split only), split over the warps, merged
- * into each warp's partial: the sink rows held (tokens 0 .. sinks - 1) and
- * the window rows (tokens sinks + nblk R ..), `wtok` in all. In the slot
+/* The split's share [e0, e1) of the exact tokens, split over the warps,
+ * merged into each warp's partial. The exact tokens are the sink rows held
+ * (tokens 0 .. sinks - 1) and the window rows (tokens sinks + nblk R ..),
+ * `wtok` in all; every split takes 1/splits of them (they cost several
+ * times a packed token on this fp32 path: with 32 sinks and a 64-token
+ * lag, up to 159 of them in the last split alone made it the critical path,
+ * 0.127 -> 0.189 ms at B8/32K). In the slot
  * they are one run of rows [0, wtok): the window rows follow the S sink
  * rows, and there are window rows only once all S are held, so the sink
  * rows held are min(wtok, S). The run is indexed by slot row; each row's
@@ -1361,10 +1365,10 @@ __device__ __forceinline__ void dense_warp_chunks(const AttnParams &P, const Seq
  * slot row it attends. Without sinks: the window rows, limits shifted by
  * nblk R. */
 template <int D, int RPC>
-__device__ __forceinline__ void window_warp_tokens(const AttnParams &P, int slot, int nblk, int wtok, int h, int warp,
-                                                   const float *qf, const long long (&limr)[RPC], float *pbuf,
-                                                   int lane, float *O, float *wm, float *wl) {
-    const int w0 = (wtok * warp) / WARPS, w1 = (wtok * (warp + 1)) / WARPS;
+__device__ __forceinline__ void window_warp_tokens(const AttnParams &P, int slot, int nblk, int wtok, int e0, int e1,
+                                                   int h, int warp, const float *qf, const long long (&limr)[RPC],
+                                                   float *pbuf, int lane, float *O, float *wm, float *wl) {
+    const int w0 = e0 + ((e1 - e0) * warp) / WARPS, w1 = e0 + ((e1 - e0) * (warp + 1)) / WARPS;
     if (w1 > w0) {
         /* position limit t = limr + S: t < sinks is sink row t; otherwise
          * every sink row and the window rows up to slot row t - nblk R */
@@ -1480,8 +1484,12 @@ __global__ void __launch_bounds__(128, NT == 1 ? 3 : 2) attn_kernel(const __grid
     } else {
         dense_warp_chunks<D, RPC>(P, sv, h, cw0, cw1, qf, limr, pbuf, lane, O, wm, wl);
     }
-    if (split == P.splits - 1 && sv.wtok > 0)
-        window_warp_tokens<D, RPC>(P, sv.slot, sv.nblk, sv.wtok, h, warp, qf, limr, pbuf, lane, O, wm, wl);
+    if (sv.wtok > 0) { /* this split's share of the exact tokens */
+        const int e0 = (int)(((long long)sv.wtok * split) / P.splits);
+        const int e1 = (int)(((long long)sv.wtok * (split + 1)) / P.splits);
+        if (e1 > e0)
+            window_warp_tokens<D, RPC>(P, sv.slot, sv.nblk, sv.wtok, e0, e1, h, warp, qf, limr, pbuf, lane, O, wm, wl);
+    }
     __syncthreads();
     write_cta_partial<D, RPC>(P, smem);
 }

@@ -20,10 +20,13 @@
  *    through prompts shorter than, equal to and crossing S, decode runs,
  *    drafts and truncation, query chunks crossing S, fork and import;
  *  - key and value widths 2/3/4 and per-head key norms (test_widths): the
- *    same walk, byte-identical exports.
+ *    same walk, byte-identical exports;
+ *  - long sequences (test_long, 40-48 blocks): each sequence's chunks and
+ *    its exact tokens split over several CTAs.
  * Without a CUDA device the test prints a skip message and exits 77.
  * `test_gpu --small` runs a reduced set (used under compute-sanitizer);
- * `test_gpu --sinks` only the sink-token tests, `--widths` only test_widths.
+ * `test_gpu --sinks` only the sink-token and clip tests, `--widths`
+ * test_widths and test_long, `--long` test_long, `--basic` the rest.
  */
 #include "testlib.h"
 
@@ -742,7 +745,7 @@ static void sink_roundtrip(pair *P, tl_rng *r, const sink_case *C, int32_t sc, i
     free(eg), free(ec);
 }
 
-static void run_sink_case(const sink_case *C) {
+static oscar_config sink_config(const sink_case *C) {
     oscar_config cfg = tl_small_config(C->method, C->bits, C->d, C->hkv, C->hq);
     cfg.residual = C->R;
     cfg.sink_tokens = C->S;
@@ -757,6 +760,11 @@ static void run_sink_case(const sink_case *C) {
     if (C->gv) cfg.v_group = C->gv;
     cfg.block_count = 256;
     cfg.max_seqs = 12;
+    return cfg;
+}
+
+static void run_sink_case(const sink_case *C) {
+    const oscar_config cfg = sink_config(C);
     pair P;
     if (!make_pair(&P, cfg)) {
         free_pair(&P);
@@ -990,32 +998,103 @@ static void test_widths(void) {
     }
 }
 
+/* Long sequences: with tens of blocks the attention call splits a
+ * sequence's chunks over several CTAs, and the exact tokens (sink rows and
+ * window) are shared among those splits. Two sequences of different
+ * lengths (blocks, window fill) in one call; decode steps and a query
+ * chunk; against the CPU backend and float64 over the read-back. */
+static void run_long_case(const sink_case *C, int blocks) {
+    oscar_config cfg = sink_config(C);
+    cfg.block_count = 2 * blocks + 8;
+    pair P;
+    if (!make_pair(&P, cfg)) {
+        free_pair(&P);
+        return;
+    }
+    tl_rng r = tl_rng_for(C->name);
+    double knorm;
+    {
+        const int64_t n = 64 * (int64_t)C->hkv * C->d;
+        float *k = malloc(sizeof(float) * (size_t)n), *v = malloc(sizeof(float) * (size_t)n);
+        tl_gen_kv(&r, TL_FLAVOR_NORMAL, k, v, 64, C->hkv, C->d, C->in_dt);
+        knorm = tl_key_rms_norm(k, 64, C->hkv, C->d);
+        free(k), free(v);
+    }
+    int32_t sc[2], sg[2];
+    for (int i = 0; i < 2; i++) {
+        CHECK_OK(oscar_seq_add(P.cpu, &sc[i]));
+        CHECK_OK(oscar_seq_add(P.gpu, &sg[i]));
+    }
+    const int32_t prompt[2] = {C->S + C->lag + blocks * C->R + C->R / 2 + 3, C->S + C->lag + (blocks / 2) * C->R + 1};
+    sink_append(&P, &r, C, 2, sc, sg, prompt, TL_FLAVOR_SINKS);
+    for (int t = 0; t < C->R + 3; t++) {
+        const int32_t one[2] = {1, 1};
+        sink_append(&P, &r, C, 2, sc, sg, one, t % TL_FLAVOR_HUGE);
+        if (t % 8 == 0 || t == C->R + 2) sink_attn(&P, &r, C, 2, sc, sg, 1, knorm, "long decode");
+        if (t % 32 == 0) sink_ref_attn(&P, &r, C, sg[0], 1, knorm, "long decode");
+    }
+    const int32_t chunk[2] = {7, 5};
+    sink_append(&P, &r, C, 2, sc, sg, chunk, TL_FLAVOR_NORMAL);
+    sink_attn(&P, &r, C, 1, &sc[1], &sg[1], 5, knorm, "long, query chunk");
+    sink_ref_attn(&P, &r, C, sg[0], 7, knorm, "long, query chunk");
+    for (int i = 0; i < 2; i++) same_stream(&P, sc[i], sg[i], "long sequence");
+    free_pair(&P);
+}
+
+static void test_long(void) {
+    static const sink_case cases[] = {
+        /* name, method, bits, d, hkv, hq, R, S, lag, layers, W, in, q, clip, kbits, vbits, per-head, gk, gv */
+        {"long: oscar b2 d128 R64 S32 lag64 (fast kernel), 48 blocks", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 64, 32, 64,
+         1, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 0, 0, 0, 0, 0},
+        {"long: K3/V2 oscar d64 hkv3 hq9 R64 S32 lag64 g64/64, 48 blocks", OSCAR_METHOD_OSCAR, 2, 64, 3, 9, 64, 32,
+         64, 1, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0, 3, 2, 0, 64, 64},
+        {"long: oscar b2 d128 R128 (published), 40 blocks", OSCAR_METHOD_OSCAR, 2, 128, 2, 8, 128, 0, 0, 1,
+         OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, 0, 0, 0, 0, 0, 0},
+    };
+    const int blocks[3] = {48, 48, 40};
+    for (int i = 0; i < (g_small ? 1 : 3); i++) {
+        const long before = tl_failed;
+        run_long_case(&cases[i], g_small ? 20 : blocks[i]);
+        printf("  %-72s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
+        fflush(stdout);
+    }
+}
+
 int main(int argc, char **argv) {
-    int sinks_only = 0, widths_only = 0;
+    /* groups: --sinks (sink tokens, clip), --widths (key/value widths,
+     * per-head norms, long sequences), --long (long sequences alone),
+     * --basic (the rest); none: all */
+    int sinks = 0, widths = 0, longs = 0, basic = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--small")) g_small = 1;
-        if (!strcmp(argv[i], "--sinks")) sinks_only = 1;   /* the sink-token (and clip) tests alone */
-        if (!strcmp(argv[i], "--widths")) widths_only = 1; /* key/value widths and per-head norms alone */
+        else if (!strcmp(argv[i], "--sinks")) sinks = 1;
+        else if (!strcmp(argv[i], "--widths")) widths = longs = 1;
+        else if (!strcmp(argv[i], "--long")) longs = 1;
+        else if (!strcmp(argv[i], "--basic")) basic = 1;
+        else {
+            printf("usage: %s [--small] [--sinks] [--widths] [--long] [--basic]\n", argv[0]);
+            return 2;
+        }
     }
+    if (!sinks && !widths && !longs && !basic) sinks = widths = longs = basic = 1;
     if (!oscar_backend_available(OSCAR_BACKEND_CUDA)) {
         printf("SKIP: no CUDA device (the CUDA backend is %s)\n",
                oscar_backend_available(OSCAR_BACKEND_CPU) ? "compiled, no device found" : "unavailable");
         return 77;
     }
-    if (widths_only) {
-        TL_RUN(test_widths);
-    } else {
-        if (!sinks_only) {
-            TL_RUN(test_nonfinite);
-            TL_RUN(test_two_shapes);
-            TL_RUN(test_rollback);
-        }
+    if (basic) {
+        TL_RUN(test_nonfinite);
+        TL_RUN(test_two_shapes);
+        TL_RUN(test_rollback);
+    }
+    if (sinks) {
         TL_RUN(test_sinks_nonfinite);
         TL_RUN(test_sinks);
         TL_RUN(test_clip);
-        TL_RUN(test_widths);
-        if (!sinks_only) TL_RUN(test_matrix);
     }
+    if (widths) TL_RUN(test_widths);
+    if (longs) TL_RUN(test_long);
+    if (basic) TL_RUN(test_matrix);
     printf("codes differing: %lld of %lld (%.2e); parameters differing: %lld of %lld; worst attention rel L2 %.3g\n",
            (long long)g_code_diffs, (long long)g_codes, g_codes ? (double)g_code_diffs / g_codes : 0.0,
            (long long)g_param_diffs, (long long)g_params, g_worst_attn);
