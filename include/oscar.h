@@ -215,9 +215,12 @@ typedef struct oscar_config {
      * A caller compiled against the version-3 header (struct_size =
      * offsetof(oscar_config, key_norm_per_head), or that header's
      * sizeof(oscar_config)) is accepted: these fields read as 0. All three
-     * change the packed block layout (docs/FORMAT.md); CPU backend only for
-     * now: the CUDA backend refuses non-default values (OSCAR_E_UNSUPPORTED).
-     * The CPU batch API (caller_metadata = 1) supports them. */
+     * change the packed block layout (docs/FORMAT.md). Both backends and both
+     * APIs (sequence and batch) take them and write the same bytes. On CUDA
+     * the fast decode kernel covers 2-bit keys and values with all-head
+     * norms (d = 128, k_group a power of two >= 32, v_group 32); other
+     * widths and per-head norms run the generic kernel (docs/BENCHMARKS.md
+     * has the speeds). */
     int key_norm_per_head;     /* 0 (default, as published): one key norm per
                                   token over all KV heads. 1: one norm per token
                                   and KV head (each head's key divided by its
@@ -233,8 +236,8 @@ typedef struct oscar_config {
                                   (K4/V2), or key_bits = 3 (K3/V2). 3-bit codes
                                   (7 levels; format version 5) are stored as a
                                   2-bit plane and a 1-bit plane: R*d*3/8 bytes
-                                  per head and side; the CUDA backend refuses
-                                  3. Like `bits`, ignored for METHOD_NONE.       */
+                                  per head and side. Like `bits`, ignored for
+                                  METHOD_NONE.                                   */
 } oscar_config;
 
 oscar_config oscar_config_default(void);

@@ -103,9 +103,9 @@ class OscarConfig:
     caller_metadata: Optional[int] = None
     sink_tokens: Optional[int] = None   # docs/ACCURACY.md "Past the paper"; both APIs
     clip_search: Optional[int] = None   # 0 or 1
-    key_norm_per_head: Optional[int] = None  # 0 or 1; CPU only
-    key_bits: Optional[int] = None      # 0 (= bits), 2, 3 or 4; CPU only (3: format version 5)
-    value_bits: Optional[int] = None    # 0 (= bits), 2, 3 or 4; CPU only
+    key_norm_per_head: Optional[int] = None  # 0 or 1 (format version 4)
+    key_bits: Optional[int] = None      # 0 (= bits), 2, 3 or 4 (3: format version 5)
+    value_bits: Optional[int] = None    # 0 (= bits), 2, 3 or 4
 
     def __post_init__(self):
         d = lib().config_default()

@@ -40,10 +40,10 @@ typedef struct oscar_layout {
     int clip;              /* clip_search: MSE-searched group ranges  */
     /* Bit widths (format version 4): keys and values may differ
      * (key_bits / value_bits). bits, levels and codes_bytes are the keys'
-     * (the CUDA backend reads them; it runs equal widths only). */
+     * (the backends read kbits / vbits and kcodes / vcodes_bytes). */
     int kbits, vbits;      /* 2, 3 or 4 (16 for method none); 3 bits
-                              (format version 5, CPU only) are a 2-bit
-                              plane then a 1-bit plane (format.c)     */
+                              (format version 5) are a 2-bit plane
+                              then a 1-bit plane (format.c)           */
     int klevels, vlevels;  /* 2^bits - 1                              */
     int norm_per_head;     /* key_norm_per_head and the method scales keys:
                               norms are [Hkv][R] instead of [R]        */
