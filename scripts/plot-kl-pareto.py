@@ -178,8 +178,8 @@ def main():
             if k is None:
                 print(f"{p}: no KLD summary", file=sys.stderr)
                 continue
-            rows.append({"runner": "llama.cpp", "name": t, "bits": bits, "exact": None, "kl": k["kl_mean"],
-                         "p99": k["kl_p99"], "top1": k["top1"], "dppl": k["dppl"], "tokens": None})
+            rows.append(llama_row({"cache": t, "bits_per_element": bits, "kl_mean": k["kl_mean"],
+                                   "kl_p99": k["kl_p99"], "top1_agree": k["top1"], "delta_ppl_pct": k["dppl"]}))
     if not rows:
         print("no points", file=sys.stderr)
         return 1
