@@ -840,8 +840,8 @@ __device__ __forceinline__ void fast_warp_chunks(const AttnParams &P, uint8_t *s
     int cb_ = cp.ib, ccc = cp.icc;
     cp.o_kc = (uint32_t)((long long)h * P.lay.head_bytes);
     cp.o_vc = cp.o_kc + (uint32_t)P.lay.kcodes_bytes;
-    cp.o_kp = cp.o_vc + (uint32_t)P.lay.vcodes_bytes;
-    cp.o_vp = cp.o_kp + (uint32_t)P.lay.kparams_bytes;
+    cp.o_kp = cp.o_kc + (uint32_t)P.lay.kparams_off;
+    cp.o_vp = cp.o_kc + (uint32_t)P.lay.vparams_off;
     cp.o_nm = (uint32_t)((long long)P.lay.hkv * P.lay.head_bytes);
     cp.s_base = smem_u32(wreg), cp.b_base = smem_u32(mbar);
     for (int i = 0; i < NSTAGE - 1 && i < nmine; i++) cp.issue(P, i, lane);
@@ -909,14 +909,13 @@ __device__ __forceinline__ void issue_chunk(const AttnParams &P, uint8_t *wreg, 
     const uint32_t bvp = (uint32_t)ntok * NCG * 4;
     const uint32_t bnm = P.lay.scale_keys ? (uint32_t)ntok * 4 : 0u;
     const uint32_t sbar = smem_u32(bar);
-    const size_t pkv = (size_t)P.lay.kcodes_bytes + P.lay.vcodes_bytes; /* the parameters, after the codes */
     fence_proxy_async();
     mbar_expect_tx(sbar, (uint32_t)(ntok / 16) * tile_bytes + bkp + bvp + bnm);
     issue_codes<D, KB>(head, P.lay.R, tok0 / 16, ntok / 16, smem_u32(st + P.kc_off), smem_u32(st + P.kch_off), sbar);
     issue_codes<D, VB>(head + P.lay.kcodes_bytes, P.lay.R, tok0 / 16, ntok / 16, smem_u32(st + P.vc_off),
                        smem_u32(st + P.vch_off), sbar);
-    bulk_g2s(smem_u32(st + P.kp_off), head + pkv + (size_t)gf * D * 4, bkp, sbar);
-    bulk_g2s(smem_u32(st + P.vp_off), head + pkv + P.lay.kparams_bytes + (size_t)tok0 * NCG * 4, bvp, sbar);
+    bulk_g2s(smem_u32(st + P.kp_off), head + P.lay.kparams_off + (size_t)gf * D * 4, bkp, sbar);
+    bulk_g2s(smem_u32(st + P.vp_off), head + P.lay.vparams_off + (size_t)tok0 * NCG * 4, bvp, sbar);
     /* norms: [R] per token, or [Hkv][R] per token and head (this head's row) */
     if (bnm)
         bulk_g2s(smem_u32(st + P.nm_off),

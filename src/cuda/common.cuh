@@ -51,6 +51,8 @@ struct DeviceLayout {
     long long kcodes_bytes;  /* key codes of one head (3 bits: both planes)  */
     long long vcodes_bytes;  /* value codes of one head                      */
     long long kparams_bytes; /* key (scale, lo) pairs of one head            */
+    long long kparams_off;   /* head offset of the key pairs: after both codes */
+    long long vparams_off;   /* head offset of the value pairs: after the key pairs */
     long long wlb;           /* bytes of one window slot in one layer (K, V) */
     long long wsink;         /* bytes from a slot's K (or V) rows to its window
                                 rows: the sink rows come first (0 without)   */
@@ -69,6 +71,8 @@ static inline DeviceLayout oscar_cuda_device_layout(const oscar_layout *L) {
     d.kcodes_bytes = (long long)L->kcodes_bytes;
     d.vcodes_bytes = (long long)L->vcodes_bytes;
     d.kparams_bytes = (long long)L->kparams_bytes;
+    d.kparams_off = d.kcodes_bytes + d.vcodes_bytes;
+    d.vparams_off = d.kparams_off + d.kparams_bytes;
     d.wlb = (long long)L->window_layer_bytes;
     d.wsink = (long long)L->sinks * L->hkv * L->d * L->window_esize;
     d.R = L->residual;

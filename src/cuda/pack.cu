@@ -181,6 +181,19 @@ __global__ void __launch_bounds__(128) norm_kernel(AppendArgs A) {
     for (int t = threadIdx.x; t < A.lay.R; t += blockDim.x) norms[t] = norm_of(token_ss(A, T, T.stream0 + t));
 }
 
+/* The sum of squares of a row held E channels per lane by a warp: each
+ * lane's channels in order, then the xor butterfly (internal.h,
+ * oscar_head_sumsq's order, so the CPU's bits). Every lane returns it. */
+template <int E>
+__device__ __forceinline__ float lane_sumsq(const float (&x)[E]) {
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < E; i++) s = __fadd_rn(s, __fmul_rn(x[i], x[i]));
+#pragma unroll
+    for (int m = 16; m >= 1; m >>= 1) s = __fadd_rn(s, __shfl_xor_sync(OSCAR_FULL_MASK, s, m));
+    return s;
+}
+
 /* One key row's sum of squares for head h as the window stores it
  * (rotated, rounded): the warp's lanes sum their d/32 channels in order,
  * then the xor butterfly (internal.h, oscar_head_sumsq: the same bits as the
@@ -192,15 +205,9 @@ __device__ __forceinline__ float head_sumsq(const void *k, int dtype, int64_t ro
     float x[E];
     ld_row<E>(k, dtype, ((size_t)row * hkv + h) * D + (size_t)lane * E, x);
     if (rotate) oscar_warp_fwht<D>(x, lane);
-    float s = 0.0f;
 #pragma unroll
-    for (int i = 0; i < E; i++) {
-        const float v = oscar_round_to(x[i], w_dtype);
-        s = __fadd_rn(s, __fmul_rn(v, v));
-    }
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) s = __fadd_rn(s, __shfl_xor_sync(OSCAR_FULL_MASK, s, m));
-    return s;
+    for (int i = 0; i < E; i++) x[i] = oscar_round_to(x[i], w_dtype);
+    return lane_sumsq<E>(x);
 }
 
 /* A token's sum of squares: its heads' sums in order, or with tensor
@@ -444,12 +451,7 @@ __device__ __forceinline__ void write_code_tiles_w(int bits, uint8_t *codes, int
  * window-rounded row x; every lane returns it. */
 template <int D>
 __device__ __forceinline__ float row_head_norm(const float (&x)[D / 32]) {
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < D / 32; i++) s = __fadd_rn(s, __fmul_rn(x[i], x[i]));
-#pragma unroll
-    for (int m = 16; m >= 1; m >>= 1) s = __fadd_rn(s, __shfl_xor_sync(OSCAR_FULL_MASK, s, m));
-    return norm_of(s);
+    return norm_of(lane_sumsq<D / 32>(x));
 }
 
 /* 2. Pack one key group (Gk tokens) of one head of one block: any width
@@ -517,8 +519,8 @@ __global__ void __launch_bounds__(256) pack_kernel(AppendArgs A) {
     }
     __syncthreads();
 
-    uint16_t *kp = (uint16_t *)(head + A.lay.kcodes_bytes + A.lay.vcodes_bytes);
-    uint16_t *vp = (uint16_t *)(head + A.lay.kcodes_bytes + A.lay.vcodes_bytes + A.lay.kparams_bytes);
+    uint16_t *kp = (uint16_t *)(head + A.lay.kparams_off);
+    uint16_t *vp = (uint16_t *)(head + A.lay.vparams_off);
     for (int c = threadIdx.x; c < D; c += blockDim.x) {
         float lo = Ks[c], hi = lo;
         for (int j = 1; j < Gk; j++) {
@@ -760,7 +762,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
                 for (int m = 1; m < Gv / 32; m <<= 1) minmax_xor(lo0, hi0, m, (wd & m) != 0);
                 lo1 = lo0, hi1 = hi0;
             }
-            uint16_t *vp = (uint16_t *)(blk + (size_t)h * A.lay.head_bytes + (A.lay.kcodes_bytes + A.lay.vcodes_bytes) + A.lay.kparams_bytes);
+            uint16_t *vp = (uint16_t *)(blk + (size_t)h * A.lay.head_bytes + A.lay.vparams_off);
             uint32_t *vpw = (uint32_t *)vp + (size_t)(tok0 + tok) * NG;
             float sc[2], inv[2], l0[2];
 #pragma unroll
@@ -834,7 +836,7 @@ __global__ void __launch_bounds__(256, 2) fused_pack_kernel(AppendArgs A) {
             pin[h * D + c + k] = sc > 0.0f ? __frcp_rn(sc) : 0.0f;
             pl0[h * D + c + k] = __half2float(__ushort_as_half(lo16));
         }
-        uint32_t *kp = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + (A.lay.kcodes_bytes + A.lay.vcodes_bytes));
+        uint32_t *kp = (uint32_t *)(blk + (size_t)h * A.lay.head_bytes + A.lay.kparams_off);
         *(uint2 *)(kp + (size_t)gi * D + c) = make_uint2(pw[0], pw[1]);
     }
     /* P3b: value code words from the patterns, one thread per (head, tile, lane) */
