@@ -899,6 +899,17 @@ static void test_sinks_nonfinite(void) {
     oscar_cache_destroy(c);
 }
 
+/* Runs the first `count` cases of a list (all of them, or `small` with
+ * --small) through run_sink_case and prints a line per case. */
+static void run_sink_cases(const sink_case *cases, int count, int small, int width) {
+    for (int i = 0; i < (g_small ? small : count); i++) {
+        const long before = tl_failed;
+        run_sink_case(&cases[i]);
+        printf("  %-*s %s\n", width, cases[i].name, tl_failed == before ? "ok" : "FAILED");
+        fflush(stdout);
+    }
+}
+
 /* clip_search on the CUDA backend: the searched (scale, lo) pairs, and so
  * the exports, byte-identical to the CPU backend's, with and without sink
  * tokens; attention as in test_sinks. */
@@ -914,13 +925,7 @@ static void test_clip(void) {
         {"clip scale-only b2 d128 R128 lag64 f32 window", OSCAR_METHOD_SCALE_ONLY, 2, 128, 2, 8, 128, 0, 64, 1,
          OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, OSCAR_DTYPE_F32, 1, 0, 0, 0, 0, 0},
     };
-    const int n = (int)(sizeof cases / sizeof cases[0]);
-    for (int i = 0; i < (g_small ? 1 : n); i++) {
-        const long before = tl_failed;
-        run_sink_case(&cases[i]);
-        printf("  %-60s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
-        fflush(stdout);
-    }
+    run_sink_cases(cases, (int)(sizeof cases / sizeof cases[0]), 1, 60);
 }
 
 static void test_sinks(void) {
@@ -943,13 +948,7 @@ static void test_sinks(void) {
         {"sinks scale-only b2 d128 R64 S1 gq16 (g=16)", OSCAR_METHOD_SCALE_ONLY, 2, 128, 1, 16, 64, 1, 0, 1,
          OSCAR_DTYPE_F16, OSCAR_DTYPE_F16, OSCAR_DTYPE_F32, 0, 0, 0, 0, 0, 0},
     };
-    const int n = (int)(sizeof cases / sizeof cases[0]);
-    for (int i = 0; i < (g_small ? 2 : n); i++) {
-        const long before = tl_failed;
-        run_sink_case(&cases[i]);
-        printf("  %-60s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
-        fflush(stdout);
-    }
+    run_sink_cases(cases, (int)(sizeof cases / sizeof cases[0]), 2, 60);
     printf("  worst GPU attention vs float64 over the read-back: %.3g of the bound\n", g_worst_sink_ref);
 }
 
@@ -989,13 +988,7 @@ static void test_widths(void) {
         {"K2/V2 oscar d128 hkv8 hq32 R128 per-head norms, 2 layers", OSCAR_METHOD_OSCAR, 2, 128, 8, 32, 128, 0, 64, 2,
          OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, OSCAR_DTYPE_BF16, 0, 0, 0, 1, 0, 0},
     };
-    const int n = (int)(sizeof cases / sizeof cases[0]);
-    for (int i = 0; i < (g_small ? 3 : n); i++) {
-        const long before = tl_failed;
-        run_sink_case(&cases[i]);
-        printf("  %-72s %s\n", cases[i].name, tl_failed == before ? "ok" : "FAILED");
-        fflush(stdout);
-    }
+    run_sink_cases(cases, (int)(sizeof cases / sizeof cases[0]), 3, 72);
 }
 
 /* Long sequences: with tens of blocks the attention call splits a
