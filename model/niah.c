@@ -35,6 +35,7 @@ typedef struct niah_args {
     int lengths[NIAH_MAX_AXIS], n_lengths;
     int depths[NIAH_MAX_AXIS], n_depths;
     int trials, threads, cuda;
+    int gpu_weights_f32; /* --gpu-weights f32: fp32 weight matrices on the GPU (a rounding control for 16-bit) */
     int control; /* --control: the needle is never stated (a score above chance means a broken scorer) */
     unsigned long long seed;
     oscar_config cfg;
@@ -85,6 +86,7 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
                     "                  [--depths 0,25,50,75,100] [--trials N] [--seed S]\n"
                     "                  [--kv none|kivi|quarot|scale-only|oscar] [--bits 2|4] [--residual R]\n"
                     "                  [--k-group G] [--v-group G] [--device cpu|cuda] [--threads N]\n"
+                    "                  [--gpu-weights bf16|f32]\n"
                     "                  [--png grid.png] [--json out.json] [--control]\n"
                     "                  [--min-exact L] [--sinks S] [--clip] [--norm-per-head]\n"
                     "                  [--key-bits 2|3|4] [--value-bits 2|3|4]   (docs/ACCURACY.md)\n"
@@ -119,6 +121,12 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
         } else if (!strcmp(o, "--device")) {
             if (strcmp(v, "cpu") && strcmp(v, "cuda")) { fprintf(stderr, "oscar niah: --device: cpu or cuda\n"); return -1; }
             a->cuda = !strcmp(v, "cuda");
+        } else if (!strcmp(o, "--gpu-weights")) {
+            if (strcmp(v, "bf16") && strcmp(v, "f32")) {
+                fprintf(stderr, "oscar niah: --gpu-weights: bf16 or f32, not '%s'\n", v);
+                return -1;
+            }
+            a->gpu_weights_f32 = !strcmp(v, "f32");
         } else if (!strcmp(o, "--seed")) {
             char *end;
             a->seed = strtoull(v, &end, 10);
@@ -151,6 +159,10 @@ static int niah_parse(int argc, char **argv, niah_args *a) {
     }
     if (a->cfg.bits != 2 && a->cfg.bits != 4) { fprintf(stderr, "oscar niah: --bits must be 2 or 4\n"); return -1; }
     if (!a->text) { fprintf(stderr, "oscar niah: --text is required (the filler: scripts/get-text.sh)\n"); return -1; }
+    if (a->gpu_weights_f32 && !a->cuda) {
+        fprintf(stderr, "oscar niah: --gpu-weights f32 needs --device cuda (the CPU runner computes in fp32)\n");
+        return -1;
+    }
     if (a->cuda) a->cfg.backend = OSCAR_BACKEND_CUDA;
     return 0;
 }
@@ -198,17 +210,21 @@ int oscar_cmd_niah(int argc, char **argv) {
     char err[512];
     llama_model *m = llama_load(a.model, 0, err, sizeof err);
     if (!m) { fprintf(stderr, "oscar niah: %s\n", err); free(text); return 1; }
+    m->gpu_weights_f32 = a.gpu_weights_f32;
     int rc = 1, max_len = 0;
     for (int i = 0; i < a.n_lengths; i++) max_len = a.lengths[i] > max_len ? a.lengths[i] : max_len;
     int32_t *filler = NULL, *intro = NULL, *ques = NULL, *needle = NULL, *prompt = NULL;
     size_t n_filler = 0, c_filler = 0, n_intro = 0, c_intro = 0, n_ques = 0, c_ques = 0;
     int *correct = calloc((size_t)a.n_lengths * a.n_depths, sizeof *correct);
+    /* each prompt's outcome, '1' found / '0' missed, per cell in trial order
+     * (the JSON's "found": the same prompts in two runs pair up by seed) */
+    char *found = calloc((size_t)a.n_lengths * a.n_depths * (a.trials + 1), 1);
     llama_kv kv;
     llama_state st;
     memset(&kv, 0, sizeof kv);
     memset(&st, 0, sizeof st);
     const int chunk = 32;
-    if (!correct) { fprintf(stderr, "oscar niah: out of memory\n"); goto out; }
+    if (!correct || !found) { fprintf(stderr, "oscar niah: out of memory\n"); goto out; }
     if (max_len + NIAH_ANSWER_TOKENS > m->ctx_max) {
         fprintf(stderr, "oscar niah: --lengths up to %d exceed the model's context of %d\n", max_len, m->ctx_max);
         goto out;
@@ -238,7 +254,8 @@ int oscar_cmd_niah(int argc, char **argv) {
     char label[160];
     oscar_kv_label(&a.cfg, label, sizeof label);
     fprintf(stderr, "oscar niah: %s, cache %s, %d lengths x %d depths x %d trials, %s\n", m->name ? m->name : a.model,
-            label, a.n_lengths, a.n_depths, a.trials, a.cuda ? "GPU" : "CPU");
+            label, a.n_lengths, a.n_depths, a.trials,
+            a.cuda ? (a.gpu_weights_f32 ? "GPU, f32 weights" : "GPU, bf16 weights") : "CPU");
     int64_t done = 0, total = (int64_t)a.n_lengths * a.n_depths * a.trials;
     for (int li = 0; li < a.n_lengths; li++)
         for (int di = 0; di < a.n_depths; di++)
@@ -302,6 +319,7 @@ int oscar_cmd_niah(int argc, char **argv) {
                 first_five_digits(answer, got);
                 const int ok = got[0] && atoi(got) == key;
                 correct[li * a.n_depths + di] += ok;
+                found[(size_t)(li * a.n_depths + di) * (a.trials + 1) + tr] = ok ? '1' : '0';
                 done++;
                 fprintf(stderr, "\r  %lld/%lld prompts", (long long)done, (long long)total);
                 fflush(stderr);
@@ -329,14 +347,18 @@ int oscar_cmd_niah(int argc, char **argv) {
         if (!f) { fprintf(stderr, "oscar niah: cannot write '%s': %s\n", a.json, strerror(errno)); goto out; }
         fprintf(f,
                 "{\"method\":\"%s\",\"bits\":%d,\"cache\":\"%s\",\"key_bits\":%d,\"value_bits\":%d,\"residual\":%d,"
-                "\"min_exact\":%d,\"sinks\":%d,\"trials\":%d,\"seed\":%llu,\"control\":%d,\"cells\":[",
+                "\"min_exact\":%d,\"sinks\":%d,\"trials\":%d,\"seed\":%llu,\"control\":%d,\"device\":\"%s\","
+                "\"weights\":\"%s\",\"k_group\":%d,\"v_group\":%d,\"cells\":[",
                 a.cfg.method == OSCAR_METHOD_NONE ? "none" : oscar_method_name(a.cfg.method),
                 a.cfg.method == OSCAR_METHOD_NONE ? 16 : a.cfg.bits, label, a.cfg.key_bits, a.cfg.value_bits,
-                a.cfg.residual, a.cfg.rollback_tokens, a.cfg.sink_tokens, a.trials, a.seed, a.control);
+                a.cfg.residual, a.cfg.rollback_tokens, a.cfg.sink_tokens, a.trials, a.seed, a.control,
+                a.cuda ? "cuda" : "cpu", a.cuda ? (a.gpu_weights_f32 ? "f32" : "bf16") : "gguf", a.cfg.k_group,
+                a.cfg.v_group);
         for (int li = 0, k = 0; li < a.n_lengths; li++)
             for (int di = 0; di < a.n_depths; di++, k++)
-                fprintf(f, "%s{\"length\":%d,\"depth\":%d,\"correct\":%d}", k ? "," : "", a.lengths[li],
-                        a.depths[di], correct[li * a.n_depths + di]);
+                fprintf(f, "%s{\"length\":%d,\"depth\":%d,\"correct\":%d,\"found\":\"%s\"}", k ? "," : "",
+                        a.lengths[li], a.depths[di], correct[li * a.n_depths + di],
+                        found + (size_t)k * (a.trials + 1));
         fprintf(f, "]}\n");
         fclose(f);
     }
@@ -361,6 +383,7 @@ int oscar_cmd_niah(int argc, char **argv) {
     rc = 0;
 out:
     free(correct);
+    free(found);
     free(filler);
     free(intro);
     free(ques);

@@ -12,7 +12,10 @@
 #     scripts/kl-llamacpp.sh);
 #  3. the passkey-retrieval grid (`oscar niah --device cuda`) for the 16-bit,
 #     OScaR-2, KIVI-2 and OScaR-4 caches (NIAH_KVS: other caches, ';'-separated;
-#     NIAH_TRIALS: trials per cell, default 3).
+#     NIAH_TRIALS: trials per cell, default 3; NIAH_SEED: the prompts' seed,
+#     default 1; a cache's entry may carry runner flags, e.g. "none
+#     --gpu-weights f32", the 16-bit cache with fp32 weights: a control for
+#     how much rounding alone moves the grid).
 # STEPS picks among "runner kl niah" (default: all three).
 # usage: OUT=dir scripts/gpu-full-model.sh [BUILD_DIR]
 set -u
@@ -44,9 +47,9 @@ if has niah; then
 # NIAH_KVS: the caches, ';'-separated (default: the four of docs/ACCURACY.md)
 IFS=';' read -r -a niah_kvs <<< "${NIAH_KVS:-none;oscar --bits 2;kivi --bits 2;oscar --bits 4}"
 for kv in "${niah_kvs[@]}"; do
-  tag=$(echo "$kv" | tr -d ' -')
+  tag=$(echo "$kv" | tr -d ' -')_s${NIAH_SEED:-1}
   "$BUILD/oscar" niah --device cuda --model "$M" --text "$T" --lengths 1024,2048,4096,7680 --depths 0,25,50,75,100 \
-    --trials ${NIAH_TRIALS:-3} --kv $kv --json "$OUT/niah_$tag.json" --png "$OUT/niah_$tag.png" 2> "$OUT/niah_$tag.err" || rc=1
+    --trials ${NIAH_TRIALS:-3} --seed ${NIAH_SEED:-1} --kv $kv --json "$OUT/niah_$tag.json" --png "$OUT/niah_$tag.png" 2> "$OUT/niah_$tag.err" || rc=1
 done
 fi
 exit $rc

@@ -168,6 +168,18 @@ if [ $SLOW = 0 ]; then
         --json "$WORK/niah_control.json" > "$WORK/niah_control.txt" 2>&1 || fail "niah --control"
     grep -q '"correct":[1-9]' "$WORK/niah_control.json" && fail "niah --control: a key was 'found' that was never given"
     "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 10 >/dev/null 2>&1 && fail "niah: --lengths 10 accepted"
+    "$BIN" niah --model "$MODEL" --text "$TEXT" --gpu-weights f32 >/dev/null 2>&1 \
+        && fail "niah: --gpu-weights f32 accepted without --device cuda"
+    grep -q '"device":"cpu","weights":"gguf"' "$WORK/niah.json" || fail "niah: the JSON does not say the device"
+    # the combiner pairs prompts by seed: the 2-bit cache on the same prompts
+    "$BIN" niah --model "$MODEL" --text "$TEXT" --lengths 256 --depths 0,50,100 --trials 2 --kv oscar --bits 2 \
+        --json "$WORK/niah_o2.json" > "$WORK/niah_o2.txt" 2>&1 || fail "niah oscar: $(cat "$WORK/niah_o2.txt")"
+    python3 "$ROOT/scripts/niah-combine.py" "$WORK/niah.json" "$WORK/niah_o2.json" > "$WORK/combine.txt" \
+        || fail "niah-combine: $(cat "$WORK/combine.txt")"
+    grep -q "McNemar over all prompts: 6 paired prompts" "$WORK/combine.txt" \
+        || fail "niah-combine did not pair the 6 prompts: $(cat "$WORK/combine.txt")"
+    python3 "$ROOT/scripts/niah-combine.py" "$WORK/niah.json" "$WORK/niah.json" > /dev/null 2>&1 \
+        && fail "niah-combine counted one seed's prompts twice"
 fi
 
 # 7. the Qwen3 architecture (per-head q/k RMSNorm, neox RoPE, head_dim != dim/heads,
