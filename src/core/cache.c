@@ -131,7 +131,6 @@ void oscar_layout_init(oscar_layout *lay, const oscar_config *cfg) {
     if (lay->quantised) {
         lay->kcodes_bytes = R * d * (size_t)lay->kbits / 8;
         lay->vcodes_bytes = R * d * (size_t)lay->vbits / 8;
-        lay->codes_bytes = lay->kcodes_bytes;
         lay->kparams_bytes = (R / (size_t)cfg->k_group) * d * 4;
         lay->vparams_bytes = R * (d / (size_t)cfg->v_group) * 4;
         lay->head_bytes = lay->kcodes_bytes + lay->vcodes_bytes + lay->kparams_bytes + lay->vparams_bytes;

@@ -39,8 +39,8 @@ typedef struct oscar_layout {
                               of the window rows, in the window dtype   */
     int clip;              /* clip_search: MSE-searched group ranges  */
     /* Bit widths (format version 4): keys and values may differ
-     * (key_bits / value_bits). bits, levels and codes_bytes are the keys'
-     * (the backends read kbits / vbits and kcodes / vcodes_bytes). */
+     * (key_bits / value_bits). bits and levels are the keys' (the
+     * backends read kbits / vbits and kcodes / vcodes_bytes). */
     int kbits, vbits;      /* 2, 3 or 4 (16 for method none); 3 bits
                               (format version 5) are a 2-bit plane
                               then a 1-bit plane (format.c)           */
@@ -49,7 +49,6 @@ typedef struct oscar_layout {
                               norms are [Hkv][R] instead of [R]        */
     size_t kcodes_bytes;   /* K codes bytes per head: R*d*kbits/8     */
     size_t vcodes_bytes;   /* V codes bytes per head: R*d*vbits/8     */
-    size_t codes_bytes;    /* K codes (= V codes) bytes per head      */
     size_t kparams_bytes;  /* per head                                */
     size_t vparams_bytes;  /* per head                                */
     size_t head_bytes;     /* one head sub-block                      */
