@@ -559,6 +559,14 @@ void tl_compare_readback(const tl_geom *g, const tl_ref *ref, const float *lib, 
     const int64_t row = (int64_t)hkv * d;
     double x[256];
     const int rot = is_v ? g->rotv : g->rot;
+    /* one flag per quantisation group of the packed tokens */
+    const int64_t packed = g->quant ? ref->packed : 0;
+    const int64_t n_groups = is_v ? packed * hkv * (d / g->gv) : (packed / g->gk) * row;
+    uint8_t *group_bad = calloc((size_t)(n_groups > 0 ? n_groups : 1), 1);
+    if (!group_bad) {
+        fprintf(stderr, "tl_compare_readback: out of memory\n");
+        exit(2);
+    }
     for (int64_t t = 0; t < ref->T; t++)
         for (int h = 0; h < hkv; h++) {
             int64_t base = t * row + (int64_t)h * d;
@@ -576,7 +584,7 @@ void tl_compare_readback(const tl_geom *g, const tl_ref *ref, const float *lib, 
                      * (fp32 FWHT vs float64): one ulp of W in the rotated space */
                     if (rot) tol += tl_ulp(g->W, rms * sqrt((double)d)) * 1.01;
                     st->elems++;
-                    if (!(e <= tol)) st->mism++;
+                    if (!(e <= tol)) st->mism++, st->window_mism++;
                     if (!(e <= tol + 1e-3 * (rms + 1e-30) + tl_ulp(g->W, rms * sqrt((double)d)) * 4)) st->hard++;
                 }
                 continue;
@@ -594,19 +602,38 @@ void tl_compare_readback(const tl_geom *g, const tl_ref *ref, const float *lib, 
                 double tol = 1e-5 * nrm + 2e-6 * fabs(want[c]) + 1e-30;
                 /* one step of the group */
                 double step;
+                size_t pi;
                 if (is_v) {
-                    size_t pi = ((size_t)t * hkv + h) * (d / g->gv) + (size_t)(c / g->gv);
+                    pi = ((size_t)t * hkv + h) * (d / g->gv) + (size_t)(c / g->gv);
                     step = tl_f16_to_double(ref->vsc[pi]) + 2 * tl_ulp(OSCAR_DTYPE_F16, tl_f16_to_double(ref->vlo[pi]));
                 } else {
-                    size_t pi = (size_t)(t / g->gk) * row + (size_t)h * d + (size_t)c;
+                    pi = (size_t)(t / g->gk) * row + (size_t)h * d + (size_t)c;
                     step = tl_f16_to_double(ref->ksc[pi]) + 2 * tl_ulp(OSCAR_DTYPE_F16, tl_f16_to_double(ref->klo[pi]));
                 }
                 st->elems++;
-                if (!(e <= tol)) st->mism++;
+                if (!(e <= tol)) st->mism++, group_bad[pi] = 1;
                 if (!(e <= 1.01 * step + tol + (rot ? 0.02 * nrm : 0.0))) st->hard++;
                 if (!(e <= st->worst)) st->worst = e;
             }
         }
+    st->groups += n_groups;
+    for (int64_t i = 0; i < n_groups; i++) st->bad_groups += group_bad[i];
+    free(group_bad);
+}
+
+/* see testlib.h */
+static int readback_within_one(const tl_cmp_stats *st, int rotated, int64_t hard_slack) {
+    if (rotated) /* the window rounding of an fp32 FWHT may differ from float64
+                  * in rare elements, and moves the values quantised after it */
+        return st->mism <= 0.05 * st->elems + 2 && st->hard <= st->elems / 200 + hard_slack;
+    /* without rotation the window is exact, and the packed numerics are exact
+     * up to the last bit of s: a few groups may move by one f16 ulp or one
+     * code, no element by more than a step */
+    return st->window_mism == 0 && st->bad_groups <= 0.005 * st->groups + 4 && st->hard <= hard_slack;
+}
+
+int tl_readback_within(const tl_geom *g, const tl_cmp_stats *k, const tl_cmp_stats *v, int64_t hard_slack) {
+    return readback_within_one(k, g->rot, hard_slack) && readback_within_one(v, g->rotv, hard_slack);
 }
 
 void tl_ref_free(tl_ref *r) {
