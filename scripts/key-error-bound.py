@@ -21,6 +21,11 @@ energy:
                   element of a Gaussian source with each group's variance
                   (what a vector code could reach if the keys were Gaussian;
                   a non-Gaussian source can be coded below it)
+  lag-1 share     the share of the groups' variance that predicting each
+                  token from the one before removes (per channel and layer,
+                  the least-squares coefficient, from the exact previous
+                  value: an optimistic bound): what a predictive code along
+                  the sequence could gain; below 0 it adds variance
 
 usage: key-error-bound.py --oscar build/oscar --model M.gguf --text T.txt [--tokens 2048]
 Needs numpy and gguf (pip install numpy gguf); exits 77 without them.
@@ -86,6 +91,20 @@ def best_scalar_error(groups, levels):
     return float(best[:, n].sum())
 
 
+def lag1_residual_variance(x, gk):
+    """Within-group variance left after predicting each token of x [T, channels]
+    from the previous one; the coefficient (one per channel) is the least-
+    squares one for the deviations from the group means, which is what the
+    group codes see. The first token is kept as it is."""
+    T = x.shape[0]
+    dev = (x.reshape(T // gk, gk, -1) - x.reshape(T // gk, gk, -1).mean(1, keepdims=True)).reshape(T, -1)
+    prev, cur = dev[:-1], dev[1:]
+    denom = (prev * prev).sum(0)
+    coef = np.where(denom > 0, (prev * cur).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)
+    res = np.vstack([x[:1], x[1:] - coef * x[:-1]]).reshape(T // gk, gk, -1)
+    return float(((res - res.mean(1, keepdims=True)) ** 2).sum())
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--oscar", required=True, help="the oscar binary (tokenises the text)")
@@ -115,7 +134,7 @@ def main():
     print(f"{os.path.basename(a.model)}: {len(ref.keys)} layers, {a.tokens} tokens of {os.path.basename(a.text)}, "
           f"{ref.n_kv} KV heads x {ref.hd}; errors as a fraction of the transformed keys' energy")
     for gk in group_sizes:
-        acc = dict(energy=0.0, u2=0.0, u3=0.0, u4=0.0, best4=0.0, rd2=0.0)
+        acc = dict(energy=0.0, u2=0.0, u3=0.0, u4=0.0, best4=0.0, rd2=0.0, var=0.0, res_var=0.0)
         for k in ref.keys:
             T = (k.shape[0] // gk) * gk
             x = k[:T] @ rot.T  # per-head Hadamard rotation: [T, hkv, d]
@@ -126,10 +145,14 @@ def main():
             acc["u3"] += uniform_error(groups, 3)
             acc["u4"] += uniform_error(groups, 4)
             acc["best4"] += best_scalar_error(groups, 4)
-            acc["rd2"] += float(((groups - groups.mean(1, keepdims=True)) ** 2).sum()) / 16.0
+            var = float(((groups - groups.mean(1, keepdims=True)) ** 2).sum())
+            acc["rd2"] += var / 16.0
+            acc["var"] += var
+            acc["res_var"] += lag1_residual_variance(x.reshape(T, -1), gk)
         e = acc["energy"]
         print(f"k_group {gk}: uniform 2-bit {acc['u2'] / e:.4f}  3-bit {acc['u3'] / e:.4f}  4-bit {acc['u4'] / e:.5f}  "
-              f"| best 4-level scalar {acc['best4'] / e:.4f}  Gaussian R-D at 2 bits {acc['rd2'] / e:.4f}")
+              f"| best 4-level scalar {acc['best4'] / e:.4f}  Gaussian R-D at 2 bits {acc['rd2'] / e:.4f}  "
+              f"| lag-1 share {1.0 - acc['res_var'] / acc['var']:.4f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 # independent brute force, then a short run on the model.
 #  1. uniform_error: a plain per-element loop of the min/max code formula;
 #     best_scalar_error: every assignment of 8 values to 4 levels (4^8), each
-#     level at its values' mean; random, constant, tied and outlier groups.
+#     level at its values' mean; random, constant, tied and outlier groups;
+#     lag1_residual_variance: plain loops of its formula on AR(1) series, ~0
+#     on white noise and most of the variance at rho 0.9.
 #  2. the script on 128 tokens of SmolLM2: uniform 2 > 3 > 4-bit errors, and
 #     the best 4-level code at or below the uniform 2-bit one (which is a
 #     4-level code).
@@ -75,7 +77,47 @@ whole = kb.best_scalar_error(block, 4)
 parts = sum(kb.best_scalar_error(b[None, :], 4) for b in block)
 if not abs(whole - parts) <= 1e-9 * (1 + parts):
     print(f"FAIL best_scalar_error of 5 rows {whole!r} != the sum of each {parts!r}"); bad += 1
-print(f"key-error-bound functions: {len(rows)} groups against brute force, {bad} failed")
+# lag1_residual_variance against plain loops of its formula, on AR(1) channels
+def lag1_plain(x, gk):
+    T, C = x.shape
+    total = 0.0
+    for c in range(C):
+        col = [float(v) for v in x[:, c]]
+        dev = []
+        for g0 in range(0, T, gk):
+            m = sum(col[g0:g0 + gk]) / gk
+            dev += [v - m for v in col[g0:g0 + gk]]
+        num = sum(dev[t - 1] * dev[t] for t in range(1, T))
+        den = sum(dev[t - 1] ** 2 for t in range(1, T))
+        a = num / den if den > 0 else 0.0
+        res = [col[0]] + [col[t] - a * col[t - 1] for t in range(1, T)]
+        for g0 in range(0, T, gk):
+            m = sum(res[g0:g0 + gk]) / gk
+            total += sum((v - m) ** 2 for v in res[g0:g0 + gk])
+    return total
+
+def ar1(rho, T, C):
+    x = np.zeros((T, C))
+    e = rng.normal(size=(T, C))
+    x[0] = e[0]
+    for t in range(1, T):
+        x[t] = rho * x[t - 1] + e[t]
+    return x
+
+def share(x, gk):
+    T = x.shape[0]
+    g = x.reshape(T // gk, gk, -1)
+    return 1.0 - kb.lag1_residual_variance(x, gk) / float(((g - g.mean(1, keepdims=True)) ** 2).sum())
+
+for rho in (0.0, 0.5, 0.9):
+    x = ar1(rho, 256, 3)
+    got, want = kb.lag1_residual_variance(x, 32), lag1_plain(x, 32)
+    if not abs(got - want) <= 1e-9 * (1 + abs(want)):
+        print(f"FAIL lag1_residual_variance rho {rho}: {got!r} against {want!r}"); bad += 1
+white, strong = share(ar1(0.0, 4096, 4), 64), share(ar1(0.9, 4096, 4), 64)
+if not (abs(white) < 0.02 and strong > 0.5):
+    print(f"FAIL lag-1 share: white noise {white:.4f} (want ~0), AR(1) 0.9 {strong:.4f} (want > 0.5)"); bad += 1
+print(f"key-error-bound functions: {len(rows)} groups against brute force, lag-1 on 3 AR(1) series, {bad} failed")
 sys.exit(1 if bad else 0)
 EOF
 
@@ -90,9 +132,10 @@ python3 - "$DIR/out.txt" <<'EOF' || fail=1
 import re, sys
 t = open(sys.argv[1]).read()
 m = re.search(r"k_group 32: uniform 2-bit ([0-9.]+)  3-bit ([0-9.]+)  4-bit ([0-9.]+)  \| best 4-level scalar ([0-9.]+)"
-              r"  Gaussian R-D at 2 bits ([0-9.]+)", t)
+              r"  Gaussian R-D at 2 bits ([0-9.]+)  \| lag-1 share (-?[0-9.]+)", t)
 assert m, "no k_group 32 line"
-u2, u3, u4, best4, rd = map(float, m.groups())
+u2, u3, u4, best4, rd, lag1 = map(float, m.groups())
+assert -1.0 < lag1 < 1.0, lag1
 assert u2 > u3 > u4 > 0, (u2, u3, u4)
 assert 0 < best4 <= u2, (best4, u2)
 assert 0 < rd < u2, (rd, u2)
