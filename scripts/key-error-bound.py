@@ -35,6 +35,7 @@ import argparse
 import os
 import sys
 import tempfile
+import types
 
 try:
     import numpy as np
@@ -97,7 +98,8 @@ def lag1_residual_variance(x, gk):
     squares one for the deviations from the group means, which is what the
     group codes see. The first token is kept as it is."""
     T = x.shape[0]
-    dev = (x.reshape(T // gk, gk, -1) - x.reshape(T // gk, gk, -1).mean(1, keepdims=True)).reshape(T, -1)
+    g = x.reshape(T // gk, gk, -1)
+    dev = (g - g.mean(1, keepdims=True)).reshape(T, -1)
     prev, cur = dev[:-1], dev[1:]
     denom = (prev * prev).sum(0)
     coef = np.where(denom > 0, (prev * cur).sum(0) / np.where(denom > 0, denom, 1.0), 0.0)
@@ -117,13 +119,10 @@ def main():
         ap.error("--tokens must be at least 64")
     group_sizes = a.k_group or [32, 64]
 
-    class Args:
-        oscar, model = a.oscar, a.model
-
     with open(a.text, encoding="utf-8", errors="replace") as f:
         text = f.read(a.tokens * 16)
     with tempfile.TemporaryDirectory() as td:
-        ids = check_logits.run_tokens(Args, text, td, "keys")
+        ids = check_logits.run_tokens(types.SimpleNamespace(oscar=a.oscar, model=a.model), text, td, "keys")
     if len(ids) < a.tokens:
         sys.exit(f"key-error-bound: the text gives {len(ids)} tokens, fewer than --tokens {a.tokens}")
     ids = ids[: a.tokens]

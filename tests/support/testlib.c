@@ -621,7 +621,7 @@ void tl_compare_readback(const tl_geom *g, const tl_ref *ref, const float *lib, 
     free(group_bad);
 }
 
-/* see testlib.h */
+/* One of K or V by tl_readback_within's rule. */
 static int readback_within_one(const tl_cmp_stats *st, int rotated, int64_t hard_slack) {
     if (rotated) /* the window rounding of an fp32 FWHT may differ from float64
                   * in rare elements, and moves the values quantised after it */
@@ -632,6 +632,7 @@ static int readback_within_one(const tl_cmp_stats *st, int rotated, int64_t hard
     return st->window_mism == 0 && st->bad_groups <= 0.005 * st->groups + 4 && st->hard <= hard_slack;
 }
 
+/* see testlib.h */
 int tl_readback_within(const tl_geom *g, const tl_cmp_stats *k, const tl_cmp_stats *v, int64_t hard_slack) {
     return readback_within_one(k, g->rot, hard_slack) && readback_within_one(v, g->rotv, hard_slack);
 }
